@@ -1,0 +1,32 @@
+# ZINF_CUDA=AUTO|ON|OFF -> ZINF_HAVE_CUDA. AUTO enables CUDA when a CUDA compiler is found
+# (nvcc on PATH or under /usr/local/cuda); ON fails the configure when none is.
+set(ZINF_HAVE_CUDA OFF)
+string(TOUPPER "${ZINF_CUDA}" _zinf_cuda_mode)
+if(NOT _zinf_cuda_mode MATCHES "^(AUTO|ON|OFF)$")
+  message(FATAL_ERROR "ZINF_CUDA must be AUTO, ON or OFF (got '${ZINF_CUDA}')")
+endif()
+
+if(NOT _zinf_cuda_mode STREQUAL "OFF")
+  if(NOT CMAKE_CUDA_COMPILER AND NOT DEFINED ENV{CUDACXX} AND EXISTS /usr/local/cuda/bin/nvcc)
+    set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+  endif()
+  include(CheckLanguage)
+  check_language(CUDA)
+  if(CMAKE_CUDA_COMPILER)
+    if("${ZINF_CUDA_ARCHITECTURES}" MATCHES "native|all")
+      message(FATAL_ERROR "ZINF_CUDA_ARCHITECTURES must list architectures explicitly (e.g. 80;90)")
+    endif()
+    set(CMAKE_CUDA_ARCHITECTURES "${ZINF_CUDA_ARCHITECTURES}")
+    enable_language(CUDA)
+    find_package(CUDAToolkit REQUIRED)
+    # CMake 3.25 does not know nvcc 13's C++20 flag; device code is written in C++17.
+    set(CMAKE_CUDA_STANDARD 17)
+    set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    set(ZINF_HAVE_CUDA ON)
+  elseif(_zinf_cuda_mode STREQUAL "ON")
+    message(FATAL_ERROR "ZINF_CUDA=ON but no CUDA compiler was found: install the CUDA Toolkit, "
+                        "put nvcc on PATH (or set CUDACXX), or configure with -DZINF_CUDA=OFF")
+  else()
+    message(STATUS "zinf: no CUDA compiler found, building the CPU backend only")
+  endif()
+endif()

@@ -1,0 +1,17 @@
+#pragma once
+// A readable summary of a parsed config (`zinf config check`).
+
+#include <string>
+
+#include "zinf/configs/deepspeed_config.hpp"
+
+namespace zinf::config {
+
+// Lines of "label  value": stage, placement of each state, batch arithmetic, precision, optimizer,
+// scheduler, clipping, I/O. Values still "auto" say so.
+std::string summarize(const DeepSpeedConfig& config);
+
+// 5e8 -> "500M", 1048576 -> "1Mi"-style human numbers for element counts.
+std::string human_count(std::int64_t n);
+
+}  // namespace zinf::config

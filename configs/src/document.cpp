@@ -1,0 +1,371 @@
+#include "zinf/configs/document.hpp"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <set>
+#include <sstream>
+
+#include "suggest.hpp"
+#include "zinf/common/error.hpp"
+#include "zinf/configs/presets.hpp"
+
+namespace zinf::config {
+
+namespace {
+
+constexpr int kMaxDepth = 64;                        // real configs nest 3-4 deep
+constexpr std::uintmax_t kMaxFileBytes = 16u << 20;  // a config is a few KiB
+constexpr int kMaxExtendsDepth = 8;
+
+// nlohmann's messages start with "[json.exception.parse_error.101] "; keep only the part a user reads.
+std::string clean_json_message(const std::string& what) {
+  const auto pos = what.find("] ");
+  return pos == std::string::npos ? what : what.substr(pos + 2);
+}
+
+bool is_blank(std::string_view text) {
+  return std::all_of(text.begin(), text.end(), [](char c) { return std::isspace(static_cast<unsigned char>(c)); });
+}
+
+std::string display_key_path(const std::vector<std::string>& keys) {
+  std::string out;
+  for (const auto& k : keys) {
+    if (!out.empty()) out += '.';
+    out += k;
+  }
+  return out.empty() ? "<top level>" : out;
+}
+
+}  // namespace
+
+Json parse_json(std::string_view text, const std::string& source) {
+  if (is_blank(text)) throw Error("{}: the config is empty; expected a JSON object such as {{\"train_batch_size\": 8}}", source);
+
+  // Duplicate keys are an error (Python's json keeps the last silently; we refuse to guess).
+  // One frame per open object/array: the keys seen so far and the key that opened it.
+  struct Frame {
+    bool is_object;
+    std::set<std::string> keys;
+    std::string opened_by;
+  };
+  std::vector<Frame> frames;
+  std::string last_key;
+  auto key_path = [&]() {
+    std::vector<std::string> keys;
+    for (std::size_t i = 1; i < frames.size(); ++i) keys.push_back(frames[i].opened_by);
+    return keys;
+  };
+
+  auto callback = [&](int depth, nlohmann::detail::parse_event_t event, Json& parsed) -> bool {
+    using E = nlohmann::detail::parse_event_t;
+    if (depth > kMaxDepth) throw Error("{}: nesting deeper than {} levels; a config is a few levels deep", source, kMaxDepth);
+    switch (event) {
+      case E::object_start:
+      case E::array_start: {
+        std::string opened = frames.empty() ? "" : (frames.back().is_object ? last_key : "[]");
+        frames.push_back({event == E::object_start, {}, std::move(opened)});
+        break;
+      }
+      case E::object_end:
+      case E::array_end:
+        if (!frames.empty()) frames.pop_back();
+        break;
+      case E::key: {
+        last_key = parsed.get<std::string>();
+        if (!frames.empty() && !frames.back().keys.insert(last_key).second) {
+          auto keys = key_path();
+          keys.push_back(last_key);
+          throw Error("{}: duplicate key \"{}\"; each key may appear once per object (remove one of them)",
+                      source, display_key_path(keys));
+        }
+        break;
+      }
+      case E::value:
+        break;
+    }
+    return true;
+  };
+
+  Json json;
+  try {
+    json = Json::parse(text.begin(), text.end(), callback, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  } catch (const Json::parse_error& e) {
+    throw Error("{}: invalid JSON: {}", source, clean_json_message(e.what()));
+  } catch (const Json::exception& e) {
+    throw Error("{}: invalid JSON: {}", source, clean_json_message(e.what()));
+  }
+  if (!json.is_object()) {
+    throw Error("{}: the top level must be a JSON object ({{...}}), found {}", source, json.type_name());
+  }
+  return json;
+}
+
+namespace {
+
+// YAML 1.2 core schema for plain (unquoted) scalars, so "5e8", "true", "~" mean what they mean in
+// JSON; quoted scalars stay strings.
+Json yaml_scalar(const YAML::Node& node) {
+  const std::string& s = node.Scalar();
+  if (node.Tag() == "!") return s;  // quoted or otherwise explicitly a string
+  static const std::regex kInt(R"([-+]?[0-9]+)");
+  static const std::regex kHex(R"(0x[0-9a-fA-F]+)");
+  static const std::regex kFloat(R"([-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?)");
+  if (s.empty() || s == "~" || s == "null" || s == "Null" || s == "NULL") return nullptr;
+  if (s == "true" || s == "True" || s == "TRUE") return true;
+  if (s == "false" || s == "False" || s == "FALSE") return false;
+  if (std::regex_match(s, kInt)) {
+    errno = 0;
+    char* end = nullptr;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    if (errno == 0) return v;
+    return std::strtod(s.c_str(), nullptr);  // too large for int64: keep the magnitude as a float
+  }
+  if (std::regex_match(s, kHex)) {
+    errno = 0;
+    const unsigned long long v = std::strtoull(s.c_str(), nullptr, 16);
+    if (errno == 0) return v;
+  }
+  if (std::regex_match(s, kFloat)) return std::strtod(s.c_str(), nullptr);
+  if (s == ".inf" || s == ".Inf" || s == ".INF" || s == "+.inf") return std::numeric_limits<double>::infinity();
+  if (s == "-.inf" || s == "-.Inf" || s == "-.INF") return -std::numeric_limits<double>::infinity();
+  if (s == ".nan" || s == ".NaN" || s == ".NAN") return std::numeric_limits<double>::quiet_NaN();
+  return s;
+}
+
+Json yaml_to_json(const YAML::Node& node, const std::string& source, std::vector<std::string>& path, int depth) {
+  if (depth > kMaxDepth) throw Error("{}: nesting deeper than {} levels; a config is a few levels deep", source, kMaxDepth);
+  switch (node.Type()) {
+    case YAML::NodeType::Undefined:
+    case YAML::NodeType::Null:
+      return nullptr;
+    case YAML::NodeType::Scalar:
+      return yaml_scalar(node);
+    case YAML::NodeType::Sequence: {
+      Json arr = Json::array();
+      path.emplace_back("[]");
+      for (const auto& item : node) arr.push_back(yaml_to_json(item, source, path, depth + 1));
+      path.pop_back();
+      return arr;
+    }
+    case YAML::NodeType::Map: {
+      Json obj = Json::object();
+      for (const auto& kv : node) {
+        if (!kv.first.IsScalar()) {
+          throw Error("{}: {}: a key must be a plain name, found a {} (line {})", source, display_key_path(path),
+                      kv.first.IsMap() ? "mapping" : "sequence", kv.first.Mark().line + 1);
+        }
+        const std::string key = kv.first.Scalar();
+        if (obj.contains(key)) {
+          path.push_back(key);
+          const auto where = display_key_path(path);
+          path.pop_back();
+          throw Error("{}: duplicate key \"{}\" (line {}); each key may appear once per mapping (remove one of them)",
+                      source, where, kv.first.Mark().line + 1);
+        }
+        path.push_back(key);
+        obj[key] = yaml_to_json(kv.second, source, path, depth + 1);
+        path.pop_back();
+      }
+      return obj;
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+Json parse_yaml(std::string_view text, const std::string& source) {
+  if (is_blank(text)) throw Error("{}: the config is empty; expected a YAML mapping such as 'train_batch_size: 8'", source);
+  if (text.find('\0') != std::string_view::npos) {
+    throw Error("{}: the file contains NUL bytes; it is not a text config (binary file?)", source);
+  }
+  std::vector<YAML::Node> docs;
+  try {
+    docs = YAML::LoadAll(std::string(text));
+  } catch (const YAML::Exception& e) {
+    throw Error("{}: invalid YAML at line {}, column {}: {}", source, e.mark.line + 1, e.mark.column + 1, e.msg);
+  } catch (const std::exception& e) {
+    throw Error("{}: invalid YAML: {}", source, e.what());
+  }
+  if (docs.empty()) throw Error("{}: the config is empty (only comments?)", source);
+  if (docs.size() > 1) throw Error("{}: holds {} YAML documents; a config is one document (remove the '---' separators)", source, docs.size());
+  if (!docs[0].IsMap()) {
+    throw Error("{}: the top level must be a mapping (key: value lines), found {}", source,
+                docs[0].IsSequence() ? "a sequence" : (docs[0].IsScalar() ? "a single value" : "nothing"));
+  }
+  std::vector<std::string> path;
+  return yaml_to_json(docs[0], source, path, 0);
+}
+
+Json parse_document(std::string_view text, Format format, const std::string& source) {
+  return format == Format::kJson ? parse_json(text, source) : parse_yaml(text, source);
+}
+
+Format detect_format(const std::string& path, std::string_view text) {
+  const auto ext = std::filesystem::path(path).extension().string();
+  if (ext == ".json") return Format::kJson;
+  if (ext == ".yaml" || ext == ".yml") return Format::kYaml;
+  for (char c : text) {
+    if (std::isspace(static_cast<unsigned char>(c))) continue;
+    return c == '{' ? Format::kJson : Format::kYaml;
+  }
+  return Format::kJson;
+}
+
+std::string read_text_file(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const auto status = fs::status(path, ec);
+  if (ec || !fs::exists(status)) throw Error("cannot read '{}': no such file", path);
+  if (fs::is_directory(status)) throw Error("cannot read '{}': it is a directory, expected a config file", path);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read '{}': {}", path, errno_text(errno));
+  std::string text;
+  char buf[65536];
+  while (in.read(buf, sizeof(buf)) || in.gcount() > 0) {
+    text.append(buf, static_cast<std::size_t>(in.gcount()));
+    if (text.size() > kMaxFileBytes) {
+      throw Error("'{}' is larger than {} MiB; that is not a config file", path, kMaxFileBytes >> 20);
+    }
+  }
+  if (in.bad()) throw Error("error while reading '{}': {}", path, errno_text(errno));
+  return text;
+}
+
+void merge_patch(Json& target, const Json& patch) {
+  if (!patch.is_object()) {
+    target = patch;
+    return;
+  }
+  if (!target.is_object()) target = Json::object();
+  for (auto it = patch.begin(); it != patch.end(); ++it) {
+    if (it.value().is_null()) {
+      target.erase(it.key());
+    } else {
+      merge_patch(target[it.key()], it.value());
+    }
+  }
+}
+
+namespace {
+
+struct Loaded {
+  Json json;
+  std::string source;
+  std::string base_dir;
+};
+
+Loaded load_one(const std::string& ref, const std::string& base_dir) {
+  namespace fs = std::filesystem;
+  fs::path candidate(ref);
+  if (candidate.is_relative() && !base_dir.empty()) candidate = fs::path(base_dir) / candidate;
+  std::error_code ec;
+  if (fs::exists(candidate, ec)) {
+    const std::string path = candidate.string();
+    const std::string text = read_text_file(path);
+    return {parse_document(text, detect_format(path, text), path), path, candidate.parent_path().string()};
+  }
+  // Not a file: a built-in preset ("deepspeed_zero3" or "deepspeed_zero3.yaml").
+  std::string name = ref;
+  bool yaml = false;
+  for (const char* ext : {".json", ".yaml", ".yml"}) {
+    const std::string e(ext);
+    if (name.size() > e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) {
+      yaml = e != ".json";
+      name.resize(name.size() - e.size());
+    }
+  }
+  if (auto preset = find_preset(name)) {
+    const std::string source = "preset " + std::string(preset->name);
+    return {yaml ? parse_yaml(preset->yaml_text, source) : parse_json(preset->json_text, source), source, ""};
+  }
+  throw Error("'{}' is neither a config file nor a built-in preset{}; `zinf config presets` lists the presets", ref,
+              detail::did_you_mean(name, preset_names()));
+}
+
+}  // namespace
+
+LoadedDocument resolve_extends(Json json, const std::string& source, const std::string& base_dir) {
+  // Walk the chain from the leaf to its root, then merge root first so the leaf wins.
+  std::vector<Loaded> chain{{std::move(json), source, base_dir}};
+  std::set<std::string> seen{source};
+  while (chain.back().json.contains("extends")) {
+    const Json& ext = chain.back().json["extends"];
+    if (!ext.is_string()) {
+      throw Error("{}: extends: expected the name of a preset or a config file (a string), found {}",
+                  chain.back().source, ext.type_name());
+    }
+    if (static_cast<int>(chain.size()) > kMaxExtendsDepth) {
+      throw Error("{}: \"extends\" chain is deeper than {}; check for a loop", source, kMaxExtendsDepth);
+    }
+    Loaded next;
+    try {
+      next = load_one(ext.get<std::string>(), chain.back().base_dir);
+    } catch (Error& e) {
+      throw std::move(e).with_context(fmt::format("in \"extends\" of {}", chain.back().source));
+    }
+    if (!seen.insert(next.source).second) {
+      throw Error("{}: \"extends\" forms a loop through {}", source, next.source);
+    }
+    chain.push_back(std::move(next));
+  }
+  LoadedDocument out{Json::object(), source, {}};
+  for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
+    it->json.erase("extends");
+    merge_patch(out.json, it->json);
+    out.chain.push_back(it->source);
+  }
+  return out;
+}
+
+LoadedDocument load_document(const std::string& file_or_preset) {
+  Loaded first = load_one(file_or_preset, "");
+  return resolve_extends(std::move(first.json), first.source, first.base_dir);
+}
+
+std::string to_json_text(const Json& json) { return json.dump(2) + "\n"; }
+
+namespace {
+
+void emit_yaml(YAML::Emitter& out, const Json& j) {
+  switch (j.type()) {
+    case Json::value_t::object:
+      out << YAML::BeginMap;
+      for (auto it = j.begin(); it != j.end(); ++it) {
+        out << YAML::Key << it.key() << YAML::Value;
+        emit_yaml(out, it.value());
+      }
+      out << YAML::EndMap;
+      break;
+    case Json::value_t::array:
+      out << YAML::Flow << YAML::BeginSeq;
+      for (const auto& v : j) emit_yaml(out, v);
+      out << YAML::EndSeq;
+      break;
+    case Json::value_t::string:
+      out << YAML::DoubleQuoted << j.get<std::string>();
+      break;
+    case Json::value_t::null:
+      out << YAML::Null;
+      break;
+    default:
+      out << j.dump();  // numbers and booleans print the same in both languages
+  }
+}
+
+}  // namespace
+
+std::string to_yaml_text(const Json& json) {
+  YAML::Emitter out;
+  emit_yaml(out, json);
+  return std::string(out.c_str()) + "\n";
+}
+
+}  // namespace zinf::config

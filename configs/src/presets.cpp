@@ -1,0 +1,51 @@
+#include "zinf/configs/presets.hpp"
+
+#include <map>
+
+#include "presets_data.hpp"
+#include "zinf/common/error.hpp"
+
+namespace zinf::config {
+
+namespace {
+
+// One line per preset for `zinf config presets`; a preset file without a line here is a build bug.
+const std::map<std::string_view, std::string_view> kDescriptions{
+    {"deepspeed_zero0", "no ZeRO partitioning: plain data parallel, everything on the GPU"},
+    {"deepspeed_zero1", "ZeRO-1: optimizer state partitioned across ranks, on the GPU"},
+    {"deepspeed_zero2", "ZeRO-2: optimizer state and gradients partitioned, on the GPU"},
+    {"deepspeed_zero2_offload", "ZeRO-2 with optimizer state and the optimizer step in pinned host memory (CPU Adam)"},
+    {"deepspeed_zero3", "ZeRO-3: parameters, gradients and optimizer state partitioned, on the GPU"},
+    {"deepspeed_zero3_cpuoffload", "ZeRO-3 with parameters and optimizer state offloaded to pinned host memory"},
+    {"deepspeed_zero3_nvme", "ZeRO-3 with parameters and optimizer state on NVMe (set nvme_path to your NVMe mount)"},
+};
+
+}  // namespace
+
+const std::vector<Preset>& presets() {
+  static const std::vector<Preset> all = [] {
+    std::vector<Preset> out;
+    for (const auto& t : detail::preset_texts()) {
+      const auto it = kDescriptions.find(t.name);
+      ZINF_ASSERT(it != kDescriptions.end(), "preset {} has no description in presets.cpp", t.name);
+      out.push_back({t.name, it->second, t.json, t.yaml});
+    }
+    return out;
+  }();
+  return all;
+}
+
+std::optional<Preset> find_preset(std::string_view name) {
+  for (const auto& p : presets()) {
+    if (p.name == name) return p;
+  }
+  return std::nullopt;
+}
+
+std::vector<std::string> preset_names() {
+  std::vector<std::string> names;
+  for (const auto& p : presets()) names.emplace_back(p.name);
+  return names;
+}
+
+}  // namespace zinf::config

@@ -1,0 +1,73 @@
+// zinf: train language models larger than the GPUs that train them.
+// Exit codes: 0 success, 1 runtime error (bad config, file, environment), 2 usage error.
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <iostream>
+
+#include "commands.hpp"
+#include "zinf/common/build_info.hpp"
+#include "zinf/common/error.hpp"
+#include "zinf/common/log.hpp"
+#include "zinf/kernels/cpu_features.hpp"
+#include "zinf/kernels/device_info.hpp"
+
+namespace {
+
+std::string version_text() {
+  const auto& b = zinf::build_info();
+  std::string out = fmt::format("zinf {} ({}, {}{}{})\n", b.version, b.build_type, b.compiler,
+                                b.cuda ? fmt::format(", CUDA archs {}", b.cuda_architectures) : std::string(", no CUDA"),
+                                b.sanitizers.empty() ? std::string() : fmt::format(", sanitizers {}", b.sanitizers));
+  out += fmt::format("cpu: {} kernels ({})\n", zinf::kernels::best_cpu_isa(),
+                     zinf::kernels::describe(zinf::kernels::cpu_features()));
+  const auto gpus = zinf::kernels::query_gpus();
+  if (gpus.gpus.empty()) {
+    out += fmt::format("gpu: none ({})\n", gpus.problem);
+  } else {
+    for (const auto& g : gpus.gpus) {
+      out += fmt::format("gpu {}: {} (sm_{}{}, {:.1f} GiB, {} SMs), driver {}, runtime {}\n", g.index, g.name,
+                         g.compute_major, g.compute_minor, static_cast<double>(g.total_memory) / (1 << 30),
+                         g.multiprocessors, gpus.driver, gpus.runtime);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"zinf: ZeRO-3 offload training for language models larger than the GPUs that train them", "zinf"};
+  app.set_version_flag("--version", [] { return version_text(); }, "print version, build and hardware information");
+  app.require_subcommand(1);
+  app.fallthrough();
+  std::string log_level;
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off (default: ZINF_LOG_LEVEL or info)");
+
+  zinf::tools::Action action;
+  zinf::tools::add_config_commands(app, action);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);  // prints the message and the usage hint
+    return zinf::kExitUsageError;
+  }
+
+  try {
+    zinf::log::init({.rank = std::nullopt, .level = log_level, .file = {}});
+    return action ? action() : zinf::kExitUsageError;
+  } catch (const zinf::Error& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return zinf::kExitRuntimeError;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return zinf::kExitRuntimeError;
+  }
+}

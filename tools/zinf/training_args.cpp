@@ -1,0 +1,62 @@
+#include <limits>
+
+#include "commands.hpp"
+
+namespace zinf::tools {
+
+void add_training_args(CLI::App& cmd, config::TrainingArgs& a) {
+  const auto* group = "Training arguments (fill \"auto\" values; a config value that contradicts one is an error)";
+  auto positive = CLI::Range(std::int64_t{1}, std::numeric_limits<std::int64_t>::max());
+  auto beta = CLI::Validator(
+      [](std::string& s) {
+        double v = 0.0;
+        try {
+          v = std::stod(s);
+        } catch (const std::exception&) {
+          return std::string("not a number: ") + s;
+        }
+        return (v >= 0.0 && v < 1.0) ? std::string() : std::string("must be in [0, 1)");
+      },
+      "[0,1)");
+  cmd.add_option_function<std::int64_t>("--micro-batch", [&a](const std::int64_t& v) { a.micro_batch = v; },
+                                        "micro-batch size per GPU (train_micro_batch_size_per_gpu)")
+      ->check(positive)->group(group);
+  cmd.add_option_function<std::int64_t>("--grad-accum", [&a](const std::int64_t& v) { a.grad_accum = v; },
+                                        "gradient accumulation steps")
+      ->check(positive)->group(group);
+  cmd.add_option_function<std::int64_t>("--world-size", [&a](const std::int64_t& v) { a.world_size = v; },
+                                        "data-parallel ranks (default 1)")
+      ->check(positive)->group(group);
+  cmd.add_option_function<double>("--lr", [&a](const double& v) { a.lr = v; }, "learning rate")
+      ->check(CLI::NonNegativeNumber)->group(group);
+  cmd.add_option_function<double>("--beta1", [&a](const double& v) { a.beta1 = v; }, "Adam beta1")
+      ->check(beta)->group(group);
+  cmd.add_option_function<double>("--beta2", [&a](const double& v) { a.beta2 = v; }, "Adam beta2")
+      ->check(beta)->group(group);
+  cmd.add_option_function<double>("--eps", [&a](const double& v) { a.eps = v; }, "Adam epsilon")
+      ->check(CLI::NonNegativeNumber)->group(group);
+  cmd.add_option_function<double>("--weight-decay", [&a](const double& v) { a.weight_decay = v; }, "weight decay")
+      ->check(CLI::NonNegativeNumber)->group(group);
+  cmd.add_option_function<double>("--max-grad-norm", [&a](const double& v) { a.max_grad_norm = v; },
+                                  "gradient clipping norm (gradient_clipping; 0 = off)")
+      ->check(CLI::NonNegativeNumber)->group(group);
+  cmd.add_option_function<std::int64_t>("--warmup-steps", [&a](const std::int64_t& v) { a.warmup_steps = v; },
+                                        "scheduler warmup steps")
+      ->check(CLI::NonNegativeNumber)->group(group);
+  cmd.add_option_function<std::int64_t>("--total-steps", [&a](const std::int64_t& v) { a.total_steps = v; },
+                                        "total optimizer steps (scheduler total_num_steps)")
+      ->check(positive)->group(group);
+  auto* bf16 = cmd.add_flag("--bf16", a.bf16, "bf16 mixed precision")->group(group);
+  auto* fp16 = cmd.add_flag("--fp16", a.fp16, "fp16 mixed precision with dynamic loss scaling")->group(group);
+  bf16->excludes(fp16);
+  cmd.add_option_function<std::int64_t>("--hidden-size", [&a](const std::int64_t& v) { a.hidden_size = v; },
+                                        "model hidden size (sizes the ZeRO buckets set to \"auto\")")
+      ->check(positive)->group(group);
+}
+
+bool any_training_arg(const config::TrainingArgs& a) {
+  return a.micro_batch || a.grad_accum || a.world_size || a.lr || a.beta1 || a.beta2 || a.eps || a.weight_decay ||
+         a.max_grad_norm || a.warmup_steps || a.total_steps || a.bf16 || a.fp16 || a.hidden_size;
+}
+
+}  // namespace zinf::tools

@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -25,9 +26,13 @@ std::string errno_text(int err) {
 namespace detail {
 
 void assert_fail(const char* condition, const char* file, int line, const std::string& message) {
-  spdlog::critical("internal error: assertion `{}` failed at {}:{}{}{}", condition, file, line,
-                   message.empty() ? "" : ": ", message);
-  spdlog::default_logger()->flush();
+  const std::string text = fmt::format("internal error: assertion `{}` failed at {}:{}{}{}", condition, file, line,
+                                       message.empty() ? "" : ": ", message);
+  auto logger = spdlog::default_logger();
+  logger->critical(text);
+  logger->flush();
+  // Before zinf::log::init the default logger writes to stdout; the reason must reach stderr.
+  if (logger->name() != "zinf") std::fprintf(stderr, "%s\n", text.c_str());
   std::abort();
 }
 

@@ -286,6 +286,10 @@ Loaded load_one(const std::string& ref, const std::string& base_dir) {
     const std::string source = "preset " + std::string(preset->name);
     return {yaml ? parse_yaml(preset->yaml_text, source) : parse_json(preset->json_text, source), source, ""};
   }
+  if (ref.find('/') != std::string::npos || name != ref) {
+    throw Error("cannot read '{}': no such file{}", candidate.string(),
+                find_preset(name) ? "" : detail::did_you_mean(name, preset_names()));
+  }
   throw Error("'{}' is neither a config file nor a built-in preset{}; `zinf config presets` lists the presets", ref,
               detail::did_you_mean(name, preset_names()));
 }

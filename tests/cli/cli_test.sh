@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# End-to-end checks of the `zinf` CLI: exit codes (0 ok, 1 runtime error, 2 usage error), outputs
+# and error texts. Usage: cli_test.sh ZINF_BINARY TEST_DATA_DIR
+set -u
+ZINF=$1
+DATA=$2
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+passed=0
+failed=0
+
+# expect CODE PATTERN -- COMMAND...: runs COMMAND, checks its exit code and that stdout+stderr
+# matches the extended regex PATTERN ('' = anything).
+expect() {
+  local code=$1 pattern=$2
+  shift 3
+  local out rc
+  out=$("$@" 2>&1)
+  rc=$?
+  if [[ $rc -ne $code ]]; then
+    echo "FAIL (exit $rc, wanted $code): $*"; echo "$out" | head -20; failed=$((failed + 1)); return
+  fi
+  if [[ -n $pattern ]] && ! grep -Eq -- "$pattern" <<<"$out"; then
+    echo "FAIL (output lacks /$pattern/): $*"; echo "$out" | head -20; failed=$((failed + 1)); return
+  fi
+  passed=$((passed + 1))
+}
+
+# Usage, help and version.
+expect 0 'check +Validate a config'    -- "$ZINF" config --help
+expect 0 'Training arguments'           -- "$ZINF" config check --help
+expect 0 '^zinf [0-9]+\.[0-9]+\.[0-9]+' -- "$ZINF" --version
+expect 0 'cpu: (avx512|avx2|scalar)'    -- "$ZINF" --version
+expect 2 'required'                     -- "$ZINF"
+expect 2 ''                             -- "$ZINF" frobnicate
+expect 2 'A subcommand is required'     -- "$ZINF" config
+expect 2 'FILE is required'             -- "$ZINF" config check
+expect 2 'not a number|could not be converted|Value' -- "$ZINF" config check x.json --micro-batch many
+expect 2 ''                             -- "$ZINF" config check x.json --micro-batch 0
+expect 2 'must be in'                   -- "$ZINF" config check x.json --beta1 1.5
+expect 2 'excludes'                     -- "$ZINF" config check x.json --bf16 --fp16
+expect 2 'required'                     -- "$ZINF" config resolve deepspeed_zero2
+expect 2 ''                             -- "$ZINF" config check x.json --no-such-flag
+
+# config check: presets, real-world files, bad input.
+for preset in deepspeed_zero0 deepspeed_zero1 deepspeed_zero2 deepspeed_zero2_offload deepspeed_zero3 \
+              deepspeed_zero3_cpuoffload deepspeed_zero3_nvme; do
+  expect 0 '^OK' -- "$ZINF" config check "$preset"
+done
+for f in "$DATA"/real_world/*; do
+  expect 0 '^OK' -- "$ZINF" config check "$f"
+done
+expect 0 'ZeRO stage +3'                              -- "$ZINF" config check deepspeed_zero3_cpuoffload
+expect 0 'parameters +host memory \(pinned\)'         -- "$ZINF" config check deepspeed_zero3_cpuoffload
+expect 0 'train_batch_size 32 = micro 2 x grad accum 16 x world 1' -- "$ZINF" config check "$DATA/real_world/zero3_cpuoffload_onecycle.yaml"
+expect 0 'train_batch_size 128 = micro 4 x grad accum 8 x world 4' -- "$ZINF" config check deepspeed_zero2 --micro-batch 4 --grad-accum 8 --world-size 4
+expect 0 'bf16 mixed'                                 -- "$ZINF" config check deepspeed_zero2 --bf16
+expect 1 '64 != 4 \* 16 \* 2'                         -- "$ZINF" config check "$DATA/real_world/zero2_cpu_offload_fp16_warmuplr.json" --world-size 2
+expect 1 'contradicts a training argument'            -- "$ZINF" config check "$DATA/real_world/zero3_nvme_aio.json" --lr 0.5
+expect 1 'deprecated'                                 -- "$ZINF" config check "$DATA/real_world/hf_ds_config_zero3.json" --strict
+expect 1 'no such file'                               -- "$ZINF" config check "$TMP/missing.json"
+expect 1 'did you mean "deepspeed_zero3_cpuoffload"'  -- "$ZINF" config check deepspeed_zero3_cpuofload
+expect 1 'empty'                                      -- "$ZINF" config check "$DATA/invalid/empty.json"
+expect 1 'empty'                                      -- "$ZINF" config check "$DATA/invalid/whitespace.json"
+expect 1 'invalid JSON'                               -- "$ZINF" config check "$DATA/invalid/binary.json"
+expect 1 'invalid JSON'                               -- "$ZINF" config check "$DATA/invalid/truncated.json"
+expect 1 'duplicate key "zero_optimization.stage"'    -- "$ZINF" config check "$DATA/invalid/duplicate_key.json"
+expect 1 'is a directory'                             -- "$ZINF" config check "$DATA"
+many=$("$ZINF" config check "$DATA/invalid/many_errors.json" 2>&1)
+for fragment in 'gradient_clipping: expected a number, found string "1.0"' \
+                'fp16.loss_scale_windw: unknown key; did you mean "loss_scale_window"' \
+                'bf16.enabled: bfloat16 and fp16 modes cannot be simultaneously enabled' \
+                'optimizer.params.lr: -1 is out of range' \
+                'optimizer.params.betas: expected a list of two numbers' \
+                'optimizer.params.max_grad_norm' \
+                'zero_optimization.stage: 4 is out of range' \
+                'zero_optimization.stage3_prefetch_bucket_sise: unknown key; did you mean "stage3_prefetch_bucket_size"' \
+                'zero_optimization.offload_param.device: "gpu" is not one of' \
+                'zero_optimization.offload_optimizer.nvme_path: missing' \
+                'train_batch_size is not equal to micro_batch_per_gpu \* gradient_acc_step \* world_size 32 != 4 \* 4 \* 1'; do
+  if grep -Eq -- "$fragment" <<<"$many"; then passed=$((passed + 1)); else echo "FAIL: many_errors lacks /$fragment/"; failed=$((failed + 1)); fi
+done
+expect 1 '"ok": false' -- "$ZINF" config check "$DATA/invalid/many_errors.json" --json
+json=$("$ZINF" config check deepspeed_zero3 --json --micro-batch 2)
+if /usr/bin/env python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["ok"] and d["config"]["zero_optimization"]["stage"]==3' <<<"$json"; then
+  passed=$((passed + 1)); else echo "FAIL: check --json is not one valid object"; failed=$((failed + 1)); fi
+
+# config resolve.
+expect 0 'wrote' -- "$ZINF" config resolve deepspeed_zero3_cpuoffload --micro-batch 4 --grad-accum 2 --lr 3e-4 --bf16 --hidden-size 1024 -o "$TMP/resolved.json"
+expect 0 '^OK' -- "$ZINF" config check "$TMP/resolved.json"
+if grep -q '"auto"' "$TMP/resolved.json"; then echo "FAIL: resolved config still holds auto"; failed=$((failed + 1)); else passed=$((passed + 1)); fi
+expect 0 '"train_batch_size": 8' -- cat "$TMP/resolved.json"
+expect 0 '"reduce_bucket_size": 1048576' -- cat "$TMP/resolved.json"
+expect 0 'stage: 3' -- "$ZINF" config resolve deepspeed_zero3 --yaml -o -
+expect 0 '"aio"' -- "$ZINF" config resolve deepspeed_zero2 --full -o -
+expect 1 'set these DeepSpeed config values to "auto"' -- "$ZINF" config resolve "$DATA/real_world/zero3_nvme_aio.json" --lr 1 -o "$TMP/x.json"
+printf '{"extends": "deepspeed_zero2", "scheduler": {"type": "WarmupDecayLR", "params": {"total_num_steps": "auto"}}}' >"$TMP/decay.json"
+expect 1 'total_num_steps: pass --total-steps' -- "$ZINF" config resolve "$TMP/decay.json" -o "$TMP/x.json"
+expect 0 '"total_num_steps": 500' -- "$ZINF" config resolve "$TMP/decay.json" --total-steps 500 -o -
+expect 1 'does not exist' -- "$ZINF" config resolve deepspeed_zero2 -o "$TMP/no/dir/x.json"
+if [[ -e $TMP/x.json ]]; then echo "FAIL: a failed resolve wrote its output"; failed=$((failed + 1)); else passed=$((passed + 1)); fi
+
+# presets and show.
+expect 0 'deepspeed_zero3_nvme +ZeRO-3 with parameters and optimizer state on NVMe' -- "$ZINF" config presets
+expect 0 '"name": "deepspeed_zero0"' -- "$ZINF" config presets --json
+expect 0 '"stage": 3' -- "$ZINF" config show deepspeed_zero3_cpuoffload
+expect 0 '^  stage: 3' -- "$ZINF" config show deepspeed_zero3_cpuoffload --yaml
+expect 0 '^  stage: 2' -- "$ZINF" config show deepspeed_zero2.yaml
+expect 1 'no preset named' -- "$ZINF" config show deepspeed_zero7
+
+echo "cli: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]

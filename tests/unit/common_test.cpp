@@ -1,0 +1,134 @@
+// The error model, logging set-up and atomic file writes.
+#include <gtest/gtest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "zinf/common/error.hpp"
+#include "zinf/common/fs.hpp"
+#include "zinf/common/log.hpp"
+
+namespace zinf {
+namespace {
+
+std::string read_all(const std::filesystem::path& p) {
+  std::ifstream in(p);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+TEST(Error, FormatsAndCarriesContext) {
+  Error e("cannot open '{}': {}", "x.json", "no such file");
+  EXPECT_EQ(e.message(), "cannot open 'x.json': no such file");
+  e.with_context("while loading the config");
+  EXPECT_STREQ(e.what(), "cannot open 'x.json': no such file\n  while loading the config");
+  EXPECT_EQ(e.context().size(), 1u);
+}
+
+TEST(Error, SyscallChecksQuoteTheCall) {
+  try {
+    ZINF_SYSCALL_CHECK(::open("/nonexistent/zinf", 0));
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("::open(\"/nonexistent/zinf\", 0) failed: No such file or directory"),
+              std::string::npos)
+        << e.what();
+  }
+  try {
+    ZINF_URING_CHECK(-EAGAIN);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("Resource temporarily unavailable"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(ZINF_URING_CHECK(7), 7);
+}
+
+TEST(ErrorDeathTest, AssertAbortsWithTheCondition) {
+  EXPECT_DEATH(ZINF_ASSERT(1 + 1 == 3, "math is {}", "broken"), "1 \\+ 1 == 3.*math is broken");
+}
+
+TEST(Log, LevelsAndRank) {
+  EXPECT_EQ(log::parse_level("warning"), spdlog::level::warn);
+  EXPECT_EQ(log::parse_level("debug"), spdlog::level::debug);
+  EXPECT_EQ(log::parse_level("off"), spdlog::level::off);
+  EXPECT_THROW(log::parse_level("loud"), Error);
+  ::setenv("RANK", "3", 1);
+  EXPECT_EQ(log::rank_from_environment(), 3);
+  ::setenv("RANK", "x", 1);
+  ::setenv("SLURM_PROCID", "5", 1);
+  EXPECT_EQ(log::rank_from_environment(), 5);
+  ::unsetenv("RANK");
+  ::unsetenv("SLURM_PROCID");
+  EXPECT_EQ(log::rank_from_environment(), 0);
+}
+
+TEST(Log, EveryLineCarriesTheRank) {
+  const auto file = std::filesystem::temp_directory_path() / "zinf_log_test.log";
+  std::filesystem::remove(file);
+  log::init({.rank = 7, .level = "info", .file = file.string()});
+  spdlog::info("hello {}", 42);
+  spdlog::default_logger()->flush();
+  const std::string text = read_all(file);
+  EXPECT_NE(text.find("[rank 7] [info] hello 42"), std::string::npos) << text;
+  // spdlog creates missing directories; a parent that is a file cannot be created.
+  const auto not_dir = std::filesystem::temp_directory_path() / "zinf_log_not_a_dir";
+  std::ofstream(not_dir) << "x";
+  EXPECT_THROW(log::init({.rank = 0, .level = "info", .file = (not_dir / "zinf.log").string()}), Error);
+  std::filesystem::remove(not_dir);
+  log::init({.rank = 0, .level = "warn", .file = {}});
+  std::filesystem::remove(file);
+}
+
+TEST(WriteFileAtomic, WritesAndReplaces) {
+  const auto dir = std::filesystem::temp_directory_path() / "zinf_atomic_test";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "out.json";
+  write_file_atomic(path.string(), "first");
+  EXPECT_EQ(read_all(path), "first");
+  write_file_atomic(path.string(), "second, longer");
+  EXPECT_EQ(read_all(path), "second, longer");
+  // No temporary files are left behind.
+  int files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++files;
+  EXPECT_EQ(files, 1);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(WriteFileAtomic, FailureLeavesThePreviousFile) {
+  EXPECT_THROW(write_file_atomic((std::filesystem::temp_directory_path() / "zinf_no_such_dir/out.json").string(), "x"),
+               Error);
+  if (::geteuid() == 0) GTEST_SKIP() << "running as root: directory permissions do not stop writes";
+  const auto dir = std::filesystem::temp_directory_path() / "zinf_atomic_ro";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "keep.json";
+  write_file_atomic(path.string(), "precious");
+  ::chmod(dir.c_str(), 0555);
+  EXPECT_THROW(write_file_atomic(path.string(), "new"), Error);
+  ::chmod(dir.c_str(), 0755);
+  EXPECT_EQ(read_all(path), "precious");
+  std::filesystem::remove_all(dir);
+}
+
+TEST(WriteFileAtomic, ParentThatIsAFileIsAnError) {
+  const auto file_as_dir = std::filesystem::temp_directory_path() / "zinf_not_a_dir";
+  std::ofstream(file_as_dir) << "x";
+  try {
+    write_file_atomic((file_as_dir / "out.json").string(), "x");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("does not exist"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove(file_as_dir);
+}
+
+}  // namespace
+}  // namespace zinf

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -41,6 +42,122 @@ std::string display_key_path(const std::vector<std::string>& keys) {
     out += k;
   }
   return out.empty() ? "<top level>" : out;
+}
+
+// Byte offset of the first invalid UTF-8 sequence, or npos. (The JSON lexer checks this itself;
+// yaml-cpp does not, and JSON output of such a string would fail later.)
+std::size_t invalid_utf8_offset(std::string_view text) {
+  std::size_t i = 0;
+  const auto* b = reinterpret_cast<const unsigned char*>(text.data());
+  const std::size_t n = text.size();
+  while (i < n) {
+    const unsigned char c = b[i];
+    std::size_t len = 0;
+    std::uint32_t cp = 0;
+    if (c < 0x80) {
+      ++i;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      len = 2, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+      len = 3, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+      len = 4, cp = c & 0x07;
+    } else {
+      return i;
+    }
+    if (i + len > n) return i;
+    for (std::size_t k = 1; k < len; ++k) {
+      if ((b[i + k] & 0xC0) != 0x80) return i;
+      cp = (cp << 6) | (b[i + k] & 0x3F);
+    }
+    // Overlong forms, surrogates and values past U+10FFFF are invalid.
+    if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000) || cp > 0x10FFFF ||
+        (cp >= 0xD800 && cp <= 0xDFFF)) {
+      return i;
+    }
+    i += len;
+  }
+  return std::string_view::npos;
+}
+
+// yaml-cpp 0.7 (Debian 12) loops forever, allocating, on a quoted scalar followed by ',' outside
+// a flow collection ("\"a\",\n\"b\": 1", found by the fuzzer). Such text is invalid YAML anyway,
+// so find it first and report it. Block scalars (| and >) are skipped: their lines are text.
+// Returns "line L, column C" of the offending comma, or "".
+std::string yaml_comma_after_quoted(std::string_view text) {
+  int flow_depth = 0;
+  std::size_t line = 1, column = 0;
+  std::size_t block_scalar_indent = std::string_view::npos;  // skip lines indented deeper than this
+  std::size_t line_indent = 0;
+  bool at_line_start = true;
+  char prev_token = '\n';  // last non-space character that matters for "is a value starting here"
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (c == '\n') {
+      ++line, column = 0, at_line_start = true, line_indent = 0, prev_token = '\n';
+      continue;
+    }
+    ++column;
+    if (at_line_start) {
+      if (c == ' ') {
+        ++line_indent;
+        continue;
+      }
+      at_line_start = false;
+      if (block_scalar_indent != std::string_view::npos) {
+        if (line_indent > block_scalar_indent) {  // a line of block-scalar text
+          while (i + 1 < text.size() && text[i + 1] != '\n') ++i;
+          continue;
+        }
+        block_scalar_indent = std::string_view::npos;
+      }
+    }
+    if (c == ' ' || c == '\t' || c == '\r') continue;
+    if (c == '#' && (i == 0 || text[i - 1] == ' ' || text[i - 1] == '\t' || text[i - 1] == '\n')) {
+      while (i + 1 < text.size() && text[i + 1] != '\n') ++i;
+      continue;
+    }
+    const bool value_start = prev_token == '\n' || prev_token == ':' || prev_token == '-' || prev_token == '[' ||
+                             prev_token == '{' || prev_token == ',' || prev_token == '?';
+    if ((c == '"' || c == '\'') && value_start) {
+      // Skip the quoted scalar ('' escapes a single quote, backslash escapes in double quotes).
+      std::size_t j = i + 1;
+      for (; j < text.size(); ++j) {
+        if (text[j] == '\n') ++line, column = 0;
+        if (c == '"' && text[j] == '\\') {
+          ++j;
+          continue;
+        }
+        if (text[j] == c) {
+          if (c == '\'' && j + 1 < text.size() && text[j + 1] == '\'') {
+            ++j;
+            continue;
+          }
+          break;
+        }
+      }
+      if (j >= text.size()) return {};  // unterminated: yaml-cpp reports it
+      column += j - i;
+      i = j;
+      std::size_t k = i + 1;
+      while (k < text.size() && (text[k] == ' ' || text[k] == '\t')) ++k;
+      if (k < text.size() && text[k] == ',' && flow_depth == 0) {
+        return fmt::format("line {}, column {}", line, column + (k - i));
+      }
+      prev_token = 'q';
+      continue;
+    }
+    if ((c == '[' || c == '{') && value_start) {
+      ++flow_depth;
+    } else if ((c == ']' || c == '}') && flow_depth > 0) {
+      --flow_depth;
+    } else if ((c == '|' || c == '>') && (prev_token == ':' || prev_token == '-') && flow_depth == 0) {
+      block_scalar_indent = line_indent;
+    }
+    prev_token = c;
+  }
+  return {};
 }
 
 }  // namespace
@@ -185,6 +302,12 @@ Json parse_yaml(std::string_view text, const std::string& source) {
   if (is_blank(text)) throw Error("{}: the config is empty; expected a YAML mapping such as 'train_batch_size: 8'", source);
   if (text.find('\0') != std::string_view::npos) {
     throw Error("{}: the file contains NUL bytes; it is not a text config (binary file?)", source);
+  }
+  if (const auto bad = invalid_utf8_offset(text); bad != std::string_view::npos) {
+    throw Error("{}: invalid UTF-8 at byte {}; a config must be UTF-8 text (binary file?)", source, bad);
+  }
+  if (const std::string where = yaml_comma_after_quoted(text); !where.empty()) {
+    throw Error("{}: invalid YAML at {}: ',' after a quoted value outside [...] or {{...}}", source, where);
   }
   std::vector<YAML::Node> docs;
   try {

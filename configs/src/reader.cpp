@@ -8,7 +8,7 @@
 namespace zinf::config::detail {
 
 std::string describe(const Json& value) {
-  std::string text = value.dump();
+  std::string text = value.dump(-1, ' ', false, Json::error_handler_t::replace);
   if (text.size() > 60) text = text.substr(0, 57) + "...";
   switch (value.type()) {
     case Json::value_t::string: return "string " + text;

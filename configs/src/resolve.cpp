@@ -34,7 +34,7 @@ std::string show(const Json& v) {
     if (d == std::floor(d) && std::fabs(d) < 1e15) return fmt::format("{}", static_cast<long long>(d));
     return fmt::format("{}", d);
   }
-  return v.dump();
+  return v.dump(-1, ' ', false, Json::error_handler_t::replace);
 }
 
 bool same_value(const Json& a, const Json& b) {

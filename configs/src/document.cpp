@@ -81,11 +81,11 @@ std::size_t invalid_utf8_offset(std::string_view text) {
   return std::string_view::npos;
 }
 
-// yaml-cpp 0.7 (Debian 12) loops forever, allocating, on a quoted scalar followed by ',' outside
-// a flow collection ("\"a\",\n\"b\": 1", found by the fuzzer). Such text is invalid YAML anyway,
-// so find it first and report it. Block scalars (| and >) are skipped: their lines are text.
-// Returns "line L, column C" of the offending comma, or "".
-std::string yaml_comma_after_quoted(std::string_view text) {
+// yaml-cpp 0.7 (Debian 12) loops forever, allocating, on some stray commas: "," alone, "[1],",
+// "&x ,", "\"a\",\n\"b\": 1" (found by the fuzzer). A ',' outside a flow collection that is not
+// inside a plain scalar is invalid YAML anyway, so find it first and report it. Block scalars
+// (| and >) are skipped: their lines are text. Returns "line L, column C" of the comma, or "".
+std::string yaml_stray_comma(std::string_view text) {
   int flow_depth = 0;
   std::size_t line = 1, column = 0;
   std::size_t block_scalar_indent = std::string_view::npos;  // skip lines indented deeper than this
@@ -140,12 +140,15 @@ std::string yaml_comma_after_quoted(std::string_view text) {
       if (j >= text.size()) return {};  // unterminated: yaml-cpp reports it
       column += j - i;
       i = j;
-      std::size_t k = i + 1;
-      while (k < text.size() && (text[k] == ' ' || text[k] == '\t')) ++k;
-      if (k < text.size() && text[k] == ',' && flow_depth == 0) {
-        return fmt::format("line {}, column {}", line, column + (k - i));
-      }
       prev_token = 'q';
+      continue;
+    }
+    if (c == ',' && flow_depth == 0 && (value_start || prev_token == 'q' || prev_token == ']' || prev_token == '}')) {
+      return fmt::format("line {}, column {}", line, column);
+    }
+    if ((c == '&' || c == '!') && value_start) {
+      // An anchor or a tag: the value still starts after it.
+      while (i + 1 < text.size() && text[i + 1] != ' ' && text[i + 1] != '\n' && text[i + 1] != '\t') ++i, ++column;
       continue;
     }
     if ((c == '[' || c == '{') && value_start) {
@@ -306,8 +309,8 @@ Json parse_yaml(std::string_view text, const std::string& source) {
   if (const auto bad = invalid_utf8_offset(text); bad != std::string_view::npos) {
     throw Error("{}: invalid UTF-8 at byte {}; a config must be UTF-8 text (binary file?)", source, bad);
   }
-  if (const std::string where = yaml_comma_after_quoted(text); !where.empty()) {
-    throw Error("{}: invalid YAML at {}: ',' after a quoted value outside [...] or {{...}}", source, where);
+  if (const std::string where = yaml_stray_comma(text); !where.empty()) {
+    throw Error("{}: invalid YAML at {}: a ',' outside [...] or {{...}} that is not part of a text value", source, where);
   }
   std::vector<YAML::Node> docs;
   try {

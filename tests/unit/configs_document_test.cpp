@@ -118,7 +118,10 @@ TEST(YamlDocument, BadDocumentsAreErrors) {
   EXPECT_ZINF_ERROR(parse_yaml("a: \"\x93\"\n", "y"), "invalid UTF-8 at byte 4");
   // yaml-cpp 0.7 never returns on these (fuzzer finding); zinf refuses them first.
   EXPECT_ZINF_ERROR(parse_yaml("\"a\",\n\"b\": 1\n", "y"), "invalid YAML at line 1, column 4");
-  EXPECT_ZINF_ERROR(parse_yaml("x:\n  - 'it''s' ,\n  - 2\n", "y"), "',' after a quoted value");
+  EXPECT_ZINF_ERROR(parse_yaml("x:\n  - 'it''s' ,\n  - 2\n", "y"), "a ',' outside");
+  for (const char* text : {",", "[1],", "&x ,", "!t ,", "a: {b: 1}, c", "a: 1\n,\n"}) {
+    EXPECT_ZINF_ERROR(parse_yaml(text, "y"), "invalid YAML");
+  }
   EXPECT_ZINF_ERROR(parse_yaml("a: \xc0\xaf\n", "y"), "invalid UTF-8");  // overlong '/'
   EXPECT_EQ(parse_yaml("a: \"h\xc3\xa9\"\n", "y")["a"], "h\xc3\xa9");   // valid two-byte sequence
 }

@@ -14,7 +14,7 @@ namespace {
 
 using testing::J;
 
-const std::string kData = ZINF_TEST_DATA_DIR;
+const std::string kData = testing::data_dir();
 
 TEST(JsonDocument, ParsesObjectAndKeepsKeyOrder) {
   const Json j = J(R"({"b": 1, "a": {"z": true, "y": [1, 2]}})");

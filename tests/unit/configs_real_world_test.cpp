@@ -9,7 +9,7 @@
 namespace zinf::config {
 namespace {
 
-const std::string kDir = std::string(ZINF_TEST_DATA_DIR) + "/real_world";
+const std::string kDir = testing::data_dir() + "/real_world";
 
 ParseResult check(const std::string& file, const TrainingArgs& args = {}, std::int64_t world = 1) {
   const auto doc = load_document(kDir + "/" + file);

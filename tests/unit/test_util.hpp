@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "zinf/configs/diagnostics.hpp"
@@ -10,6 +11,13 @@
 #include "zinf/configs/parse.hpp"
 
 namespace zinf::config::testing {
+
+// tests/data: ZINF_TEST_DATA_DIR from the environment (when the binaries run elsewhere, as on the
+// GPU machine), else the source tree this binary was built from.
+inline std::string data_dir() {
+  const char* env = std::getenv("ZINF_TEST_DATA_DIR");
+  return (env != nullptr && *env != '\0') ? std::string(env) : std::string(ZINF_TEST_DATA_DIR);
+}
 
 inline Json J(const char* text) { return parse_json(text, "test"); }
 

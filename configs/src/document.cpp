@@ -146,9 +146,13 @@ std::string yaml_stray_comma(std::string_view text) {
     if (c == ',' && flow_depth == 0 && (value_start || prev_token == 'q' || prev_token == ']' || prev_token == '}')) {
       return fmt::format("line {}, column {}", line, column);
     }
-    if ((c == '&' || c == '!') && value_start) {
-      // An anchor or a tag: the value still starts after it.
-      while (i + 1 < text.size() && text[i + 1] != ' ' && text[i + 1] != '\n' && text[i + 1] != '\t') ++i, ++column;
+    if ((c == '&' || c == '!' || c == '*') && value_start) {
+      // An anchor, tag or alias: the value (if any) still starts after it. Its name may not hold
+      // a ',' (a flow indicator); yaml-cpp hangs on "&a,b" too.
+      while (i + 1 < text.size() && text[i + 1] != ' ' && text[i + 1] != '\n' && text[i + 1] != '\t') {
+        ++i, ++column;
+        if (text[i] == ',' && flow_depth == 0) return fmt::format("line {}, column {}", line, column);
+      }
       continue;
     }
     if ((c == '[' || c == '{') && value_start) {

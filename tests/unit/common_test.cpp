@@ -1,10 +1,12 @@
 // The error model, logging set-up and atomic file writes.
 #include <gtest/gtest.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -115,6 +117,39 @@ TEST(WriteFileAtomic, FailureLeavesThePreviousFile) {
   EXPECT_THROW(write_file_atomic(path.string(), "new"), Error);
   ::chmod(dir.c_str(), 0755);
   EXPECT_EQ(read_all(path), "precious");
+  std::filesystem::remove_all(dir);
+}
+
+// In a child process: write under a 16-byte file-size limit (as a full disk would stop it); exit 0
+// when write_file_atomic threw an error that names the file and promises the old one is intact.
+[[noreturn]] void write_past_file_size_limit(const std::string& path) {
+  ::signal(SIGXFSZ, SIG_IGN);
+  const rlimit limit{16, 16};
+  ::setrlimit(RLIMIT_FSIZE, &limit);
+  try {
+    write_file_atomic(path, std::string(4096, 'x'));
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    const bool ok = what.find("keep.json") != std::string::npos &&
+                    what.find("previous file, if any, is unchanged") != std::string::npos;
+    std::_Exit(ok ? 0 : 2);
+  }
+  std::_Exit(1);
+}
+
+// A write that fails part-way throws, names the path, and leaves the previous file whole. Works as
+// root too (the file-size limit binds root; directory permissions do not).
+TEST(WriteFileAtomicDeathTest, FailedWriteKeepsThePreviousFile) {
+  const auto dir = std::filesystem::temp_directory_path() / "zinf_atomic_efbig";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "keep.json";
+  write_file_atomic(path.string(), "precious");
+  EXPECT_EXIT(write_past_file_size_limit(path.string()), ::testing::ExitedWithCode(0), "");
+  EXPECT_EQ(read_all(path), "precious");
+  int files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir)) ++files;
+  EXPECT_EQ(files, 1) << "the temporary file was left behind";
   std::filesystem::remove_all(dir);
 }
 

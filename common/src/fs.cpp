@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <filesystem>
 
+#include <fmt/format.h>
+
 #include "zinf/common/error.hpp"
 
 namespace zinf {
@@ -46,7 +48,7 @@ void write_file_atomic(const std::string& path, std::string_view content) {
   if (!fs::is_directory(dir, ec)) {
     throw Error("cannot write '{}': directory '{}' does not exist; create it first", path, dir.string());
   }
-  std::string tmp_template = (dir / ("." + target.filename().string() + ".tmp.XXXXXX")).string();
+  std::string tmp_template = (dir / fmt::format(".{}.tmp.XXXXXX", target.filename().string())).string();
   const int fd = ::mkstemp(tmp_template.data());
   if (fd < 0) throw Error("cannot write '{}': cannot create a temporary file in '{}': {}", path, dir.string(), errno_text(errno));
   TempFile tmp(fd, tmp_template);

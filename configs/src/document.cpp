@@ -81,9 +81,10 @@ std::size_t invalid_utf8_offset(std::string_view text) {
   return std::string_view::npos;
 }
 
-// yaml-cpp 0.7 (Debian 12) loops forever, allocating, on some stray commas: "," alone, "[1],",
-// "&x ,", "\"a\",\n\"b\": 1" (found by the fuzzer). A ',' outside a flow collection that is not
-// inside a plain scalar is invalid YAML anyway, so find it first and report it. Block scalars
+// yaml-cpp 0.7 (Debian 12) loops forever, allocating, when its scanner meets ',' at the start of a
+// token outside a flow collection: "," alone, "[1],", "&x ,", "\"a\",\n\"b\": 1", "\"\"\"\"\"," (all
+// found by the fuzzer). Such a ',' is invalid YAML anyway (a plain scalar cannot start with it),
+// so find it first and report it. Block scalars
 // (| and >) are skipped: their lines are text. Returns "line L, column C" of the comma, or "".
 std::string yaml_stray_comma(std::string_view text) {
   int flow_depth = 0;
@@ -118,8 +119,11 @@ std::string yaml_stray_comma(std::string_view text) {
       while (i + 1 < text.size() && text[i + 1] != '\n') ++i;
       continue;
     }
+    // Where yaml-cpp's scanner starts a new token: after an indicator, at a line start, or right
+    // after a quoted scalar or a flow collection ended ('q' marks a closing quote).
     const bool value_start = prev_token == '\n' || prev_token == ':' || prev_token == '-' || prev_token == '[' ||
-                             prev_token == '{' || prev_token == ',' || prev_token == '?';
+                             prev_token == '{' || prev_token == ',' || prev_token == '?' || prev_token == 'q' ||
+                             prev_token == ']' || prev_token == '}';
     if ((c == '"' || c == '\'') && value_start) {
       // Skip the quoted scalar ('' escapes a single quote, backslash escapes in double quotes).
       std::size_t j = i + 1;
@@ -143,7 +147,7 @@ std::string yaml_stray_comma(std::string_view text) {
       prev_token = 'q';
       continue;
     }
-    if (c == ',' && flow_depth == 0 && (value_start || prev_token == 'q' || prev_token == ']' || prev_token == '}')) {
+    if (c == ',' && flow_depth == 0 && value_start) {
       return fmt::format("line {}, column {}", line, column);
     }
     if ((c == '&' || c == '!' || c == '*') && value_start) {

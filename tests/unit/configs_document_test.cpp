@@ -119,7 +119,7 @@ TEST(YamlDocument, BadDocumentsAreErrors) {
   // yaml-cpp 0.7 never returns on these (fuzzer finding); zinf refuses them first.
   EXPECT_ZINF_ERROR(parse_yaml("\"a\",\n\"b\": 1\n", "y"), "invalid YAML at line 1, column 4");
   EXPECT_ZINF_ERROR(parse_yaml("x:\n  - 'it''s' ,\n  - 2\n", "y"), "a ',' outside");
-  for (const char* text : {",", "[1],", "&x ,", "!t ,", "a: {b: 1}, c", "a: 1\n,\n", "&a,b x", "a: *b,c"}) {
+  for (const char* text : {",", "[1],", "&x ,", "!t ,", "a: {b: 1}, c", "a: 1\n,\n", "&a,b x", "a: *b,c", "\"\"\"\"\",", "'a''b'',", "[1]]],"}) {
     EXPECT_ZINF_ERROR(parse_yaml(text, "y"), "invalid YAML");
   }
   EXPECT_ZINF_ERROR(parse_yaml("a: \xc0\xaf\n", "y"), "invalid UTF-8");  // overlong '/'

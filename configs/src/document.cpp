@@ -1,5 +1,6 @@
 #include "zinf/configs/document.hpp"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
@@ -9,6 +10,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <optional>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -81,96 +84,6 @@ std::size_t invalid_utf8_offset(std::string_view text) {
   return std::string_view::npos;
 }
 
-// yaml-cpp 0.7 (Debian 12) loops forever, allocating, when its scanner meets ',' at the start of a
-// token outside a flow collection: "," alone, "[1],", "&x ,", "\"a\",\n\"b\": 1", "\"\"\"\"\"," (all
-// found by the fuzzer). Such a ',' is invalid YAML anyway (a plain scalar cannot start with it),
-// so find it first and report it. Block scalars
-// (| and >) are skipped: their lines are text. Returns "line L, column C" of the comma, or "".
-std::string yaml_stray_comma(std::string_view text) {
-  int flow_depth = 0;
-  std::size_t line = 1, column = 0;
-  std::size_t block_scalar_indent = std::string_view::npos;  // skip lines indented deeper than this
-  std::size_t line_indent = 0;
-  bool at_line_start = true;
-  char prev_token = '\n';  // last non-space character that matters for "is a value starting here"
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (c == '\n') {
-      ++line, column = 0, at_line_start = true, line_indent = 0, prev_token = '\n';
-      continue;
-    }
-    ++column;
-    if (at_line_start) {
-      if (c == ' ') {
-        ++line_indent;
-        continue;
-      }
-      at_line_start = false;
-      if (block_scalar_indent != std::string_view::npos) {
-        if (line_indent > block_scalar_indent) {  // a line of block-scalar text
-          while (i + 1 < text.size() && text[i + 1] != '\n') ++i;
-          continue;
-        }
-        block_scalar_indent = std::string_view::npos;
-      }
-    }
-    if (c == ' ' || c == '\t' || c == '\r') continue;
-    if (c == '#' && (i == 0 || text[i - 1] == ' ' || text[i - 1] == '\t' || text[i - 1] == '\n')) {
-      while (i + 1 < text.size() && text[i + 1] != '\n') ++i;
-      continue;
-    }
-    // Where yaml-cpp's scanner starts a new token: after an indicator, at a line start, or right
-    // after a quoted scalar or a flow collection ended ('q' marks a closing quote).
-    const bool value_start = prev_token == '\n' || prev_token == ':' || prev_token == '-' || prev_token == '[' ||
-                             prev_token == '{' || prev_token == ',' || prev_token == '?' || prev_token == 'q' ||
-                             prev_token == ']' || prev_token == '}';
-    if ((c == '"' || c == '\'') && value_start) {
-      // Skip the quoted scalar ('' escapes a single quote, backslash escapes in double quotes).
-      std::size_t j = i + 1;
-      for (; j < text.size(); ++j) {
-        if (text[j] == '\n') ++line, column = 0;
-        if (c == '"' && text[j] == '\\') {
-          ++j;
-          continue;
-        }
-        if (text[j] == c) {
-          if (c == '\'' && j + 1 < text.size() && text[j + 1] == '\'') {
-            ++j;
-            continue;
-          }
-          break;
-        }
-      }
-      if (j >= text.size()) return {};  // unterminated: yaml-cpp reports it
-      column += j - i;
-      i = j;
-      prev_token = 'q';
-      continue;
-    }
-    if (c == ',' && flow_depth == 0 && value_start) {
-      return fmt::format("line {}, column {}", line, column);
-    }
-    if ((c == '&' || c == '!' || c == '*') && value_start) {
-      // An anchor, tag or alias: the value (if any) still starts after it. Its name may not hold
-      // a ',' (a flow indicator); yaml-cpp hangs on "&a,b" too.
-      while (i + 1 < text.size() && text[i + 1] != ' ' && text[i + 1] != '\n' && text[i + 1] != '\t') {
-        ++i, ++column;
-        if (text[i] == ',' && flow_depth == 0) return fmt::format("line {}, column {}", line, column);
-      }
-      continue;
-    }
-    if ((c == '[' || c == '{') && value_start) {
-      ++flow_depth;
-    } else if ((c == ']' || c == '}') && flow_depth > 0) {
-      --flow_depth;
-    } else if ((c == '|' || c == '>') && (prev_token == ':' || prev_token == '-') && flow_depth == 0) {
-      block_scalar_indent = line_indent;
-    }
-    prev_token = c;
-  }
-  return {};
-}
-
 }  // namespace
 
 Json parse_json(std::string_view text, const std::string& source) {
@@ -238,10 +151,9 @@ Json parse_json(std::string_view text, const std::string& source) {
 namespace {
 
 // YAML 1.2 core schema for plain (unquoted) scalars, so "5e8", "true", "~" mean what they mean in
-// JSON; quoted scalars stay strings.
-Json yaml_scalar(const YAML::Node& node) {
-  const std::string& s = node.Scalar();
-  if (node.Tag() == "!") return s;  // quoted or otherwise explicitly a string
+// JSON; quoted scalars (tag "!") stay strings.
+Json yaml_scalar(const std::string& tag, const std::string& s) {
+  if (tag == "!") return s;  // quoted or otherwise explicitly a string
   static const std::regex kInt(R"([-+]?[0-9]+)");
   static const std::regex kHex(R"(0x[0-9a-fA-F]+)");
   static const std::regex kFloat(R"([-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?)");
@@ -250,8 +162,7 @@ Json yaml_scalar(const YAML::Node& node) {
   if (s == "false" || s == "False" || s == "FALSE") return false;
   if (std::regex_match(s, kInt)) {
     errno = 0;
-    char* end = nullptr;
-    const long long v = std::strtoll(s.c_str(), &end, 10);
+    const long long v = std::strtoll(s.c_str(), nullptr, 10);
     if (errno == 0) return v;
     return std::strtod(s.c_str(), nullptr);  // too large for int64: keep the magnitude as a float
   }
@@ -267,45 +178,161 @@ Json yaml_scalar(const YAML::Node& node) {
   return s;
 }
 
-Json yaml_to_json(const YAML::Node& node, const std::string& source, std::vector<std::string>& path, int depth) {
-  if (depth > kMaxDepth) throw Error("{}: nesting deeper than {} levels; a config is a few levels deep", source, kMaxDepth);
-  switch (node.Type()) {
-    case YAML::NodeType::Undefined:
-    case YAML::NodeType::Null:
-      return nullptr;
-    case YAML::NodeType::Scalar:
-      return yaml_scalar(node);
-    case YAML::NodeType::Sequence: {
-      Json arr = Json::array();
-      path.emplace_back("[]");
-      for (const auto& item : node) arr.push_back(yaml_to_json(item, source, path, depth + 1));
-      path.pop_back();
-      return arr;
+// Builds JSON straight from yaml-cpp's parse events (no YAML::Node tree), with every limit
+// checked as the events arrive:
+//  - yaml-cpp 0.7 (Debian 12) never returns on some malformed input (a ',' where a token starts
+//    outside [...] or {...}: ",", "[1],", "\"a\",\n\"b\": 1", ... found by the fuzzer); it emits
+//    events forever. A document of n bytes yields at most a few events per byte, so a budget of
+//    events turns that loop into an error.
+//  - nesting depth, duplicate keys (with their line), non-scalar keys, several documents.
+class JsonBuilder : public YAML::EventHandler {
+ public:
+  JsonBuilder(const std::string& source, std::string_view text)
+      : source_(source), budget_(4 * text.size() + 64), has_document_markers_(has_markers(text)) {}
+
+  void OnDocumentStart(const YAML::Mark& mark) override {
+    spend();
+    if (++documents_ == 1) return;
+    if (has_document_markers_) {
+      throw Error("{}: holds more than one YAML document; a config is one document (remove the '---' separators)",
+                  source_);
     }
-    case YAML::NodeType::Map: {
-      Json obj = Json::object();
-      for (const auto& kv : node) {
-        if (!kv.first.IsScalar()) {
-          throw Error("{}: {}: a key must be a plain name, found a {} (line {})", source, display_key_path(path),
-                      kv.first.IsMap() ? "mapping" : "sequence", kv.first.Mark().line + 1);
-        }
-        const std::string key = kv.first.Scalar();
-        if (obj.contains(key)) {
-          path.push_back(key);
-          const auto where = display_key_path(path);
-          path.pop_back();
-          throw Error("{}: duplicate key \"{}\" (line {}); each key may appear once per mapping (remove one of them)",
-                      source, where, kv.first.Mark().line + 1);
-        }
-        path.push_back(key);
-        obj[key] = yaml_to_json(kv.second, source, path, depth + 1);
-        path.pop_back();
-      }
-      return obj;
+    // Without a '---', yaml-cpp only starts another document (and another, forever) after a
+    // token it cannot place: in practice a ',' outside [...] or {...}.
+    throw Error("{}: invalid YAML at line {}, column {}: unexpected text where the document should end (a ',' "
+                "outside [...] or {{...}}?)",
+                source_, mark.line + 1, mark.column + 1);
+  }
+  void OnDocumentEnd() override { spend(); }
+  void OnNull(const YAML::Mark& mark, YAML::anchor_t anchor) override { add(mark, nullptr, anchor); }
+  void OnAlias(const YAML::Mark& mark, YAML::anchor_t anchor) override {
+    const auto it = anchors_.find(anchor);
+    if (it == anchors_.end()) throw Error("{}: line {}: alias to an unknown anchor", source_, mark.line + 1);
+    add(mark, it->second, 0);
+  }
+  void OnScalar(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t anchor,
+                const std::string& value) override {
+    add(mark, yaml_scalar(tag, value), anchor, &value);
+  }
+  void OnSequenceStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t anchor,
+                       YAML::EmitterStyle::value) override {
+    open(mark, Json::array(), anchor);
+  }
+  void OnSequenceEnd() override { close(); }
+  void OnMapStart(const YAML::Mark& mark, const std::string&, YAML::anchor_t anchor,
+                  YAML::EmitterStyle::value) override {
+    open(mark, Json::object(), anchor);
+  }
+  void OnMapEnd() override { close(); }
+
+  bool has_root() const { return root_.has_value(); }
+  Json take_root() { return std::move(*root_); }
+
+ private:
+  struct Frame {
+    Json value;
+    YAML::anchor_t anchor = 0;
+    bool expecting_key = true;  // maps alternate key, value
+    std::string key;
+    std::size_t key_line = 0;
+  };
+
+  static bool has_markers(std::string_view text) {
+    for (std::size_t pos = 0; pos < text.size();) {
+      if (text.substr(pos, 3) == "---" || text.substr(pos, 3) == "...") return true;
+      pos = text.find('\n', pos);
+      if (pos == std::string_view::npos) break;
+      ++pos;
+    }
+    return false;
+  }
+
+  void spend() {
+    if (++events_ > budget_) {
+      throw Error("{}: invalid YAML: the parser made no progress (a ',' outside [...] or {{...}} where a value "
+                  "should start?)",
+                  source_);
     }
   }
-  return nullptr;
-}
+
+  std::string path(const std::string& last = {}) const {
+    std::string out;
+    for (const auto& f : stack_) {
+      if (!f.value.is_object() || f.expecting_key) continue;
+      if (!out.empty()) out += '.';
+      out += f.key;
+    }
+    if (!last.empty()) out += (out.empty() ? "" : ".") + last;
+    return out.empty() ? "<top level>" : out;
+  }
+
+  void open(const YAML::Mark& mark, Json value, YAML::anchor_t anchor) {
+    spend();
+    if (!stack_.empty() && stack_.back().value.is_object() && stack_.back().expecting_key) {
+      throw Error("{}: line {}: {}: a key must be a plain name, found a {}", source_, mark.line + 1, path(),
+                  value.is_object() ? "mapping" : "sequence");
+    }
+    if (static_cast<int>(stack_.size()) >= kMaxDepth) {
+      throw Error("{}: nesting deeper than {} levels; a config is a few levels deep", source_, kMaxDepth);
+    }
+    Frame frame;
+    frame.value = std::move(value);
+    frame.anchor = anchor;
+    stack_.push_back(std::move(frame));
+  }
+
+  void close() {
+    spend();
+    ZINF_ASSERT(!stack_.empty(), "YAML end event without a start");
+    Frame f = std::move(stack_.back());
+    stack_.pop_back();
+    if (f.anchor != 0) anchors_[f.anchor] = f.value;
+    place(std::move(f.value), nullptr, 0);
+  }
+
+  void add(const YAML::Mark& mark, Json value, YAML::anchor_t anchor, const std::string* raw = nullptr) {
+    spend();
+    if (anchor != 0) anchors_[anchor] = value;
+    place(std::move(value), raw, mark.line + 1);
+  }
+
+  // Puts a finished value into the open collection (or makes it the document root).
+  void place(Json value, const std::string* raw, std::size_t line) {
+    if (stack_.empty()) {
+      root_ = std::move(value);
+      return;
+    }
+    Frame& top = stack_.back();
+    if (top.value.is_array()) {
+      top.value.push_back(std::move(value));
+      return;
+    }
+    if (top.expecting_key) {
+      if (value.is_object() || value.is_array()) {
+        throw Error("{}: line {}: {}: a key must be a plain name", source_, line, path());
+      }
+      top.key = raw != nullptr ? *raw : (value.is_string() ? value.get<std::string>() : value.dump());
+      top.key_line = line;
+      if (top.value.contains(top.key)) {
+        throw Error("{}: duplicate key \"{}\" (line {}); each key may appear once per mapping (remove one of them)",
+                    source_, path(top.key), line);
+      }
+      top.expecting_key = false;
+      return;
+    }
+    top.value[top.key] = std::move(value);
+    top.expecting_key = true;
+  }
+
+  const std::string& source_;
+  std::size_t budget_;
+  std::size_t events_ = 0;
+  bool has_document_markers_;
+  int documents_ = 0;
+  std::vector<Frame> stack_;
+  std::map<YAML::anchor_t, Json> anchors_;
+  std::optional<Json> root_;
+};
 
 }  // namespace
 
@@ -317,25 +344,22 @@ Json parse_yaml(std::string_view text, const std::string& source) {
   if (const auto bad = invalid_utf8_offset(text); bad != std::string_view::npos) {
     throw Error("{}: invalid UTF-8 at byte {}; a config must be UTF-8 text (binary file?)", source, bad);
   }
-  if (const std::string where = yaml_stray_comma(text); !where.empty()) {
-    throw Error("{}: invalid YAML at {}: a ',' outside [...] or {{...}} that is not part of a text value", source, where);
-  }
-  std::vector<YAML::Node> docs;
+  JsonBuilder builder(source, text);
   try {
-    docs = YAML::LoadAll(std::string(text));
+    std::istringstream in{std::string(text)};
+    YAML::Parser parser(in);
+    while (parser.HandleNextDocument(builder)) {
+    }
   } catch (const YAML::Exception& e) {
     throw Error("{}: invalid YAML at line {}, column {}: {}", source, e.mark.line + 1, e.mark.column + 1, e.msg);
-  } catch (const std::exception& e) {
-    throw Error("{}: invalid YAML: {}", source, e.what());
   }
-  if (docs.empty()) throw Error("{}: the config is empty (only comments?)", source);
-  if (docs.size() > 1) throw Error("{}: holds {} YAML documents; a config is one document (remove the '---' separators)", source, docs.size());
-  if (!docs[0].IsMap()) {
+  if (!builder.has_root()) throw Error("{}: the config is empty (only comments?)", source);
+  Json root = builder.take_root();
+  if (!root.is_object()) {
     throw Error("{}: the top level must be a mapping (key: value lines), found {}", source,
-                docs[0].IsSequence() ? "a sequence" : (docs[0].IsScalar() ? "a single value" : "nothing"));
+                root.is_array() ? "a sequence" : (root.is_null() ? "nothing" : "a single value"));
   }
-  std::vector<std::string> path;
-  return yaml_to_json(docs[0], source, path, 0);
+  return root;
 }
 
 Json parse_document(std::string_view text, Format format, const std::string& source) {

@@ -18,3 +18,12 @@ if(ZINF_SANITIZE)
     $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=${_zinf_san} -fno-omit-frame-pointer -fno-sanitize-recover=all>)
   target_link_options(zinf_options INTERFACE -fsanitize=${_zinf_san})
 endif()
+
+# Fuzzing: instrument every zinf target for coverage so libFuzzer sees into the libraries, not just
+# the harness (the harness itself links -fsanitize=fuzzer).
+if(ZINF_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "ZINF_FUZZ=ON needs clang (configure with -DCMAKE_CXX_COMPILER=clang++)")
+  endif()
+  target_compile_options(zinf_options INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=fuzzer-no-link>)
+endif()

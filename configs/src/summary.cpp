@@ -34,13 +34,21 @@ std::string human_count(std::int64_t n) {
     std::int64_t size;
     const char* suffix;
   };
+  // Short forms only where they are exact to two decimals (5e8 -> "500M", 1.5e9 -> "1.5G");
+  // anything else in full with separators (530841 -> "530,841").
   for (const Unit u : {Unit{1'000'000'000'000, "T"}, Unit{1'000'000'000, "G"}, Unit{1'000'000, "M"}, Unit{1'000, "K"}}) {
-    if (n >= u.size && n % (u.size / 1000) == 0) {
-      const double v = static_cast<double>(n) / static_cast<double>(u.size);
-      return fmt::format("{:g}{}", v, u.suffix);
+    if (n >= u.size && n % (u.size / 100) == 0) {
+      return fmt::format("{:g}{}", static_cast<double>(n) / static_cast<double>(u.size), u.suffix);
     }
   }
-  return fmt::format("{}", n);
+  std::string digits = std::to_string(n);
+  std::string out;
+  const std::size_t first = digits.size() % 3 == 0 ? 3 : digits.size() % 3;
+  for (std::size_t i = 0; i < digits.size(); ++i) {
+    if (i != 0 && (i - first) % 3 == 0 && i >= first && digits[i - 1] != '-') out += ',';
+    out += digits[i];
+  }
+  return out;
 }
 
 std::string summarize(const DeepSpeedConfig& c) {

@@ -20,8 +20,15 @@ GpuQuery query_gpus() {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
-    q.problem = fmt::format("no usable GPU: cudaGetDeviceCount -> {} ({})", cudaGetErrorName(err),
-                            cudaGetErrorString(err));
+    if (err == cudaErrorInsufficientDriver) {
+      q.problem = fmt::format("no NVIDIA driver, or one older than CUDA {} needs; install or update the driver",
+                              q.runtime);
+    } else if (err == cudaErrorNoDevice) {
+      q.problem = "no GPU visible to this process (check CUDA_VISIBLE_DEVICES)";
+    } else {
+      q.problem = fmt::format("no usable GPU: cudaGetDeviceCount -> {} ({})", cudaGetErrorName(err),
+                              cudaGetErrorString(err));
+    }
     cudaGetLastError();  // clear the sticky-free error so later calls start clean
     return q;
   }

@@ -3,6 +3,7 @@
 
 #include "test_util.hpp"
 #include "zinf/configs/presets.hpp"
+#include "zinf/configs/summary.hpp"
 
 namespace zinf::config {
 namespace {
@@ -20,6 +21,17 @@ TEST(Presets, TheCommonDeepSpeedSetIsThere) {
                                           "deepspeed_zero3_nvme"};
   EXPECT_EQ(preset_names(), expected);
   for (const auto& p : presets()) EXPECT_FALSE(p.description.empty()) << p.name;
+}
+
+TEST(Summary, HumanCounts) {
+  EXPECT_EQ(human_count(500'000'000), "500M");
+  EXPECT_EQ(human_count(1'500'000'000), "1.5G");
+  EXPECT_EQ(human_count(100'000), "100K");
+  EXPECT_EQ(human_count(530'841), "530,841");
+  EXPECT_EQ(human_count(7'680), "7.68K");
+  EXPECT_EQ(human_count(7'681), "7,681");
+  EXPECT_EQ(human_count(999), "999");
+  EXPECT_EQ(human_count(1'234'567), "1,234,567");
 }
 
 TEST(Presets, JsonAndYamlTwinsAreIdentical) {

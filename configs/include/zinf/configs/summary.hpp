@@ -11,7 +11,7 @@ namespace zinf::config {
 // scheduler, clipping, I/O. Values still "auto" say so.
 std::string summarize(const DeepSpeedConfig& config);
 
-// 5e8 -> "500M", 1048576 -> "1Mi"-style human numbers for element counts.
+// Element counts for people: 5e8 -> "500M", 1500000 -> "1.5M", 530841 -> "530,841".
 std::string human_count(std::int64_t n);
 
 }  // namespace zinf::config

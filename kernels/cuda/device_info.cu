@@ -24,7 +24,7 @@ GpuQuery query_gpus() {
       q.problem = fmt::format("no NVIDIA driver, or one older than CUDA {} needs; install or update the driver",
                               q.runtime);
     } else if (err == cudaErrorNoDevice) {
-      q.problem = "no GPU visible to this process (check CUDA_VISIBLE_DEVICES)";
+      q.problem = "no GPU visible to this process; check CUDA_VISIBLE_DEVICES";
     } else {
       q.problem = fmt::format("no usable GPU: cudaGetDeviceCount -> {} ({})", cudaGetErrorName(err),
                               cudaGetErrorString(err));

@@ -431,22 +431,13 @@ Loaded load_one(const std::string& ref, const std::string& base_dir) {
     return {parse_document(text, detect_format(path, text), path), path, candidate.parent_path().string()};
   }
   // Not a file: a built-in preset ("deepspeed_zero3" or "deepspeed_zero3.yaml").
-  std::string name = ref;
-  bool yaml = false;
-  for (const char* ext : {".json", ".yaml", ".yml"}) {
-    const std::string e(ext);
-    if (name.size() > e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) {
-      yaml = e != ".json";
-      name.resize(name.size() - e.size());
-    }
-  }
+  const auto [name, yaml] = parse_preset_ref(ref);
   if (auto preset = find_preset(name)) {
     const std::string source = "preset " + std::string(preset->name);
     return {yaml ? parse_yaml(preset->yaml_text, source) : parse_json(preset->json_text, source), source, ""};
   }
   if (ref.find('/') != std::string::npos || name != ref) {
-    throw Error("cannot read '{}': no such file{}", candidate.string(),
-                find_preset(name) ? "" : detail::did_you_mean(name, preset_names()));
+    throw Error("cannot read '{}': no such file{}", candidate.string(), detail::did_you_mean(name, preset_names()));
   }
   throw Error("'{}' is neither a config file nor a built-in preset{}; `zinf config presets` lists the presets", ref,
               detail::did_you_mean(name, preset_names()));

@@ -35,6 +35,18 @@ const std::vector<Preset>& presets() {
   return all;
 }
 
+PresetRef parse_preset_ref(std::string_view text) {
+  PresetRef ref{std::string(text), false};
+  for (const std::string_view ext : {".json", ".yaml", ".yml"}) {
+    if (text.size() > ext.size() && text.substr(text.size() - ext.size()) == ext) {
+      ref.name.resize(text.size() - ext.size());
+      ref.yaml = ext != ".json";
+      break;
+    }
+  }
+  return ref;
+}
+
 std::optional<Preset> find_preset(std::string_view name) {
   for (const auto& p : presets()) {
     if (p.name == name) return p;

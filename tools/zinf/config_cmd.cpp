@@ -145,15 +145,8 @@ int run_presets(bool json) {
 }
 
 int run_show(const ShowOptions& o) {
-  std::string name = o.name;
-  bool yaml = o.yaml;
-  for (const char* ext : {".yaml", ".yml", ".json"}) {
-    const std::string e(ext);
-    if (name.size() > e.size() && name.compare(name.size() - e.size(), e.size(), e) == 0) {
-      yaml = yaml || e != ".json";
-      name.resize(name.size() - e.size());
-    }
-  }
+  const auto [name, yaml_file] = config::parse_preset_ref(o.name);
+  const bool yaml = o.yaml || yaml_file;
   const auto preset = config::find_preset(name);
   if (!preset) {
     throw Error("no preset named '{}'; `zinf config presets` lists them: {}", o.name,

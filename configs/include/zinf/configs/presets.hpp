@@ -16,6 +16,14 @@ struct Preset {
 };
 
 const std::vector<Preset>& presets();
+
+// "deepspeed_zero3.yaml" -> {"deepspeed_zero3", yaml = true}; a name without .json/.yaml/.yml stays
+// as it is (JSON).
+struct PresetRef {
+  std::string name;
+  bool yaml = false;
+};
+PresetRef parse_preset_ref(std::string_view text);
 std::optional<Preset> find_preset(std::string_view name);
 // Closest preset names, for "did you mean" in errors.
 std::vector<std::string> preset_names();

@@ -73,6 +73,7 @@ class Resolver {
     }
     if (must_match && given && !same_value(*v, *given)) {
       out_.mismatches.push_back(fmt::format("- ds {}={} vs arg {}={}", path, show(*v), arg, show(*given)));
+      out_.mismatch_paths.push_back(path);
     }
   }
 

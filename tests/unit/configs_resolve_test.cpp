@@ -126,6 +126,10 @@ TEST(Resolve, MismatchesAreReportedTogetherInTheTrainersFormat) {
       "- ds fp16.enabled=false vs arg --fp16=true",
   };
   EXPECT_EQ(r.mismatches, expected);
+  EXPECT_EQ(r.mismatch_paths, (std::vector<std::string>{"train_micro_batch_size_per_gpu", "train_batch_size",
+                                                         "gradient_clipping", "optimizer.params.lr",
+                                                         "optimizer.params.betas", "scheduler.params.warmup_num_steps",
+                                                         "fp16.enabled"}));
   const std::string report = r.mismatch_report();
   EXPECT_NE(report.find("mismatch the training arguments"), std::string::npos);
   EXPECT_NE(report.find("set these DeepSpeed config values to \"auto\""), std::string::npos);

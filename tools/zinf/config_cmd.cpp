@@ -55,8 +55,8 @@ int run_check(const CheckOptions& o) {
   popts.world_size = o.args.world_size.value_or(1);
   popts.allow_auto = true;
   config::ParseResult parsed = config::parse_config(res.resolved, popts);
-  for (const auto& m : res.mismatches) {
-    parsed.diagnostics.error(m.substr(5, m.find('=') - 5), "contradicts a training argument: " + m.substr(2));
+  for (std::size_t i = 0; i < res.mismatches.size(); ++i) {
+    parsed.diagnostics.error(res.mismatch_paths[i], "contradicts a training argument: " + res.mismatches[i].substr(2));
   }
   const std::size_t errors = parsed.diagnostics.count(Severity::kError);
   const std::size_t warnings = parsed.diagnostics.count(Severity::kWarning);

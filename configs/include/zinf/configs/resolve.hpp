@@ -49,6 +49,7 @@ struct Resolution {
   std::vector<std::string> defaulted;   // "optimizer.params.eps = 1e-08 (default of --eps)"
   std::vector<std::string> unresolved;  // "scheduler.params.total_num_steps: pass --total-steps"
   std::vector<std::string> mismatches;  // "- ds optimizer.params.lr=0.001 vs arg --lr=0.0003"
+  std::vector<std::string> mismatch_paths;  // the config key of each mismatch, same order
 
   bool has_mismatches() const noexcept { return !mismatches.empty(); }
   // The full mismatch report with the advice to use "auto" (empty when there is none).

@@ -108,5 +108,33 @@ expect 0 '^  stage: 3' -- "$ZINF" config show deepspeed_zero3_cpuoffload --yaml
 expect 0 '^  stage: 2' -- "$ZINF" config show deepspeed_zero2.yaml
 expect 1 'no preset named' -- "$ZINF" config show deepspeed_zero7
 
+# bench io and tune nvme (small files and a small grid: the mechanics, not the drive).
+mkdir -p "$TMP/io"
+expect 0 'pread +read +seq' -- "$ZINF" bench io --path "$TMP/io" --size 32M --block-size 256K --queue-depth 4 --parallelism 2
+expect 0 '"read_GBps"' -- "$ZINF" bench io --path "$TMP/io" --size 16M --json
+expect 0 '"queue_depth": 16' -- "$ZINF" bench io --path "$TMP/io" --size 16M --json --config "$DATA/real_world/zero3_nvme_aio.json" --queue-depth 16
+expect 0 'best aio block' -- "$ZINF" bench io --path "$TMP/io" --size 16M --sweep --sweep-block-sizes 256K,1M --sweep-queue-depths 4 --sweep-parallelism 1,2
+expect 0 '"best_write"' -- "$ZINF" bench io --path "$TMP/io" --size 16M --sweep --sweep-block-sizes 1M --sweep-queue-depths 4 --sweep-parallelism 1 --json
+printf '{"train_micro_batch_size_per_gpu": 2, "aio": {"block_size": 4096}}' >"$TMP/io/ds.json"
+expect 0 'wrote the aio block' -- "$ZINF" tune nvme --path "$TMP/io" --size 16M --sweep-block-sizes 256K,1M --sweep-queue-depths 4,8 --sweep-parallelism 1 -o "$TMP/io/ds.json"
+expect 0 '"train_micro_batch_size_per_gpu": 2' -- cat "$TMP/io/ds.json"
+expect 0 '"intra_op_parallelism": 1' -- cat "$TMP/io/ds.json"
+expect 0 '^OK' -- "$ZINF" config check "$TMP/io/ds.json"
+expect 0 '"block_size"' -- "$ZINF" tune nvme --path "$TMP/io" --size 16M --sweep-block-sizes 1M --sweep-queue-depths 4 --sweep-parallelism 1 -o "$TMP/io/new.json" --json
+expect 0 '"overlap_events": true' -- cat "$TMP/io/new.json"
+if [[ -n $(ls "$TMP/io" | grep zinf-bench) ]]; then echo "FAIL: bench left its test file behind"; failed=$((failed + 1)); else passed=$((passed + 1)); fi
+expect 1 'does not exist' -- "$ZINF" bench io --path "$TMP/nope" --size 16M
+expect 1 'not enough free space' -- "$ZINF" bench io --path "$TMP/io" --size 900T
+expect 2 'not a size' -- "$ZINF" bench io --path "$TMP/io" --size lots
+expect 2 'unknown unit' -- "$ZINF" bench io --path "$TMP/io" --size 4X
+expect 2 'required' -- "$ZINF" bench io --size 16M
+expect 1 'aio.block_size=1000' -- "$ZINF" bench io --path "$TMP/io" --size 16M --block-size 1000
+expect 2 'multiple of 4K' -- "$ZINF" bench io --path "$TMP/io" --sweep --sweep-block-sizes 1000
+expect 2 '' -- "$ZINF" bench io --path "$TMP/io" --queue-depth 0
+printf '[1, 2]' >"$TMP/io/array.json"
+expect 1 'must be a JSON object' -- "$ZINF" tune nvme --path "$TMP/io" --size 16M --sweep-block-sizes 1M --sweep-queue-depths 4 --sweep-parallelism 1 -o "$TMP/io/array.json"
+expect 0 '^\[1, 2\]' -- cat "$TMP/io/array.json"
+expect 1 "directory '$TMP/io/no' does not exist" -- "$ZINF" tune nvme --path "$TMP/io" --size 16M -o "$TMP/io/no/x.json"
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

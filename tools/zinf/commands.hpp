@@ -13,6 +13,7 @@ namespace zinf::tools {
 using Action = std::function<int()>;
 
 void add_config_commands(CLI::App& app, Action& action);
+void add_bench_commands(CLI::App& app, Action& action);  // bench io, tune nvme
 
 // Adds --micro-batch, --grad-accum, --world-size, --lr, ... to `cmd`, writing into `args`.
 void add_training_args(CLI::App& cmd, config::TrainingArgs& args);

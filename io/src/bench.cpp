@@ -118,8 +118,10 @@ BenchPoint IoBench::run_engine(const EngineOptions& settings, IoOp op, bool rand
     window = std::max<std::uint64_t>(1, std::min<std::uint64_t>(opts.queue_depth * opts.intra_op_parallelism,
                                                                  limits_.max_inflight_bytes / bs));
   } else {
-    request = std::max(bs, kSeqRequest / bs * bs);
-    window = (target_inflight + request - 1) / request + 1;  // +1 keeps the rings fed while one completes
+    // Requests of a quarter of the target depth (at most 64 MiB, at least one block), and two
+    // requests of slack: the rings stay full while the oldest request drains its last pieces.
+    request = std::clamp(target_inflight / 4 / bs * bs, bs, std::max(bs, kSeqRequest / bs * bs));
+    window = (target_inflight + request - 1) / request + 2;
     window = std::max<std::uint64_t>(1, std::min(window, limits_.max_inflight_bytes / request));
   }
   BenchPoint point;
@@ -171,6 +173,8 @@ BenchPoint IoBench::run_engine(const EngineOptions& settings, IoOp op, bool rand
   point.bytes = done_bytes;
   point.gbps = static_cast<double>(done_bytes) / point.seconds / 1e9;
   point.latency = latency_stats(engine.take_latencies());
+  const EngineCounters c = engine.counters();
+  point.resubmitted = c.resubmitted_short + c.resubmitted_again;
   engine.unregister_file(file_);
   return point;
 }

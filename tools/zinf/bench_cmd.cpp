@@ -153,6 +153,7 @@ Json point_json(const BenchPoint& p) {
     j["overlap_events"] = p.settings.overlap_events;
     j["registered_buffers"] = p.registered_buffers;
     j["effective_queue_depth"] = p.effective_queue_depth;
+    j["resubmitted"] = p.resubmitted;
   }
   return j;
 }
@@ -207,9 +208,15 @@ SweepResult run_sweep(io::IoBench& bench, const BenchIoOptions& o, bool show_pro
   const std::size_t total = o.sweep_blocks.size() * o.sweep_depths.size() * o.sweep_parallelism.size() +
                             o.sweep_blocks.size() * o.sweep_parallelism.size();
   std::size_t n = 0;
+  // Baseline and engine settings alternate, so a drive whose speed drifts during the sweep (cloud
+  // burst credits, thermal throttling) favours neither side.
   for (std::uint64_t bs : o.sweep_blocks) {
-    for (unsigned qd : o.sweep_depths) {
-      for (unsigned par : o.sweep_parallelism) {
+    for (unsigned par : o.sweep_parallelism) {
+      progress(show_progress,
+               fmt::format("\r  sweep {}/{}: pread block {} threads {}      ", ++n, total, size_label(bs), par));
+      r.baseline.push_back(bench.run_baseline(bs, par, IoOp::kWrite, false));
+      r.baseline.push_back(bench.run_baseline(bs, par, IoOp::kRead, false));
+      for (unsigned qd : o.sweep_depths) {
         EngineOptions e;
         e.block_size = bs;
         e.queue_depth = qd;
@@ -219,12 +226,6 @@ SweepResult run_sweep(io::IoBench& bench, const BenchIoOptions& o, bool show_pro
         r.engine.push_back(bench.run_engine(e, IoOp::kWrite, false));
         r.engine.push_back(bench.run_engine(e, IoOp::kRead, false));
       }
-    }
-    for (unsigned par : o.sweep_parallelism) {
-      progress(show_progress,
-               fmt::format("\r  sweep {}/{}: pread block {} threads {}      ", ++n, total, size_label(bs), par));
-      r.baseline.push_back(bench.run_baseline(bs, par, IoOp::kWrite, false));
-      r.baseline.push_back(bench.run_baseline(bs, par, IoOp::kRead, false));
     }
   }
   progress(show_progress, "\r" + std::string(60, ' ') + "\r");

@@ -33,6 +33,7 @@ struct BenchPoint {
   LatencyStats latency;
   bool registered_buffers = false;
   unsigned effective_queue_depth = 0;  // per ring, after the host-memory cap; == queue_depth unless capped
+  std::uint64_t resubmitted = 0;       // pieces continued after a short transfer or -EAGAIN
 };
 
 struct BenchLimits {

@@ -3,7 +3,8 @@
 #   1. dd bs=16M with oflag=direct / iflag=direct (the reference the engine must beat by 1.2x),
 #   2. `zinf bench io` at DeepSpeed's default aio settings (engine and pread/pwrite baseline),
 #   3. `zinf bench io --sweep` (64 engine settings, 16 baseline settings, read and write),
-#   4. `zinf tune nvme` on a small grid, writing the aio block into a config.
+#   4. three rounds of dd (overwrite, read) against the sweep's best setting and its baseline,
+#   5. `zinf tune nvme` on a small grid, writing the aio block into a config.
 # Usage: bench/io_bench.sh ZINF_BINARY DIR|auto OUTDIR [SIZE=4G] [SECONDS_PER_POINT=1.5]
 # `auto` picks the writable local file system with the most free space. Render the results with
 # /usr/bin/python3 bench/io_report.py OUTDIR.
@@ -49,12 +50,28 @@ bytes=$("$ZINF" bench io --help >/dev/null && echo "$SIZE" | awk '{n=$1+0; u=tou
   if(u=="G")n*=1024^3; else if(u=="M")n*=1024^2; else if(u=="T")n*=1024^4; print int(n)}')
 count=$((bytes / (16 * 1024 * 1024)))
 ddfile="$DIR/zinf-dd-$$.bin"
-timeout 300 dd if=/dev/zero of="$ddfile" bs=16M count="$count" oflag=direct 2>"$OUT/dd_write.txt" || true
-timeout 300 dd if="$ddfile" of=/dev/null bs=16M iflag=direct 2>"$OUT/dd_read.txt" || true
-rm -f "$ddfile"
+trap 'rm -f "$ddfile"' EXIT
+dd_write() { timeout 300 dd if=/dev/zero of="$ddfile" bs=16M count="$count" oflag=direct "$@"; }
+dd_read() { timeout 300 dd if="$ddfile" of=/dev/null bs=16M iflag=direct; }
+# The issue's reference commands: a fresh file, then reading it back.
+dd_write 2>"$OUT/dd_write.txt" || true
+dd_read 2>"$OUT/dd_read.txt" || true
 
 timeout 300 "$ZINF" bench io --path "$DIR" --size "$SIZE" --json >"$OUT/bench_default.json" 2>"$OUT/bench_default.log"
 timeout 560 "$ZINF" bench io --path "$DIR" --size "$SIZE" --sweep --seconds "$SECS" --json >"$OUT/sweep.json" 2>"$OUT/sweep.log"
+
+# Head to head, three rounds: dd overwriting its file (as the engine overwrites its test file),
+# dd reading it, and the sweep's best aio setting with the pread baseline at the same block size
+# and thread count. Cloud disks drift by tens of percent between minutes; rounds make that visible.
+read -r bs qd par < <(python3 -c 'import json,sys; b=json.load(open(sys.argv[1]))["best"]; print(b["block_size"], b["queue_depth"], b["intra_op_parallelism"])' "$OUT/sweep.json")
+for round in 1 2 3; do
+  dd_write conv=notrunc 2>"$OUT/dd_overwrite_$round.txt" || true
+  dd_read 2>"$OUT/dd_read_$round.txt" || true
+  timeout 120 "$ZINF" bench io --path "$DIR" --size "$SIZE" --block-size "$bs" --queue-depth "$qd" \
+    --parallelism "$par" --json >"$OUT/best_$round.json" 2>>"$OUT/best.log"
+done
+rm -f "$ddfile"
+
 timeout 300 "$ZINF" tune nvme --path "$DIR" --size "$SIZE" --seconds "$SECS" --sweep-block-sizes 1M,4M \
   --sweep-queue-depths 16,64 --sweep-parallelism 2,4 -o "$OUT/tuned_config.json" >"$OUT/tune.txt" 2>&1
 echo "done: $OUT"

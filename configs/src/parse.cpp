@@ -495,13 +495,14 @@ void read_zero(Reader& top, DeepSpeedConfig& cfg) {
 
 void read_aio(Reader r, AioConfig& a) {
   r.alias("intra_op_parallelism", "thread_count", true);
-  r.integer("block_size", a.block_size, 4096, std::int64_t{1} << 30);
+  // The ranges are the io engine's (zinf::io::validate), so a config that passes here also runs.
+  r.integer("block_size", a.block_size, 4096, std::int64_t{256} << 20);
   if (a.block_size % 4096 != 0) {
     r.error("block_size", fmt::format("{} is not a multiple of 4096 (O_DIRECT needs 4 KiB-aligned requests)",
                                       a.block_size));
   }
-  r.integer("queue_depth", a.queue_depth, 1, 65536);
-  r.integer("intra_op_parallelism", a.intra_op_parallelism, 1, 1024);
+  r.integer("queue_depth", a.queue_depth, 1, 4096);
+  r.integer("intra_op_parallelism", a.intra_op_parallelism, 1, 64);
   r.boolean("single_submit", a.single_submit);
   r.boolean("overlap_events", a.overlap_events);
   r.boolean("use_gds", a.use_gds);

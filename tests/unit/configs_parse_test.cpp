@@ -490,6 +490,12 @@ TEST(Aio, Errors) {
   EXPECT_ERROR(r, "aio.block_size", "not a multiple of 4096");
   EXPECT_ERROR(r, "aio.queue_depth", "between 1 and");
   EXPECT_ERROR(r, "aio.queu_depth", "did you mean \"queue_depth\"");
+  // The io engine's limits apply at config time, not first at run time.
+  const auto big = parse(R"({"train_batch_size": 1, "aio": {"block_size": 536870912, "queue_depth": 5000,
+      "intra_op_parallelism": 65}})");
+  EXPECT_ERROR(big, "aio.block_size", "between 4096 and 268435456");
+  EXPECT_ERROR(big, "aio.queue_depth", "between 1 and 4096");
+  EXPECT_ERROR(big, "aio.intra_op_parallelism", "between 1 and 64");
 }
 
 TEST(Monitors, ParsedAndUnsupportedOnesWarn) {

@@ -28,7 +28,7 @@ using testing::ScratchDir;
 
 AlignedBuffer filled(const std::vector<std::byte>& data) {
   AlignedBuffer b(std::max<std::size_t>(data.size(), 1));
-  std::memcpy(b.data(), data.data(), data.size());
+  if (!data.empty()) std::memcpy(b.data(), data.data(), data.size());
   return b;
 }
 
@@ -76,7 +76,9 @@ TEST(SwapStore, StripedRoundTripOverThreePaths) {
     }
     for (std::size_t i = 0; i < ids.size(); ++i) {
       ASSERT_NO_THROW(hs[i].wait());
-      EXPECT_EQ(std::memcmp(back[i].data(), data[i].data(), data[i].size()), 0) << specs[i].name;
+      if (!data[i].empty()) {
+        EXPECT_EQ(std::memcmp(back[i].data(), data[i].data(), data[i].size()), 0) << specs[i].name;
+      }
     }
     EXPECT_GE(store.reserved_bytes(), (10u << 20) + (5u << 20) + 3000017);
   }

@@ -47,7 +47,7 @@ fi
 } >"$OUT/machine.txt" 2>&1
 
 bytes=$("$ZINF" bench io --help >/dev/null && echo "$SIZE" | awk '{n=$1+0; u=toupper(substr($1,length($1)));
-  if(u=="G")n*=1024^3; else if(u=="M")n*=1024^2; else if(u=="T")n*=1024^4; print int(n)}')
+  if(u=="G")n*=1024^3; else if(u=="M")n*=1024^2; else if(u=="T")n*=1024^4; printf "%.0f\n", n}')
 count=$((bytes / (16 * 1024 * 1024)))
 ddfile="$DIR/zinf-dd-$$.bin"
 trap 'rm -f "$ddfile"' EXIT

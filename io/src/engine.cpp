@@ -171,7 +171,8 @@ struct IoEngine::Impl {
   std::vector<bool> slot_used;
 
   std::atomic<std::uint64_t> n_requests{0}, n_pieces{0}, n_bytes{0}, n_short{0}, n_again{0}, n_fixed_buf{0},
-      n_fixed_file{0};
+      n_fixed_file{0}, n_submit_calls{0};
+  std::atomic<unsigned> max_ring_inflight{0};
 
   void wake(Worker& w) {
     const std::uint64_t one = 1;
@@ -247,12 +248,18 @@ struct IoEngine::Impl {
     io_uring_sqe_set_data(sqe, &p);
     if (p.started == Clock::time_point{}) p.started = Clock::now();
     ++w.inflight;
+    unsigned seen = max_ring_inflight.load(std::memory_order_relaxed);
+    while (w.inflight > seen && !max_ring_inflight.compare_exchange_weak(seen, w.inflight)) {
+    }
   }
 
   void submit_prepared(Worker& w) {
     while (io_uring_sq_ready(&w.ring) > 0) {
       const int rc = io_uring_submit(&w.ring);
-      if (rc >= 0) continue;
+      if (rc >= 0) {
+        n_submit_calls.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
       if (rc == -EINTR || rc == -EAGAIN || rc == -EBUSY) {
         // EBUSY: completions must be reaped first; EAGAIN: the kernel is short of memory for now.
         if (rc == -EBUSY) reap(w, /*wait=*/false);
@@ -732,6 +739,8 @@ EngineCounters IoEngine::counters() const {
   c.resubmitted_again = im.n_again.load();
   c.fixed_buffer_pieces = im.n_fixed_buf.load();
   c.fixed_file_pieces = im.n_fixed_file.load();
+  c.submit_calls = im.n_submit_calls.load();
+  c.max_ring_inflight = im.max_ring_inflight.load();
   return c;
 }
 

@@ -186,7 +186,9 @@ SwapStore::~SwapStore() {
   }
   for (std::size_t i = 0; i < files_.size(); ++i) {
     if (registered_[i]) engine_.unregister_file(files_[i]);
-    ::unlink(file_paths_[i].c_str());
+    if (::unlink(file_paths_[i].c_str()) != 0 && errno != ENOENT) {
+      spdlog::warn("cannot remove the swap file '{}': {}; delete it by hand", file_paths_[i], errno_text(errno));
+    }
     try {
       files_[i].close();
     } catch (const Error& e) {

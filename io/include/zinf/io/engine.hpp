@@ -76,6 +76,8 @@ struct EngineCounters {
   std::uint64_t resubmitted_again = 0;   // -EAGAIN / -EINTR retried
   std::uint64_t fixed_buffer_pieces = 0;
   std::uint64_t fixed_file_pieces = 0;
+  std::uint64_t submit_calls = 0;     // io_uring_submit calls (single_submit: one per piece)
+  unsigned max_ring_inflight = 0;     // most pieces ever in flight on one ring (<= queue_depth)
 };
 
 class IoEngine {

@@ -167,7 +167,11 @@ struct IoEngine::Impl {
   };
   std::vector<Region> regions;
   bool files_supported = false;
-  std::unordered_map<int, int> file_slots;  // fd -> slot
+  struct FileSlot {
+    std::uint64_t file_id;  // File::id(): a closed file's descriptor number may come back
+    int slot;
+  };
+  std::unordered_map<int, FileSlot> file_slots;  // fd -> slot
   std::vector<bool> slot_used;
 
   std::atomic<std::uint64_t> n_requests{0}, n_pieces{0}, n_bytes{0}, n_short{0}, n_again{0}, n_fixed_buf{0},
@@ -563,7 +567,9 @@ IoHandle IoEngine::submit(IoOp op, const File& file, std::uint64_t offset, std::
   req->pieces.resize(n_pieces);
   {
     std::shared_lock lock(im.reg_mu);
-    if (auto it = im.file_slots.find(file.fd()); it != im.file_slots.end()) req->fixed_file = it->second;
+    if (auto it = im.file_slots.find(file.fd()); it != im.file_slots.end() && it->second.file_id == file.id()) {
+      req->fixed_file = it->second.slot;
+    }
     for (std::uint64_t i = 0; i < n_pieces; ++i) {
       Piece& p = req->pieces[i];
       const std::uint64_t start = i * bs;
@@ -677,37 +683,47 @@ bool IoEngine::buffers_registered() const noexcept {
 bool IoEngine::register_file(const File& file) {
   Impl& im = *impl_;
   if (!im.files_supported || !file.is_open()) return false;
+  const int fd = file.fd();
+  int stale_slot = -1;
   int slot = -1;
   {
     std::unique_lock lock(im.reg_mu);
-    if (im.file_slots.contains(file.fd())) return true;
-    for (unsigned s = 0; s < kFileSlots; ++s) {
-      if (!im.slot_used[s]) {
-        slot = static_cast<int>(s);
-        im.slot_used[s] = true;
-        break;
+    if (auto it = im.file_slots.find(fd); it != im.file_slots.end()) {
+      if (it->second.file_id == file.id()) return true;
+      // That descriptor was closed without unregistering and now names another file: its slot
+      // is reused for this one.
+      stale_slot = it->second.slot;
+      im.file_slots.erase(it);
+    }
+    if (stale_slot >= 0) {
+      slot = stale_slot;
+    } else {
+      for (unsigned s = 0; s < kFileSlots; ++s) {
+        if (!im.slot_used[s]) {
+          slot = static_cast<int>(s);
+          im.slot_used[s] = true;
+          break;
+        }
       }
     }
   }
   if (slot < 0) return false;
   std::atomic<bool> ok{true};
-  const int fd = file.fd();
   im.run_on_workers([&](Worker& w) {
     int f = fd;
     if (io_uring_register_files_update(&w.ring, static_cast<unsigned>(slot), &f, 1) != 1) ok = false;
   });
-  std::unique_lock lock(im.reg_mu);
   if (!ok) {
-    lock.unlock();
     im.run_on_workers([&](Worker& w) {
       int f = -1;
       io_uring_register_files_update(&w.ring, static_cast<unsigned>(slot), &f, 1);
     });
-    lock.lock();
+    std::unique_lock lock(im.reg_mu);
     im.slot_used[static_cast<unsigned>(slot)] = false;
     return false;
   }
-  im.file_slots[fd] = slot;
+  std::unique_lock lock(im.reg_mu);
+  im.file_slots[fd] = {file.id(), slot};
   return true;
 }
 
@@ -717,8 +733,8 @@ void IoEngine::unregister_file(const File& file) {
   {
     std::unique_lock lock(im.reg_mu);
     auto it = im.file_slots.find(file.fd());
-    if (it == im.file_slots.end()) return;
-    slot = it->second;
+    if (it == im.file_slots.end() || it->second.file_id != file.id()) return;
+    slot = it->second.slot;
     im.file_slots.erase(it);
   }
   im.run_on_workers([&](Worker& w) {

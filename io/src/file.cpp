@@ -80,6 +80,7 @@ const char* mode_name(OpenMode mode) {
 }
 
 std::atomic<bool> g_warned_buffered{false};
+std::atomic<std::uint64_t> g_next_file_id{1};
 std::atomic<bool> g_warned_no_fallocate{false};
 
 }  // namespace
@@ -93,6 +94,7 @@ File File::open(const std::string& path, OpenMode mode, bool direct) {
   }
   File f;
   f.path_ = path;
+  f.id_ = g_next_file_id.fetch_add(1, std::memory_order_relaxed);
   int fd = -1;
   if (direct) {
     do {
@@ -127,12 +129,16 @@ File::~File() {
 }
 
 File::File(File&& other) noexcept
-    : fd_(std::exchange(other.fd_, -1)), direct_(other.direct_), path_(std::move(other.path_)) {}
+    : fd_(std::exchange(other.fd_, -1)),
+      id_(std::exchange(other.id_, 0)),
+      direct_(other.direct_),
+      path_(std::move(other.path_)) {}
 
 File& File::operator=(File&& other) noexcept {
   if (this != &other) {
     if (fd_ >= 0) ::close(fd_);
     fd_ = std::exchange(other.fd_, -1);
+    id_ = std::exchange(other.id_, 0);
     direct_ = other.direct_;
     path_ = std::move(other.path_);
   }

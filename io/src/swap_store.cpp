@@ -100,8 +100,9 @@ SwapStore::SwapStore(IoEngine& engine, SwapStoreOptions options) : engine_(engin
   try {
     for (std::size_t i = 0; i < options_.paths.size(); ++i) take_over_directory(i);
   } catch (...) {
-    for (auto& f : files_) {
-      if (f.is_open()) ::unlink(f.path().c_str());
+    for (std::size_t i = 0; i < files_.size(); ++i) {
+      if (registered_[i]) engine_.unregister_file(files_[i]);
+      ::unlink(files_[i].path().c_str());
     }
     throw;
   }
@@ -304,24 +305,8 @@ SwapHandle SwapStore::write(TensorId id, std::span<const std::byte> buffer) {
     e.inflight = op;
     parts = e.parts;
   }
-  try {
-    for (const Part& p : parts) {
-      op->parts.push_back(engine_.write(files_[p.file], p.offset, buffer.subspan(p.data_offset), p.bytes));
-    }
-  } catch (Error& err) {
-    for (auto& h : op->parts) {
-      try {
-        h.wait();
-      } catch (const Error&) {  // reported through the submission error below
-      }
-    }
-    std::lock_guard lock(mu_);
-    Extent& e = extents_[id];
-    e.inflight.reset();
-    e.state = State::kInvalid;
-    e.invalid_reason = err.message();
-    throw std::move(err).with_context(fmt::format("while writing swap tensor '{}'", e.name));
-  }
+  // The engine only reads from a write buffer; the cast lets reads and writes share submit_parts.
+  submit_parts(*op, parts, std::span<std::byte>(const_cast<std::byte*>(buffer.data()), buffer.size()));
   // Checksums are computed while the data is on its way to the disk.
   for (const Part& p : parts) op->checksums.push_back(checksum(buffer.data() + p.data_offset, p.bytes));
   return SwapHandle(this, std::move(op));
@@ -350,24 +335,37 @@ SwapHandle SwapStore::read(TensorId id, std::span<std::byte> buffer) {
     e.inflight = op;
     parts = e.parts;
   }
+  submit_parts(*op, parts, buffer);
+  return SwapHandle(this, std::move(op));
+}
+
+void SwapStore::submit_parts(detail::SwapOp& op, const std::vector<Part>& parts, std::span<std::byte> buffer) {
   try {
     for (const Part& p : parts) {
-      op->parts.push_back(engine_.read(files_[p.file], p.offset, buffer.subspan(p.data_offset), p.bytes));
+      const std::span<std::byte> at = buffer.subspan(p.data_offset);
+      op.parts.push_back(op.op == IoOp::kRead ? engine_.read(files_[p.file], p.offset, at, p.bytes)
+                                              : engine_.write(files_[p.file], p.offset, at, p.bytes));
     }
   } catch (Error& err) {
-    for (auto& h : op->parts) {
+    // Parts already submitted must finish before the buffer can be given back to the caller.
+    for (auto& h : op.parts) {
       try {
         h.wait();
-      } catch (const Error&) {  // reported through the submission error below
+      } catch (const Error&) {  // the submission error below is the one reported
       }
     }
     std::lock_guard lock(mu_);
-    Extent& e = extents_[id];
+    Extent& e = extents_[op.id];
     e.inflight.reset();
-    e.state = State::kValid;
-    throw std::move(err).with_context(fmt::format("while reading swap tensor '{}'", e.name));
+    if (op.op == IoOp::kWrite) {
+      e.state = State::kInvalid;  // part of the new data may be on disk
+      e.invalid_reason = err.message();
+    } else {
+      e.state = State::kValid;  // a read changes nothing on disk
+    }
+    throw std::move(err).with_context(
+        fmt::format("while {} swap tensor '{}'", op.op == IoOp::kRead ? "reading" : "writing", e.name));
   }
-  return SwapHandle(this, std::move(op));
 }
 
 void SwapStore::finish(detail::SwapOp& op) {

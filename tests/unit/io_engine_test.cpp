@@ -99,9 +99,9 @@ INSTANTIATE_TEST_SUITE_P(Modes, EngineRoundTrip,
                                            Mode{65536, 4, 2, false, false}, Mode{131072, 64, 4, true, false}),
                          [](const ::testing::TestParamInfo<Mode>& param_info) {
                            const Mode& m = param_info.param;
-                           return "bs" + std::to_string(m.block / 1024) + "k_qd" + std::to_string(m.depth) + "_p" +
-                                  std::to_string(m.rings) + (m.single_submit ? "_single" : "_batch") +
-                                  (m.overlap ? "_overlap" : "_nooverlap");
+                           return fmt::format("bs{}k_qd{}_p{}_{}_{}", m.block / 1024, m.depth, m.rings,
+                                              m.single_submit ? "single" : "batch",
+                                              m.overlap ? "overlap" : "nooverlap");
                          });
 
 TEST(IoEngine, QueueDepthBoundsPiecesInFlight) {
@@ -225,6 +225,31 @@ TEST(IoEngine, RegisteredBuffersAndFilesAreUsed) {
   engine.unregister_file(f);
   engine.unregister_buffers();
   EXPECT_FALSE(engine.buffers_registered());
+}
+
+TEST(IoEngine, AReusedDescriptorNumberIsNotMistakenForARegisteredFile) {
+  ScratchDir dir;
+  IoEngine engine(EngineOptions{});
+  AlignedBuffer buf(4096);
+  std::memset(buf.data(), 'a', 4096);
+  File first = File::open(dir.path() + "/first", OpenMode::kCreateReadWrite);
+  if (!engine.register_file(first)) GTEST_SKIP() << "this kernel has no sparse registered-file tables";
+  engine.write(first, 0, buf.span()).wait();
+  const int fd = first.fd();
+  first.close();  // closed without unregistering
+  File second = File::open(dir.path() + "/second", OpenMode::kCreateReadWrite);
+  ASSERT_EQ(second.fd(), fd);  // the kernel hands out the lowest free number
+  std::memset(buf.data(), 'b', 4096);
+  engine.write(second, 0, buf.span()).wait();  // must go to "second", not the stale slot
+  AlignedBuffer back(4096);
+  engine.read(second, 0, back.span()).wait();
+  EXPECT_EQ(back.data()[0], std::byte{'b'});
+  File again = File::open(dir.path() + "/first", OpenMode::kRead);
+  engine.read(again, 0, back.span()).wait();
+  EXPECT_EQ(back.data()[0], std::byte{'a'}) << "the write to 'second' landed in 'first'";
+  EXPECT_TRUE(engine.register_file(second));  // takes over the stale slot
+  engine.read(second, 0, back.span()).wait();
+  EXPECT_EQ(back.data()[0], std::byte{'b'});
 }
 
 TEST(IoEngine, BufferedFallbackWhereODirectIsRefused) {

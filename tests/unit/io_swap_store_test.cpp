@@ -92,7 +92,7 @@ TEST(SwapStore, ConcurrentReadsAndWritesOfDifferentTensors) {
   SwapStore store(engine, {{root.sub("a"), root.sub("b")}, 0});
   constexpr int kTensors = 16;
   std::vector<TensorSpec> specs;
-  for (int i = 0; i < kTensors; ++i) specs.push_back({"t" + std::to_string(i), 300000u + 4099u * i});
+  for (int i = 0; i < kTensors; ++i) specs.push_back({fmt::format("t{}", i), 300000u + 4099u * i});
   const auto ids = store.allocate(specs);
   std::vector<std::thread> threads;
   std::atomic<int> bad{0};
@@ -140,7 +140,7 @@ TEST(SwapStore, FlippedByteIsReportedWithTensorFileAndOffset) {
   }
   AlignedBuffer r(store.buffer_bytes(ids[0]));
   EXPECT_IO_ERROR(store.read(ids[0], r.span()).wait(), "checksum mismatch", "layers.3.mlp.exp_avg", parts[1].file.c_str(),
-                  ("offset " + std::to_string(parts[1].offset)).c_str(), "not used");
+                  fmt::format("offset {}", parts[1].offset), "not used");
   // Reported again on the next read (never silently accepted), and the other tensor is fine.
   EXPECT_IO_ERROR(store.read(ids[0], r.span()).wait(), "checksum mismatch");
   AlignedBuffer orb(store.buffer_bytes(ids[1]));
@@ -286,7 +286,7 @@ TEST(SwapStore, DirectoryInUseByALiveProcessIsRefused) {
   IoEngine engine(small_engine());
   SwapStore first(engine, {{a}, 0});
   EXPECT_IO_ERROR((SwapStore{engine, {{a}, 0}}), "in use by another zinf process",
-                  ("pid " + std::to_string(::getpid())).c_str());
+                  fmt::format("pid {}", ::getpid()));
   // Another rank on the same path is fine.
   EXPECT_NO_THROW((SwapStore{engine, {{a}, 1}}));
 }

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "zinf/common/error.hpp"
 
 namespace zinf::io::testing {
@@ -57,10 +59,10 @@ class ScratchDir {
 class SmallFs {
  public:
   explicit SmallFs(std::uint64_t bytes, bool read_only = false, const char* type = "tmpfs") {
-    const std::string opts = std::string(type) == "tmpfs" ? "size=" + std::to_string(bytes) : "";
+    const std::string opts = std::string(type) == "tmpfs" ? fmt::format("size={}", bytes) : std::string();
     if (::mount(type, dir_.path().c_str(), type, read_only ? MS_RDONLY : 0, opts.c_str()) != 0) {
-      reason_ = "cannot mount a " + std::string(type) + " (" + std::string(std::strerror(errno)) +
-                "): this test needs root with CAP_SYS_ADMIN";
+      reason_ = fmt::format("cannot mount a {} ({}): this test needs root with CAP_SYS_ADMIN", type,
+                            std::strerror(errno));
       return;
     }
     mounted_ = true;

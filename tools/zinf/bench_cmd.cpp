@@ -228,7 +228,7 @@ SweepResult run_sweep(io::IoBench& bench, const BenchIoOptions& o, bool show_pro
       }
     }
   }
-  progress(show_progress, "\r" + std::string(60, ' ') + "\r");
+  progress(show_progress, fmt::format("\r{:60}\r", ""));
   r.top_read = top(r.engine, IoOp::kRead);
   r.top_write = top(r.engine, IoOp::kWrite);
   r.base_read = top(r.baseline, IoOp::kRead);
@@ -337,7 +337,7 @@ int run_bench_io(const BenchIoOptions& o) {
   const EngineOptions settings = o.sweep ? EngineOptions{} : settings_from(o);
   progress(show_progress, fmt::format("  writing a {} test file in {} ...", size_label(o.size), o.path));
   io::IoBench bench(o.path, o.size, limits);
-  progress(show_progress, "\r" + std::string(70, ' ') + "\r");
+  progress(show_progress, fmt::format("\r{:70}\r", ""));
 
   Json out;
   out["path"] = o.path;
@@ -373,7 +373,7 @@ int run_bench_io(const BenchIoOptions& o) {
       points.push_back(bench.run_baseline(settings.block_size, settings.intra_op_parallelism, op, random));
     }
   }
-  progress(show_progress, "\r" + std::string(40, ' ') + "\r");
+  progress(show_progress, fmt::format("\r{:40}\r", ""));
   Json pts = Json::array();
   for (const auto& p : points) pts.push_back(point_json(p));
   out["settings"] = aio_json(settings);

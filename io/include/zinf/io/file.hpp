@@ -32,6 +32,8 @@ class File {
   // True when I/O bypasses the page cache; offsets, lengths and buffers must then be 4 KiB-aligned.
   bool direct() const noexcept { return direct_; }
   const std::string& path() const noexcept { return path_; }
+  // Unique per opened file in this process (descriptor numbers are reused after close).
+  std::uint64_t id() const noexcept { return id_; }
 
   std::uint64_t size() const;
   // Reserves [offset, offset+bytes) on disk (fallocate), extending the file. Throws zinf::Error on
@@ -44,6 +46,7 @@ class File {
 
  private:
   int fd_ = -1;
+  std::uint64_t id_ = 0;
   bool direct_ = false;
   std::string path_;
 };

@@ -95,10 +95,10 @@ class SwapStore {
   std::uint64_t reserved_bytes() const;
   // The per-rank swap directories, one per path.
   const std::vector<std::string>& directories() const noexcept { return dirs_; }
-  // Whether the swap files use O_DIRECT (false on file systems that refuse it, such as tmpfs).
+  // Whether the swap files use O_DIRECT (false on file systems that refuse it, such as ramfs).
   bool direct() const noexcept;
 
-  // Test hook: the file that holds part `part` of a tensor and the part's file offset.
+  // Where each part of a tensor lives (file, offset, bytes), for tests and diagnostics.
   struct PartLocation {
     std::string file;
     std::uint64_t offset;
@@ -106,6 +106,8 @@ class SwapStore {
   };
   std::vector<PartLocation> locate(TensorId id) const;
 
+ private:
+  friend class SwapHandle;
   struct Part {
     std::uint32_t file = 0;     // index into the per-path files
     std::uint64_t offset = 0;   // file offset, 4 KiB-aligned
@@ -123,9 +125,8 @@ class SwapStore {
     std::shared_ptr<detail::SwapOp> inflight;
   };
 
- private:
-  friend class SwapHandle;
   void finish(detail::SwapOp& op);
+  void submit_parts(detail::SwapOp& op, const std::vector<Part>& parts, std::span<std::byte> buffer);
   void take_over_directory(std::size_t i);
 
   IoEngine& engine_;

@@ -55,7 +55,7 @@ const CpuFeatures& cpu_features() {
 std::string best_cpu_isa() {
   const auto& f = cpu_features();
   if (f.avx512f && f.avx512bw && f.avx512vl) return "avx512";
-  if (f.avx2 && f.fma) return "avx2";
+  if (f.avx2 && f.fma && f.f16c) return "avx2";
   return "scalar";
 }
 

@@ -1,0 +1,53 @@
+#pragma once
+// Private: resolved optimizer arguments and the per-ISA dispatch tables.
+
+#include <cstddef>
+
+#include "zinf/kernels/cpu_optim.hpp"
+
+namespace zinf::kernels::cpu::detail {
+
+// Float scalars the kernels use, derived in double from the configs (as PyTorch derives them
+// from Python floats) and rounded once.
+struct AdamArgs {
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+  float step_size;      // lr / (1 - beta1^step)
+  float inv_bc2_sqrt;   // 1 / sqrt(1 - beta2^step)
+  float decay;          // AdamW: 1 - lr * wd; else 1
+  float l2;             // Adam (L2): wd; else 0
+  float grad_scale;
+};
+
+struct AdagradArgs {
+  float clr;  // lr / (1 + (step - 1) * lr_decay)
+  float eps;
+  float l2;
+  float grad_scale;
+};
+
+struct LionArgs {
+  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2;
+  float decay;  // 1 - lr * wd
+  float grad_scale;
+};
+
+using AdamFn = void (*)(const AdamArgs&, const AdamTensors&, std::size_t, std::size_t);
+using AdagradFn = void (*)(const AdagradArgs&, const AdagradTensors&, std::size_t, std::size_t);
+using LionFn = void (*)(const LionArgs&, const LionTensors&, std::size_t, std::size_t);
+using StatsFn = GradStats (*)(const void*, std::size_t, std::size_t);
+using ConvertFn = void (*)(const void*, void*, std::size_t, std::size_t);
+
+// [grad dtype][state dtype (f32, bf16)][out: none, f32, bf16, f16]
+struct KernelTable {
+  AdamFn adam[3][2][4];
+  AdagradFn adagrad[3][2][4];
+  LionFn lion[3][2][4];
+  StatsFn stats[3];
+  ConvertFn convert[3][3];
+};
+
+const KernelTable& scalar_table();
+const KernelTable& avx2_table();
+const KernelTable& avx512_table(bool native_bf16);
+
+}  // namespace zinf::kernels::cpu::detail

@@ -10,6 +10,7 @@ packages=(
   libfmt-dev libspdlog-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev
   libtbb-dev liburing-dev libdnnl-dev libxxhash-dev
   libgtest-dev libgmock-dev
+  python3-torch   # PyTorch reference tests (tests/reference/), run with /usr/bin/python3
 )
 if [[ ${1:-} == --fuzz ]]; then
   packages+=(clang libclang-rt-dev)

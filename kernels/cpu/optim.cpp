@@ -130,17 +130,17 @@ void adam_step(const AdamConfig& c, const AdamTensors& t, const Exec& exec) {
   check_state_dtype(t.state_dtype, "adam_step");
   if (c.step < 1) throw Error("adam_step: step must be >= 1 (it is {})", c.step);
   detail::AdamArgs a{};
-  a.beta1 = c.beta1;
-  a.beta2 = c.beta2;
-  a.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(c.beta1));
-  a.one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(c.beta2));
-  a.eps = c.eps;
-  const double bc1 = c.bias_correction ? 1.0 - std::pow(static_cast<double>(c.beta1), static_cast<double>(c.step)) : 1.0;
-  const double bc2 = c.bias_correction ? 1.0 - std::pow(static_cast<double>(c.beta2), static_cast<double>(c.step)) : 1.0;
-  a.step_size = static_cast<float>(static_cast<double>(c.lr) / bc1);
+  a.beta1 = static_cast<float>(c.beta1);
+  a.beta2 = static_cast<float>(c.beta2);
+  a.one_minus_beta1 = static_cast<float>(1.0 - c.beta1);
+  a.one_minus_beta2 = static_cast<float>(1.0 - c.beta2);
+  a.eps = static_cast<float>(c.eps);
+  const double bc1 = c.bias_correction ? 1.0 - std::pow(c.beta1, static_cast<double>(c.step)) : 1.0;
+  const double bc2 = c.bias_correction ? 1.0 - std::pow(c.beta2, static_cast<double>(c.step)) : 1.0;
+  a.step_size = static_cast<float>(c.lr / bc1);
   a.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(bc2));
-  a.decay = c.adam_w_mode ? static_cast<float>(1.0 - static_cast<double>(c.lr) * c.weight_decay) : 1.0f;
-  a.l2 = c.adam_w_mode ? 0.0f : c.weight_decay;
+  a.decay = c.adam_w_mode ? static_cast<float>(1.0 - c.lr * c.weight_decay) : 1.0f;
+  a.l2 = c.adam_w_mode ? 0.0f : static_cast<float>(c.weight_decay);
   a.grad_scale = c.grad_scale;
   const auto fn = table_for(exec).adam[static_cast<int>(t.grad_dtype)][static_cast<int>(t.state_dtype)]
                                      [out_index(t.param_out, t.out_dtype)];
@@ -153,10 +153,9 @@ void adagrad_step(const AdagradConfig& c, const AdagradTensors& t, const Exec& e
   check_state_dtype(t.state_dtype, "adagrad_step");
   if (c.step < 1) throw Error("adagrad_step: step must be >= 1 (it is {})", c.step);
   detail::AdagradArgs a{};
-  a.clr = static_cast<float>(static_cast<double>(c.lr) /
-                             (1.0 + static_cast<double>(c.step - 1) * static_cast<double>(c.lr_decay)));
-  a.eps = c.eps;
-  a.l2 = c.weight_decay;
+  a.clr = static_cast<float>(c.lr / (1.0 + static_cast<double>(c.step - 1) * c.lr_decay));
+  a.eps = static_cast<float>(c.eps);
+  a.l2 = static_cast<float>(c.weight_decay);
   a.grad_scale = c.grad_scale;
   const auto fn = table_for(exec).adagrad[static_cast<int>(t.grad_dtype)][static_cast<int>(t.state_dtype)]
                                         [out_index(t.param_out, t.out_dtype)];
@@ -168,12 +167,12 @@ void lion_step(const LionConfig& c, const LionTensors& t, const Exec& exec) {
   require(t.param && t.grad && t.exp_avg, "lion_step", "param, grad or exp_avg");
   check_state_dtype(t.state_dtype, "lion_step");
   detail::LionArgs a{};
-  a.lr = c.lr;
-  a.beta1 = c.beta1;
-  a.beta2 = c.beta2;
-  a.one_minus_beta1 = static_cast<float>(1.0 - static_cast<double>(c.beta1));
-  a.one_minus_beta2 = static_cast<float>(1.0 - static_cast<double>(c.beta2));
-  a.decay = static_cast<float>(1.0 - static_cast<double>(c.lr) * c.weight_decay);
+  a.lr = static_cast<float>(c.lr);
+  a.beta1 = static_cast<float>(c.beta1);
+  a.beta2 = static_cast<float>(c.beta2);
+  a.one_minus_beta1 = static_cast<float>(1.0 - c.beta1);
+  a.one_minus_beta2 = static_cast<float>(1.0 - c.beta2);
+  a.decay = static_cast<float>(1.0 - c.lr * c.weight_decay);
   a.grad_scale = c.grad_scale;
   const auto fn = table_for(exec).lion[static_cast<int>(t.grad_dtype)][static_cast<int>(t.state_dtype)]
                                      [out_index(t.param_out, t.out_dtype)];

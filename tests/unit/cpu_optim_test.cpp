@@ -2,6 +2,7 @@
 // lengths around the vector widths), the fp32 kernels track a float64 reference, conversions round
 // to nearest even, gradient statistics find every inf/NaN, and results do not depend on threads.
 #include <gtest/gtest.h>
+#include <fmt/format.h>
 #include <oneapi/tbb/task_arena.h>
 
 #include <bit>
@@ -109,8 +110,8 @@ void run(Opt o, OptimCase& c, bool with_out, const Exec& exec) {
     case Opt::kAdamL2:
     case Opt::kAdamNoBias: {
       AdamConfig cfg;
-      cfg.lr = 1e-3f;
-      cfg.weight_decay = 0.01f;
+      cfg.lr = 1e-3;
+      cfg.weight_decay = 0.01;
       cfg.adam_w_mode = o != Opt::kAdamL2;
       cfg.bias_correction = o != Opt::kAdamNoBias;
       cfg.step = 7;
@@ -121,9 +122,9 @@ void run(Opt o, OptimCase& c, bool with_out, const Exec& exec) {
     }
     case Opt::kAdagrad: {
       AdagradConfig cfg;
-      cfg.lr = 0.05f;
-      cfg.lr_decay = 0.01f;
-      cfg.weight_decay = 0.02f;
+      cfg.lr = 0.05;
+      cfg.lr_decay = 0.01;
+      cfg.weight_decay = 0.02;
       cfg.step = 3;
       cfg.grad_scale = 2.0f;
       adagrad_step(cfg, {c.param.data(), c.grad.data(), c.grad.dtype, c.v.data(), c.v.dtype, out, c.out.dtype, n}, exec);
@@ -131,8 +132,8 @@ void run(Opt o, OptimCase& c, bool with_out, const Exec& exec) {
     }
     case Opt::kLion: {
       LionConfig cfg;
-      cfg.lr = 1e-3f;
-      cfg.weight_decay = 0.1f;
+      cfg.lr = 1e-3;
+      cfg.weight_decay = 0.1;
       cfg.grad_scale = 0.5f;
       lion_step(cfg, {c.param.data(), c.grad.data(), c.grad.dtype, c.m.data(), c.m.dtype, out, c.out.dtype, n}, exec);
       break;
@@ -196,8 +197,8 @@ TEST(CpuOptim, AdamWTracksAFloat64ReferenceOverTenSteps) {
   for (int step = 1; step <= 10; ++step) {
     const std::vector<float> g = random_floats(n, 100 + step, -0.3f, 0.3f);
     AdamConfig cfg;
-    cfg.lr = 1e-2f;
-    cfg.weight_decay = 0.1f;
+    cfg.lr = 1e-2;
+    cfg.weight_decay = 0.1;
     cfg.step = step;
     adam_step(cfg, {p.data(), g.data(), DType::kF32, m.data(), v.data(), DType::kF32, nullptr, DType::kBF16, n});
     adam_f64(pd, md, vd, std::vector<double>(g.begin(), g.end()), 1e-2, 0.9, 0.999, 1e-8, 0.1, step);

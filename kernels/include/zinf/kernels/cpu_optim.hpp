@@ -41,12 +41,15 @@ Isa parse_isa(const std::string& name);
 // ---------------------------------------------------------------------------------------------
 // Adam / AdamW (torch.optim.Adam / AdamW, and DeepSpeed's cpu_adam options).
 
+// Hyperparameters are doubles, as Python floats are: 1 - beta2 and the bias corrections are
+// formed in double and rounded to float once, exactly as PyTorch does (rounding beta2 = 0.999 to
+// float first would shift 1 - beta2 by 1.3e-5 relative).
 struct AdamConfig {
-  float lr = 1e-3f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
-  float eps = 1e-8f;
-  float weight_decay = 0.0f;
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
   bool adam_w_mode = true;       // decoupled weight decay (AdamW); false = L2 added to the gradient
   bool bias_correction = true;
   std::int64_t step = 1;         // the step being taken, 1-based (PyTorch's state['step'] after += 1)
@@ -70,10 +73,10 @@ struct AdamTensors {
 // Adagrad (torch.optim.Adagrad: lr_decay, weight_decay as L2, initial accumulator in `sum`).
 
 struct AdagradConfig {
-  float lr = 1e-2f;
-  float lr_decay = 0.0f;
-  float eps = 1e-10f;
-  float weight_decay = 0.0f;
+  double lr = 1e-2;
+  double lr_decay = 0.0;
+  double eps = 1e-10;
+  double weight_decay = 0.0;
   std::int64_t step = 1;
   float grad_scale = 1.0f;
 };
@@ -94,10 +97,10 @@ struct AdagradTensors {
 //   p *= 1 - lr*wd;  p -= lr * sign(beta1*m + (1-beta1)*g);  m = beta2*m + (1-beta2)*g
 
 struct LionConfig {
-  float lr = 1e-4f;
-  float beta1 = 0.9f;
-  float beta2 = 0.99f;
-  float weight_decay = 0.0f;
+  double lr = 1e-4;
+  double beta1 = 0.9;
+  double beta2 = 0.99;
+  double weight_decay = 0.0;
   float grad_scale = 1.0f;
 };
 

@@ -202,4 +202,11 @@ void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::
   run_chunks(n, exec, [&](std::size_t, std::size_t b, std::size_t e) { fn(src, dst, b, e); });
 }
 
+void stream_triad(float* a, const float* b, const float* c, float s, std::size_t n, const Exec& exec) {
+  if (n == 0) return;
+  require(a != nullptr && b != nullptr && c != nullptr, "stream_triad", "an array");
+  const auto fn = table_for(exec).triad;
+  run_chunks(n, exec, [&](std::size_t, std::size_t begin, std::size_t end) { fn(a, b, c, s, begin, end); });
+}
+
 }  // namespace zinf::kernels::cpu

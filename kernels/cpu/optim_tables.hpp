@@ -36,6 +36,7 @@ using AdagradFn = void (*)(const AdagradArgs&, const AdagradTensors&, std::size_
 using LionFn = void (*)(const LionArgs&, const LionTensors&, std::size_t, std::size_t);
 using StatsFn = GradStats (*)(const void*, std::size_t, std::size_t);
 using ConvertFn = void (*)(const void*, void*, std::size_t, std::size_t);
+using TriadFn = void (*)(float*, const float*, const float*, float, std::size_t, std::size_t);
 
 // [grad dtype][state dtype (f32, bf16)][out: none, f32, bf16, f16]
 struct KernelTable {
@@ -44,6 +45,7 @@ struct KernelTable {
   LionFn lion[3][2][4];
   StatsFn stats[3];
   ConvertFn convert[3][3];
+  TriadFn triad;
 };
 
 const KernelTable& scalar_table();

@@ -136,5 +136,15 @@ expect 1 'must be a JSON object' -- "$ZINF" tune nvme --path "$TMP/io" --size 16
 expect 0 '^\[1, 2\]' -- cat "$TMP/io/array.json"
 expect 1 "directory '$TMP/io/no' does not exist" -- "$ZINF" tune nvme --path "$TMP/io" --size 16M -o "$TMP/io/no/x.json"
 
+# bench adam (tiny sizes: the mechanics and the output, not the machine).
+expect 0 'host_step_adamw_bf16 ' -- "$ZINF" bench adam --params 1M --repeat 1 --threads 2
+expect 0 'stream_triad' -- "$ZINF" bench adam --params 1M --repeat 1 --isa scalar
+expect 0 '"stream_triad_GBps"' -- "$ZINF" bench adam --params 256K --repeat 1 --json --grad-dtype fp16
+expect 0 '"params_per_s"' -- "$ZINF" bench adam --params 256K --repeat 1 --json
+expect 2 'choose fp32, bf16 or fp16' -- "$ZINF" bench adam --grad-dtype int8
+expect 2 'not a count' -- "$ZINF" bench adam --params lots
+expect 1 'unknown CPU ISA' -- "$ZINF" bench adam --params 1K --isa sse9
+expect 1 'ZINF_CPU_ISA' -- env ZINF_CPU_ISA=mmx "$ZINF" bench adam --params 1K --repeat 1
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

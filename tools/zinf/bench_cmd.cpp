@@ -485,8 +485,9 @@ void finish_parse(BenchIoOptions& o) {
 }  // namespace
 
 void add_bench_commands(CLI::App& app, Action& action) {
-  auto* bench = app.add_subcommand("bench", "Benchmarks: storage (io)");
+  auto* bench = app.add_subcommand("bench", "Benchmarks: storage (io), CPU optimizers (adam)");
   bench->require_subcommand(1);
+  add_bench_adam_command(*bench, action);
   auto io_opts = std::make_shared<BenchIoOptions>();
   auto* io_cmd = bench->add_subcommand(
       "io", "NVMe/storage throughput and latency: the io_uring engine against pread/pwrite threads, same file");

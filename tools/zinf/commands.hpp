@@ -14,6 +14,7 @@ using Action = std::function<int()>;
 
 void add_config_commands(CLI::App& app, Action& action);
 void add_bench_commands(CLI::App& app, Action& action);  // bench io, tune nvme
+void add_bench_adam_command(CLI::App& bench, Action& action);  // bench adam
 
 // Adds --micro-batch, --grad-accum, --world-size, --lr, ... to `cmd`, writing into `args`.
 void add_training_args(CLI::App& cmd, config::TrainingArgs& args);

@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+#include <cstdlib>
 #include <iostream>
 
 #include "commands.hpp"
@@ -10,6 +11,7 @@
 #include "zinf/common/error.hpp"
 #include "zinf/common/log.hpp"
 #include "zinf/kernels/cpu_features.hpp"
+#include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/kernels/device_info.hpp"
 
 namespace {
@@ -19,8 +21,14 @@ std::string version_text() {
   std::string out = fmt::format("zinf {} ({}, {}{}{})\n", b.version, b.build_type, b.compiler,
                                 b.cuda ? fmt::format(", CUDA archs {}", b.cuda_architectures) : std::string(", no CUDA"),
                                 b.sanitizers.empty() ? std::string() : fmt::format(", sanitizers {}", b.sanitizers));
-  out += fmt::format("cpu: {} kernels ({})\n", zinf::kernels::best_cpu_isa(),
-                     zinf::kernels::describe(zinf::kernels::cpu_features()));
+  std::string isa;
+  try {
+    isa = zinf::kernels::cpu::isa_name(zinf::kernels::cpu::active_isa());
+    if (std::getenv("ZINF_CPU_ISA") != nullptr) isa += " (forced by ZINF_CPU_ISA)";
+  } catch (const zinf::Error& e) {
+    isa = fmt::format("{} (ZINF_CPU_ISA ignored here: {})", zinf::kernels::best_cpu_isa(), e.message());
+  }
+  out += fmt::format("cpu: {} kernels ({})\n", isa, zinf::kernels::describe(zinf::kernels::cpu_features()));
   const auto gpus = zinf::kernels::query_gpus();
   if (gpus.gpus.empty()) {
     out += fmt::format("gpu: none ({})\n", gpus.problem);

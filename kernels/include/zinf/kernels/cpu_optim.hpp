@@ -142,4 +142,8 @@ GradStats grad_stats(const void* grad, DType dtype, std::size_t n, const Exec& e
 // Converts n fp32 values to bf16/fp16 (round to nearest even) or back; the same code the kernels use.
 void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, std::size_t n, const Exec& exec = Exec());
 
+// STREAM's triad a = b + s * c (n floats), with the kernels' vector code and chunking: the
+// bandwidth reference of `zinf bench adam`. Copy is convert(f32 -> f32).
+void stream_triad(float* a, const float* b, const float* c, float s, std::size_t n, const Exec& exec = Exec());
+
 }  // namespace zinf::kernels::cpu

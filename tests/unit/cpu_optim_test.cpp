@@ -212,6 +212,72 @@ TEST(CpuOptim, AdamWTracksAFloat64ReferenceOverTenSteps) {
   EXPECT_LE(worst, 1.0) << "worst element " << at << ": " << p[at] << " vs float64 " << pd[at];
 }
 
+// Lion against its definition (Chen et al. 2023, Algorithm 2), written out in float64.
+TEST(CpuOptim, LionFollowsItsDefinition) {
+  constexpr std::size_t n = 1031;
+  std::vector<float> p = random_floats(n, 31, -1, 1), m(n, 0.0f);
+  std::vector<double> pd(p.begin(), p.end()), md(n, 0.0);
+  const double lr = 1e-3, b1 = 0.9, b2 = 0.99, wd = 0.1;
+  for (int step = 1; step <= 10; ++step) {
+    const std::vector<float> g = random_floats(n, 300 + step, -0.3f, 0.3f);
+    LionConfig c;
+    c.lr = lr;
+    c.beta1 = b1;
+    c.beta2 = b2;
+    c.weight_decay = wd;
+    lion_step(c, {p.data(), g.data(), DType::kF32, m.data(), DType::kF32, nullptr, DType::kBF16, n});
+    for (std::size_t i = 0; i < n; ++i) {
+      const double u = b1 * md[i] + (1 - b1) * g[i];
+      pd[i] = pd[i] * (1 - lr * wd) - lr * ((u > 0) - (u < 0));
+      md[i] = b2 * md[i] + (1 - b2) * g[i];
+    }
+  }
+  for (std::size_t i = 0; i < n; ++i) {
+    ASSERT_NEAR(p[i], pd[i], 1e-6) << "element " << i;
+    ASSERT_NEAR(m[i], md[i], 1e-6) << "exp_avg element " << i;
+  }
+}
+
+// The accuracy cost of bf16 optimizer state (docs/cpu-optimizers.md quotes these figures): 500
+// AdamW steps pulling parameters towards a target through noisy gradients.
+TEST(CpuOptim, Bf16StateTracksFp32StateWithinDocumentedBounds) {
+  constexpr std::size_t n = 8192;
+  const std::vector<float> target = random_floats(n, 21, -1, 1);
+  const std::vector<float> p0 = random_floats(n, 22, -1, 1);
+  std::vector<float> p32 = p0, p16 = p0, m32(n, 0), v32(n, 0);
+  std::vector<std::uint16_t> m16(n, 0), v16(n, 0);
+  std::mt19937_64 rng(23);
+  std::normal_distribution<float> noise(0.0f, 0.1f);
+  std::vector<float> g32(n), g16(n);
+  for (int step = 1; step <= 500; ++step) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const float e = noise(rng);
+      g32[i] = p32[i] - target[i] + e;
+      g16[i] = p16[i] - target[i] + e;
+    }
+    AdamConfig c;
+    c.lr = 1e-3;
+    c.weight_decay = 0.01;
+    c.step = step;
+    adam_step(c, {p32.data(), g32.data(), DType::kF32, m32.data(), v32.data(), DType::kF32, nullptr, DType::kBF16, n});
+    adam_step(c, {p16.data(), g16.data(), DType::kF32, m16.data(), v16.data(), DType::kBF16, nullptr, DType::kBF16, n});
+  }
+  double max_diff = 0, sum_diff = 0, moved = 0, loss32 = 0, loss16 = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double d = std::abs(static_cast<double>(p32[i]) - p16[i]);
+    max_diff = std::max(max_diff, d);
+    sum_diff += d;
+    moved += std::abs(static_cast<double>(p32[i]) - p0[i]);
+    loss32 += (p32[i] - target[i]) * (p32[i] - target[i]);
+    loss16 += (p16[i] - target[i]) * (p16[i] - target[i]);
+  }
+  std::printf("[   NOTE   ] bf16 vs fp32 state after 500 AdamW steps: mean |dp| %.3g, max |dp| %.3g, mean distance "
+              "moved %.3g, loss %.5g vs %.5g\n",
+              sum_diff / n, max_diff, moved / n, loss16 / n, loss32 / n);
+  EXPECT_LT(sum_diff / moved, 0.05);  // parameters stay within 5% of the distance travelled (1.8% here)
+  EXPECT_LT(std::abs(loss16 - loss32), 0.05 * loss32);  // and the same loss within 5% (3.2% here)
+}
+
 TEST(CpuOptim, Bf16RoundsToNearestEven) {
   // 1 + 2^-8 lies exactly between two bf16 values (1 and 1 + 2^-7): ties go to the even one.
   EXPECT_EQ(f32_to_bf16(1.0f + 0x1p-8f), 0x3f80);

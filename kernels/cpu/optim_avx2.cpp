@@ -75,7 +75,7 @@ struct V256 {
     acc.hi = _mm256_fmadd_pd(hi, hi, acc.hi);
     const __m256i exp = _mm256_set1_epi32(0x7f800000);
     const __m256i bad = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(x), exp), exp);
-    acc.nonfinite += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(bad)))));
+    acc.nonfinite += static_cast<std::size_t>(__builtin_popcount((_mm256_movemask_ps(_mm256_castsi256_ps(bad)))));
   }
   static GradStats stat_finish(const StatAcc& acc) {
     alignas(32) double v[4];

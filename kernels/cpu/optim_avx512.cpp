@@ -79,7 +79,7 @@ struct V512 {
     acc.hi = _mm512_fmadd_pd(hi, hi, acc.hi);
     const __m512i exp = _mm512_set1_epi32(0x7f800000);
     const __mmask16 bad = _mm512_mask_cmpeq_epi32_mask(m, _mm512_and_si512(bits, exp), exp);
-    acc.nonfinite += static_cast<std::size_t>(std::popcount(static_cast<unsigned>(bad)));
+    acc.nonfinite += static_cast<std::size_t>(__builtin_popcount((bad)));
   }
   static GradStats stat_finish(const StatAcc& acc) {
     return {_mm512_reduce_add_pd(_mm512_add_pd(acc.lo, acc.hi)), acc.nonfinite};

@@ -97,6 +97,8 @@ class SwapStore {
   const std::vector<std::string>& directories() const noexcept { return dirs_; }
   // Whether the swap files use O_DIRECT (false on file systems that refuse it, such as ramfs).
   bool direct() const noexcept;
+  // The engine the store submits to (e.g. to register staging buffers with it).
+  IoEngine& engine() noexcept { return engine_; }
 
   // Where each part of a tensor lives (file, offset, bytes), for tests and diagnostics.
   struct PartLocation {

@@ -1,0 +1,412 @@
+#include "zinf/offload/partition_store.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <set>
+#include <tuple>
+#include <utility>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "zinf/common/error.hpp"
+#include "zinf/io/aligned_buffer.hpp"
+#include "zinf/kernels/cpu_optim.hpp"
+
+namespace zinf::offload {
+
+namespace kc = kernels::cpu;
+
+namespace {
+
+constexpr std::uint64_t kPage = 4096;
+
+std::uint64_t page_round(std::uint64_t bytes) { return (bytes + kPage - 1) / kPage * kPage; }
+
+std::string count_text(std::uint64_t n) {
+  if (n >= 1'000'000'000) return fmt::format("{:.2f}B", static_cast<double>(n) / 1e9);
+  if (n >= 1'000'000) return fmt::format("{:.2f}M", static_cast<double>(n) / 1e6);
+  if (n >= 10'000) return fmt::format("{:.1f}K", static_cast<double>(n) / 1e3);
+  return std::to_string(n);
+}
+
+// Hands out consecutive 4 KiB-aligned pieces of one block.
+class Carver {
+ public:
+  explicit Carver(HostBuffer& block) : next_(block.data()), end_(block.data() + block.size()) {}
+  std::byte* take(std::uint64_t bytes) {
+    std::byte* p = next_;
+    next_ += page_round(bytes);
+    ZINF_ASSERT(next_ <= end_, "host memory block carved past its end");
+    return p;
+  }
+
+ private:
+  std::byte* next_;
+  std::byte* end_;
+};
+
+}  // namespace
+
+const char* tier_name(Tier tier) { return tier == Tier::kHost ? "host" : "nvme"; }
+
+// ---------------------------------------------------------------------------------------------
+
+PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options, HostMemory& memory,
+                               io::SwapStore* optimizer_swap, io::SwapStore* param_swap)
+    : units_(std::move(units)), options_(options), memory_(memory), opt_swap_(optimizer_swap), param_swap_(param_swap) {
+  if (!(options_.nvme_ratio >= 0.0 && options_.nvme_ratio <= 1.0)) {
+    throw Error("offload_optimizer.ratio must be between 0 and 1, not {}", options_.nvme_ratio);
+  }
+  if (options_.slice_elems == 0) throw Error("zero_optimization.sub_group_size must be at least 1");
+  if (options_.nvme_ratio > 0.0 && opt_swap_ == nullptr) {
+    throw Error("optimizer state is to go to NVMe (ratio {}), but no swap store was given: set "
+                "offload_optimizer.nvme_path",
+                options_.nvme_ratio);
+  }
+  if (options_.params_on_nvme && param_swap_ == nullptr) {
+    throw Error("parameters are to go to NVMe, but no swap store was given: set offload_param.nvme_path");
+  }
+  if (options_.optimizer_buffers == 0) throw Error("offload_optimizer.buffer_count must be at least 1");
+  if (options_.params_on_nvme) {
+    if (options_.param_buffers == 0) throw Error("offload_param.buffer_count must be at least 1");
+    if (options_.param_buffer_elems < kSliceAlign) {
+      throw Error("offload_param.buffer_size is {} elements; it must be at least {}", options_.param_buffer_elems,
+                  kSliceAlign);
+    }
+  }
+  std::set<std::string> names;
+  for (const UnitSpec& u : units_) {
+    if (!names.insert(u.name).second) throw Error("unit name '{}' is used twice", u.name);
+  }
+
+  // Slice length: sub_group_size, and no more than one parameter staging buffer when parameters
+  // come from NVMe, rounded to kSliceAlign.
+  std::uint64_t slice = options_.slice_elems;
+  if (options_.params_on_nvme) slice = std::min(slice, options_.param_buffer_elems);
+  slice_elems_ = std::max(kSliceAlign, slice / kSliceAlign * kSliceAlign);
+
+  // Plan: which elements of each unit live where.
+  HostMemoryPlan plan;
+  std::uint64_t host_param_elems = 0;
+  std::uint64_t largest_staged_slice = 0;
+  std::uint64_t largest_param_slice = 0;
+  unit_param_tier_.assign(units_.size(), Tier::kHost);
+  std::vector<io::TensorSpec> state_specs, param_specs;
+  std::uint64_t host_state_bytes = 0, host_param_bytes = 0;
+  for (std::size_t u = 0; u < units_.size(); ++u) {
+    const std::uint64_t n = units_[u].numel;
+    if (n == 0) throw Error("unit '{}' has no elements", units_[u].name);
+    total_elems_ += n;
+    // Parameters: whole units in host memory up to max_in_cpu elements, the rest on NVMe.
+    if (options_.params_on_nvme && host_param_elems + n > options_.max_in_cpu) {
+      unit_param_tier_[u] = Tier::kNvme;
+      nvme_param_elems_ += n;
+      const std::uint64_t needed = (n + slice_elems_ - 1) / slice_elems_;
+      if (needed > options_.param_buffers) {
+        throw Error("the parameters of unit '{}' ({} elements) need {} staging buffers of {} elements, but "
+                    "offload_param.buffer_count is {}: raise buffer_count to at least {} or buffer_size to at "
+                    "least {}",
+                    units_[u].name, n, needed, slice_elems_, options_.param_buffers, needed,
+                    (n + options_.param_buffers - 1) / options_.param_buffers);
+      }
+    } else {
+      host_param_elems += n;
+      host_param_bytes += page_round(n * 2);
+    }
+    // Optimizer state: the first `ratio` of the unit on NVMe (on a kSliceAlign boundary).
+    const std::uint64_t nvme_n = options_.nvme_ratio >= 1.0
+                                     ? n
+                                     : std::min<std::uint64_t>(n, static_cast<std::uint64_t>(std::floor(
+                                                                      options_.nvme_ratio * static_cast<double>(n))) /
+                                                                      kSliceAlign * kSliceAlign);
+    nvme_state_elems_ += nvme_n;
+    for (const auto& [lo, hi, tier] : {std::tuple{std::uint64_t{0}, nvme_n, Tier::kNvme},
+                                       std::tuple{nvme_n, n, Tier::kHost}}) {
+      for (std::uint64_t b = lo; b < hi; b += slice_elems_) {
+        Slice s;
+        s.unit = u;
+        s.begin = b;
+        s.end = std::min(hi, b + slice_elems_);
+        s.state_tier = tier;
+        s.param_tier = unit_param_tier_[u];
+        if (tier == Tier::kNvme) {
+          state_specs.push_back({fmt::format("{}.optimizer[{}:{}]", units_[u].name, s.begin, s.end), s.size() * 12});
+        } else {
+          host_state_bytes += page_round(s.size() * 12);
+        }
+        if (s.param_tier == Tier::kNvme) {
+          param_specs.push_back({fmt::format("{}.params[{}:{}]", units_[u].name, s.begin, s.end), s.size() * 2});
+          largest_param_slice = std::max(largest_param_slice, s.size());
+        }
+        if (needs_staging(s)) largest_staged_slice = std::max(largest_staged_slice, s.size());
+        slices_.push_back(s);
+      }
+    }
+  }
+  opt_state_bytes_ = page_round(largest_staged_slice * 12);
+  const std::uint64_t opt_staging_each = opt_state_bytes_ + page_round(largest_staged_slice * 2);
+  const unsigned opt_buffers = largest_staged_slice > 0 ? options_.optimizer_buffers : 0;
+  param_staging_elems_ = largest_param_slice;
+  const unsigned param_buffers = largest_param_slice > 0 ? options_.param_buffers : 0;
+  const std::uint64_t param_staging_each = page_round(largest_param_slice * 2);
+  plan.add(Purpose::kOptimizerState, host_state_bytes);
+  plan.add(Purpose::kParameters, host_param_bytes);
+  plan.add(Purpose::kStaging, opt_staging_each * opt_buffers + param_staging_each * param_buffers);
+  memory_.preflight(plan);
+
+  // Swap space: all or nothing, per store (a store shared by both gets one batch).
+  std::vector<io::TensorId> state_ids, param_ids;
+  if (!state_specs.empty() && opt_swap_ == param_swap_ && !param_specs.empty()) {
+    std::vector<io::TensorSpec> all = state_specs;
+    all.insert(all.end(), param_specs.begin(), param_specs.end());
+    const auto ids = opt_swap_->allocate(all);
+    state_ids.assign(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(state_specs.size()));
+    param_ids.assign(ids.begin() + static_cast<std::ptrdiff_t>(state_specs.size()), ids.end());
+  } else {
+    if (!state_specs.empty()) state_ids = opt_swap_->allocate(state_specs);
+    if (!param_specs.empty()) param_ids = param_swap_->allocate(param_specs);
+  }
+
+  // Host memory: one block per purpose, carved into 4 KiB-aligned pieces.
+  blocks_.reserve(3);  // the references below must survive the next emplace_back
+  HostBuffer& state_block = blocks_.emplace_back(
+      memory_.allocate(Purpose::kOptimizerState, host_state_bytes, "host-resident optimizer state"));
+  HostBuffer& param_block =
+      blocks_.emplace_back(memory_.allocate(Purpose::kParameters, host_param_bytes, "host bf16 parameter shards"));
+  HostBuffer& staging_block = blocks_.emplace_back(
+      memory_.allocate(Purpose::kStaging, opt_staging_each * opt_buffers + param_staging_each * param_buffers,
+                       "optimizer and parameter staging buffers"));
+  Carver state_carver(state_block), param_carver(param_block), staging_carver(staging_block);
+  // Swap ids come back in the order the specs were planned: slice order.
+  std::size_t next_state = 0, next_param = 0;
+  for (Slice& s : slices_) {
+    if (s.state_tier == Tier::kNvme) {
+      s.state_id = state_ids[next_state++];
+    } else {
+      s.host_state = reinterpret_cast<float*>(state_carver.take(s.size() * 12));
+    }
+    if (s.param_tier == Tier::kNvme) s.param_id = param_ids[next_param++];
+  }
+  ZINF_ASSERT(next_state == state_ids.size() && next_param == param_ids.size());
+  host_params_.assign(units_.size(), nullptr);
+  for (std::size_t u = 0; u < units_.size(); ++u) {
+    if (unit_param_tier_[u] == Tier::kHost) {
+      host_params_[u] = reinterpret_cast<std::uint16_t*>(param_carver.take(units_[u].numel * 2));
+    }
+  }
+  std::vector<std::span<std::byte>> staging_spans;
+  for (unsigned i = 0; i < opt_buffers; ++i) {
+    opt_staging_.push_back(staging_carver.take(opt_staging_each));
+    staging_spans.emplace_back(opt_staging_.back(), opt_staging_each);
+  }
+  for (unsigned i = 0; i < param_buffers; ++i) {
+    param_staging_.push_back(reinterpret_cast<std::uint16_t*>(staging_carver.take(param_staging_each)));
+    staging_spans.emplace_back(reinterpret_cast<std::byte*>(param_staging_.back()), param_staging_each);
+    free_param_buffers_.push_back(static_cast<int>(param_buffers - 1 - i));
+  }
+  // Fixed-buffer I/O where the kernel allows: all staging buffers in one registration per engine
+  // (a registration replaces the previous one). A refusal (memlock) is said once; I/O goes on.
+  if (!staging_spans.empty()) {
+    std::vector<io::IoEngine*> engines;
+    for (io::SwapStore* s : {opt_swap_, param_swap_}) {
+      if (s != nullptr && std::find(engines.begin(), engines.end(), &s->engine()) == engines.end()) {
+        engines.push_back(&s->engine());
+      }
+    }
+    for (io::IoEngine* e : engines) {
+      const io::Registration reg = e->register_buffers(staging_spans);
+      if (!reg.ok) spdlog::warn("offload staging buffers are not registered with io_uring: {}", reg.reason);
+    }
+  }
+}
+
+PartitionStore::~PartitionStore() {
+  // The engines must not keep pointers into buffers that are about to be freed.
+  for (io::SwapStore* s : {opt_swap_, param_swap_}) {
+    if (s != nullptr && s->engine().buffers_registered()) s->engine().unregister_buffers();
+  }
+}
+
+std::string PartitionStore::describe() const {
+  const std::uint64_t host_state = total_elems_ - nvme_state_elems_;
+  return fmt::format(
+      "{} units, {} elements in {} slices of up to {}; optimizer state: {} host, {} nvme; bf16 parameters: {} "
+      "host, {} nvme; staging: {} optimizer buffer(s), {} parameter buffer(s)",
+      units_.size(), count_text(total_elems_), slices_.size(), count_text(slice_elems_), count_text(host_state),
+      count_text(nvme_state_elems_), count_text(total_elems_ - nvme_param_elems_), count_text(nvme_param_elems_),
+      opt_staging_.size(), param_staging_.size());
+}
+
+std::vector<const Slice*> PartitionStore::unit_slices(std::size_t unit) const {
+  if (unit >= units_.size()) throw Error("unit {} does not exist ({} units)", unit, units_.size());
+  std::vector<const Slice*> out;
+  for (const Slice& s : slices_) {
+    if (s.unit == unit) out.push_back(&s);
+  }
+  return out;
+}
+
+void PartitionStore::set_state(std::size_t unit, std::span<const float> master, std::span<const float> exp_avg,
+                               std::span<const float> exp_avg_sq) {
+  const auto slices = unit_slices(unit);
+  const std::uint64_t n = units_[unit].numel;
+  if (master.size() != n) {
+    throw Error("setting the state of '{}': {} master values given for a shard of {}", units_[unit].name,
+                master.size(), n);
+  }
+  const bool moments = !exp_avg.empty() || !exp_avg_sq.empty();
+  if (moments && (exp_avg.size() != n || exp_avg_sq.size() != n)) {
+    throw Error("setting the state of '{}': exp_avg has {} and exp_avg_sq {} values for a shard of {}",
+                units_[unit].name, exp_avg.size(), exp_avg_sq.size(), n);
+  }
+  std::vector<std::uint16_t> bf16(n);
+  kc::convert(master.data(), kc::DType::kF32, bf16.data(), kc::DType::kBF16, n);
+  for (const Slice* s : slices) {
+    const std::uint64_t len = s->size();
+    io::AlignedBuffer buf;
+    float* dst = s->host_state;
+    if (s->state_tier == Tier::kNvme) {
+      buf = io::AlignedBuffer(opt_swap_->buffer_bytes(s->state_id));
+      dst = reinterpret_cast<float*>(buf.data());
+    }
+    std::memcpy(dst, master.data() + s->begin, len * 4);
+    if (moments) {
+      std::memcpy(dst + len, exp_avg.data() + s->begin, len * 4);
+      std::memcpy(dst + 2 * len, exp_avg_sq.data() + s->begin, len * 4);
+    } else {
+      std::memset(dst + len, 0, len * 8);
+    }
+    if (s->state_tier == Tier::kNvme) opt_swap_->write(s->state_id, buf.span()).wait();
+    if (s->param_tier == Tier::kNvme) {
+      io::AlignedBuffer pb(param_swap_->buffer_bytes(s->param_id));
+      std::memcpy(pb.data(), bf16.data() + s->begin, len * 2);
+      param_swap_->write(s->param_id, pb.span()).wait();
+    }
+  }
+  if (host_params_[unit] != nullptr) std::memcpy(host_params_[unit], bf16.data(), n * 2);
+}
+
+void PartitionStore::read_state(std::size_t unit, std::span<float> master, std::span<float> exp_avg,
+                                std::span<float> exp_avg_sq) {
+  const auto slices = unit_slices(unit);
+  const std::uint64_t n = units_[unit].numel;
+  if (master.size() != n || exp_avg.size() != n || exp_avg_sq.size() != n) {
+    throw Error("reading the state of '{}': the output spans must hold {} elements", units_[unit].name, n);
+  }
+  for (const Slice* s : slices) {
+    const std::uint64_t len = s->size();
+    io::AlignedBuffer buf;
+    const float* src = s->host_state;
+    if (s->state_tier == Tier::kNvme) {
+      buf = io::AlignedBuffer(opt_swap_->buffer_bytes(s->state_id));
+      opt_swap_->read(s->state_id, buf.span()).wait();
+      src = reinterpret_cast<const float*>(buf.data());
+    }
+    std::memcpy(master.data() + s->begin, src, len * 4);
+    std::memcpy(exp_avg.data() + s->begin, src + len, len * 4);
+    std::memcpy(exp_avg_sq.data() + s->begin, src + 2 * len, len * 4);
+  }
+}
+
+ParamLease PartitionStore::fetch(std::size_t unit) {
+  const auto slices = unit_slices(unit);
+  ParamLease lease;
+  lease.store_ = this;
+  if (unit_param_tier_[unit] == Tier::kHost) {
+    lease.pieces_.push_back({host_params_[unit], 0, units_[unit].numel});
+    lease.waited_ = true;
+    return lease;
+  }
+  {
+    std::unique_lock lock(param_mu_);
+    param_cv_.wait(lock, [&] { return free_param_buffers_.size() >= slices.size(); });
+    for (std::size_t i = 0; i < slices.size(); ++i) {
+      lease.buffers_.push_back(free_param_buffers_.back());
+      free_param_buffers_.pop_back();
+    }
+  }
+  for (std::size_t i = 0; i < slices.size(); ++i) {
+    const Slice& s = *slices[i];
+    std::uint16_t* buf = param_staging_[static_cast<std::size_t>(lease.buffers_[i])];
+    lease.pieces_.push_back({buf, s.begin, s.size()});
+    lease.reads_.push_back(param_swap_->read(
+        s.param_id, {reinterpret_cast<std::byte*>(buf), io::round_up(s.size() * 2, io::kIoAlignment)}));
+  }
+  return lease;
+}
+
+void PartitionStore::give_back(const std::vector<int>& buffers) noexcept {
+  {
+    std::lock_guard lock(param_mu_);
+    free_param_buffers_.insert(free_param_buffers_.end(), buffers.begin(), buffers.end());
+  }
+  param_cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------------------------
+
+ParamLease::~ParamLease() { release(); }
+
+ParamLease::ParamLease(ParamLease&& o) noexcept
+    : store_(std::exchange(o.store_, nullptr)),
+      pieces_(std::move(o.pieces_)),
+      buffers_(std::move(o.buffers_)),
+      reads_(std::move(o.reads_)),
+      waited_(o.waited_) {}
+
+ParamLease& ParamLease::operator=(ParamLease&& o) noexcept {
+  if (this != &o) {
+    release();
+    store_ = std::exchange(o.store_, nullptr);
+    pieces_ = std::move(o.pieces_);
+    buffers_ = std::move(o.buffers_);
+    reads_ = std::move(o.reads_);
+    waited_ = o.waited_;
+  }
+  return *this;
+}
+
+void ParamLease::wait() {
+  if (waited_) return;
+  // Every read is waited, even after one fails, so no buffer is given back with I/O in flight.
+  std::string first_error;
+  for (io::SwapHandle& h : reads_) {
+    try {
+      h.wait();
+    } catch (const Error& e) {
+      if (first_error.empty()) first_error = e.what();
+    }
+  }
+  reads_.clear();
+  waited_ = true;
+  if (!first_error.empty()) {
+    pieces_.clear();  // the data must not be used
+    throw Error(first_error);
+  }
+}
+
+void ParamLease::copy_to(std::span<std::uint16_t> out) {
+  wait();
+  for (const Piece& p : pieces_) {
+    ZINF_ASSERT(p.begin + p.count <= out.size(), "parameter lease larger than the output");
+    std::memcpy(out.data() + p.begin, p.data, p.count * 2);
+  }
+}
+
+void ParamLease::release() noexcept {
+  for (io::SwapHandle& h : reads_) {
+    try {
+      h.wait();
+    } catch (const Error&) {  // reported by wait() to whoever asked; here only the buffers matter
+    }
+  }
+  reads_.clear();
+  if (store_ != nullptr && !buffers_.empty()) store_->give_back(buffers_);
+  buffers_.clear();
+  pieces_.clear();
+  store_ = nullptr;
+}
+
+}  // namespace zinf::offload

@@ -60,6 +60,22 @@ TEST(HostMemory, PageLockedAllocationsWork) {
   EXPECT_NE(mem.report().find("page-locked"), std::string::npos);
 }
 
+TEST(HostMemory, PinsWithCudaWhenAGpuIsVisible) {
+  const PinMode mode = default_pin_mode(true);
+  EXPECT_EQ(default_pin_mode(false), PinMode::kPageable);
+  if (mode != PinMode::kCudaHost) {
+    GTEST_SKIP() << "no GPU visible to this process (or a build without CUDA): pinned memory comes from mlock here";
+  }
+  HostMemory mem(0, mode);
+  HostBuffer b = mem.allocate(Purpose::kStaging, 64u << 20, "staging");
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(b.data()) % 4096, 0u);
+  std::memset(b.data(), 7, b.size());
+  EXPECT_EQ(b.data()[b.size() - 1], std::byte{7});
+  EXPECT_NE(mem.report().find("cudaHostAlloc"), std::string::npos) << mem.report();
+  b = HostBuffer();
+  EXPECT_EQ(mem.used(), 0u);
+}
+
 TEST(HostMemory, MemlockLimitIsReportedBeforeAnythingIsAllocated) {
   const int rc = io::testing::run_unprivileged([] {
     struct rlimit rl {1u << 20, 1u << 20};

@@ -26,23 +26,6 @@
 
 namespace zinf::tools {
 
-namespace {
-
-using config::Json;
-namespace kc = kernels::cpu;
-using Clock = std::chrono::steady_clock;
-
-struct BenchAdamOptions {
-  std::string params_text = "256M";
-  std::size_t params = 256u << 20;
-  unsigned threads = 0;
-  std::string grad_dtype_text = "bf16";
-  kc::DType grad_dtype = kc::DType::kBF16;
-  std::vector<std::string> isas_text;
-  unsigned repeat = 5;
-  bool json = false;
-};
-
 // Element counts: "256M" = 256 x 2^20, "1G", "1000000".
 std::size_t parse_count(const std::string& text, const std::string& option) {
   std::size_t pos = 0;
@@ -61,6 +44,23 @@ std::size_t parse_count(const std::string& text, const std::string& option) {
   if (!(v * mult >= 1) || v * mult > 1e12) throw CLI::ValidationError(option, fmt::format("'{}' is out of range", text));
   return static_cast<std::size_t>(v * mult);
 }
+
+namespace {
+
+using config::Json;
+namespace kc = kernels::cpu;
+using Clock = std::chrono::steady_clock;
+
+struct BenchAdamOptions {
+  std::string params_text = "256M";
+  std::size_t params = 256u << 20;
+  unsigned threads = 0;
+  std::string grad_dtype_text = "bf16";
+  kc::DType grad_dtype = kc::DType::kBF16;
+  std::vector<std::string> isas_text;
+  unsigned repeat = 5;
+  bool json = false;
+};
 
 kc::DType parse_dtype(const std::string& s) {
   if (s == "fp32" || s == "f32") return kc::DType::kF32;

@@ -52,31 +52,6 @@ struct BenchIoOptions {
   std::string output;  // tune nvme: config file to write
 };
 
-// "4G", "512M", "1.5GiB", "256k", "1048576" (binary units).
-std::uint64_t parse_size(const std::string& text, const std::string& option) {
-  std::size_t pos = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &pos);
-  } catch (const std::exception&) {
-    throw CLI::ValidationError(option, fmt::format("'{}' is not a size (examples: 4G, 512M, 1048576)", text));
-  }
-  std::string unit = text.substr(pos);
-  std::transform(unit.begin(), unit.end(), unit.begin(), [](unsigned char c) { return std::tolower(c); });
-  if (unit.ends_with("ib")) unit.resize(unit.size() - 2);
-  else if (unit.size() == 2 && unit[1] == 'b') unit.resize(1);
-  double mult = 1;
-  if (unit.empty() || unit == "b") mult = 1;
-  else if (unit == "k") mult = 1024.0;
-  else if (unit == "m") mult = 1024.0 * 1024;
-  else if (unit == "g") mult = 1024.0 * 1024 * 1024;
-  else if (unit == "t") mult = 1024.0 * 1024 * 1024 * 1024;
-  else throw CLI::ValidationError(option, fmt::format("'{}': unknown unit '{}' (use K, M, G or T)", text, unit));
-  const double bytes = value * mult;
-  if (!(bytes > 0) || bytes > 1e18) throw CLI::ValidationError(option, fmt::format("'{}' is not a positive size", text));
-  return static_cast<std::uint64_t>(bytes);
-}
-
 std::string size_label(std::uint64_t b) {
   if (b % (1ull << 30) == 0) return fmt::format("{}G", b >> 30);
   if (b % (1ull << 20) == 0) return fmt::format("{}M", b >> 20);
@@ -115,25 +90,6 @@ std::pair<std::string, std::string> mount_of(const std::string& path) {
     }
   }
   return {best_dev, best_mnt};
-}
-
-Json machine_json(const std::string& path) {
-  struct utsname u {};
-  ::uname(&u);
-  const auto [dev, mnt] = mount_of(path);
-  char host[256] = {};
-  ::gethostname(host, sizeof host - 1);
-  const std::time_t now = std::time(nullptr);
-  char date[32];
-  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  return Json{{"date", date},
-              {"host", host},
-              {"cpu", read_first_line("/proc/cpuinfo", "model name")},
-              {"cores", std::thread::hardware_concurrency()},
-              {"kernel", u.release},
-              {"device", dev},
-              {"mount", mnt},
-              {"filesystem", io::filesystem_type(path)}};
 }
 
 Json point_json(const BenchPoint& p) {
@@ -306,14 +262,8 @@ std::string sweep_text(const SweepResult& s) {
 EngineOptions settings_from(const BenchIoOptions& o) {
   EngineOptions e;
   if (!o.config.empty()) {
-    const config::LoadedDocument doc = config::load_document(o.config);
-    config::ParseOptions popts;
-    popts.allow_auto = true;
-    const config::ParseResult parsed = config::parse_config(doc.json, popts);
-    if (parsed.diagnostics.count(config::Severity::kError) > 0) {
-      throw Error("config '{}' has errors:\n{}", o.config, parsed.diagnostics.format());
-    }
-    const auto& aio = parsed.config.aio;
+    const config::DeepSpeedConfig cfg = load_bench_config(o.config);
+    const auto& aio = cfg.aio;
     e.block_size = static_cast<std::uint64_t>(aio.block_size);
     e.queue_depth = static_cast<unsigned>(aio.queue_depth);
     e.intra_op_parallelism = static_cast<unsigned>(aio.intra_op_parallelism);
@@ -484,10 +434,68 @@ void finish_parse(BenchIoOptions& o) {
 
 }  // namespace
 
+// Shared by the bench commands (commands.hpp).
+
+// "4G", "512M", "1.5GiB", "256k", "1048576" (binary units).
+std::uint64_t parse_size(const std::string& text, const std::string& option) {
+  std::size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &pos);
+  } catch (const std::exception&) {
+    throw CLI::ValidationError(option, fmt::format("'{}' is not a size (examples: 4G, 512M, 1048576)", text));
+  }
+  std::string unit = text.substr(pos);
+  std::transform(unit.begin(), unit.end(), unit.begin(), [](unsigned char c) { return std::tolower(c); });
+  if (unit.ends_with("ib")) unit.resize(unit.size() - 2);
+  else if (unit.size() == 2 && unit[1] == 'b') unit.resize(1);
+  double mult = 1;
+  if (unit.empty() || unit == "b") mult = 1;
+  else if (unit == "k") mult = 1024.0;
+  else if (unit == "m") mult = 1024.0 * 1024;
+  else if (unit == "g") mult = 1024.0 * 1024 * 1024;
+  else if (unit == "t") mult = 1024.0 * 1024 * 1024 * 1024;
+  else throw CLI::ValidationError(option, fmt::format("'{}': unknown unit '{}' (use K, M, G or T)", text, unit));
+  const double bytes = value * mult;
+  if (!(bytes > 0) || bytes > 1e18) throw CLI::ValidationError(option, fmt::format("'{}' is not a positive size", text));
+  return static_cast<std::uint64_t>(bytes);
+}
+
+Json machine_json(const std::string& path) {
+  struct utsname u {};
+  ::uname(&u);
+  const auto [dev, mnt] = mount_of(path);
+  char host[256] = {};
+  ::gethostname(host, sizeof host - 1);
+  const std::time_t now = std::time(nullptr);
+  char date[32];
+  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  return Json{{"date", date},
+              {"host", host},
+              {"cpu", read_first_line("/proc/cpuinfo", "model name")},
+              {"cores", std::thread::hardware_concurrency()},
+              {"kernel", u.release},
+              {"device", dev},
+              {"mount", mnt},
+              {"filesystem", io::filesystem_type(path)}};
+}
+
+config::DeepSpeedConfig load_bench_config(const std::string& path) {
+  const config::LoadedDocument doc = config::load_document(path);
+  config::ParseOptions popts;
+  popts.allow_auto = true;
+  const config::ParseResult parsed = config::parse_config(doc.json, popts);
+  if (parsed.diagnostics.count(config::Severity::kError) > 0) {
+    throw Error("config '{}' has errors:\n{}", path, parsed.diagnostics.format());
+  }
+  return parsed.config;
+}
+
 void add_bench_commands(CLI::App& app, Action& action) {
-  auto* bench = app.add_subcommand("bench", "Benchmarks: storage (io), CPU optimizers (adam)");
+  auto* bench = app.add_subcommand("bench", "Benchmarks: storage (io), CPU optimizers (adam), the offloaded optimizer step (offload)");
   bench->require_subcommand(1);
   add_bench_adam_command(*bench, action);
+  add_bench_offload_command(*bench, action);
   auto io_opts = std::make_shared<BenchIoOptions>();
   auto* io_cmd = bench->add_subcommand(
       "io", "NVMe/storage throughput and latency: the io_uring engine against pread/pwrite threads, same file");

@@ -6,6 +6,8 @@
 
 #include <functional>
 
+#include "zinf/configs/deepspeed_config.hpp"
+#include "zinf/configs/document.hpp"
 #include "zinf/configs/resolve.hpp"
 
 namespace zinf::tools {
@@ -15,6 +17,16 @@ using Action = std::function<int()>;
 void add_config_commands(CLI::App& app, Action& action);
 void add_bench_commands(CLI::App& app, Action& action);  // bench io, tune nvme
 void add_bench_adam_command(CLI::App& bench, Action& action);  // bench adam
+void add_bench_offload_command(CLI::App& bench, Action& action);  // bench offload
+
+// Shared by the bench commands. Sizes in bytes: "4G", "512M", "1048576" (binary units); counts
+// of elements: "256M" = 256 x 2^20. Both throw CLI::ValidationError naming the option.
+std::uint64_t parse_size(const std::string& text, const std::string& option);
+std::size_t parse_count(const std::string& text, const std::string& option);
+// Date, host, CPU, kernel and the device, mount and file system holding `path`.
+config::Json machine_json(const std::string& path);
+// A config file or preset, "auto" allowed; zinf::Error listing its errors.
+config::DeepSpeedConfig load_bench_config(const std::string& path);
 
 // Adds --micro-batch, --grad-accum, --world-size, --lr, ... to `cmd`, writing into `args`.
 void add_training_args(CLI::App& cmd, config::TrainingArgs& args);

@@ -261,31 +261,55 @@ void PartitionStore::set_state(std::size_t unit, std::span<const float> master, 
     throw Error("setting the state of '{}': exp_avg has {} and exp_avg_sq {} values for a shard of {}",
                 units_[unit].name, exp_avg.size(), exp_avg_sq.size(), n);
   }
-  std::vector<std::uint16_t> bf16(n);
-  kc::convert(master.data(), kc::DType::kF32, bf16.data(), kc::DType::kBF16, n);
-  for (const Slice* s : slices) {
-    const std::uint64_t len = s->size();
-    io::AlignedBuffer buf;
-    float* dst = s->host_state;
-    if (s->state_tier == Tier::kNvme) {
-      buf = io::AlignedBuffer(opt_swap_->buffer_bytes(s->state_id));
-      dst = reinterpret_cast<float*>(buf.data());
+  // NVMe slices go through the staging buffers, round-robin, with one state and one parameter
+  // write in flight per buffer; every write is waited before this returns.
+  std::vector<io::SwapHandle> writes(2 * opt_staging_.size());
+  std::size_t next_buffer = 0;
+  auto wait_all = [&](bool rethrow) {
+    std::string first;
+    for (io::SwapHandle& h : writes) {
+      try {
+        h.wait();
+      } catch (const Error& e) {
+        if (first.empty()) first = e.what();
+      }
+      h = io::SwapHandle();
     }
-    std::memcpy(dst, master.data() + s->begin, len * 4);
-    if (moments) {
-      std::memcpy(dst + len, exp_avg.data() + s->begin, len * 4);
-      std::memcpy(dst + 2 * len, exp_avg_sq.data() + s->begin, len * 4);
-    } else {
-      std::memset(dst + len, 0, len * 8);
+    if (rethrow && !first.empty()) throw Error(first);
+  };
+  try {
+    for (const Slice* s : slices) {
+      const std::uint64_t len = s->size();
+      std::byte* staging = nullptr;
+      std::size_t b = 0;
+      if (needs_staging(*s)) {
+        b = next_buffer++ % opt_staging_.size();
+        writes[2 * b].wait();  // the buffer's previous writes
+        writes[2 * b + 1].wait();
+        staging = opt_staging_[b];
+      }
+      float* dst = s->state_tier == Tier::kNvme ? reinterpret_cast<float*>(staging) : s->host_state;
+      std::memcpy(dst, master.data() + s->begin, len * 4);
+      if (moments) {
+        std::memcpy(dst + len, exp_avg.data() + s->begin, len * 4);
+        std::memcpy(dst + 2 * len, exp_avg_sq.data() + s->begin, len * 4);
+      } else {
+        std::memset(dst + len, 0, len * 8);
+      }
+      std::uint16_t* bf16 = s->param_tier == Tier::kNvme ? reinterpret_cast<std::uint16_t*>(staging + opt_state_bytes_)
+                                                         : host_params_[unit] + s->begin;
+      kc::convert(master.data() + s->begin, kc::DType::kF32, bf16, kc::DType::kBF16, len);
+      if (s->state_tier == Tier::kNvme) writes[2 * b] = opt_swap_->write(s->state_id, {staging, opt_state_bytes_});
+      if (s->param_tier == Tier::kNvme) {
+        writes[2 * b + 1] = param_swap_->write(
+            s->param_id, {staging + opt_state_bytes_, io::round_up(len * 2, io::kIoAlignment)});
+      }
     }
-    if (s->state_tier == Tier::kNvme) opt_swap_->write(s->state_id, buf.span()).wait();
-    if (s->param_tier == Tier::kNvme) {
-      io::AlignedBuffer pb(param_swap_->buffer_bytes(s->param_id));
-      std::memcpy(pb.data(), bf16.data() + s->begin, len * 2);
-      param_swap_->write(s->param_id, pb.span()).wait();
-    }
+  } catch (...) {
+    wait_all(false);
+    throw;
   }
-  if (host_params_[unit] != nullptr) std::memcpy(host_params_[unit], bf16.data(), n * 2);
+  wait_all(true);
 }
 
 void PartitionStore::read_state(std::size_t unit, std::span<float> master, std::span<float> exp_avg,

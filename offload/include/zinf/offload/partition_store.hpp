@@ -126,7 +126,8 @@ class PartitionStore {
 
   // Sets a unit's state: fp32 master weights and moments (zeros when the moment spans are empty),
   // and its bf16 parameters (rounded from the master). Used at start-up and when loading a
-  // checkpoint.
+  // checkpoint; NVMe slices are written through the staging buffers, several in flight, so it
+  // must not run while a step does.
   void set_state(std::size_t unit, std::span<const float> master, std::span<const float> exp_avg = {},
                  std::span<const float> exp_avg_sq = {});
   // Copies a unit's state out (reading NVMe slices), e.g. for checkpoints and tests.

@@ -169,6 +169,15 @@ io::EngineOptions test_engine() {
   return eo;
 }
 
+// A scratch directory with an engine, a swap store on it and pageable host memory.
+struct NvmeScratch {
+  explicit NvmeScratch(const io::EngineOptions& eo = io::EngineOptions{}) : engine(eo), swap(engine, {{dir.path()}, 0}) {}
+  ScratchDir dir;
+  io::IoEngine engine;
+  io::SwapStore swap;
+  HostMemory mem{0, PinMode::kPageable};
+};
+
 StepRun run_steps(const Placement& pl, const std::string& dir, int steps) {
   io::IoEngine engine(test_engine());
   std::unique_ptr<io::SwapStore> swap;
@@ -333,10 +342,8 @@ TEST(OptimizerStep, BadInputsAreClearErrors) {
 }
 
 TEST(OptimizerStep, AFailedGradientSourceStopsTheStepAndLaterSteps) {
-  ScratchDir dir;
-  io::IoEngine engine(test_engine());
-  io::SwapStore swap(engine, {{dir.path()}, 0});
-  HostMemory mem(0, PinMode::kPageable);
+  NvmeScratch nv(test_engine());
+  auto& [dir, engine, swap, mem] = nv;
   StoreOptions so;
   so.nvme_ratio = 1.0;
   so.slice_elems = 8192;
@@ -376,10 +383,8 @@ void flip_byte(const io::SwapStore& swap, io::TensorId id, std::uint64_t at) {
 }
 
 TEST(OptimizerStep, ACorruptNvmeSliceStopsTheStepBeforeItsDataIsUsed) {
-  ScratchDir dir;
-  io::IoEngine engine(io::EngineOptions{});
-  io::SwapStore swap(engine, {{dir.path()}, 0});
-  HostMemory mem(0, PinMode::kPageable);
+  NvmeScratch nv;
+  auto& [dir, engine, swap, mem] = nv;
   StoreOptions so;
   so.nvme_ratio = 1.0;
   so.slice_elems = 8192;
@@ -410,10 +415,8 @@ TEST(OptimizerStep, ACorruptNvmeSliceStopsTheStepBeforeItsDataIsUsed) {
 }
 
 TEST(PartitionStore, ACorruptParameterSliceIsNotHandedOut) {
-  ScratchDir dir;
-  io::IoEngine engine(io::EngineOptions{});
-  io::SwapStore swap(engine, {{dir.path()}, 0});
-  HostMemory mem(0, PinMode::kPageable);
+  NvmeScratch nv;
+  auto& [dir, engine, swap, mem] = nv;
   StoreOptions so;
   so.params_on_nvme = true;
   so.max_in_cpu = 0;
@@ -504,10 +507,8 @@ TEST(OptimizerStep, AnIoErrorDuringTheStepNamesTheFileAndDamagesNoCheckpoint) {
 // Placement and options.
 
 TEST(PartitionStore, PlacesStateByRatioAndParametersByMaxInCpu) {
-  ScratchDir dir;
-  io::IoEngine engine(io::EngineOptions{});
-  io::SwapStore swap(engine, {{dir.path()}, 0});
-  HostMemory mem(0, PinMode::kPageable);
+  NvmeScratch nv;
+  auto& [dir, engine, swap, mem] = nv;
   StoreOptions so;
   so.nvme_ratio = 0.5;
   so.slice_elems = 10000;  // rounded down to 8192
@@ -603,10 +604,8 @@ TEST(PartitionStore, BadOptionsAreClearErrors) {
 }
 
 TEST(PartitionStore, SetStateWithMomentsRoundTrips) {
-  ScratchDir dir;
-  io::IoEngine engine(io::EngineOptions{});
-  io::SwapStore swap(engine, {{dir.path()}, 0});
-  HostMemory mem(0, PinMode::kPageable);
+  NvmeScratch nv;
+  auto& [dir, engine, swap, mem] = nv;
   StoreOptions so;
   so.nvme_ratio = 0.5;
   so.slice_elems = 4096;

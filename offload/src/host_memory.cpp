@@ -232,6 +232,13 @@ HostBuffer HostMemory::allocate(Purpose purpose, std::uint64_t bytes, std::strin
       throw Error("cannot allocate {} of host memory for {} ({}): {} of the {} budget is in use ({})", gib(size), what,
                   purpose_name(purpose), gib(t), gib(budget_), plan_text(used_));
     }
+    // Checked here as well as by mlock itself: the same message either way, and sanitizer
+    // runtimes turn mlock into a no-op.
+    if (mode_ == PinMode::kLocked && !can_lock_unlimited() && t + size > memlock_limit_bytes()) {
+      throw Error("cannot page-lock {} of host memory for {}{}: the memlock limit is {}: {}", gib(size), what,
+                  t > 0 ? fmt::format(" ({} is locked already)", gib(t)) : std::string(), gib(memlock_limit_bytes()),
+                  kMemlockFix);
+    }
     used_[static_cast<std::size_t>(purpose)] += size;
   }
   b.owner_ = this;

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The offload benchmark behind bench/results/offload.md, in one run on one machine:
 #   1. the step with all optimizer state in (pinned) host memory,
-#   2. the step with all state on NVMe at DeepSpeed's default aio settings, with one step timed
-#      with overlap off for comparison,
-#   3. the same with a tuned aio block (AIO="block,queue_depth,parallelism"),
+# and for each I/O schedule in IO (default "mixed phased"):
+#   2. the step with all state on NVMe at DeepSpeed's default aio settings,
+#   3. the same with a tuned aio block (AIO="block,queue_depth,parallelism"); with mixed I/O, one
+#      more step is timed with overlap off for comparison,
 #   4. half of the state on NVMe (ratio 0.5) with the tuned aio block.
 # Each run prints its own same-run bounds (CPU kernel, disk read/write) next to the step.
 # Usage: bench/offload_bench.sh ZINF_BINARY DIR OUTDIR [PARAMS=1G] [SUB_GROUP=16M] [AIO=262144,4,8]
+#        (environment: IO="mixed phased")
 # DIR must be on the drive under test, with room for 12 B/param of state plus a 4 GiB test file.
 set -euo pipefail
 ZINF=$1
@@ -38,6 +40,12 @@ run() {
 } | tee "$OUT/offload.txt"
 
 run cpu --device cpu --params "$PARAMS" --sub-group "$SUB"
-run nvme_default_aio --device nvme --path "$DIR" --params "$PARAMS" --sub-group "$SUB" --serial
-run nvme_tuned_aio --device nvme --path "$DIR" --params "$PARAMS" --sub-group "$SUB" --config "$OUT/aio_tuned.json" --serial
-run nvme_ratio_half --device nvme --path "$DIR" --params "$PARAMS" --sub-group "$SUB" --config "$OUT/aio_tuned.json" --ratio 0.5
+for io in ${IO:-mixed phased}; do
+  serial=()
+  [[ $io == mixed ]] && serial=(--serial)
+  run "nvme_default_aio_$io" --device nvme --path "$DIR" --params "$PARAMS" --sub-group "$SUB" --io "$io"
+  run "nvme_tuned_aio_$io" --device nvme --path "$DIR" --params "$PARAMS" --sub-group "$SUB" \
+    --config "$OUT/aio_tuned.json" --io "$io" "${serial[@]}"
+  run "nvme_ratio_half_$io" --device nvme --path "$DIR" --params "$PARAMS" --sub-group "$SUB" \
+    --config "$OUT/aio_tuned.json" --ratio 0.5 --io "$io"
+done

@@ -76,6 +76,11 @@ StepperOptions stepper_options_from_env() {
   StepperOptions o;
   o.overlap = env_flag("ZINF_OFFLOAD_OVERLAP", true);
   o.exact = env_flag("ZINF_OFFLOAD_EXACT", false);
+  if (const char* io = std::getenv("ZINF_OFFLOAD_IO"); io != nullptr && *io != '\0') {
+    const std::string v(io);
+    if (v != "phased" && v != "mixed") throw Error("ZINF_OFFLOAD_IO={}: use phased or mixed", v);
+    o.phased = v == "phased";
+  }
   return o;
 }
 
@@ -197,11 +202,9 @@ StepStats OptimizerStepper::step(const StepInputs& in) {
   StepStats stats;
 
   // 1. read: a staging buffer (once its previous write-back is done) and the NVMe state into it.
-  auto read_stage = [&](tbb::flow_control& fc) -> Token* {
-    if (next == work.size()) {
-      fc.stop();
-      return nullptr;
-    }
+  // Null once every slice has been handed out.
+  auto read_next = [&]() -> Token* {
+    if (next == work.size()) return nullptr;
     Token& t = tokens[next];
     t.index = next;
     t.slice = work[next];
@@ -311,8 +314,38 @@ StepStats OptimizerStepper::step(const StepInputs& in) {
       options_.overlap ? std::max<std::size_t>(1, store_.optimizer_buffer_count() > 0 ? store_.optimizer_buffer_count()
                                                                                       : store_.options().optimizer_buffers)
                        : 1;
+  auto read_stage = [&](tbb::flow_control& fc) -> Token* {
+    Token* t = read_next();
+    if (t == nullptr) fc.stop();
+    return t;
+  };
+  // Phased I/O: batches of as many staged slices as there are buffers. All reads of a batch are in
+  // flight while its slices step (each as soon as its read lands), then all its write-backs go
+  // out, and the next batch's reads start once they are done: the drive sees runs of reads and
+  // runs of writes instead of both at once.
+  auto run_phased = [&] {
+    const std::size_t buffers = std::max<std::size_t>(1, store_.optimizer_buffer_count());
+    std::vector<Token*> batch;
+    for (;;) {
+      batch.clear();
+      std::size_t staged = 0;
+      while (next < work.size() && !(store_.needs_staging(*work[next]) && staged == buffers)) {
+        Token* t = read_next();
+        ZINF_ASSERT(t != nullptr);
+        if (t->buffer >= 0) ++staged;
+        batch.push_back(t);
+      }
+      if (batch.empty()) return;
+      for (Token* t : batch) step_stage(t);
+      for (Token* t : batch) write_stage(t);
+    }
+  };
   try {
     arena_.execute([&] {
+      if (options_.phased && options_.overlap) {
+        run_phased();
+        return;
+      }
       tbb::parallel_pipeline(live,
                              tbb::make_filter<void, Token*>(tbb::filter_mode::serial_in_order, read_stage) &
                                  tbb::make_filter<Token*, Token*>(tbb::filter_mode::parallel, step_stage) &

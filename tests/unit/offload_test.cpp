@@ -299,6 +299,11 @@ TEST(OptimizerStep, EveryPlacementGivesTheKernelsBits) {
     StepperOptions serial = so;
     serial.overlap = false;
     cases.push_back({"nvme, overlap off", place(1.0, true, 0, 4, serial)});
+    StepperOptions phased = so;
+    phased.phased = true;
+    cases.push_back({"nvme state and parameters, phased I/O", place(1.0, true, 0, 3, phased)});
+    cases.push_back({"a third on nvme, phased I/O, 1 buffer", place(0.33, true, 4096, 1, phased)});
+    cases.push_back({"host, phased I/O", place(0.0, false, 0, 2, phased)});
     for (const Case& c : cases) {
       const StepRun r = run_steps(c.p, dir.path(), 3);
       expect_same(r, ref, mode + ": " + c.name);
@@ -312,6 +317,8 @@ TEST(OptimizerStep, GradientsAndScaleMayArriveWhileTheStepRuns) {
   Placement p = place(1.0, true, 4096, 3);
   p.feed_from_thread = true;
   expect_same(run_steps(p, dir.path(), 2), reference_run(2, false), "late gradients");
+  p.stepper.phased = true;
+  expect_same(run_steps(p, dir.path(), 2), reference_run(2, false), "late gradients, phased I/O");
 }
 
 TEST(OptimizerStep, UnitsAreSteppedInTheOrderGiven) {
@@ -667,6 +674,12 @@ TEST(OffloadSettings, EnvironmentSwitchesAreChecked) {
   StepperOptions o = stepper_options_from_env();
   EXPECT_FALSE(o.overlap);
   EXPECT_TRUE(o.exact);
+  EXPECT_FALSE(o.phased);
+  ::setenv("ZINF_OFFLOAD_IO", "phased", 1);
+  EXPECT_TRUE(stepper_options_from_env().phased);
+  ::setenv("ZINF_OFFLOAD_IO", "both", 1);
+  EXPECT_IO_ERROR(stepper_options_from_env(), "ZINF_OFFLOAD_IO=both", "use phased or mixed");
+  ::unsetenv("ZINF_OFFLOAD_IO");
   ::setenv("ZINF_OFFLOAD_OVERLAP", "off", 1);
   EXPECT_IO_ERROR(stepper_options_from_env(), "ZINF_OFFLOAD_OVERLAP=off", "use 0 or 1");
   ::unsetenv("ZINF_OFFLOAD_OVERLAP");

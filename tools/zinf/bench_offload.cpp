@@ -55,6 +55,7 @@ struct BenchOffloadOptions {
   std::string config;
   std::string disk_size_text = "4G";
   std::uint64_t disk_size = 4ull << 30;
+  std::string io = "default";  // the I/O schedule: phased, mixed, or the environment's / default
   bool serial = false;  // also time one step with overlap off
   bool json = false;
 };
@@ -172,6 +173,7 @@ int run_bench_offload(const BenchOffloadOptions& o) {
   }
   if (!nvme) oo.ratio = 1.0;
   offload::OffloadSettings settings = offload::offload_settings(cfg);
+  if (o.io != "default") settings.stepper.phased = o.io == "phased";
   const double nvme_fraction = nvme ? settings.store.nvme_ratio : 0.0;
 
   // Units: --units equal shards (the last takes the remainder), like the layers of a model.
@@ -328,6 +330,7 @@ int run_bench_offload(const BenchOffloadOptions& o) {
     j["sub_group_size"] = z.sub_group_size;
     j["slice_elems"] = off.store().slice_elems();
     j["buffer_count"] = oo.buffer_count;
+    j["io"] = settings.stepper.phased ? "phased" : "mixed";
     j["aio"] = Json{{"block_size", settings.aio.block_size},
                     {"queue_depth", settings.aio.queue_depth},
                     {"intra_op_parallelism", settings.aio.intra_op_parallelism}};
@@ -352,8 +355,8 @@ int run_bench_offload(const BenchOffloadOptions& o) {
     std::cout << j.dump(2) << "\n";
     return kExitOk;
   }
-  std::cout << fmt::format("zinf bench offload: {} parameters in {} units, state on {}, {} threads ({})\n", n, units,
-                           place, threads, isa);
+  std::cout << fmt::format("zinf bench offload: {} parameters in {} units, state on {}, {} threads ({}), {} I/O\n", n,
+                           units, place, threads, isa, settings.stepper.phased ? "phased" : "mixed");
   std::cout << fmt::format("  store: {}\n  host memory: {}\n", off.store().describe(), off.memory().report());
   if (nvme) {
     std::cout << fmt::format("  aio: block {} KiB, queue depth {}, {} ring(s); initial state written in {:.2f} s\n",
@@ -427,6 +430,8 @@ void add_bench_offload_command(CLI::App& bench, Action& action) {
   cmd->add_option("--steps", o->steps, "timed steps after one warm-up (default 3)")->check(CLI::Range(1u, 1000u));
   cmd->add_option("--config", o->config, "take offload_optimizer, sub_group_size and aio from this config (file or preset)");
   cmd->add_option("--disk-size", o->disk_size_text, "file size for the disk bound (default 4G, at most 12 B/param)");
+  cmd->add_option("--io", o->io, "I/O schedule of the step: phased or mixed (default: ZINF_OFFLOAD_IO, else zinf's default)")
+      ->check(CLI::IsMember({"default", "phased", "mixed"}));
   cmd->add_flag("--serial", o->serial, "also time one step with overlap off (ZINF_OFFLOAD_OVERLAP=0)");
   cmd->add_flag("--json", o->json, "print one JSON object");
   cmd->callback([o, &action] {

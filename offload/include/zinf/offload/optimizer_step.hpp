@@ -12,6 +12,8 @@
 //             once all its slices are stepped and its NVMe parameters are on disk.
 // Live tokens = staging buffers (offload_optimizer.buffer_count), so host memory is bounded by
 // construction, and reading slice i+1 and writing slice i-1 overlap the step of slice i.
+// StepperOptions::phased runs the same stages in batches instead, for drives that lose
+// throughput when reads and writes are mixed.
 //
 // A failure anywhere (I/O error, checksum mismatch, a gradient source that fails) cancels the
 // pipeline, waits for every I/O already started, and comes out of step() as zinf::Error naming the
@@ -36,6 +38,11 @@ struct StepperOptions {
   // Overlap reads, steps and writes (the default). false: one slice at a time, each write waited
   // before the next read starts; a debugging aid (ZINF_OFFLOAD_OVERLAP=0).
   bool overlap = true;
+  // How the NVMe reads and write-backs share the drive. Mixed: each slice's write-back starts as
+  // soon as it has stepped, next to the reads of later slices (the three-stage pipeline). Phased:
+  // batches of `buffer_count` slices; a batch's reads, then its write-backs, so the drive serves
+  // runs of one direction (ZINF_OFFLOAD_IO=phased|mixed).
+  bool phased = false;
   // Exact mode: bf16 parameters are rounded by the portable code even on CPUs with AVX512-BF16
   // instructions (which flush fp32 subnormals), so results are bit-identical on every machine and
   // ISA, for every placement of the state. The fp32 state is bit-identical across placements in
@@ -44,7 +51,8 @@ struct StepperOptions {
 };
 
 // The options from the environment: ZINF_OFFLOAD_OVERLAP=0 turns overlap off, ZINF_OFFLOAD_EXACT=1
-// turns exact mode on. Throws zinf::Error for a value other than 0 or 1.
+// turns exact mode on, ZINF_OFFLOAD_IO=phased|mixed picks the I/O schedule. Throws zinf::Error
+// for any other value.
 StepperOptions stepper_options_from_env();
 
 // Where gradients and the gradient scale come from while backward is still running: backward

@@ -1,6 +1,7 @@
 #include "zinf/offload/offload.hpp"
 
 #include <algorithm>
+#include <filesystem>
 #include <limits>
 
 #include <fmt/format.h>
@@ -26,6 +27,23 @@ std::vector<std::string> split_nvme_paths(const std::string& value) {
   }
   return out;
 }
+
+namespace {
+
+// Paths as the file system resolves them ("/nvme/" and "/nvme/./" are "/nvme"), sorted.
+std::vector<std::string> canonical(const std::vector<std::string>& paths) {
+  std::vector<std::string> out;
+  for (const std::string& p : paths) {
+    std::error_code ec;
+    const auto c = std::filesystem::weakly_canonical(p, ec);
+    out.push_back(ec ? p : c.lexically_normal().string());
+    while (out.back().size() > 1 && out.back().back() == '/') out.back().pop_back();
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+}  // namespace
 
 OffloadSettings offload_settings(const config::DeepSpeedConfig& c) {
   OffloadSettings s;
@@ -89,7 +107,7 @@ Offload::Offload(const OffloadSettings& settings, std::vector<UnitSpec> units, i
     engine_ = std::make_unique<io::IoEngine>(settings.aio);
     if (opt_nvme) optimizer_swap_ = std::make_unique<io::SwapStore>(*engine_, io::SwapStoreOptions{settings.optimizer_paths, rank});
     // One store when both name the same directories (two would fight over the directory lock).
-    if (param_nvme && !(opt_nvme && settings.param_paths == settings.optimizer_paths)) {
+    if (param_nvme && !(opt_nvme && canonical(settings.param_paths) == canonical(settings.optimizer_paths))) {
       param_swap_ = std::make_unique<io::SwapStore>(*engine_, io::SwapStoreOptions{settings.param_paths, rank});
     }
   }

@@ -378,7 +378,8 @@ ParamLease::ParamLease(ParamLease&& o) noexcept
       pieces_(std::move(o.pieces_)),
       buffers_(std::move(o.buffers_)),
       reads_(std::move(o.reads_)),
-      waited_(o.waited_) {}
+      waited_(o.waited_),
+      error_(std::move(o.error_)) {}
 
 ParamLease& ParamLease::operator=(ParamLease&& o) noexcept {
   if (this != &o) {
@@ -388,12 +389,16 @@ ParamLease& ParamLease::operator=(ParamLease&& o) noexcept {
     buffers_ = std::move(o.buffers_);
     reads_ = std::move(o.reads_);
     waited_ = o.waited_;
+    error_ = std::move(o.error_);
   }
   return *this;
 }
 
 void ParamLease::wait() {
-  if (waited_) return;
+  if (waited_) {
+    if (!error_.empty()) throw Error(error_);
+    return;
+  }
   // Every read is waited, even after one fails, so no buffer is given back with I/O in flight.
   std::string first_error;
   for (io::SwapHandle& h : reads_) {
@@ -407,6 +412,7 @@ void ParamLease::wait() {
   waited_ = true;
   if (!first_error.empty()) {
     pieces_.clear();  // the data must not be used
+    error_ = first_error;
     throw Error(first_error);
   }
 }

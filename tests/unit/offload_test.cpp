@@ -435,6 +435,8 @@ TEST(PartitionStore, ACorruptParameterSliceIsNotHandedOut) {
   ParamLease lease = store.fetch(0);
   EXPECT_IO_ERROR(lease.wait(), "checksum mismatch", "a.params[4096:8000]");
   EXPECT_TRUE(lease.pieces().empty());
+  std::vector<std::uint16_t> out(8000);
+  EXPECT_IO_ERROR(lease.copy_to(out), "checksum mismatch");  // a failed lease never copies out
   lease = ParamLease();  // buffers go back: both are free again
   ParamLease again = store.fetch(0);
   EXPECT_EQ(again.pieces().size(), 2u);
@@ -692,14 +694,15 @@ TEST(Offload, BuildsFromAConfigAndSteps) {
   const auto c = parse(fmt::format(R"({{"train_batch_size": 8, "zero_optimization": {{"stage": 3,
       "sub_group_size": 4096,
       "offload_optimizer": {{"device": "nvme", "nvme_path": "{0}", "buffer_count": 2}},
-      "offload_param": {{"device": "nvme", "nvme_path": "{0}", "buffer_count": 30, "buffer_size": 8192,
+      "offload_param": {{"device": "nvme", "nvme_path": "{0}/", "buffer_count": 30, "buffer_size": 8192,
                          "max_in_cpu": 0, "pin_memory": false}}}}}})",
                                    dir.path()));
   OffloadSettings s = offload_settings(c);
   tbb::task_arena arena(2);
   Offload off(s, kUnits, 0, arena);
   EXPECT_NE(off.engine(), nullptr);
-  EXPECT_EQ(off.store().optimizer_swap(), off.store().param_swap()) << "one swap store for one directory";
+  EXPECT_EQ(off.store().optimizer_swap(), off.store().param_swap())
+      << "one swap store for one directory, however it is spelled";
   EXPECT_EQ(off.memory().mode(), PinMode::kPageable);
   for (std::size_t u = 0; u < kUnits.size(); ++u) off.store().set_state(u, init_values(kUnits[u].numel, u));
   std::vector<std::vector<std::uint16_t>> grads;

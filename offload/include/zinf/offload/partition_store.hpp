@@ -89,7 +89,8 @@ class ParamLease {
   ParamLease(const ParamLease&) = delete;
   ParamLease& operator=(const ParamLease&) = delete;
 
-  // Waits for the NVMe reads; throws zinf::Error on an I/O error or a checksum mismatch.
+  // Waits for the NVMe reads; throws zinf::Error on an I/O error or a checksum mismatch (and
+  // again on every later call: a failed lease has no pieces).
   void wait();
   const std::vector<Piece>& pieces() const noexcept { return pieces_; }
   // Copies the shard out (waits first).
@@ -103,6 +104,7 @@ class ParamLease {
   std::vector<int> buffers_;
   std::vector<io::SwapHandle> reads_;
   bool waited_ = false;
+  std::string error_;
 };
 
 class PartitionStore {

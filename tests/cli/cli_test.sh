@@ -146,5 +146,20 @@ expect 2 'not a count' -- "$ZINF" bench adam --params lots
 expect 1 'unknown CPU ISA' -- "$ZINF" bench adam --params 1K --isa sse9
 expect 1 'ZINF_CPU_ISA' -- env ZINF_CPU_ISA=mmx "$ZINF" bench adam --params 1K --repeat 1
 
+# bench offload (tiny sizes: the mechanics, the bounds and the errors).
+mkdir -p "$TMP/swap"
+expect 0 'best pipelined step: .* of min\(disk, kernel\)' -- "$ZINF" bench offload --device cpu --params 1M --units 4 --steps 1
+expect 0 'mixed pass .* GB/s'       -- "$ZINF" bench offload --path "$TMP/swap" --params 1M --units 3 --sub-group 64K --steps 1 --serial
+expect 0 'phased I/O'               -- "$ZINF" bench offload --path "$TMP/swap" --params 512K --ratio 0.5 --io phased --steps 1
+expect 0 '"fraction_of_bound"'      -- "$ZINF" bench offload --path "$TMP/swap" --params 512K --steps 1 --json
+expect 0 '"disk_file_bytes": 268435456' -- "$ZINF" bench offload --path "$TMP/swap" --params 256K --steps 1 --json --disk-size 256M
+expect 2 'needs --path'             -- "$ZINF" bench offload --params 1M
+expect 2 ''                         -- "$ZINF" bench offload --device gpu --params 1M
+expect 2 ''                         -- "$ZINF" bench offload --device cpu --ratio 2
+expect 2 'not a count'              -- "$ZINF" bench offload --device cpu --sub-group many
+expect 1 'does not exist|create it' -- "$ZINF" bench offload --path "$TMP/no/such/dir" --params 1M
+expect 1 'ZINF_OFFLOAD_IO=sideways' -- env ZINF_OFFLOAD_IO=sideways "$ZINF" bench offload --device cpu --params 1M
+[[ -z $(ls -A "$TMP/swap") ]] || { echo "FAIL: bench offload left files in $TMP/swap"; failed=$((failed + 1)); }
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

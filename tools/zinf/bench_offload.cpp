@@ -169,7 +169,7 @@ int run_bench_offload(const BenchOffloadOptions& o) {
   if (o.buffer_count > 0) oo.buffer_count = o.buffer_count;
   const bool nvme = oo.device == OffloadDevice::kNvme;
   if (nvme && oo.nvme_path.empty()) {
-    throw CLI::ValidationError("--path", "--device nvme needs --path DIR (or a config with offload_optimizer.nvme_path)");
+    throw Error("--device nvme needs --path DIR: config '{}' has no offload_optimizer.nvme_path", o.config);
   }
   if (!nvme) oo.ratio = 1.0;
   offload::OffloadSettings settings = offload::offload_settings(cfg);
@@ -447,6 +447,9 @@ void add_bench_offload_command(CLI::App& bench, Action& action) {
     o->params = parse_count(o->params_text, "--params");
     if (!o->sub_group_text.empty()) o->sub_group = parse_count(o->sub_group_text, "--sub-group");
     if (!o->disk_size_text.empty()) o->disk_size = parse_size(o->disk_size_text, "--disk-size");
+    if (o->device_text == "nvme" && o->path.empty() && o->config.empty()) {
+      throw CLI::ValidationError("--path", "--device nvme needs --path DIR (or --config with offload_optimizer.nvme_path)");
+    }
     action = [o] { return run_bench_offload(*o); };
   });
 }

@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "zinf/common/error.hpp"
+#include "zinf/configs/summary.hpp"
 #include "zinf/io/aligned_buffer.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
 
@@ -24,12 +25,7 @@ constexpr std::uint64_t kPage = 4096;
 
 std::uint64_t page_round(std::uint64_t bytes) { return (bytes + kPage - 1) / kPage * kPage; }
 
-std::string count_text(std::uint64_t n) {
-  if (n >= 1'000'000'000) return fmt::format("{:.2f}B", static_cast<double>(n) / 1e9);
-  if (n >= 1'000'000) return fmt::format("{:.2f}M", static_cast<double>(n) / 1e6);
-  if (n >= 10'000) return fmt::format("{:.1f}K", static_cast<double>(n) / 1e3);
-  return std::to_string(n);
-}
+std::string human(std::uint64_t n) { return config::human_count(static_cast<std::int64_t>(n)); }
 
 // Hands out consecutive 4 KiB-aligned pieces of one block.
 class Carver {
@@ -234,8 +230,8 @@ std::string PartitionStore::describe() const {
   return fmt::format(
       "{} units, {} elements in {} slices of up to {}; optimizer state: {} host, {} nvme; bf16 parameters: {} "
       "host, {} nvme; staging: {} optimizer buffer(s), {} parameter buffer(s)",
-      units_.size(), count_text(total_elems_), slices_.size(), count_text(slice_elems_), count_text(host_state),
-      count_text(nvme_state_elems_), count_text(total_elems_ - nvme_param_elems_), count_text(nvme_param_elems_),
+      units_.size(), human(total_elems_), slices_.size(), human(slice_elems_), human(host_state),
+      human(nvme_state_elems_), human(total_elems_ - nvme_param_elems_), human(nvme_param_elems_),
       opt_staging_.size(), param_staging_.size());
 }
 

@@ -178,6 +178,20 @@ struct NvmeScratch {
   HostMemory mem{0, PinMode::kPageable};
 };
 
+// All optimizer state on NVMe, in slices of `slice_elems`, with `buffers` staging buffers.
+StoreOptions all_on_nvme(std::uint64_t slice_elems, unsigned buffers = 4) {
+  StoreOptions so;
+  so.nvme_ratio = 1.0;
+  so.slice_elems = slice_elems;
+  so.optimizer_buffers = buffers;
+  return so;
+}
+
+// Every unit of kUnits set to its init_values (moments zero).
+void set_initial_state(PartitionStore& store) {
+  for (std::size_t u = 0; u < kUnits.size(); ++u) store.set_state(u, init_values(kUnits[u].numel, u));
+}
+
 StepRun run_steps(const Placement& pl, const std::string& dir, int steps) {
   io::IoEngine engine(test_engine());
   std::unique_ptr<io::SwapStore> swap;
@@ -192,7 +206,7 @@ StepRun run_steps(const Placement& pl, const std::string& dir, int steps) {
   so.param_buffers = 16;
   so.param_buffer_elems = 16384;
   PartitionStore store(kUnits, so, mem, swap.get(), swap.get());
-  for (std::size_t u = 0; u < kUnits.size(); ++u) store.set_state(u, init_values(kUnits[u].numel, u));
+  set_initial_state(store);
   tbb::task_arena arena(2);
   OptimizerStepper stepper(store, arena, pl.stepper);
   StepRun r;
@@ -351,11 +365,8 @@ TEST(OptimizerStep, BadInputsAreClearErrors) {
 TEST(OptimizerStep, AFailedGradientSourceStopsTheStepAndLaterSteps) {
   NvmeScratch nv(test_engine());
   auto& [dir, engine, swap, mem] = nv;
-  StoreOptions so;
-  so.nvme_ratio = 1.0;
-  so.slice_elems = 8192;
-  PartitionStore store(kUnits, so, mem, &swap);
-  for (std::size_t u = 0; u < kUnits.size(); ++u) store.set_state(u, init_values(kUnits[u].numel, u));
+  PartitionStore store(kUnits, all_on_nvme(8192), mem, &swap);
+  set_initial_state(store);
   tbb::task_arena arena(2);
   OptimizerStepper stepper(store, arena);
   StepFeed feed(kUnits.size());
@@ -392,12 +403,8 @@ void flip_byte(const io::SwapStore& swap, io::TensorId id, std::uint64_t at) {
 TEST(OptimizerStep, ACorruptNvmeSliceStopsTheStepBeforeItsDataIsUsed) {
   NvmeScratch nv;
   auto& [dir, engine, swap, mem] = nv;
-  StoreOptions so;
-  so.nvme_ratio = 1.0;
-  so.slice_elems = 8192;
-  so.optimizer_buffers = 3;
-  PartitionStore store(kUnits, so, mem, &swap);
-  for (std::size_t u = 0; u < kUnits.size(); ++u) store.set_state(u, init_values(kUnits[u].numel, u));
+  PartitionStore store(kUnits, all_on_nvme(8192, 3), mem, &swap);
+  set_initial_state(store);
   const Slice* victim = nullptr;
   for (const Slice& s : store.slices()) {
     if (s.unit == 1) victim = &s;
@@ -457,12 +464,8 @@ int io_error_during_step() {
     io::IoEngine engine(test_engine());
     io::SwapStore swap(engine, {{dir.sub("swap")}, 0});
     HostMemory mem(0, PinMode::kPageable);
-    StoreOptions so;
-    so.nvme_ratio = 1.0;
-    so.slice_elems = 8192;
-    so.optimizer_buffers = 2;
-    PartitionStore store(kUnits, so, mem, &swap);
-    for (std::size_t u = 0; u < kUnits.size(); ++u) store.set_state(u, init_values(kUnits[u].numel, u));
+    PartitionStore store(kUnits, all_on_nvme(8192, 2), mem, &swap);
+    set_initial_state(store);
     // Writes at or past the head's extent now fail with EFBIG (the kernel's RLIMIT_FSIZE check).
     std::signal(SIGXFSZ, SIG_IGN);
     const Slice& head = store.slices().back();
@@ -560,11 +563,8 @@ TEST(PartitionStore, DiskFullIsReportedWhenTheStoreIsBuilt) {
   io::IoEngine engine(io::EngineOptions{});
   io::SwapStore swap(engine, {{small.path()}, 0});
   HostMemory mem(0, PinMode::kPageable);
-  StoreOptions so;
-  so.nvme_ratio = 1.0;
-  so.slice_elems = 1u << 18;
   // 1M elements x 12 bytes = 12 MiB of state on a 4 MiB file system.
-  EXPECT_IO_ERROR((PartitionStore{{{"big", 1u << 20}}, so, mem, &swap}), "not enough disk space", small.path());
+  EXPECT_IO_ERROR((PartitionStore{{{"big", 1u << 20}}, all_on_nvme(1u << 18), mem, &swap}), "not enough disk space", small.path());
   EXPECT_EQ(mem.used(), 0u);
 }
 
@@ -573,10 +573,8 @@ TEST(PartitionStore, HostMemoryIsCheckedBeforeDiskOrMemoryIsTaken) {
   io::IoEngine engine(io::EngineOptions{});
   io::SwapStore swap(engine, {{dir.path()}, 0});
   HostMemory mem(1u << 20, PinMode::kPageable);
-  StoreOptions so;
-  so.nvme_ratio = 1.0;
-  so.slice_elems = 1u << 16;  // staging: 4 x 64K x 14 bytes = 3.5 MiB > 1 MiB budget
-  EXPECT_IO_ERROR((PartitionStore{{{"big", 1u << 20}}, so, mem, &swap}), "exceeds the budget", "staging buffers",
+  // staging: 4 x 64K x 14 bytes = 3.5 MiB > 1 MiB budget
+  EXPECT_IO_ERROR((PartitionStore{{{"big", 1u << 20}}, all_on_nvme(1u << 16), mem, &swap}), "exceeds the budget", "staging buffers",
                   "sub_group_size");
   EXPECT_EQ(mem.used(), 0u);
   EXPECT_EQ(swap.tensor_count(), 0u) << "no swap space reserved for a plan that does not fit";
@@ -704,7 +702,7 @@ TEST(Offload, BuildsFromAConfigAndSteps) {
   EXPECT_EQ(off.store().optimizer_swap(), off.store().param_swap())
       << "one swap store for one directory, however it is spelled";
   EXPECT_EQ(off.memory().mode(), PinMode::kPageable);
-  for (std::size_t u = 0; u < kUnits.size(); ++u) off.store().set_state(u, init_values(kUnits[u].numel, u));
+  set_initial_state(off.store());
   std::vector<std::vector<std::uint16_t>> grads;
   for (std::size_t u = 0; u < kUnits.size(); ++u) grads.push_back(grads_for(u, kUnits[u].numel, 1));
   StepInputs in;

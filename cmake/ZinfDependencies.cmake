@@ -18,3 +18,13 @@ endif()
 if(TARGET yaml-cpp AND NOT TARGET yaml-cpp::yaml-cpp)
   add_library(yaml-cpp::yaml-cpp ALIAS yaml-cpp)
 endif()
+
+# oneDNN: Debian's dnnl-config.cmake insists on OpenCL headers (its GPU runtime) that zinf does not
+# use, so the library is found directly and wrapped in the target name its config would define.
+if(NOT TARGET DNNL::dnnl)
+  find_path(ZINF_DNNL_INCLUDE_DIR oneapi/dnnl/dnnl.hpp REQUIRED)
+  find_library(ZINF_DNNL_LIBRARY NAMES dnnl REQUIRED)
+  add_library(DNNL::dnnl UNKNOWN IMPORTED)
+  set_target_properties(DNNL::dnnl PROPERTIES IMPORTED_LOCATION "${ZINF_DNNL_LIBRARY}"
+                                              INTERFACE_INCLUDE_DIRECTORIES "${ZINF_DNNL_INCLUDE_DIR}")
+endif()

@@ -3,6 +3,7 @@
 // torn mix: write to a temporary file in the same directory, fsync it, rename it over the target,
 // fsync the directory.
 
+#include <cstddef>
 #include <string>
 #include <string_view>
 
@@ -10,5 +11,31 @@ namespace zinf {
 
 // Throws zinf::Error naming the path and the OS reason (missing directory, disk full, ...).
 void write_file_atomic(const std::string& path, std::string_view content);
+
+// The streaming form, for files too large to build in memory: write() appends, commit() makes the
+// file appear under its name. Destroyed without commit(), the temporary file is removed and the
+// previous file, if any, is untouched. Errors are zinf::Error naming the target path.
+class AtomicFile {
+ public:
+  explicit AtomicFile(std::string path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, std::size_t bytes);
+  void commit();
+  const std::string& path() const noexcept { return path_; }
+  std::size_t written() const noexcept { return written_; }
+
+ private:
+  std::string path_;
+  std::string tmp_;
+  std::string dir_;
+  int fd_ = -1;
+  std::size_t written_ = 0;
+};
+
+// fsync of a directory, best effort (some file systems refuse it): makes renames in it durable.
+void sync_directory(const std::string& dir);
 
 }  // namespace zinf

@@ -12,6 +12,7 @@
 
 #include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/kernels/half.hpp"
+#include "numeric_util.hpp"
 
 namespace zinf::kernels::cpu {
 namespace {
@@ -44,23 +45,9 @@ const json& find_case(const std::string& name) {
 
 std::vector<float> vec(const json& j) { return j.get<std::vector<float>>(); }
 
-// |got - ref| <= atol + rtol * |ref| element-wise; reports the worst element and the first misses.
 ::testing::AssertionResult close(const std::vector<float>& got, const std::vector<float>& ref, double atol,
                                  double rtol, const std::string& what) {
-  if (got.size() != ref.size()) return ::testing::AssertionFailure() << what << ": sizes differ";
-  double worst = 0;
-  std::size_t worst_i = 0, misses = 0;
-  std::string first;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double err = std::abs(static_cast<double>(got[i]) - ref[i]);
-    const double tol = atol + rtol * std::abs(static_cast<double>(ref[i]));
-    if (err / tol > worst) worst = err / tol, worst_i = i;
-    if (err > tol && ++misses <= 3) first += fmt::format(" [{}] {} vs {}", i, got[i], ref[i]);
-  }
-  if (misses == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": " << misses << " elements outside tolerance; worst [" << worst_i
-                                       << "] " << got[worst_i] << " vs " << ref[worst_i] << " (" << worst
-                                       << "x the tolerance); first:" << first;
+  return zinf::testing::all_close(got, ref, atol, rtol, what);
 }
 
 // fp32 after 10 steps: the kernels and PyTorch order a few operations differently.

@@ -1,0 +1,211 @@
+// The model on the CPU backend against PyTorch (tests/reference/gen_model_reference.py, which
+// CTest runs first): for each tiny config, loss, logits and every parameter gradient in fp32 and
+// with bf16 weights, 10 AdamW steps, and activation checkpointing on and off.
+#include <gtest/gtest.h>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "numeric_util.hpp"
+#include "zinf/common/error.hpp"
+#include "zinf/io/safetensors.hpp"
+#include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/runtime/model.hpp"
+#include "zinf/runtime/weights.hpp"
+
+namespace zinf::runtime {
+namespace {
+
+using zinf::testing::all_close;
+using zinf::testing::max_abs;
+
+std::string reference_dir() {
+  const char* env = std::getenv("ZINF_MODEL_REFERENCE");
+  return (env != nullptr && *env != '\0') ? std::string(env) : std::string(ZINF_MODEL_REFERENCE);
+}
+
+std::vector<std::string> cases() {
+  std::vector<std::string> out;
+  std::ifstream in(reference_dir() + "/cases.txt");
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty()) out.push_back(line);
+  }
+  return out;
+}
+
+// Tolerances, as |got - ref| <= atol * max|ref| + rtol * |ref| per tensor.
+struct Tol {
+  double atol_rel, rtol;
+};
+// fp32: the same math in a different order (oneDNN blocking, fused projections, chunked softmax).
+constexpr Tol kF32Logits{2e-6, 1e-5};
+constexpr Tol kF32Grad{5e-6, 2.5e-5};
+constexpr double kF32LossRtol = 2e-6;
+// bf16 weights with activations rounded to bf16 inside products vs fp32 math on the same weights.
+constexpr Tol kBF16Logits{2.5e-2, 2.5e-2};
+constexpr Tol kBF16Grad{4e-2, 5e-2};
+constexpr double kBF16LossRtol = 1e-2;
+// 10 AdamW steps: per-step differences compound through the updates.
+constexpr double kAdamLossRtol = 1e-5;
+
+std::vector<float> f32(const io::SafetensorsFile& f, const std::string& name) {
+  const io::StTensor* t = f.find(name);
+  EXPECT_NE(t, nullptr) << name << " missing from " << f.path();
+  if (t == nullptr) return {};
+  EXPECT_EQ(t->dtype, io::StDType::kF32);
+  std::vector<float> v(static_cast<std::size_t>(t->numel()));
+  std::memcpy(v.data(), f.bytes(*t).data(), v.size() * 4);
+  return v;
+}
+
+std::vector<std::int32_t> i32(const io::SafetensorsFile& f, const std::string& name, std::int64_t& b, std::int64_t& s) {
+  const io::StTensor* t = f.find(name);
+  if (t == nullptr || t->dtype != io::StDType::kI32 || t->shape.size() != 2) throw Error("bad {} in {}", name, f.path());
+  b = t->shape[0], s = t->shape[1];
+  std::vector<std::int32_t> v(static_cast<std::size_t>(t->numel()));
+  std::memcpy(v.data(), f.bytes(*t).data(), v.size() * 4);
+  return v;
+}
+
+// The gradient of one Hugging Face tensor, read out of the fp32 gradient units.
+std::vector<float> grad_of(const ModelLayout& layout, const UnitBuffers& grads, const std::string& name) {
+  for (std::size_t u = 0; u < layout.units.size(); ++u) {
+    for (const TensorSpec& t : layout.units[u].tensors) {
+      if (t.name != name) continue;
+      const float* base = static_cast<const float*>(grads.units[u]) + t.offset;
+      return {base, base + t.numel()};
+    }
+  }
+  ADD_FAILURE() << "no tensor " << name << " in the layout";
+  return {};
+}
+
+struct ModelRun {
+  ModelConfig config;
+  std::unique_ptr<Backend> backend = make_cpu_backend();
+  std::unique_ptr<Model> model;
+  std::unique_ptr<UnitStorage> params, grads;
+  std::vector<std::int32_t> tokens, targets;
+  std::int64_t batch = 0, seq = 0;
+
+  ModelRun(const std::string& dir, DType dtype, bool checkpoint, const std::string& weights) {
+    config = load_model_config(dir + "/config.json");
+    model = std::make_unique<Model>(config, *backend, ModelOptions{dtype, checkpoint});
+    params = std::make_unique<UnitStorage>(*backend, model->layout(), dtype);
+    grads = std::make_unique<UnitStorage>(*backend, model->layout(), DType::kF32);
+    load_weights(dir + "/" + weights, config, model->layout(), *backend, params->view());
+    const auto batch_file = io::SafetensorsFile::open(dir + "/batch.safetensors");
+    tokens = i32(*batch_file, "tokens", batch, seq);
+    targets = i32(*batch_file, "targets", batch, seq);
+    model->set_batch(tokens, targets, batch, seq);
+  }
+  float step() {
+    grads->zero();
+    const float loss = model->forward(params->view());
+    model->backward(params->view(), grads->view());
+    return loss;
+  }
+};
+
+void compare_pass(const std::string& c, DType dtype, const std::string& weights, const std::string& ref_name,
+                  Tol logits_tol, Tol grad_tol, double loss_rtol) {
+  const std::string dir = reference_dir() + "/" + c;
+  ModelRun run(dir, dtype, true, weights);
+  const auto ref = io::SafetensorsFile::open(dir + "/" + ref_name);
+  const float loss = run.step();
+  const float ref_loss = f32(*ref, "loss").at(0);
+  EXPECT_NEAR(loss, ref_loss, loss_rtol * std::abs(ref_loss)) << c;
+
+  const std::vector<float> ref_logits = f32(*ref, "logits");
+  std::vector<float> logits(ref_logits.size());
+  run.model->logits(run.params->view(), logits.data());
+  EXPECT_TRUE(all_close(logits, ref_logits, logits_tol.atol_rel * max_abs(ref_logits), logits_tol.rtol, c + " logits"));
+
+  std::size_t compared = 0;
+  for (const auto& [name, t] : ref->tensors()) {
+    if (!name.starts_with("grad.")) continue;
+    const std::vector<float> want = f32(*ref, name);
+    const std::vector<float> got = grad_of(run.model->layout(), run.grads->view(), name.substr(5));
+    EXPECT_TRUE(all_close(got, want, grad_tol.atol_rel * max_abs(want), grad_tol.rtol, c + " " + name));
+    ++compared;
+  }
+  std::size_t expected = 0;
+  for (const UnitLayout& u : run.model->layout().units) expected += u.tensors.size();
+  EXPECT_EQ(compared, expected) << "every parameter's gradient is compared";
+}
+
+class ModelReference : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ModelReference, Fp32LossLogitsAndEveryGradient) {
+  compare_pass(GetParam(), DType::kF32, "model.safetensors", "ref.safetensors", kF32Logits, kF32Grad, kF32LossRtol);
+}
+
+TEST_P(ModelReference, Bf16WeightsWithinBf16Tolerances) {
+  compare_pass(GetParam(), DType::kBF16, "model_bf16.safetensors", "ref_bf16.safetensors", kBF16Logits, kBF16Grad,
+               kBF16LossRtol);
+}
+
+TEST_P(ModelReference, CheckpointingChangesNothing) {
+  const std::string dir = reference_dir() + "/" + GetParam();
+  ModelRun with(dir, DType::kF32, true, "model.safetensors");
+  ModelRun without(dir, DType::kF32, false, "model.safetensors");
+  EXPECT_EQ(with.step(), without.step());
+  for (std::size_t u = 0; u < with.model->layout().units.size(); ++u) {
+    EXPECT_EQ(0, std::memcmp(with.grads->view().units[u], without.grads->view().units[u], with.grads->unit_bytes(u)))
+        << "unit " << with.model->layout().units[u].name << " differs";
+  }
+  if (with.config.num_layers > 1) {
+    EXPECT_LT(with.model->activation_bytes(), without.model->activation_bytes());
+  }
+}
+
+TEST_P(ModelReference, TenAdamWStepsFollowPyTorch) {
+  const std::string dir = reference_dir() + "/" + GetParam();
+  nlohmann::json ref;
+  std::ifstream(dir + "/ref.json") >> ref;
+  const auto& h = ref["adamw"];
+  const std::vector<double> want = ref["losses"].get<std::vector<double>>();
+  ModelRun run(dir, DType::kF32, true, "model.safetensors");
+  const ModelLayout& layout = run.model->layout();
+  std::vector<std::vector<float>> m, v;
+  for (const UnitLayout& u : layout.units) {
+    m.emplace_back(static_cast<std::size_t>(u.numel), 0.0f);
+    v.emplace_back(static_cast<std::size_t>(u.numel), 0.0f);
+  }
+  std::vector<double> got;
+  const int steps = h["steps"].get<int>();
+  for (int s = 1; s <= steps; ++s) {
+    got.push_back(run.step());
+    kernels::cpu::AdamConfig cfg;
+    cfg.lr = h["lr"].get<double>();
+    cfg.beta1 = h["betas"][0].get<double>();
+    cfg.beta2 = h["betas"][1].get<double>();
+    cfg.eps = h["eps"].get<double>();
+    cfg.weight_decay = h["weight_decay"].get<double>();
+    cfg.step = s;
+    for (std::size_t u = 0; u < layout.units.size(); ++u) {
+      kernels::cpu::AdamTensors t;
+      t.param = static_cast<float*>(run.params->view().units[u]);
+      t.grad = run.grads->view().units[u];
+      t.exp_avg = m[u].data();
+      t.exp_avg_sq = v[u].data();
+      t.n = static_cast<std::size_t>(layout.units[u].numel);
+      kernels::cpu::adam_step(cfg, t);
+    }
+  }
+  got.push_back(run.model->forward(run.params->view()));
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    EXPECT_NEAR(got[i], want[i], kAdamLossRtol * std::abs(want[i])) << GetParam() << " loss before step " << i + 1;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ModelReference, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<std::string>& i) { return i.param; });
+
+}  // namespace
+}  // namespace zinf::runtime

@@ -136,6 +136,23 @@ expect 1 'must be a JSON object' -- "$ZINF" tune nvme --path "$TMP/io" --size 16
 expect 0 '^\[1, 2\]' -- cat "$TMP/io/array.json"
 expect 1 "directory '$TMP/io/no' does not exist" -- "$ZINF" tune nvme --path "$TMP/io" --size 16M -o "$TMP/io/no/x.json"
 
+# bench model (a tiny config: the mechanics and the output, not the machine).
+cat > "$TMP/tiny_model.json" <<'EOT'
+{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+ "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 300, "max_position_embeddings": 64}
+EOT
+expect 0 'tokens/s.*model TFLOP/s' -- "$ZINF" bench model --model "$TMP/tiny_model.json" --seq 32 --batch 2 --steps 1
+expect 0 'attention.backward' -- "$ZINF" bench model --model "$TMP/tiny_model.json" --seq 16 --batch 1 --steps 1 --dtype fp32 --no-checkpoint
+expect 0 '"tokens_per_s"' -- "$ZINF" bench model --model "$TMP/tiny_model.json" --seq 16 --batch 1 --steps 1 --json
+mkdir -p "$TMP/tiny_dir" && cp "$TMP/tiny_model.json" "$TMP/tiny_dir/config.json"
+expect 0 'Llama 2 layers' -- "$ZINF" bench model --model "$TMP/tiny_dir" --seq 16 --batch 1 --steps 1
+expect 2 'model is required' -- "$ZINF" bench model --seq 16
+expect 2 '' -- "$ZINF" bench model --model "$TMP/tiny_model.json" --dtype fp8
+expect 1 'exceeds the model.s max_position_embeddings 64' -- "$ZINF" bench model --model "$TMP/tiny_model.json" --seq 65 --steps 1
+expect 1 'cannot read model config' -- "$ZINF" bench model --model "$TMP/none.json"
+echo '{"architectures": ["GPT2LMHeadModel"], "hidden_size": 64}' > "$TMP/gpt2.json"
+expect 1 "architecture 'GPT2LMHeadModel' is not supported" -- "$ZINF" bench model --model "$TMP/gpt2.json"
+
 # bench adam (tiny sizes: the mechanics and the output, not the machine).
 expect 0 'host_step_adamw_bf16 ' -- "$ZINF" bench adam --params 1M --repeat 1 --threads 2
 expect 0 'stream_triad' -- "$ZINF" bench adam --params 1M --repeat 1 --isa scalar

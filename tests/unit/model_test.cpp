@@ -1,6 +1,7 @@
 // The model's config parsing, parameter layout, initialisation, weights load/save and input
 // checks on the CPU backend (the numerics against PyTorch are in model_reference_test.cpp).
 #include <gtest/gtest.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <cmath>
@@ -230,7 +231,7 @@ TEST(Model, BadBatchesAreClearErrors) {
 }
 
 TEST(Model, TrainingReducesTheLoss) {
-  // Ten plain SGD steps on one batch from a fresh initialisation: the loss falls, in fp32 and bf16.
+  // 30 plain SGD steps on one batch from a fresh initialisation: the loss falls, in fp32 and bf16.
   const ModelConfig c = parse_model_config(tiny(), "t");
   for (const DType dtype : {DType::kF32, DType::kBF16}) {
     auto be = make_cpu_backend();
@@ -241,23 +242,25 @@ TEST(Model, TrainingReducesTheLoss) {
     for (int i = 0; i < 32; ++i) tok[i] = (i * 7) % 50, tgt[i] = (i * 7 + 7) % 50;
     m.set_batch(tok, tgt, 2, 16);
     float first = 0, last = 0;
-    for (int step = 0; step < 10; ++step) {
+    std::string trace;
+    for (int step = 0; step < 30; ++step) {
       for (std::size_t u = 0; u < m.unit_count(); ++u) {
         kernels::cpu::convert(p.view().units[u], DType::kF32, run.view().units[u], dtype,
                               static_cast<std::size_t>(m.layout().units[u].numel));
       }
       g.zero();
       last = m.forward(run.view());
+      trace += fmt::format(" {:.3f}", last);
       if (step == 0) first = last;
       m.backward(run.view(), g.view());
       for (std::size_t u = 0; u < m.unit_count(); ++u) {
         auto* w = static_cast<float*>(p.view().units[u]);
         const auto* d = static_cast<const float*>(g.view().units[u]);
-        for (std::int64_t i = 0; i < m.layout().units[u].numel; ++i) w[i] -= 0.3f * d[i];
+        for (std::int64_t i = 0; i < m.layout().units[u].numel; ++i) w[i] -= 0.2f * d[i];
       }
     }
     EXPECT_NEAR(first, std::log(50.0f), 0.1f) << "a fresh model predicts uniformly";
-    EXPECT_LT(last, 0.5f * first) << kernels::cpu::dtype_name(dtype);
+    EXPECT_LT(last, 0.25f * first) << kernels::cpu::dtype_name(dtype) << " losses:" << trace;
   }
 }
 

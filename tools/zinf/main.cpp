@@ -1,6 +1,7 @@
 // zinf: train language models larger than the GPUs that train them.
 // Exit codes: 0 success, 1 runtime error (bad config, file, environment), 2 usage error.
 #include <CLI/CLI.hpp>
+#include <unistd.h>
 #include <fmt/format.h>
 
 #include <cstdlib>
@@ -44,7 +45,18 @@ std::string version_text() {
 
 }  // namespace
 
+// oneDNN's OpenMP threads spin after each product by default, and they fight the oneTBB threads
+// of the CPU backend's other kernels for the cores: on a 16-core Xeon a model step ran 2x slower
+// (bench/results/model-cpu.md). libgomp reads OMP_WAIT_POLICY when it is loaded, before main, so
+// zinf sets it and starts itself again, once, when the user has not chosen a policy.
+void prefer_passive_openmp(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr) return;
+  ::setenv("OMP_WAIT_POLICY", "passive", 0);
+  ::execv("/proc/self/exe", argv);  // returns only on failure: then run on with the default policy
+}
+
 int main(int argc, char** argv) {
+  prefer_passive_openmp(argv);
   CLI::App app{"zinf: ZeRO-3 offload training for language models larger than the GPUs that train them", "zinf"};
   app.set_version_flag("--version", [] { return version_text(); }, "print version, build and hardware information");
   app.require_subcommand(1);

@@ -25,11 +25,13 @@ namespace k = kernels::cpu;
 // Scratch that grows to the largest request and is reused (ops run one at a time).
 class Scratch {
  public:
-  float* f32(std::size_t count) { return static_cast<float*>(get(count * sizeof(float))); }
-  std::uint16_t* bf16(std::size_t count) { return static_cast<std::uint16_t*>(get(count * 2)); }
+  Scratch() = default;
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  ~Scratch() { std::free(data_); }
 
- private:
-  void* get(std::size_t bytes) {
+  float* f32(std::size_t count) {
+    const std::size_t bytes = count * sizeof(float);
     if (bytes > bytes_) {
       std::free(data_);
       data_ = std::aligned_alloc(4096, (bytes + 4095) / 4096 * 4096);
@@ -39,14 +41,8 @@ class Scratch {
       }
       bytes_ = bytes;
     }
-    return data_;
+    return static_cast<float*>(data_);
   }
-
- public:
-  Scratch() = default;
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  ~Scratch() { std::free(data_); }
 
  private:
   void* data_ = nullptr;
@@ -157,9 +153,7 @@ class CpuBackend final : public Backend {
     float* o = sc + g.chunk * g.s_block;
     for (std::int64_t p0 = 0; p0 < g.pairs; p0 += g.chunk) {
       const std::int64_t p1 = std::min(g.pairs, p0 + g.chunk), c = p1 - p0;
-      k::heads_gather(q, qkv, g.ld, 0, s.seq, s.kv_heads, g.group, s.head_dim, p0, p1);
-      k::heads_gather(kk, qkv, g.ld, s.q_dim(), s.seq, s.kv_heads, 1, s.head_dim, p0, p1);
-      k::heads_gather(v, qkv, g.ld, s.q_dim() + s.kv_heads * s.head_dim, s.seq, s.kv_heads, 1, s.head_dim, p0, p1);
+      gather_qkv(q, kk, v, qkv, s, g, p0, p1);
       // S (group*seq, seq) = scale * Q K^T per pair
       batched(c, g.rows, s.seq, s.head_dim, q, s.head_dim, g.q_block, false, kk, s.head_dim, g.kv_block, true, sc,
               s.seq, g.s_block, s.scale, false);
@@ -189,9 +183,7 @@ class CpuBackend final : public Backend {
     const std::int64_t hd = s.head_dim, kv_col = s.q_dim(), v_col = s.q_dim() + s.kv_heads * hd;
     for (std::int64_t p0 = 0; p0 < g.pairs; p0 += g.chunk) {
       const std::int64_t p1 = std::min(g.pairs, p0 + g.chunk), c = p1 - p0;
-      k::heads_gather(q, qkv, g.ld, 0, s.seq, s.kv_heads, g.group, hd, p0, p1);
-      k::heads_gather(kk, qkv, g.ld, kv_col, s.seq, s.kv_heads, 1, hd, p0, p1);
-      k::heads_gather(v, qkv, g.ld, v_col, s.seq, s.kv_heads, 1, hd, p0, p1);
+      gather_qkv(q, kk, v, qkv, s, g, p0, p1);
       k::heads_gather(o, out, s.q_dim(), 0, s.seq, s.kv_heads, g.group, hd, p0, p1);
       k::heads_gather(dout_h, dout, s.q_dim(), 0, s.seq, s.kv_heads, g.group, hd, p0, p1);
       k::rowwise_dot(d, dout_h, o, c * g.rows, hd);
@@ -317,6 +309,15 @@ class CpuBackend final : public Backend {
       scratch_floats = static_cast<std::size_t>(chunk * per);
     }
   };
+
+  // Q (group heads), K and V of work items [p0, p1) into head-major blocks.
+  static void gather_qkv(float* q, float* kk, float* v, const float* qkv, const AttentionShape& s, const Geometry& g,
+                         std::int64_t p0, std::int64_t p1) {
+    const std::int64_t hd = s.head_dim;
+    k::heads_gather(q, qkv, g.ld, 0, s.seq, s.kv_heads, g.group, hd, p0, p1);
+    k::heads_gather(kk, qkv, g.ld, s.q_dim(), s.seq, s.kv_heads, 1, hd, p0, p1);
+    k::heads_gather(v, qkv, g.ld, s.q_dim() + s.kv_heads * hd, s.seq, s.kv_heads, 1, hd, p0, p1);
+  }
 
   // C[i] = alpha op(A[i]) op(B[i]) over `count` fp32 blocks.
   static void batched(std::int64_t count, std::int64_t m, std::int64_t n, std::int64_t kk, const float* a,

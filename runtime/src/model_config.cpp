@@ -5,15 +5,14 @@
 
 #include <algorithm>
 #include <cmath>
-#include <fstream>
 #include <limits>
 #include <set>
-#include <sstream>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "zinf/common/error.hpp"
+#include "zinf/configs/document.hpp"
 #include "zinf/configs/summary.hpp"
 
 namespace zinf::runtime {
@@ -192,13 +191,15 @@ ModelConfig parse_model_config(const json& doc, const std::string& source) {
 }
 
 ModelConfig load_model_config(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error("cannot read model config '{}': {}", path, errno_text(errno));
-  std::stringstream text;
-  text << in.rdbuf();
+  std::string text;
+  try {
+    text = config::read_text_file(path);
+  } catch (Error& e) {
+    throw std::move(e).with_context(fmt::format("cannot read model config '{}'", path));
+  }
   json doc;
   try {
-    doc = json::parse(text.str());
+    doc = json::parse(text);
   } catch (const json::parse_error& e) {
     throw Error("model config '{}' is not valid JSON: {}", path, e.what());
   }

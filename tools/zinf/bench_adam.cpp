@@ -227,9 +227,7 @@ int run_bench_adam(const BenchAdamOptions& o) {
     if (r.kernel == "stream_triad") triad = r.bytes_per_s();
   }
   const auto& f = kernels::cpu_features();
-  const std::time_t now = std::time(nullptr);
-  char date[32];
-  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  const std::string date = utc_timestamp();
   if (o.json) {
     Json j;
     j["date"] = date;

@@ -23,6 +23,13 @@
 
 namespace zinf::tools {
 
+std::string utc_timestamp() {
+  const std::time_t now = std::time(nullptr);
+  char date[32];
+  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  return date;
+}
+
 namespace {
 
 using config::Json;
@@ -467,9 +474,7 @@ Json machine_json(const std::string& path) {
   const auto [dev, mnt] = mount_of(path);
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
-  const std::time_t now = std::time(nullptr);
-  char date[32];
-  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  const std::string date = utc_timestamp();
   return Json{{"date", date},
               {"host", host},
               {"cpu", read_first_line("/proc/cpuinfo", "model name")},

@@ -98,9 +98,7 @@ int run_bench_model(const BenchModelOptions& o) {
   std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.e.seconds > b.e.seconds; });
   const double in_ops = std::accumulate(rows.begin(), rows.end(), 0.0, [](double s, const Row& r) { return s + r.e.seconds; });
 
-  const std::time_t now = std::time(nullptr);
-  char date[32];
-  std::strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  const std::string date = utc_timestamp();
   if (o.json) {
     Json j;
     j["date"] = date;

@@ -26,6 +26,8 @@ std::uint64_t parse_size(const std::string& text, const std::string& option);
 std::size_t parse_count(const std::string& text, const std::string& option);
 // Date, host, CPU, kernel and the device, mount and file system holding `path`.
 config::Json machine_json(const std::string& path);
+// The current time as ISO 8601 UTC ("2026-11-21T21:17:00Z"), for benchmark records.
+std::string utc_timestamp();
 // A config file or preset, "auto" allowed; zinf::Error listing its errors.
 config::DeepSpeedConfig load_bench_config(const std::string& path);
 

@@ -6,9 +6,11 @@
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -49,6 +51,19 @@ dnnl::memory::desc view(std::int64_t batch, std::int64_t rows, std::int64_t cols
   return dnnl::memory::desc(dims, dt, strides);
 }
 
+bool is_amx(const dnnl::matmul::primitive_desc& pd) {
+  return std::string(pd.impl_info_str()).find("amx") != std::string::npos;
+}
+
+// ZINF_ONEDNN_AMX_TAILS=1 lets AMX run every shape again, to re-check a newer oneDNN.
+bool amx_tails_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("ZINF_ONEDNN_AMX_TAILS");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return allowed;
+}
+
 // Creates the primitive, or returns null when oneDNN has no implementation (bf16 on an old CPU).
 std::unique_ptr<Primitive> create(const Gemm& g, DType dtype, Context& ctx) {
   const auto dt = dtype == DType::kBF16 ? dnnl::memory::data_type::bf16 : dnnl::memory::data_type::f32;
@@ -67,7 +82,15 @@ std::unique_ptr<Primitive> create(const Gemm& g, DType dtype, Context& ctx) {
   }
   try {
     const dnnl::matmul::desc desc(a_md, b_md, c_md);
-    const dnnl::matmul::primitive_desc pd(desc, attr, ctx.engine);
+    dnnl::matmul::primitive_desc pd(desc, attr, ctx.engine);
+    if (dtype == DType::kBF16 && g.n % 16 != 0 && !amx_tails_allowed()) {
+      // oneDNN 2.6's AMX bf16 matmul writes wrong, run-to-run different values when N is not a
+      // multiple of 16 (N = 50 fails, seen on a Sapphire Rapids host; CpuGemm.DenseModelShapes
+      // covers it). Take the next implementation that does not use AMX; widen when none does.
+      while (is_amx(pd)) {
+        if (!pd.next_impl()) return nullptr;
+      }
+    }
     return std::make_unique<Primitive>(Primitive{a_md, b_md, c_md, dnnl::matmul(pd)});
   } catch (const dnnl::error& e) {
     if (e.status == dnnl_unimplemented) return nullptr;
@@ -160,11 +183,15 @@ void gemm(const Gemm& g) {
   std::lock_guard lock(ctx.mutex);
   if (native) {
     Primitive* prim = lookup(g, g.ab_dtype, ctx);
-    ZINF_ASSERT(prim != nullptr, "oneDNN has no fp32 matmul for {}x{}x{}", g.m, g.n, g.k);
-    run(*prim, g, g.a, g.b, ctx);
-    return;
+    ZINF_ASSERT(prim != nullptr || g.ab_dtype == DType::kBF16, "oneDNN has no fp32 matmul for {}x{}x{}", g.m,
+                g.n, g.k);
+    if (prim != nullptr) {
+      run(*prim, g, g.a, g.b, ctx);
+      return;
+    }
   }
-  // No bf16 kernel on this CPU: widen both operands (exact) and run in fp32.
+  // No bf16 kernel on this CPU, or none trusted for this shape: widen both operands (exact) and run
+  // in fp32.
   const std::int64_t ea = extent(g.batch, g.m, g.k, g.lda, g.stride_a, g.trans_a);
   const std::int64_t eb = extent(g.batch, g.k, g.n, g.ldb, g.stride_b, g.trans_b);
   std::vector<float> wa(static_cast<std::size_t>(ea)), wb(static_cast<std::size_t>(eb));

@@ -132,9 +132,13 @@ BenchPoint IoBench::run_engine(const EngineOptions& settings, IoOp op, bool rand
   point.effective_queue_depth = static_cast<unsigned>(
       std::min<std::uint64_t>(opts.queue_depth, std::max<std::uint64_t>(1, window * request / bs / opts.intra_op_parallelism)));
 
-  std::byte* base = buffer(window * request);
+  // Requests rotate through the footprint, one request-sized region each; the regions of the
+  // `window` requests in flight never overlap because the footprint holds at least `window`.
+  const std::uint64_t regions = std::max(window, limits_.buffer_footprint / request);
+  point.buffer_footprint = regions * request;
+  std::byte* base = buffer(regions * request);
   IoEngine engine(opts);
-  const std::span<std::byte> whole(base, window * request);
+  const std::span<std::byte> whole(base, regions * request);
   const Registration reg = engine.register_buffers(std::span<const std::span<std::byte>>(&whole, 1));
   point.registered_buffers = reg.ok;
   if (!reg.ok) {
@@ -160,7 +164,7 @@ BenchPoint IoBench::run_engine(const EngineOptions& settings, IoOp op, bool rand
     }
     const std::uint64_t offset = random ? pick(rng) * bs : i * request;
     const std::uint64_t bytes = std::min(request, size_ - offset);
-    const std::span<std::byte> buf(base + (i % window) * request, request);
+    const std::span<std::byte> buf(base + (i % regions) * request, request);
     slot = op == IoOp::kRead ? engine.read(file_, offset, buf, bytes) : engine.write(file_, offset, buf, bytes);
   }
   for (auto& slot : slots) {

@@ -112,6 +112,8 @@ expect 1 'no preset named' -- "$ZINF" config show deepspeed_zero7
 mkdir -p "$TMP/io"
 expect 0 'pread +read +seq' -- "$ZINF" bench io --path "$TMP/io" --size 32M --block-size 256K --queue-depth 4 --parallelism 2
 expect 0 '"read_GBps"' -- "$ZINF" bench io --path "$TMP/io" --size 16M --json
+expect 0 'rotate through 64 MiB' -- "$ZINF" bench io --path "$TMP/io" --size 16M --buffer-footprint 64M
+expect 2 'not a size' -- "$ZINF" bench io --path "$TMP/io" --size 16M --buffer-footprint big
 expect 0 '"queue_depth": 16' -- "$ZINF" bench io --path "$TMP/io" --size 16M --json --config "$DATA/real_world/zero3_nvme_aio.json" --queue-depth 16
 expect 0 'best aio block' -- "$ZINF" bench io --path "$TMP/io" --size 16M --sweep --sweep-block-sizes 256K,1M --sweep-queue-depths 4 --sweep-parallelism 1,2
 expect 0 '"best_write"' -- "$ZINF" bench io --path "$TMP/io" --size 16M --sweep --sweep-block-sizes 1M --sweep-queue-depths 4 --sweep-parallelism 1 --json

@@ -53,6 +53,25 @@ TEST(IoBench, EnginePointsAndBaselineMoveTheWholeFile) {
   EXPECT_FALSE(std::filesystem::exists(std::filesystem::path(file).parent_path()));
 }
 
+TEST(IoBench, RequestsRotateThroughTheBufferFootprint) {
+  testing::ScratchDir dir;
+  EngineOptions o;
+  o.block_size = 256u << 10;
+  o.queue_depth = 4;
+  o.intra_op_parallelism = 2;  // 2 MiB in flight: 512 KiB requests, 6 of them in the window
+  for (const auto& [asked, got] : std::vector<std::pair<std::uint64_t, std::uint64_t>>{
+           {0, 3u << 20}, {1u << 20, 3u << 20}, {10u << 20, 10u << 20}, {(10u << 20) + 4096, 10u << 20}}) {
+    BenchLimits limits;
+    limits.buffer_footprint = asked;
+    IoBench bench(dir.path(), 16u << 20, limits);
+    for (IoOp op : {IoOp::kWrite, IoOp::kRead}) {
+      const BenchPoint p = bench.run_engine(o, op, /*random=*/false);
+      EXPECT_EQ(p.buffer_footprint, got) << "asked for " << asked;  // never less than the window
+      EXPECT_EQ(p.bytes, 16u << 20);
+    }
+  }
+}
+
 TEST(IoBench, HostMemoryCapLowersTheEffectiveDepth) {
   testing::ScratchDir dir;
   IoBench bench(dir.path(), 16u << 20, BenchLimits{0, 4u << 20});

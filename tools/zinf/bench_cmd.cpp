@@ -52,6 +52,8 @@ struct BenchIoOptions {
   double seconds = -1;  // per point; <0 = default (whole file; 3 s in a sweep)
   std::string max_inflight_text = "2G";
   std::uint64_t max_inflight = 2ull << 30;
+  std::string footprint_text;  // --buffer-footprint; empty = the requests in flight
+  std::uint64_t footprint = 0;
   std::vector<std::string> sweep_blocks_text = {"256K", "1M", "4M", "16M"};
   std::vector<std::uint64_t> sweep_blocks;
   std::vector<unsigned> sweep_depths = {4, 16, 64, 128};
@@ -116,6 +118,7 @@ Json point_json(const BenchPoint& p) {
     j["overlap_events"] = p.settings.overlap_events;
     j["registered_buffers"] = p.registered_buffers;
     j["effective_queue_depth"] = p.effective_queue_depth;
+    if (p.impl == "zinf") j["buffer_footprint"] = p.buffer_footprint;
     j["resubmitted"] = p.resubmitted;
   }
   return j;
@@ -290,6 +293,7 @@ int run_bench_io(const BenchIoOptions& o) {
   const bool show_progress = ::isatty(STDERR_FILENO) != 0;
   io::BenchLimits limits;
   limits.max_inflight_bytes = o.max_inflight;
+  limits.buffer_footprint = o.footprint;
   limits.max_seconds = o.seconds >= 0 ? o.seconds : (o.sweep ? 3.0 : 0.0);
   const EngineOptions settings = o.sweep ? EngineOptions{} : settings_from(o);
   progress(show_progress, fmt::format("  writing a {} test file in {} ...", size_label(o.size), o.path));
@@ -350,9 +354,12 @@ int run_bench_io(const BenchIoOptions& o) {
   }
   std::cout << header
             << fmt::format("settings: block {}, queue depth {}, {} ring(s)/thread(s), single_submit {}, "
-                           "overlap_events {}\n\n",
+                           "overlap_events {}\n{}\n",
                            size_label(settings.block_size), settings.queue_depth, settings.intra_op_parallelism,
-                           settings.single_submit, settings.overlap_events)
+                           settings.single_submit, settings.overlap_events,
+                           o.footprint > 0 ? fmt::format("zinf's requests rotate through {:.0f} MiB of memory\n",
+                                                         static_cast<double>(points.front().buffer_footprint) / (1 << 20))
+                                           : std::string())
             << table(points)
             << fmt::format("\nfastest: read {} {:.3f} GB/s, write {} {:.3f} GB/s. `--sweep` searches block size, "
                            "queue depth and parallelism.\n",
@@ -383,6 +390,7 @@ int run_tune_nvme(const BenchIoOptions& o) {
   Json cfg = o.output.empty() ? Json::object() : load_output_config(o.output);
   io::BenchLimits limits;
   limits.max_inflight_bytes = o.max_inflight;
+  limits.buffer_footprint = o.footprint;
   limits.max_seconds = o.seconds >= 0 ? o.seconds : 3.0;
   io::IoBench bench(o.path, o.size, limits);
   const SweepResult s = run_sweep(bench, o, show_progress);
@@ -416,6 +424,9 @@ void add_common(CLI::App& cmd, BenchIoOptions& o) {
       ->check(CLI::NonNegativeNumber);
   cmd.add_option("--max-inflight", o.max_inflight_text,
                  "host memory for buffers in flight (default 2G); deeper settings are capped and marked qd*");
+  cmd.add_option("--buffer-footprint", o.footprint_text,
+                 "memory the engine's requests rotate through (default: only the requests in flight); "
+                 "as large as the staging buffers to measure what a streaming workload gets");
   cmd.add_option("--sweep-block-sizes", o.sweep_blocks_text, "block sizes to sweep (default 256K,1M,4M,16M)")
       ->delimiter(',');
   cmd.add_option("--sweep-queue-depths", o.sweep_depths, "queue depths to sweep (default 4,16,64,128)")
@@ -429,6 +440,7 @@ void add_common(CLI::App& cmd, BenchIoOptions& o) {
 void finish_parse(BenchIoOptions& o) {
   o.size = parse_size(o.size_text, "--size");
   o.max_inflight = parse_size(o.max_inflight_text, "--max-inflight");
+  o.footprint = o.footprint_text.empty() ? 0 : parse_size(o.footprint_text, "--buffer-footprint");
   o.sweep_blocks.clear();
   for (const auto& b : o.sweep_blocks_text) {
     const std::uint64_t v = parse_size(b, "--sweep-block-sizes");

@@ -33,12 +33,18 @@ struct BenchPoint {
   LatencyStats latency;
   bool registered_buffers = false;
   unsigned effective_queue_depth = 0;  // per ring, after the host-memory cap; == queue_depth unless capped
+  std::uint64_t buffer_footprint = 0;  // bytes of memory the requests rotated through
   std::uint64_t resubmitted = 0;       // pieces continued after a short transfer or -EAGAIN
 };
 
 struct BenchLimits {
   double max_seconds = 0;                       // per point; 0 = transfer the whole size
   std::uint64_t max_inflight_bytes = 2ull << 30;  // host memory for buffers in flight
+  // Memory the requests land in (reads) or come from (writes), rotated through request by
+  // request; 0 = only the requests in flight. A real workload streams through far more memory
+  // than a few requests: on a virtual disk whose host copies into guest memory, reads into a
+  // small, cache-warm window ran 25% faster than the same reads spread over 768 MiB.
+  std::uint64_t buffer_footprint = 0;
 };
 
 class IoBench {

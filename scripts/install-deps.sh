@@ -11,6 +11,7 @@ packages=(
   libtbb-dev liburing-dev libdnnl-dev libxxhash-dev
   libgtest-dev libgmock-dev
   python3-torch   # PyTorch reference tests (tests/reference/), run with /usr/bin/python3
+  python3-matplotlib  # training_curves.png (tools/plot_training.py)
 )
 if [[ ${1:-} == --fuzz ]]; then
   packages+=(clang libclang-rt-dev)

@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   zinf::tools::Action action;
   zinf::tools::add_config_commands(app, action);
   zinf::tools::add_bench_commands(app, action);
+  zinf::tools::add_train_commands(app, action);
 
   try {
     app.parse(argc, argv);

@@ -1,0 +1,61 @@
+#pragma once
+// The training loop behind `zinf train`: micro-batches with gradient accumulation, clipping by the
+// global norm, the DeepSpeed schedules, the offloaded optimizer step (offload/), eval on a
+// held-out split, per-step metrics, and checkpoints that a crash at any moment leaves usable.
+//
+// Outputs in TrainOptions::output_dir: training_metrics.csv, summary.json,
+// deepspeed_config_auto.json, zinf.log (by the caller's logger), checkpoints/step-NNNNNNNN/ and
+// checkpoints/latest.
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "zinf/configs/deepspeed_config.hpp"
+#include "zinf/configs/document.hpp"
+#include "zinf/runtime/data.hpp"
+#include "zinf/runtime/model_config.hpp"
+
+namespace zinf::runtime {
+
+struct TrainOptions {
+  ModelConfig model;
+  std::string model_source;  // for the logs and summary
+  std::string init_weights;  // safetensors file or directory; empty = seeded initialisation
+  const TokenData* data = nullptr;
+  config::DeepSpeedConfig ds;  // resolved (no "auto" left)
+  config::Json ds_resolved;    // written to deepspeed_config_auto.json
+  std::int64_t seq_len = 128;
+  std::int64_t max_steps = 0;  // optimizer steps; 0 = epochs * steps per epoch
+  double epochs = 1.0;
+  std::uint64_t seed = 42;
+  double eval_fraction = 0.05;
+  std::int64_t eval_every = 0;       // 0 = only at the end
+  std::int64_t eval_max_batches = 8;  // micro-batches per eval
+  std::int64_t save_every = 0;       // 0 = only at the end
+  int keep_last = 0;                 // 0 = keep every checkpoint
+  std::string output_dir;
+  std::string resume;  // "" = fresh; "latest" or a checkpoint directory
+  bool terminal = false;  // progress line redrawn in place
+  std::function<bool()> stop_requested;  // polled after each step (SIGINT/SIGTERM)
+};
+
+struct TrainResult {
+  std::int64_t steps = 0;  // optimizer steps done in all (including before a resume)
+  double first_loss = 0, final_loss = 0, best_eval_loss = 0, final_eval_loss = 0;
+  bool stopped_early = false;
+  std::string last_checkpoint;
+};
+
+TrainResult train(const TrainOptions& options);
+
+// The checkpoint directory `resume` names ("latest" = the one `<output_dir>/checkpoints/latest`
+// points to). Throws zinf::Error when there is none.
+std::string resolve_checkpoint(const std::string& output_dir, const std::string& resume);
+
+// Model FLOPs of one token of a training step (forward and backward, no recomputation): 6 per
+// parameter in the matrix products plus attention's 12 * layers * seq * q_dim.
+double training_flops_per_token(const ModelConfig& config, std::int64_t seq);
+
+}  // namespace zinf::runtime

@@ -1,0 +1,588 @@
+// The training loop (see trainer.hpp). One rank, the CPU backend; the optimizer state lives in the
+// offload module's partition store (host memory or NVMe, per the config).
+#include "zinf/runtime/trainer.hpp"
+
+#include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/task_arena.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "zinf/common/error.hpp"
+#include "zinf/common/fs.hpp"
+#include "zinf/io/safetensors.hpp"
+#include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/offload/offload.hpp"
+#include "zinf/runtime/backend.hpp"
+#include "zinf/runtime/lr_schedule.hpp"
+#include "zinf/runtime/model.hpp"
+#include "zinf/runtime/weights.hpp"
+
+namespace zinf::runtime {
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+using config::Json;
+using kernels::cpu::DType;
+
+namespace {
+
+constexpr int kCheckpointVersion = 1;
+constexpr const char* kStateFile = "optimizer_state.safetensors";
+constexpr const char* kTrainerStateFile = "trainer_state.json";
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+std::string step_dir_name(std::int64_t step) { return fmt::format("step-{:08d}", step); }
+
+std::string hex64(std::uint64_t v) { return fmt::format("{:016x}", v); }
+
+// Sum of squares of a unit's fp32 gradient, in fixed blocks so the result does not depend on the
+// thread count.
+double sum_squares(const float* g, std::int64_t n) {
+  constexpr std::int64_t kBlock = 1 << 16;
+  const std::int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<double> partial(static_cast<std::size_t>(blocks), 0.0);
+  tbb::parallel_for(std::int64_t{0}, blocks, [&](std::int64_t b) {
+    double s = 0;
+    const std::int64_t end = std::min(n, (b + 1) * kBlock);
+    for (std::int64_t i = b * kBlock; i < end; ++i) s += static_cast<double>(g[i]) * g[i];
+    partial[static_cast<std::size_t>(b)] = s;
+  });
+  double total = 0;
+  for (const double p : partial) total += p;
+  return total;
+}
+
+struct Timers {
+  double data = 0, forward = 0, backward = 0, optimizer = 0, offload_io = 0;
+};
+
+class MetricsCsv {
+ public:
+  MetricsCsv(const std::string& path, bool append) : path_(path) {
+    const bool fresh = !append || !fs::exists(path);
+    out_.open(path, fresh ? std::ios::trunc : std::ios::app);
+    if (!out_) throw Error("cannot write '{}': {}", path, errno_text(errno));
+    if (fresh) {
+      out_ << "step,epoch,loss,eval_loss,lr,grad_norm,loss_scale,skipped,tokens,tokens_per_s,tflops,step_s,"
+              "data_s,forward_s,backward_s,optimizer_s,offload_io_s,gpu_mem_bytes,host_mem_bytes,nvme_bytes\n";
+    }
+  }
+  void row(const std::string& line) {
+    out_ << line << "\n";
+    out_.flush();
+    if (!out_) throw Error("writing '{}' failed: {} (disk full?)", path_, errno_text(errno));
+  }
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+};
+
+// Everything a checkpoint restores besides the optimizer state tensors.
+struct TrainerState {
+  std::int64_t step = 0;  // optimizer steps done
+  DataPosition data;
+  std::uint64_t seed = 0;
+  std::uint64_t tokens = 0;
+  double first_loss = 0;
+  double best_eval = 0;
+  bool have_eval = false;
+};
+
+}  // namespace
+
+double training_flops_per_token(const ModelConfig& c, std::int64_t seq) {
+  const ModelLayout layout = make_layout(c);
+  const double params = static_cast<double>(layout.parameter_count());
+  const double emb = static_cast<double>(c.vocab_size * c.hidden_size);
+  // The embedding lookup is not a product; a tied embedding is also the head's product.
+  return 6.0 * (params - emb) + (c.tie_word_embeddings ? 6.0 * emb : 0.0) + 12.0 * c.num_layers * seq * c.q_dim();
+}
+
+std::string resolve_checkpoint(const std::string& output_dir, const std::string& resume) {
+  if (resume != "latest") {
+    if (!fs::is_directory(resume)) throw Error("--resume {}: no such checkpoint directory", resume);
+    return resume;
+  }
+  const fs::path latest = fs::path(output_dir) / "checkpoints" / "latest";
+  if (!fs::exists(latest)) {
+    throw Error("--resume latest: no checkpoint in '{}' ({} is missing); train without --resume first",
+                output_dir, latest.string());
+  }
+  std::string name;
+  std::ifstream(latest) >> name;
+  const fs::path dir = latest.parent_path() / name;
+  if (name.empty() || !fs::is_directory(dir)) {
+    throw Error("'{}' names '{}', which is not a checkpoint directory", latest.string(), name);
+  }
+  return dir.string();
+}
+
+namespace {
+
+class Trainer {
+ public:
+  explicit Trainer(const TrainOptions& o)
+      : o_(o),
+        backend_(make_cpu_backend()),
+        param_dtype_(o.ds.bf16.enabled ? DType::kBF16 : DType::kF32),
+        model_(o.model, *backend_, ModelOptions{param_dtype_, true}),
+        layout_(model_.layout()),
+        params_(*backend_, layout_, param_dtype_),
+        grads_(*backend_, layout_, DType::kF32),
+        sampler_(*o.data, o.seq_len, o.seed, o.eval_fraction),
+        schedule_(o.ds.scheduler, o.ds.optimizer.lr),
+        arena_(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))) {
+    if (o.ds.fp16.enabled) {
+      throw Error("fp16 training is not available yet (the CPU backend computes in fp32 or bf16): set \"bf16\": "
+                  "{{\"enabled\": true}} or pass --bf16");
+    }
+    const auto type = o.ds.optimizer.type;
+    if (type != config::OptimizerType::kAdamW && type != config::OptimizerType::kAdam) {
+      throw Error("optimizer '{}' is not available in the trainer yet: use Adam or AdamW", o.ds.optimizer.type_name);
+    }
+    if (o.data->max_token() >= static_cast<std::uint32_t>(o.model.vocab_size)) {
+      throw Error("data '{}' holds token {} but the model's vocabulary has {} entries (tokenized for another model?)",
+                  o.data->name(), o.data->max_token(), o.model.vocab_size);
+    }
+    micro_ = o.ds.batch.micro;
+    gas_ = o.ds.batch.gas;
+    const std::uint64_t samples_per_step = static_cast<std::uint64_t>(micro_ * gas_);
+    steps_per_epoch_ = std::max<std::int64_t>(1, static_cast<std::int64_t>(sampler_.train_samples() / samples_per_step));
+    total_steps_ = o.max_steps > 0 ? o.max_steps
+                                   : std::max<std::int64_t>(1, std::llround(o.epochs * static_cast<double>(steps_per_epoch_)));
+    // The optimizer state, through the offload module (host memory, or NVMe per the config).
+    offload::OffloadSettings settings = offload::offload_settings(o.ds);
+    for (const auto& n : settings.notes) spdlog::info("offload: {}", n);
+    std::vector<offload::UnitSpec> units;
+    for (const auto& u : layout_.units) units.push_back({u.name, static_cast<std::uint64_t>(u.numel)});
+    offload_ = std::make_unique<offload::Offload>(settings, units, 0, arena_);
+    tokens_.resize(static_cast<std::size_t>(micro_ * o.seq_len));
+    targets_.resize(tokens_.size());
+  }
+
+  TrainResult run() {
+    TrainResult result;
+    fs::create_directories(o_.output_dir);
+    write_file_atomic((fs::path(o_.output_dir) / "deepspeed_config_auto.json").string(), o_.ds_resolved.dump(2) + "\n");
+    const bool resumed = !o_.resume.empty();
+    if (resumed) {
+      load_checkpoint(resolve_checkpoint(o_.output_dir, o_.resume));
+    } else {
+      initialise();
+    }
+    refresh_params();
+    MetricsCsv csv((fs::path(o_.output_dir) / "training_metrics.csv").string(), resumed);
+    log_start();
+
+    const double flops_per_token = training_flops_per_token(o_.model, o_.seq_len);
+    const auto run_start = Clock::now();
+    const std::int64_t first_step = st_.step;
+    double last_loss = 0, last_eval = std::nan("");
+    bool stopped = false;
+    while (st_.step < total_steps_) {
+      const auto t0 = Clock::now();
+      Timers tm;
+      const double lr = st_.step == 0 ? schedule_.initial_lr() : schedule_.lr_at(st_.step - 1);
+      grads_.zero();
+      double loss_sum = 0;
+      for (std::int64_t m = 0; m < gas_; ++m) {
+        auto td = Clock::now();
+        sampler_.next_batch(micro_, tokens_, targets_);
+        model_.set_batch(tokens_, targets_, micro_, o_.seq_len);
+        tm.data += seconds_since(td);
+        auto tf = Clock::now();
+        const float loss = model_.forward(params_.view());
+        tm.forward += seconds_since(tf);
+        if (!std::isfinite(loss)) {
+          throw Error("the loss is {} at step {}: training diverged (lower the learning rate, or resume from an "
+                      "earlier checkpoint)",
+                      loss, st_.step + 1);
+        }
+        auto tb = Clock::now();
+        model_.backward(params_.view(), grads_.view());
+        tm.backward += seconds_since(tb);
+        loss_sum += loss;
+      }
+      const double loss = loss_sum / static_cast<double>(gas_);
+      // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
+      auto to = Clock::now();
+      double sq = 0;
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+        sq += sum_squares(static_cast<const float*>(grads_.view().units[u]), layout_.units[u].numel);
+      }
+      const double norm = std::sqrt(sq) / static_cast<double>(gas_);
+      if (!std::isfinite(norm)) throw Error("the gradient norm is {} at step {}: training diverged", norm, st_.step + 1);
+      double clip = 1.0;
+      if (o_.ds.gradient_clipping > 0) {
+        const double c = o_.ds.gradient_clipping / (norm + 1e-6);
+        if (c < 1.0) clip = c;
+      }
+      offload::StepInputs in;
+      const auto& oc = o_.ds.optimizer;
+      in.adam.lr = lr;
+      in.adam.beta1 = oc.beta1;
+      in.adam.beta2 = oc.beta2;
+      in.adam.eps = oc.eps;
+      in.adam.weight_decay = oc.weight_decay;
+      in.adam.adam_w_mode = oc.type == config::OptimizerType::kAdamW || oc.adam_w_mode;
+      in.adam.bias_correction = oc.bias_correction;
+      in.adam.step = st_.step + 1;
+      in.adam.grad_scale = static_cast<float>(clip / static_cast<double>(gas_));
+      in.grad_dtype = DType::kF32;
+      in.gradient = [this](std::size_t u) -> const void* { return grads_.view().units[u]; };
+      const offload::StepStats ss = offload_->stepper().step(in);
+      tm.offload_io = ss.read_wait_seconds + ss.write_wait_seconds;
+      refresh_params();
+      tm.optimizer = seconds_since(to);
+
+      ++st_.step;
+      const std::uint64_t step_tokens = static_cast<std::uint64_t>(micro_ * gas_ * o_.seq_len);
+      st_.tokens += step_tokens;
+      if (st_.step == 1) st_.first_loss = loss;
+      if (st_.step == first_step + 1 && !resumed) result.first_loss = loss;
+      last_loss = loss;
+      double eval_loss = std::nan("");
+      if ((o_.eval_every > 0 && st_.step % o_.eval_every == 0) || st_.step == total_steps_) {
+        eval_loss = evaluate();
+        last_eval = eval_loss;
+        if (!st_.have_eval || eval_loss < st_.best_eval) st_.best_eval = eval_loss;
+        st_.have_eval = true;
+      }
+      const double step_s = seconds_since(t0);
+      const double tps = static_cast<double>(step_tokens) / step_s;
+      const double epoch = static_cast<double>(st_.data.epoch) + sampler_.epoch_fraction();
+      csv.row(fmt::format("{},{:.4f},{:.6f},{},{:.6g},{:.6f},{},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
+                          "{:.4f},{},{},{}",
+                          st_.step, epoch, loss, std::isnan(eval_loss) ? std::string() : fmt::format("{:.6f}", eval_loss),
+                          lr, norm, 1, 0, st_.tokens, tps, flops_per_token * tps / 1e12, step_s, tm.data, tm.forward,
+                          tm.backward, tm.optimizer, tm.offload_io, 0, offload_->memory().used(),
+                          offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2));
+      progress(loss, eval_loss, lr, tps, run_start, first_step, tm, norm);
+      if (o_.stop_requested && o_.stop_requested()) {
+        stopped = st_.step < total_steps_;
+        if (stopped) {
+          if (o_.terminal) std::cerr << "\n";
+          spdlog::info("stop requested: saving a checkpoint at step {} and exiting", st_.step);
+          break;
+        }
+      }
+      if (o_.save_every > 0 && st_.step % o_.save_every == 0 && st_.step < total_steps_) {
+        result.last_checkpoint = save_checkpoint();
+      }
+    }
+    if (o_.terminal) std::cerr << "\n";
+    if (st_.step > first_step || result.last_checkpoint.empty()) result.last_checkpoint = save_checkpoint();
+    result.steps = st_.step;
+    result.first_loss = st_.first_loss;
+    result.final_loss = last_loss;
+    result.final_eval_loss = last_eval;
+    result.best_eval_loss = st_.have_eval ? st_.best_eval : std::nan("");
+    result.stopped_early = stopped;
+    write_summary(result, seconds_since(run_start), first_step);
+    return result;
+  }
+
+ private:
+  void initialise() {
+    UnitStorage master(*backend_, layout_, DType::kF32);
+    if (!o_.init_weights.empty()) {
+      load_weights(o_.init_weights, o_.model, layout_, *backend_, master.view());
+      spdlog::info("weights from {}", o_.init_weights);
+    } else {
+      init_parameters(o_.model, layout_, o_.seed, *backend_, master.view());
+    }
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      offload_->store().set_state(u, std::span<const float>(static_cast<const float*>(master.view().units[u]), n));
+    }
+    st_.seed = o_.seed;
+  }
+
+  // The compute copy of the parameters from the store: the bf16 shard, or the fp32 master.
+  void refresh_params() {
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      if (param_dtype_ == DType::kBF16) {
+        offload::ParamLease lease = offload_->store().fetch(u);
+        lease.copy_to(std::span<std::uint16_t>(static_cast<std::uint16_t*>(params_.view().units[u]), n));
+      } else {
+        scratch_m_.resize(n);
+        scratch_v_.resize(n);
+        offload_->store().read_state(u, std::span<float>(static_cast<float*>(params_.view().units[u]), n), scratch_m_,
+                                     scratch_v_);
+      }
+    }
+  }
+
+  double evaluate() {
+    const std::uint64_t n = sampler_.eval_samples();
+    if (n == 0) return std::nan("");
+    const auto per_batch = static_cast<std::uint64_t>(micro_);
+    const std::uint64_t batches = std::min<std::uint64_t>((n + per_batch - 1) / per_batch,
+                                                          static_cast<std::uint64_t>(std::max<std::int64_t>(1, o_.eval_max_batches)));
+    double sum = 0;
+    std::int64_t counted = 0;
+    for (std::uint64_t b = 0; b < batches; ++b) {
+      const std::uint64_t first = b * per_batch;
+      const auto count = static_cast<std::int64_t>(std::min(per_batch, n - first));
+      for (std::int64_t i = 0; i < count; ++i) {
+        sampler_.eval_sample(first + i, std::span(tokens_).subspan(i * o_.seq_len, o_.seq_len),
+                             std::span(targets_).subspan(i * o_.seq_len, o_.seq_len));
+      }
+      model_.set_batch(std::span(tokens_).first(count * o_.seq_len), std::span(targets_).first(count * o_.seq_len),
+                       count, o_.seq_len);
+      sum += static_cast<double>(model_.forward(params_.view())) * count;
+      counted += count;
+    }
+    return sum / static_cast<double>(counted);
+  }
+
+  std::string save_checkpoint() {
+    const fs::path root = fs::path(o_.output_dir) / "checkpoints";
+    fs::create_directories(root);
+    const std::string name = step_dir_name(st_.step);
+    const fs::path final_dir = root / name;
+    const fs::path tmp = root / (name + ".partial");
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    // Optimizer state: one fp32 tensor per unit and kind, each filled from the store as written.
+    std::vector<io::StWriteTensor> tensors;
+    std::size_t cached = SIZE_MAX;
+    std::vector<float> m, a, v;
+    Json sums = Json::object();
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      for (int kind = 0; kind < 3; ++kind) {
+        const std::string tname = layout_.units[u].name + (kind == 0 ? ".master" : kind == 1 ? ".exp_avg" : ".exp_avg_sq");
+        tensors.push_back({tname, io::StDType::kF32, {static_cast<std::int64_t>(n)}, [&, u, n, kind, tname](std::byte* dst) {
+                             if (cached != u) {
+                               m.resize(n), a.resize(n), v.resize(n);
+                               offload_->store().read_state(u, m, a, v);
+                               cached = u;
+                             }
+                             const std::vector<float>& src = kind == 0 ? m : kind == 1 ? a : v;
+                             std::memcpy(dst, src.data(), n * sizeof(float));
+                             sums[tname] = hex64(XXH3_64bits(src.data(), n * sizeof(float)));
+                           }});
+      }
+    }
+    io::write_safetensors((tmp / kStateFile).string(), tensors, {{"format", "zinf-optimizer-state"}});
+    Json s;
+    s["format"] = "zinf-checkpoint";
+    s["version"] = kCheckpointVersion;
+    s["step"] = st_.step;
+    s["data"] = {{"epoch", st_.data.epoch}, {"index", st_.data.index}, {"source", o_.data->name()},
+                 {"tokens", o_.data->size()}, {"seq_len", o_.seq_len}};
+    s["seed"] = st_.seed;
+    s["tokens_seen"] = st_.tokens;
+    s["first_loss"] = st_.first_loss;
+    s["best_eval_loss"] = st_.have_eval ? Json(st_.best_eval) : Json(nullptr);
+    s["loss_scaler"] = {{"enabled", false}, {"scale", 1.0}};
+    s["scheduler"] = {{"last_batch_iteration", st_.step - 1}};
+    s["model"] = model_config_json(o_.model);
+    s["param_dtype"] = kernels::cpu::dtype_name(param_dtype_);
+    Json units = Json::array();
+    for (const auto& u : layout_.units) units.push_back({{"name", u.name}, {"numel", u.numel}});
+    s["units"] = units;
+    s["checksums"] = sums;
+    write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
+    sync_directory(tmp.string());
+    // Swap into place: the old copy of this step (if any) survives until the new one is there.
+    const fs::path old = root / (name + ".old");
+    fs::remove_all(old);
+    if (fs::exists(final_dir)) fs::rename(final_dir, old);
+    fs::rename(tmp, final_dir);
+    sync_directory(root.string());
+    write_file_atomic((root / "latest").string(), name + "\n");
+    fs::remove_all(old);
+    prune_checkpoints(root, name);
+    spdlog::info("checkpoint {} written", final_dir.string());
+    return final_dir.string();
+  }
+
+  void prune_checkpoints(const fs::path& root, const std::string& keep) {
+    if (o_.keep_last <= 0) return;
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(root)) {
+      const std::string n = e.path().filename().string();
+      if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find('.') == std::string::npos) names.push_back(n);
+    }
+    std::sort(names.begin(), names.end());
+    const auto extra = static_cast<std::ptrdiff_t>(names.size()) - o_.keep_last;
+    for (std::ptrdiff_t i = 0; i < extra; ++i) {
+      if (names[static_cast<std::size_t>(i)] == keep) continue;
+      fs::remove_all(root / names[static_cast<std::size_t>(i)]);
+    }
+  }
+
+  void load_checkpoint(const std::string& dir) {
+    const fs::path d(dir);
+    const std::string state_path = (d / kTrainerStateFile).string();
+    if (!fs::exists(state_path)) throw Error("'{}' is not a zinf checkpoint: {} is missing", dir, kTrainerStateFile);
+    Json s;
+    try {
+      s = Json::parse(config::read_text_file(state_path));
+    } catch (const Json::exception& e) {
+      throw Error("{} is damaged: {}", state_path, e.what());
+    }
+    try {
+      if (s.value("format", "") != "zinf-checkpoint") throw Error("{} is not a zinf checkpoint", state_path);
+      if (s.at("version").get<int>() != kCheckpointVersion) {
+        throw Error("{}: checkpoint version {} is not supported (this zinf reads {})", state_path,
+                    s.at("version").get<int>(), kCheckpointVersion);
+      }
+      const Json& units = s.at("units");
+      bool same = units.size() == layout_.units.size();
+      for (std::size_t u = 0; same && u < layout_.units.size(); ++u) {
+        same = units[u].at("name").get<std::string>() == layout_.units[u].name &&
+               units[u].at("numel").get<std::int64_t>() == layout_.units[u].numel;
+      }
+      if (!same) {
+        throw Error("checkpoint '{}' is for another model shape ({} units; this model has {}): {} vs {}", dir,
+                    units.size(), layout_.units.size(), s.at("model").dump(), model_config_json(o_.model).dump());
+      }
+      if (s.at("data").at("seq_len").get<std::int64_t>() != o_.seq_len) {
+        throw Error("checkpoint '{}' was trained with --seq-len {}, not {}: resume with the same sequence length", dir,
+                    s.at("data").at("seq_len").get<std::int64_t>(), o_.seq_len);
+      }
+      st_.step = s.at("step").get<std::int64_t>();
+      st_.data = {s.at("data").at("epoch").get<std::uint64_t>(), s.at("data").at("index").get<std::uint64_t>()};
+      st_.seed = s.at("seed").get<std::uint64_t>();
+      st_.tokens = s.at("tokens_seen").get<std::uint64_t>();
+      st_.first_loss = s.at("first_loss").get<double>();
+      st_.have_eval = !s.at("best_eval_loss").is_null();
+      st_.best_eval = st_.have_eval ? s.at("best_eval_loss").get<double>() : 0.0;
+    } catch (const Json::exception& e) {
+      throw Error("{} is damaged or from another zinf: {}", state_path, e.what());
+    }
+    if (st_.seed != o_.seed) {
+      spdlog::warn("the checkpoint was trained with --seed {}; continuing its sample order (not --seed {})", st_.seed,
+                   o_.seed);
+    }
+    // The data order is the checkpoint's seed's.
+    sampler_ = Sampler(*o_.data, o_.seq_len, st_.seed, o_.eval_fraction);
+    sampler_.set_position(st_.data);
+    const auto file = io::SafetensorsFile::open((d / kStateFile).string());
+    const Json& sums = s.at("checksums");
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      std::span<const float> parts[3];
+      for (int kind = 0; kind < 3; ++kind) {
+        const std::string tname = layout_.units[u].name + (kind == 0 ? ".master" : kind == 1 ? ".exp_avg" : ".exp_avg_sq");
+        const io::StTensor* t = file->find(tname);
+        if (t == nullptr || t->dtype != io::StDType::kF32 || t->numel() != static_cast<std::int64_t>(n)) {
+          throw Error("checkpoint '{}': tensor '{}' is missing or has the wrong type or size (want F32 [{}])", dir, tname, n);
+        }
+        const auto bytes = file->bytes(*t);
+        if (!sums.contains(tname) || sums.at(tname).get<std::string>() != hex64(XXH3_64bits(bytes.data(), bytes.size()))) {
+          throw Error("checkpoint '{}' is damaged: tensor '{}' does not match its checksum; resume from an earlier "
+                      "checkpoint",
+                      dir, tname);
+        }
+        parts[kind] = std::span<const float>(reinterpret_cast<const float*>(bytes.data()), n);
+      }
+      offload_->store().set_state(u, parts[0], parts[1], parts[2]);
+    }
+    spdlog::info("resumed from {} at step {}", dir, st_.step);
+  }
+
+  void log_start() {
+    const ModelLayout& l = layout_;
+    spdlog::info("model {}: {} parameters, {} layers, hidden {}, vocab {}; {} training", o_.model_source,
+                 l.parameter_count(), o_.model.num_layers, o_.model.hidden_size, o_.model.vocab_size,
+                 param_dtype_ == DType::kBF16 ? "bf16 mixed-precision" : "fp32");
+    spdlog::info("data {}: {} tokens, {} training and {} held-out samples of {} tokens", o_.data->name(),
+                 o_.data->size(), sampler_.train_samples(), sampler_.eval_samples(), o_.seq_len);
+    spdlog::info("{} steps of {} x {} micro-batches ({} tokens per step); {}", total_steps_, micro_, gas_,
+                 micro_ * gas_ * o_.seq_len, offload_->store().describe());
+  }
+
+  void progress(double loss, double eval_loss, double lr, double tps, Clock::time_point start, std::int64_t first_step,
+                const Timers& tm, double norm) {
+    const double elapsed = seconds_since(start);
+    const double per_step = elapsed / static_cast<double>(st_.step - first_step);
+    const double eta = per_step * static_cast<double>(total_steps_ - st_.step);
+    const std::string eval = std::isnan(eval_loss) ? std::string() : fmt::format(" eval {:.4f}", eval_loss);
+    const std::string line = fmt::format("step {}/{} loss {:.4f}{} lr {:.3g} {:.0f} tok/s ETA {:.0f}s", st_.step,
+                                         total_steps_, loss, eval, lr, tps, eta);
+    const bool print_step = o_.ds.steps_per_print.has_value() && *o_.ds.steps_per_print > 0 &&
+                            st_.step % *o_.ds.steps_per_print == 0;
+    if (o_.terminal) {
+      std::cerr << "\r" << fmt::format("{:<90}", line) << std::flush;
+      if (!std::isnan(eval_loss) || print_step) std::cerr << "\n";
+    } else {
+      std::cout << line << "\n" << std::flush;
+    }
+    if (o_.ds.wall_clock_breakdown) {
+      spdlog::info("step {}: data {:.3f}s forward {:.3f}s backward {:.3f}s optimizer {:.3f}s (offload I/O wait {:.3f}s) "
+                   "grad norm {:.4f}",
+                   st_.step, tm.data, tm.forward, tm.backward, tm.optimizer, tm.offload_io, norm);
+    }
+  }
+
+  void write_summary(const TrainResult& r, double wall, std::int64_t first_step) {
+    Json j;
+    j["model"] = {{"source", o_.model_source},
+                  {"config", model_config_json(o_.model)},
+                  {"parameters", layout_.parameter_count()},
+                  {"param_dtype", kernels::cpu::dtype_name(param_dtype_)}};
+    j["data"] = {{"source", o_.data->name()}, {"tokens", o_.data->size()}, {"seq_len", o_.seq_len},
+                 {"train_samples", sampler_.train_samples()}, {"eval_samples", sampler_.eval_samples()}};
+    j["steps"] = r.steps;
+    j["steps_this_run"] = r.steps - first_step;
+    j["stopped_early"] = r.stopped_early;
+    j["tokens_seen"] = st_.tokens;
+    j["first_loss"] = r.first_loss;
+    j["final_loss"] = r.final_loss;
+    j["final_eval_loss"] = std::isnan(r.final_eval_loss) ? Json(nullptr) : Json(r.final_eval_loss);
+    j["best_eval_loss"] = std::isnan(r.best_eval_loss) ? Json(nullptr) : Json(r.best_eval_loss);
+    const double tokens_run = static_cast<double>((r.steps - first_step) * micro_ * gas_ * o_.seq_len);
+    j["throughput"] = {{"tokens_per_s", wall > 0 ? tokens_run / wall : 0.0},
+                       {"model_tflops", wall > 0 ? tokens_run * training_flops_per_token(o_.model, o_.seq_len) / wall / 1e12 : 0.0}};
+    j["peak_memory_bytes"] = {{"gpu", 0},
+                              {"host_pinned", offload_->memory().used()},
+                              {"nvme", offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2}};
+    j["wall_seconds"] = wall;
+    j["backend"] = backend_->name();
+    j["last_checkpoint"] = r.last_checkpoint;
+    j["deepspeed_config"] = o_.ds_resolved;
+    write_file_atomic((fs::path(o_.output_dir) / "summary.json").string(), j.dump(2) + "\n");
+  }
+
+  const TrainOptions& o_;
+  std::unique_ptr<Backend> backend_;
+  DType param_dtype_;
+  Model model_;
+  const ModelLayout& layout_;
+  UnitStorage params_, grads_;
+  Sampler sampler_;
+  LrSchedule schedule_;
+  tbb::task_arena arena_;
+  std::unique_ptr<offload::Offload> offload_;
+  std::int64_t micro_ = 1, gas_ = 1, steps_per_epoch_ = 1, total_steps_ = 1;
+  std::vector<std::int32_t> tokens_, targets_;
+  std::vector<float> scratch_m_, scratch_v_;
+  TrainerState st_;
+};
+
+}  // namespace
+
+TrainResult train(const TrainOptions& options) {
+  if (options.data == nullptr) throw Error("train: no data");
+  Trainer t(options);
+  return t.run();
+}
+
+}  // namespace zinf::runtime

@@ -1,0 +1,307 @@
+// `zinf train` and `zinf data tokenize`.
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdlib>
+#include <ctime>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "commands.hpp"
+#include "zinf/common/error.hpp"
+#include "zinf/common/log.hpp"
+#include "zinf/configs/diagnostics.hpp"
+#include "zinf/configs/parse.hpp"
+#include "zinf/runtime/data.hpp"
+#include "zinf/runtime/embedded.hpp"
+#include "zinf/runtime/model_config.hpp"
+#include "zinf/runtime/trainer.hpp"
+
+namespace zinf::tools {
+namespace {
+namespace fs = std::filesystem;
+
+constexpr const char* kDefaultPreset = "deepspeed_zero3_cpuoffload";
+
+struct TrainCliOptions {
+  std::string model;
+  std::string init;
+  std::string data;
+  std::string data_dtype;
+  std::string deepspeed = kDefaultPreset;
+  config::TrainingArgs args;
+  std::int64_t max_steps = 0;
+  double epochs = 0;
+  std::int64_t seq_len = 0;
+  std::uint64_t seed = 42;
+  std::int64_t eval_every = 0;
+  double eval_fraction = 0.05;
+  std::int64_t save_every = 0;
+  int keep_last = 0;
+  std::string output_dir;
+  std::string resume;
+  bool resume_given = false;
+};
+
+std::atomic<int> g_stop{0};
+
+extern "C" void on_stop_signal(int sig) {
+  g_stop.store(sig);
+  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+}
+
+std::string compact_time() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y%m%d-%H%M%S", &tm);
+  return buf;
+}
+
+std::string python_for_plots() {
+  if (const char* p = std::getenv("ZINF_PYTHON"); p != nullptr && *p != '\0') return p;
+  return fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+}
+
+std::string plot_script() {
+  if (const char* p = std::getenv("ZINF_PLOT_SCRIPT"); p != nullptr && *p != '\0') return p;
+  return ZINF_SOURCE_DIR "/tools/plot_training.py";
+}
+
+// Draws training_curves.png with matplotlib; a missing Python or matplotlib is a warning.
+void draw_curves(const std::string& out_dir) {
+  const std::string script = plot_script();
+  if (!fs::exists(script)) {
+    spdlog::warn("training_curves.png not drawn: {} is missing", script);
+    return;
+  }
+  const std::string cmd = fmt::format("'{}' '{}' '{}' > '{}/plot.log' 2>&1", python_for_plots(), script, out_dir, out_dir);
+  if (std::system(cmd.c_str()) != 0) {
+    spdlog::warn("training_curves.png not drawn (see {}/plot.log; it needs python3 with matplotlib): rerun with `{} {} {}`",
+                 out_dir, python_for_plots(), script, out_dir);
+    return;
+  }
+  std::error_code ec;
+  fs::remove(fs::path(out_dir) / "plot.log", ec);
+}
+
+int run_train(TrainCliOptions o) {
+  const bool embedded_model = o.model.empty() || o.model == "tiny-byte";
+  const bool embedded_data = o.data.empty();
+  // The embedded default: a short, visibly learning run unless told otherwise.
+  if (embedded_data) {
+    if (o.seq_len == 0) o.seq_len = 128;
+    if (o.max_steps == 0 && o.epochs == 0) o.max_steps = 300;
+    if (!o.args.micro_batch) o.args.micro_batch = 8;
+    if (!o.args.lr) o.args.lr = 2e-3;
+    if (!o.args.warmup_steps) o.args.warmup_steps = 30;
+    if (!o.args.fp16) o.args.bf16 = true;
+    if (o.eval_every == 0) o.eval_every = 50;
+  }
+  if (o.seq_len == 0) o.seq_len = 512;
+  if (o.max_steps == 0 && o.epochs == 0) o.epochs = 1;
+
+  // Model.
+  runtime::ModelConfig model;
+  std::string model_source;
+  if (embedded_model) {
+    model = runtime::parse_model_config(nlohmann::json::parse(runtime::embedded_model_json()), runtime::kEmbeddedModelName);
+    model_source = runtime::kEmbeddedModelName;
+  } else {
+    std::error_code ec;
+    model_source = fs::is_directory(o.model, ec) ? (fs::path(o.model) / "config.json").string() : o.model;
+    model = runtime::load_model_config(model_source);
+  }
+  if (o.seq_len > model.max_position_embeddings) {
+    throw Error("--seq-len {} is longer than the model's max_position_embeddings ({})", o.seq_len,
+                model.max_position_embeddings);
+  }
+
+  // Data.
+  runtime::TokenData data;
+  if (embedded_data) {
+    data = runtime::TokenData::from_tokens(runtime::byte_tokens(runtime::embedded_corpus()), runtime::kEmbeddedCorpusName,
+                                           runtime::kByteVocab);
+  } else {
+    std::optional<unsigned> width;
+    if (o.data_dtype == "uint16") width = 2;
+    if (o.data_dtype == "uint32") width = 4;
+    data = runtime::TokenData::open(o.data, width);
+  }
+
+  // Config: the preset or file, "auto" filled from the arguments, then validated.
+  o.args.hidden_size = model.hidden_size;
+  const config::LoadedDocument doc = config::load_document(o.deepspeed);
+  // Steps for the schedule's "auto" total: known up front only with --max-steps.
+  if (!o.args.total_steps && o.max_steps > 0) o.args.total_steps = o.max_steps;
+  const config::Resolution res = config::resolve_auto(doc.json, o.args, /*use_defaults=*/true);
+  if (res.has_mismatches()) throw Error("{}", res.mismatch_report());
+  if (!res.unresolved.empty()) {
+    throw Error("{}: \"auto\" values with no training argument to fill them:\n  {}", doc.source,
+                fmt::join(res.unresolved, "\n  "));
+  }
+  config::ParseOptions popts;
+  popts.world_size = 1;
+  config::ParseResult parsed = config::parse_config(res.resolved, popts);
+  config::throw_if_errors(parsed.diagnostics, fmt::format("{} (after resolving \"auto\")", doc.source));
+
+  // Output directory and log file.
+  if (o.output_dir.empty()) {
+    if (o.resume_given) throw Error("--resume needs the --output-dir of the run to continue");
+    const std::string name = embedded_model ? "tiny-byte" : fs::path(model_source).parent_path().filename().string();
+    o.output_dir = (fs::path("output") / fmt::format("{}-{}", name.empty() ? "model" : name, compact_time())).string();
+  }
+  fs::create_directories(o.output_dir);
+  log::init({.rank = std::nullopt, .level = {}, .file = (fs::path(o.output_dir) / "zinf.log").string()});
+  for (const auto& f : res.filled) spdlog::info("config: {}", f);
+  for (const auto& f : res.defaulted) spdlog::info("config: {}", f);
+  const std::string warnings = parsed.diagnostics.format(config::Severity::kWarning);
+  if (!warnings.empty()) spdlog::warn("config:\n{}", warnings);
+  if (embedded_data) {
+    spdlog::info("embedded default: {} on {} (byte tokens), preset {}", runtime::kEmbeddedModelName,
+                 runtime::kEmbeddedCorpusName, o.deepspeed);
+  }
+
+  runtime::TrainOptions t;
+  t.model = model;
+  t.model_source = model_source;
+  t.init_weights = o.init;
+  t.data = &data;
+  t.ds = parsed.config;
+  t.ds_resolved = res.resolved;
+  t.seq_len = o.seq_len;
+  t.max_steps = o.max_steps;
+  t.epochs = o.epochs;
+  t.seed = o.seed;
+  t.eval_fraction = o.eval_fraction;
+  t.eval_every = o.eval_every;
+  t.save_every = o.save_every;
+  t.keep_last = o.keep_last;
+  t.output_dir = o.output_dir;
+  t.resume = o.resume_given ? (o.resume.empty() ? "latest" : o.resume) : "";
+  t.terminal = ::isatty(STDERR_FILENO) != 0;
+  std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGTERM, on_stop_signal);
+  t.stop_requested = [] { return g_stop.load() != 0; };
+
+  const runtime::TrainResult r = runtime::train(t);
+  draw_curves(o.output_dir);
+  std::cout << fmt::format("{} after {} steps: loss {:.4f} (first {:.4f}){}\n", r.stopped_early ? "stopped" : "done",
+                           r.steps, r.final_loss, r.first_loss,
+                           std::isnan(r.final_eval_loss) ? std::string() : fmt::format(", eval loss {:.4f}", r.final_eval_loss));
+  std::cout << fmt::format("outputs in {}: training_metrics.csv, summary.json, deepspeed_config_auto.json, zinf.log{}; "
+                           "checkpoint {}\n",
+                           o.output_dir,
+                           fs::exists(fs::path(o.output_dir) / "training_curves.png") ? ", training_curves.png" : "",
+                           r.last_checkpoint);
+  if (r.stopped_early) std::cout << fmt::format("continue with: zinf train ... --output-dir {} --resume\n", o.output_dir);
+  return kExitOk;
+}
+
+struct TokenizeOptions {
+  std::vector<std::string> inputs;
+  std::string output;
+  std::string format = "auto";
+  std::string key = "text";
+  std::string tokenizer = "bytes";
+};
+
+int run_tokenize(const TokenizeOptions& o) {
+  if (o.tokenizer != "bytes") {
+    throw Error("tokenizer '{}' is not available yet: this zinf tokenizes with --tokenizer bytes (one token per byte)",
+                o.tokenizer);
+  }
+  std::vector<std::uint32_t> tokens;
+  std::uint64_t docs = 0;
+  for (const auto& in : o.inputs) {
+    std::ifstream f(in, std::ios::binary);
+    if (!f) throw Error("cannot read '{}': {}", in, errno_text(errno));
+    const bool jsonl = o.format == "jsonl" || (o.format == "auto" && (in.ends_with(".jsonl") || in.ends_with(".ndjson")));
+    if (jsonl) {
+      std::string line;
+      std::uint64_t lineno = 0;
+      while (std::getline(f, line)) {
+        ++lineno;
+        if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+        nlohmann::json j;
+        try {
+          j = nlohmann::json::parse(line);
+        } catch (const nlohmann::json::exception& e) {
+          throw Error("{}:{}: not a JSON object: {}", in, lineno, e.what());
+        }
+        if (!j.is_object() || !j.contains(o.key) || !j[o.key].is_string()) {
+          throw Error("{}:{}: no string field \"{}\" (choose the field with --jsonl-key)", in, lineno, o.key);
+        }
+        const auto t = runtime::byte_tokens(j[o.key].get<std::string>() + "\n\n");
+        tokens.insert(tokens.end(), t.begin(), t.end());
+        ++docs;
+      }
+    } else {
+      const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      const auto t = runtime::byte_tokens(text);
+      tokens.insert(tokens.end(), t.begin(), t.end());
+      ++docs;
+    }
+  }
+  if (tokens.empty()) throw Error("no text in {}", fmt::join(o.inputs, ", "));
+  runtime::write_token_file(o.output, tokens, runtime::kByteVocab);
+  std::cout << fmt::format("wrote {}: {} tokens from {} document(s), byte-level (vocabulary 256)\n", o.output,
+                           tokens.size(), docs);
+  return kExitOk;
+}
+
+}  // namespace
+
+void add_train_commands(CLI::App& app, Action& action) {
+  auto o = std::make_shared<TrainCliOptions>();
+  CLI::App* cmd = app.add_subcommand(
+      "train", "train a model (no arguments: a small Llama on the embedded corpus, CPU-offload preset)");
+  cmd->add_option("--model", o->model, "Hugging Face config.json, a directory holding one, or tiny-byte (embedded)");
+  cmd->add_option("--init", o->init, "initial weights: a .safetensors file, index or directory (default: seeded init)");
+  cmd->add_option("--data", o->data, "token file (`zinf data tokenize` makes one; default: the embedded corpus)");
+  cmd->add_option("--data-dtype", o->data_dtype, "for a raw token file without zinf's header: uint16 or uint32")
+      ->check(CLI::IsMember({"uint16", "uint32"}));
+  cmd->add_option("--deepspeed", o->deepspeed, "DeepSpeed config file or preset (default deepspeed_zero3_cpuoffload)");
+  auto* steps = cmd->add_option("--max-steps", o->max_steps, "optimizer steps to train (default: one epoch)")
+                    ->check(CLI::PositiveNumber);
+  cmd->add_option("--epochs", o->epochs, "epochs over the training samples")->check(CLI::PositiveNumber)->excludes(steps);
+  cmd->add_option("--seq-len", o->seq_len, "tokens per sample (default 512; 128 for the embedded default)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--seed", o->seed, "seed for the initialisation and the sample order (default 42)");
+  cmd->add_option("--eval-every", o->eval_every, "eval loss every N steps (default: at the end)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--eval-fraction", o->eval_fraction, "share of samples held out for the eval loss (default 0.05)")
+      ->check(CLI::Range(0.0, 0.5));
+  cmd->add_option("--save-every", o->save_every, "checkpoint every N steps (default: at the end)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--keep-last", o->keep_last, "keep only the N newest checkpoints (default: all)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--output-dir", o->output_dir, "where outputs go (default output/<model>-<time>)");
+  cmd->add_option("--resume", o->resume, "continue from a checkpoint directory, or the latest in --output-dir")
+      ->expected(0, 1);
+  add_training_args(*cmd, o->args);
+  cmd->callback([o, cmd, &action] {
+    if (cmd->count("--resume") > 0) o->resume_given = true;
+    action = [o] { return run_train(*o); };
+  });
+
+  CLI::App* data = app.add_subcommand("data", "training data tools");
+  data->require_subcommand(1);
+  auto t = std::make_shared<TokenizeOptions>();
+  CLI::App* tok = data->add_subcommand("tokenize", "text or JSONL files to a zinf token file");
+  tok->add_option("inputs", t->inputs, "text (.txt, any) or JSONL (.jsonl) files")->required()->check(CLI::ExistingFile);
+  tok->add_option("-o,--output", t->output, "token file to write")->required();
+  tok->add_option("--format", t->format, "auto (by extension), text or jsonl")->check(CLI::IsMember({"auto", "text", "jsonl"}));
+  tok->add_option("--jsonl-key", t->key, "JSONL field holding the text (default text)");
+  tok->add_option("--tokenizer", t->tokenizer, "bytes (one token per byte, vocabulary 256)");
+  tok->callback([t, &action] { action = [t] { return run_tokenize(*t); }; });
+}
+
+}  // namespace zinf::tools

@@ -262,8 +262,8 @@ class Trainer {
       }
       const double step_s = seconds_since(t0);
       const double tps = static_cast<double>(step_tokens) / step_s;
-      const double epoch = static_cast<double>(st_.data.epoch) + sampler_.epoch_fraction();
-      csv.row(fmt::format("{},{:.4f},{:.6f},{},{:.6g},{:.6f},{},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
+      const double epoch = static_cast<double>(sampler_.position().epoch) + sampler_.epoch_fraction();
+      csv.row(fmt::format("{},{:.4f},{:.6f},{},{:.9g},{:.6f},{},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
                           "{:.4f},{},{},{}",
                           st_.step, epoch, loss, std::isnan(eval_loss) ? std::string() : fmt::format("{:.6f}", eval_loss),
                           lr, norm, 1, 0, st_.tokens, tps, flops_per_token * tps / 1e12, step_s, tm.data, tm.forward,
@@ -383,6 +383,7 @@ class Trainer {
     s["format"] = "zinf-checkpoint";
     s["version"] = kCheckpointVersion;
     s["step"] = st_.step;
+    st_.data = sampler_.position();
     s["data"] = {{"epoch", st_.data.epoch}, {"index", st_.data.index}, {"source", o_.data->name()},
                  {"tokens", o_.data->size()}, {"seq_len", o_.seq_len}};
     s["seed"] = st_.seed;

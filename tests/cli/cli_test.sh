@@ -180,5 +180,34 @@ expect 1 'does not exist|create it' -- "$ZINF" bench offload --path "$TMP/no/suc
 expect 1 'ZINF_OFFLOAD_IO=sideways' -- env ZINF_OFFLOAD_IO=sideways "$ZINF" bench offload --device cpu --params 1M
 [[ -z $(ls -A "$TMP/swap") ]] || { echo "FAIL: bench offload left files in $TMP/swap"; failed=$((failed + 1)); }
 
+# train and data tokenize (tiny runs: the mechanics; the trainer's numerics are in trainer_test).
+mkdir -p "$TMP/train"
+printf 'hello zinf, %.0s' {1..400} > "$TMP/train/text.txt"
+printf '{"text": "one two three four five six seven eight nine ten"}\n%.0s' {1..60} > "$TMP/train/docs.jsonl"
+expect 0 'wrote .*text.tok: 4800 tokens' -- "$ZINF" data tokenize "$TMP/train/text.txt" -o "$TMP/train/text.tok"
+expect 0 'from 60 document' -- "$ZINF" data tokenize "$TMP/train/docs.jsonl" -o "$TMP/train/docs.tok"
+expect 1 'no string field "body"' -- "$ZINF" data tokenize "$TMP/train/docs.jsonl" -o "$TMP/train/x.tok" --jsonl-key body
+expect 1 'not available yet' -- "$ZINF" data tokenize "$TMP/train/text.txt" -o "$TMP/train/x.tok" --tokenizer spm
+expect 2 '' -- "$ZINF" data tokenize "$TMP/train/missing.txt" -o "$TMP/train/x.tok"
+expect 0 'outputs in .*/run1' -- "$ZINF" train --max-steps 3 --seq-len 32 --output-dir "$TMP/train/run1"
+for f in training_metrics.csv summary.json deepspeed_config_auto.json zinf.log checkpoints/latest; do
+  [[ -s $TMP/train/run1/$f ]] || { echo "FAIL: zinf train left no $f"; failed=$((failed + 1)); }
+done
+[[ $(wc -l < "$TMP/train/run1/training_metrics.csv") -eq 4 ]] || { echo "FAIL: metrics rows"; failed=$((failed + 1)); }
+expect 0 'done after 5 steps' -- "$ZINF" train --max-steps 5 --seq-len 32 --output-dir "$TMP/train/run1" --resume
+expect 0 'resumed from .*step-00000005' -- "$ZINF" train --max-steps 6 --seq-len 32 --output-dir "$TMP/train/run1" --resume "$TMP/train/run1/checkpoints/step-00000005"
+expect 0 'done after 4 steps' -- "$ZINF" train --data "$TMP/train/text.tok" --max-steps 4 --seq-len 16 --micro-batch 2 --bf16 --output-dir "$TMP/train/run2"
+expect 1 'needs the --output-dir' -- "$ZINF" train --resume
+expect 1 'no checkpoint in' -- "$ZINF" train --resume --output-dir "$TMP/train/none"
+expect 1 'no zinf token header.*--data-dtype' -- "$ZINF" train --data "$TMP/train/text.txt" --max-steps 1
+printf 'abc' > "$TMP/train/odd.bin"
+expect 1 'not a multiple' -- "$ZINF" train --data "$TMP/train/odd.bin" --data-dtype uint16 --max-steps 1
+expect 1 'too few for training' -- "$ZINF" train --data "$TMP/train/text.tok" --seq-len 2000 --max-steps 1 --model "$DATA/../../configs/models/llama-110m.json"
+expect 1 'max_position_embeddings' -- "$ZINF" train --seq-len 4096 --max-steps 1
+echo '{"train_micro_batch_size_per_gpu": 8, "optimizer": {"type": "AdamW", "params": {"lr": 0.001}}}' > "$TMP/train/ds.json"
+expect 1 'optimizer.params.lr' -- "$ZINF" train --max-steps 1 --deepspeed "$TMP/train/ds.json" --lr 0.1
+expect 2 '' -- "$ZINF" train --max-steps 0
+expect 2 '' -- "$ZINF" train --max-steps 2 --epochs 1
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

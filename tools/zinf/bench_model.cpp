@@ -19,6 +19,7 @@
 #include "zinf/configs/summary.hpp"
 #include "zinf/kernels/cpu_features.hpp"
 #include "zinf/runtime/model.hpp"
+#include "zinf/runtime/trainer.hpp"
 #include "zinf/runtime/weights.hpp"
 
 namespace zinf::tools {
@@ -82,13 +83,8 @@ int run_bench_model(const BenchModelOptions& o) {
   std::sort(times.begin(), times.end());
   const double median = times[times.size() / 2];
   const double total_profiled = std::accumulate(times.begin(), times.end(), 0.0);
-  // Model FLOPs of one training step (no recomputation): 6 per parameter per token for the
-  // matrix products, plus attention's 12 * layers * seq * q_dim per token (causal half included).
-  const double params_n = static_cast<double>(layout.parameter_count());
-  const double emb = static_cast<double>(cfg.vocab_size * cfg.hidden_size);
-  const double flops = static_cast<double>(n) * (6.0 * (params_n - emb) +
-                                                 (cfg.tie_word_embeddings ? 6.0 * emb : 0.0) +
-                                                 12.0 * cfg.num_layers * o.seq * cfg.q_dim());
+  // Model FLOPs of one training step (no recomputation).
+  const double flops = static_cast<double>(n) * runtime::training_flops_per_token(cfg, o.seq);
   struct Row {
     std::string op;
     runtime::OpProfile::Entry e;

@@ -97,13 +97,13 @@ int run_train(TrainCliOptions o) {
   const bool embedded_data = o.data.empty();
   // The embedded default: a short, visibly learning run unless told otherwise.
   if (embedded_data) {
-    if (o.seq_len == 0) o.seq_len = 128;
-    if (o.max_steps == 0 && o.epochs == 0) o.max_steps = 300;
+    if (o.seq_len == 0) o.seq_len = 256;
+    if (o.max_steps == 0 && o.epochs == 0) o.max_steps = 400;
     if (!o.args.micro_batch) o.args.micro_batch = 8;
     if (!o.args.lr) o.args.lr = 2e-3;
-    if (!o.args.warmup_steps) o.args.warmup_steps = 30;
+    if (!o.args.warmup_steps) o.args.warmup_steps = 40;
     if (!o.args.fp16) o.args.bf16 = true;
-    if (o.eval_every == 0) o.eval_every = 50;
+    if (o.eval_every == 0) o.eval_every = 100;
   }
   if (o.seq_len == 0) o.seq_len = 512;
   if (o.max_steps == 0 && o.epochs == 0) o.epochs = 1;
@@ -272,7 +272,7 @@ void add_train_commands(CLI::App& app, Action& action) {
   auto* steps = cmd->add_option("--max-steps", o->max_steps, "optimizer steps to train (default: one epoch)")
                     ->check(CLI::PositiveNumber);
   cmd->add_option("--epochs", o->epochs, "epochs over the training samples")->check(CLI::PositiveNumber)->excludes(steps);
-  cmd->add_option("--seq-len", o->seq_len, "tokens per sample (default 512; 128 for the embedded default)")
+  cmd->add_option("--seq-len", o->seq_len, "tokens per sample (default 512; 256 for the embedded default)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--seed", o->seed, "seed for the initialisation and the sample order (default 42)");
   cmd->add_option("--eval-every", o->eval_every, "eval loss every N steps (default: at the end)")

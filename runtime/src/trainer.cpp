@@ -131,6 +131,63 @@ std::string resolve_checkpoint(const std::string& output_dir, const std::string&
 
 namespace {
 
+// A checkpoint directory opened for reading: trainer_state.json parsed and checked, and the state
+// tensors verified against their checksums as they are taken.
+class CheckpointReader {
+ public:
+  explicit CheckpointReader(const std::string& dir) : dir_(dir) {
+    const std::string state_path = (fs::path(dir) / kTrainerStateFile).string();
+    if (!fs::exists(state_path)) throw Error("'{}' is not a zinf checkpoint: {} is missing", dir, kTrainerStateFile);
+    try {
+      s_ = Json::parse(config::read_text_file(state_path));
+      if (s_.value("format", "") != "zinf-checkpoint") throw Error("{} is not a zinf checkpoint", state_path);
+      if (s_.at("version").get<int>() != kCheckpointVersion) {
+        throw Error("{}: checkpoint version {} is not supported (this zinf reads {})", state_path,
+                    s_.at("version").get<int>(), kCheckpointVersion);
+      }
+      (void)s_.at("units").size(), (void)s_.at("checksums").size(), (void)s_.at("model").size();
+    } catch (const Json::exception& e) {
+      throw Error("{} is damaged or from another zinf: {}", state_path, e.what());
+    }
+    file_ = io::SafetensorsFile::open((fs::path(dir) / kStateFile).string());
+  }
+  const Json& state() const noexcept { return s_; }
+  const std::string& dir() const noexcept { return dir_; }
+  // Throws unless the checkpoint's units are exactly `layout`'s.
+  void check_layout(const ModelLayout& layout, const ModelConfig& model) const {
+    const Json& units = s_.at("units");
+    bool same = units.size() == layout.units.size();
+    for (std::size_t u = 0; same && u < layout.units.size(); ++u) {
+      same = units[u].at("name").get<std::string>() == layout.units[u].name &&
+             units[u].at("numel").get<std::int64_t>() == layout.units[u].numel;
+    }
+    if (!same) {
+      throw Error("checkpoint '{}' is for another model shape ({} units; this model has {}): {} vs {}", dir_,
+                  units.size(), layout.units.size(), s_.at("model").dump(), model_config_json(model).dump());
+    }
+  }
+  // Unit `name`'s tensor of `kind` (master, exp_avg, exp_avg_sq), n fp32 values, checksum verified.
+  std::span<const float> tensor(const std::string& unit, const char* kind, std::size_t n) const {
+    const std::string tname = unit + "." + kind;
+    const io::StTensor* t = file_->find(tname);
+    if (t == nullptr || t->dtype != io::StDType::kF32 || t->numel() != static_cast<std::int64_t>(n)) {
+      throw Error("checkpoint '{}': tensor '{}' is missing or has the wrong type or size (want F32 [{}])", dir_, tname, n);
+    }
+    const auto bytes = file_->bytes(*t);
+    const Json& sums = s_.at("checksums");
+    if (!sums.contains(tname) || sums.at(tname).get<std::string>() != hex64(XXH3_64bits(bytes.data(), bytes.size()))) {
+      throw Error("checkpoint '{}' is damaged: tensor '{}' does not match its checksum; use an earlier checkpoint", dir_,
+                  tname);
+    }
+    return {reinterpret_cast<const float*>(bytes.data()), n};
+  }
+
+ private:
+  std::string dir_;
+  Json s_;
+  std::shared_ptr<io::SafetensorsFile> file_;
+};
+
 class Trainer {
  public:
   explicit Trainer(const TrainOptions& o)
@@ -429,31 +486,10 @@ class Trainer {
   }
 
   void load_checkpoint(const std::string& dir) {
-    const fs::path d(dir);
-    const std::string state_path = (d / kTrainerStateFile).string();
-    if (!fs::exists(state_path)) throw Error("'{}' is not a zinf checkpoint: {} is missing", dir, kTrainerStateFile);
-    Json s;
+    const CheckpointReader ck(dir);
+    const Json& s = ck.state();
+    ck.check_layout(layout_, o_.model);
     try {
-      s = Json::parse(config::read_text_file(state_path));
-    } catch (const Json::exception& e) {
-      throw Error("{} is damaged: {}", state_path, e.what());
-    }
-    try {
-      if (s.value("format", "") != "zinf-checkpoint") throw Error("{} is not a zinf checkpoint", state_path);
-      if (s.at("version").get<int>() != kCheckpointVersion) {
-        throw Error("{}: checkpoint version {} is not supported (this zinf reads {})", state_path,
-                    s.at("version").get<int>(), kCheckpointVersion);
-      }
-      const Json& units = s.at("units");
-      bool same = units.size() == layout_.units.size();
-      for (std::size_t u = 0; same && u < layout_.units.size(); ++u) {
-        same = units[u].at("name").get<std::string>() == layout_.units[u].name &&
-               units[u].at("numel").get<std::int64_t>() == layout_.units[u].numel;
-      }
-      if (!same) {
-        throw Error("checkpoint '{}' is for another model shape ({} units; this model has {}): {} vs {}", dir,
-                    units.size(), layout_.units.size(), s.at("model").dump(), model_config_json(o_.model).dump());
-      }
       if (s.at("data").at("seq_len").get<std::int64_t>() != o_.seq_len) {
         throw Error("checkpoint '{}' was trained with --seq-len {}, not {}: resume with the same sequence length", dir,
                     s.at("data").at("seq_len").get<std::int64_t>(), o_.seq_len);
@@ -466,7 +502,7 @@ class Trainer {
       st_.have_eval = !s.at("best_eval_loss").is_null();
       st_.best_eval = st_.have_eval ? s.at("best_eval_loss").get<double>() : 0.0;
     } catch (const Json::exception& e) {
-      throw Error("{} is damaged or from another zinf: {}", state_path, e.what());
+      throw Error("{}/{} is damaged or from another zinf: {}", dir, kTrainerStateFile, e.what());
     }
     if (st_.seed != o_.seed) {
       spdlog::warn("the checkpoint was trained with --seed {}; continuing its sample order (not --seed {})", st_.seed,
@@ -475,26 +511,11 @@ class Trainer {
     // The data order is the checkpoint's seed's.
     sampler_ = Sampler(*o_.data, o_.seq_len, st_.seed, o_.eval_fraction);
     sampler_.set_position(st_.data);
-    const auto file = io::SafetensorsFile::open((d / kStateFile).string());
-    const Json& sums = s.at("checksums");
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-      std::span<const float> parts[3];
-      for (int kind = 0; kind < 3; ++kind) {
-        const std::string tname = layout_.units[u].name + (kind == 0 ? ".master" : kind == 1 ? ".exp_avg" : ".exp_avg_sq");
-        const io::StTensor* t = file->find(tname);
-        if (t == nullptr || t->dtype != io::StDType::kF32 || t->numel() != static_cast<std::int64_t>(n)) {
-          throw Error("checkpoint '{}': tensor '{}' is missing or has the wrong type or size (want F32 [{}])", dir, tname, n);
-        }
-        const auto bytes = file->bytes(*t);
-        if (!sums.contains(tname) || sums.at(tname).get<std::string>() != hex64(XXH3_64bits(bytes.data(), bytes.size()))) {
-          throw Error("checkpoint '{}' is damaged: tensor '{}' does not match its checksum; resume from an earlier "
-                      "checkpoint",
-                      dir, tname);
-        }
-        parts[kind] = std::span<const float>(reinterpret_cast<const float*>(bytes.data()), n);
-      }
-      offload_->store().set_state(u, parts[0], parts[1], parts[2]);
+      const std::string& name = layout_.units[u].name;
+      offload_->store().set_state(u, ck.tensor(name, "master", n), ck.tensor(name, "exp_avg", n),
+                                  ck.tensor(name, "exp_avg_sq", n));
     }
     spdlog::info("resumed from {} at step {}", dir, st_.step);
   }
@@ -579,6 +600,22 @@ class Trainer {
 };
 
 }  // namespace
+
+std::vector<std::string> export_checkpoint(const std::string& checkpoint, const std::string& out_dir, DType file_dtype,
+                                           std::uint64_t max_shard_bytes) {
+  const CheckpointReader ck(checkpoint);
+  const ModelConfig model = parse_model_config(ck.state().at("model"), checkpoint + "/" + kTrainerStateFile);
+  const ModelLayout layout = make_layout(model);
+  ck.check_layout(layout, model);
+  auto backend = make_cpu_backend();
+  UnitStorage master(*backend, layout, DType::kF32);
+  for (std::size_t u = 0; u < layout.units.size(); ++u) {
+    const auto n = static_cast<std::size_t>(layout.units[u].numel);
+    const auto m = ck.tensor(layout.units[u].name, "master", n);
+    std::memcpy(master.view().units[u], m.data(), n * sizeof(float));
+  }
+  return save_weights(out_dir, model, layout, *backend, master.view(), file_dtype, max_shard_bytes);
+}
 
 TrainResult train(const TrainOptions& options) {
   if (options.data == nullptr) throw Error("train: no data");

@@ -197,6 +197,10 @@ done
 expect 0 'done after 5 steps' -- "$ZINF" train --max-steps 5 --seq-len 32 --output-dir "$TMP/train/run1" --resume
 expect 0 'resumed from .*step-00000005' -- "$ZINF" train --max-steps 6 --seq-len 32 --output-dir "$TMP/train/run1" --resume "$TMP/train/run1/checkpoints/step-00000005"
 expect 0 'done after 4 steps' -- "$ZINF" train --data "$TMP/train/text.tok" --max-steps 4 --seq-len 16 --micro-batch 2 --bf16 --output-dir "$TMP/train/run2"
+expect 0 'wrote .*/hf from .*step-00000006: model.safetensors, config.json' -- "$ZINF" ckpt export "$TMP/train/run1" --to "$TMP/train/hf"
+[[ -s $TMP/train/hf/config.json ]] || { echo "FAIL: ckpt export left no config.json"; failed=$((failed + 1)); }
+expect 1 'not a zinf checkpoint' -- "$ZINF" ckpt export "$TMP/train" --to "$TMP/train/hf2"
+expect 2 '' -- "$ZINF" ckpt export "$TMP/train/run1" --to "$TMP/train/hf3" --dtype fp8
 expect 1 'needs the --output-dir' -- "$ZINF" train --resume
 expect 1 'no checkpoint in' -- "$ZINF" train --resume --output-dir "$TMP/train/none"
 expect 1 'no zinf token header.*--data-dtype' -- "$ZINF" train --data "$TMP/train/text.txt" --max-steps 1

@@ -19,7 +19,10 @@
 #include "zinf/runtime/data.hpp"
 #include "zinf/runtime/embedded.hpp"
 #include "zinf/runtime/lr_schedule.hpp"
+#include "zinf/runtime/model.hpp"
 #include "zinf/runtime/model_config.hpp"
+#include "zinf/runtime/weights.hpp"
+#include "zinf/runtime/backend.hpp"
 #include "zinf/runtime/trainer.hpp"
 
 namespace zinf::runtime {
@@ -268,6 +271,36 @@ TEST(Trainer, NvmeOffloadTrainsAndResumesLikeHostMemory) {
   for (std::size_t i = 1; i < a.size(); ++i) EXPECT_EQ(a[i][column(a, "loss")], b[i][column(b, "loss")]) << i;
   EXPECT_TRUE(file_bytes(host.o.output_dir + "/checkpoints/step-00000020/optimizer_state.safetensors") ==
               file_bytes(second.o.output_dir + "/checkpoints/step-00000020/optimizer_state.safetensors"));
+}
+
+TEST(Trainer, ExportWritesTheMasterWeightsAsAHuggingFaceModel) {
+  ScratchDir d;
+  TrainRun r(d.path() + "/run");
+  r.o.max_steps = 3;
+  const TrainResult res = train(r.o);
+  const std::string hf = d.path() + "/hf";
+  const auto files = export_checkpoint(res.last_checkpoint, hf, kernels::cpu::DType::kF32);
+  EXPECT_TRUE(fs::exists(hf + "/config.json"));
+  EXPECT_TRUE(fs::exists(hf + "/model.safetensors"));
+  // Loading the export back gives the checkpoint's fp32 master weights exactly.
+  const ModelConfig back = load_model_config(hf + "/config.json");
+  EXPECT_EQ(model_config_json(back), model_config_json(r.o.model));
+  const ModelLayout layout = make_layout(back);
+  auto be = make_cpu_backend();
+  UnitStorage w(*be, layout, kernels::cpu::DType::kF32);
+  load_weights(hf, back, layout, *be, w.view());
+  const auto st = io::SafetensorsFile::open(res.last_checkpoint + "/optimizer_state.safetensors");
+  for (std::size_t u = 0; u < layout.units.size(); ++u) {
+    const auto bytes = st->bytes(*st->find(layout.units[u].name + ".master"));
+    // Padding between tensors is not exported; compare each tensor's range.
+    for (const TensorSpec& t : layout.units[u].tensors) {
+      EXPECT_EQ(std::memcmp(static_cast<const float*>(w.view().units[u]) + t.offset,
+                            reinterpret_cast<const float*>(bytes.data()) + t.offset, static_cast<std::size_t>(t.numel()) * 4),
+                0)
+          << t.name;
+    }
+  }
+  EXPECT_ERROR_HAS(export_checkpoint(d.path() + "/nothing", hf, kernels::cpu::DType::kF32), "not a zinf checkpoint");
 }
 
 TEST(Trainer, KeepLastAndInterruptedSavesLeaveAUsableCheckpoint) {

@@ -257,6 +257,26 @@ int run_tokenize(const TokenizeOptions& o) {
   return kExitOk;
 }
 
+struct ExportOptions {
+  std::string checkpoint;
+  std::string to;
+  std::string dtype = "bf16";
+  std::string max_shard = "5G";
+};
+
+int run_export(const ExportOptions& o) {
+  std::error_code ec;
+  // A run's output directory means its latest checkpoint.
+  const std::string ck = fs::exists(fs::path(o.checkpoint) / "checkpoints" / "latest", ec)
+                             ? runtime::resolve_checkpoint(o.checkpoint, "latest")
+                             : o.checkpoint;
+  if (!fs::is_directory(ck, ec)) throw Error("no checkpoint directory '{}'", ck);
+  const auto files = runtime::export_checkpoint(ck, o.to, o.dtype == "fp32" ? kernels::cpu::DType::kF32 : kernels::cpu::DType::kBF16,
+                                                parse_size(o.max_shard, "--max-shard-size"));
+  std::cout << fmt::format("wrote {} from {}: {}\n", o.to, ck, fmt::join(files, ", "));
+  return kExitOk;
+}
+
 }  // namespace
 
 void add_train_commands(CLI::App& app, Action& action) {
@@ -291,6 +311,17 @@ void add_train_commands(CLI::App& app, Action& action) {
     if (cmd->count("--resume") > 0) o->resume_given = true;
     action = [o] { return run_train(*o); };
   });
+
+  CLI::App* ckpt = app.add_subcommand("ckpt", "checkpoint tools");
+  ckpt->require_subcommand(1);
+  auto e = std::make_shared<ExportOptions>();
+  CLI::App* ex = ckpt->add_subcommand("export", "a checkpoint's weights as a Hugging Face model (config.json + safetensors)");
+  ex->add_option("checkpoint", e->checkpoint, "checkpoint directory (step-N), or a run's --output-dir for its latest")
+      ->required();
+  ex->add_option("--to", e->to, "directory to write (created; an earlier export there is replaced atomically)")->required();
+  ex->add_option("--dtype", e->dtype, "bf16 (default) or fp32")->check(CLI::IsMember({"bf16", "fp32"}));
+  ex->add_option("--max-shard-size", e->max_shard, "shard above this size (default 5G; 0 = one file)");
+  ex->callback([e, &action] { action = [e] { return run_export(*e); }; });
 
   CLI::App* data = app.add_subcommand("data", "training data tools");
   data->require_subcommand(1);

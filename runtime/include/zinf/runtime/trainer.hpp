@@ -11,9 +11,11 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "zinf/configs/deepspeed_config.hpp"
 #include "zinf/configs/document.hpp"
+#include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/runtime/data.hpp"
 #include "zinf/runtime/model_config.hpp"
 
@@ -53,6 +55,12 @@ TrainResult train(const TrainOptions& options);
 // The checkpoint directory `resume` names ("latest" = the one `<output_dir>/checkpoints/latest`
 // points to). Throws zinf::Error when there is none.
 std::string resolve_checkpoint(const std::string& output_dir, const std::string& resume);
+
+// Writes a checkpoint's fp32 master weights as a Hugging Face model directory (config.json and
+// safetensors, `file_dtype` fp32 or bf16, sharded above max_shard_bytes; 0 = one file), loadable
+// by transformers. Returns the files written. Throws zinf::Error for a missing or damaged checkpoint.
+std::vector<std::string> export_checkpoint(const std::string& checkpoint, const std::string& out_dir,
+                                           kernels::cpu::DType file_dtype, std::uint64_t max_shard_bytes = 0);
 
 // Model FLOPs of one token of a training step (forward and backward, no recomputation): 6 per
 // parameter in the matrix products plus attention's 12 * layers * seq * q_dim.

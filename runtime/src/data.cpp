@@ -8,8 +8,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <utility>
+
+#include <sentencepiece_processor.h>
 
 #include "zinf/common/error.hpp"
 #include "zinf/common/fs.hpp"
@@ -35,7 +38,38 @@ std::uint64_t splitmix(std::uint64_t& state) {
 
 }  // namespace
 
+namespace {
+
+constexpr char kMegatronMagic[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', '\0', '\0'};
+
+std::string strip_megatron_suffix(const std::string& path) {
+  for (const char* ext : {".bin", ".idx"}) {
+    const std::string e(ext);
+    if (path.size() > e.size() && path.compare(path.size() - e.size(), e.size(), e) == 0) {
+      return path.substr(0, path.size() - e.size());
+    }
+  }
+  return path;
+}
+
+bool is_megatron(const std::string& prefix) {
+  std::FILE* f = std::fopen((prefix + ".idx").c_str(), "rb");
+  if (f == nullptr) return false;
+  char magic[9] = {};
+  const bool ok = std::fread(magic, 1, 9, f) == 9 && std::memcmp(magic, kMegatronMagic, 9) == 0;
+  std::fclose(f);
+  return ok;
+}
+
+}  // namespace
+
 TokenData TokenData::open(const std::string& path, std::optional<unsigned> raw_width) {
+  const std::string prefix = strip_megatron_suffix(path);
+  if (is_megatron(prefix)) return open_megatron(prefix);
+  return open_file(path, raw_width);
+}
+
+TokenData TokenData::open_file(const std::string& path, std::optional<unsigned> raw_width) {
   if (raw_width && *raw_width != 2 && *raw_width != 4) {
     throw Error("token width {} for '{}': use 2 (uint16) or 4 (uint32)", *raw_width, path);
   }
@@ -96,6 +130,56 @@ TokenData TokenData::open(const std::string& path, std::optional<unsigned> raw_w
     d.count_ = d.map_bytes_ / *raw_width;
     d.data_ = bytes;
   }
+  return d;
+}
+
+TokenData TokenData::open_megatron(const std::string& prefix) {
+  // Megatron-LM's MMapIndexedDataset: PREFIX.idx describes the sequences in PREFIX.bin.
+  //   char[9] "MMIDIDX\0\0", uint64 version (1), uint8 dtype code, uint64 sequence count S,
+  //   uint64 document-index count D, int32 sizes[S], int64 byte pointers[S], int64 doc_idx[D].
+  const std::string idx_path = prefix + ".idx";
+  std::FILE* f = std::fopen(idx_path.c_str(), "rb");
+  if (f == nullptr) throw Error("cannot open '{}': {}", idx_path, errno_text(errno));
+  std::vector<std::byte> idx;
+  {
+    std::byte buf[1 << 16];
+    std::size_t got = 0;
+    while ((got = std::fread(buf, 1, sizeof(buf), f)) > 0) idx.insert(idx.end(), buf, buf + got);
+    std::fclose(f);
+  }
+  constexpr std::size_t kHeader = 9 + 8 + 1 + 8 + 8;
+  if (idx.size() < kHeader) throw Error("'{}' is truncated (header)", idx_path);
+  const auto version = load_le<std::uint64_t>(idx.data() + 9);
+  const auto code = static_cast<unsigned>(idx[17]);
+  const auto seqs = load_le<std::uint64_t>(idx.data() + 18);
+  const auto docs = load_le<std::uint64_t>(idx.data() + 26);
+  if (version != 1) throw Error("'{}': index version {} is not supported (1 is)", idx_path, version);
+  unsigned width = 0;
+  if (code == 8) width = 2;       // uint16
+  else if (code == 4) width = 4;  // int32
+  if (width == 0) {
+    throw Error("'{}': token dtype code {} is not supported (zinf reads 8 = uint16 and 4 = int32)", idx_path, code);
+  }
+  if (seqs > idx.size() || docs > idx.size() || idx.size() != kHeader + seqs * 4 + seqs * 8 + docs * 8) {
+    throw Error("'{}' is truncated or malformed: {} sequences and {} document indices need {} bytes, the file has {}",
+                idx_path, seqs, docs, kHeader + seqs * 12 + docs * 8, idx.size());
+  }
+  TokenData d = open_file(prefix + ".bin", width);
+  // The sampler reads the sequences as one stream: they must lie back to back in the .bin.
+  std::uint64_t expect = 0;
+  for (std::uint64_t i = 0; i < seqs; ++i) {
+    const auto size = load_le<std::int32_t>(idx.data() + kHeader + i * 4);
+    const auto ptr = load_le<std::int64_t>(idx.data() + kHeader + seqs * 4 + i * 8);
+    if (size < 0 || ptr < 0 || static_cast<std::uint64_t>(ptr) != expect) {
+      throw Error("'{}': sequence {} starts at byte {} (expected {}); only back-to-back sequences are supported", idx_path,
+                  i, ptr, expect);
+    }
+    expect += static_cast<std::uint64_t>(size) * width;
+  }
+  if (expect != d.count_ * width) {
+    throw Error("'{}' describes {} bytes of tokens but '{}.bin' holds {}", idx_path, expect, prefix, d.count_ * width);
+  }
+  d.name_ = prefix + ".bin";
   return d;
 }
 
@@ -178,6 +262,31 @@ std::vector<std::uint32_t> byte_tokens(std::string_view text) {
   for (std::size_t i = 0; i < text.size(); ++i) out[i] = static_cast<unsigned char>(text[i]);
   return out;
 }
+
+struct SentencePieceTokenizer::Impl {
+  sentencepiece::SentencePieceProcessor sp;
+};
+
+SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model_path) : impl_(std::make_unique<Impl>()) {
+  const auto status = impl_->sp.Load(model_path);
+  if (!status.ok()) {
+    throw Error("cannot load SentencePiece model '{}': {} (pass the tokenizer.model file of the model)", model_path,
+                status.ToString());
+  }
+}
+
+SentencePieceTokenizer::~SentencePieceTokenizer() = default;
+
+std::vector<std::uint32_t> SentencePieceTokenizer::encode(std::string_view text) const {
+  std::vector<int> ids;
+  const auto status = impl_->sp.Encode(text, &ids);
+  if (!status.ok()) throw Error("SentencePiece could not encode the text: {}", status.ToString());
+  return {ids.begin(), ids.end()};
+}
+
+std::uint32_t SentencePieceTokenizer::vocab_size() const { return static_cast<std::uint32_t>(impl_->sp.GetPieceSize()); }
+int SentencePieceTokenizer::eos_id() const { return impl_->sp.eos_id(); }
+int SentencePieceTokenizer::bos_id() const { return impl_->sp.bos_id(); }
 
 Sampler::Sampler(const TokenData& data, std::int64_t seq_len, std::uint64_t seed, double eval_fraction)
     : data_(&data), seq_(seq_len), seed_(seed) {

@@ -22,9 +22,11 @@
 #include "zinf/common/fs.hpp"
 #include "zinf/io/safetensors.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/kernels/half.hpp"
 #include "zinf/offload/offload.hpp"
 #include "zinf/runtime/backend.hpp"
 #include "zinf/runtime/lr_schedule.hpp"
+#include "zinf/runtime/loss_scaler.hpp"
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/weights.hpp"
 
@@ -91,7 +93,8 @@ class MetricsCsv {
 
 // Everything a checkpoint restores besides the optimizer state tensors.
 struct TrainerState {
-  std::int64_t step = 0;  // optimizer steps done
+  std::int64_t step = 0;     // optimizer steps done, skipped ones included
+  std::int64_t applied = 0;  // steps that updated the weights (the scheduler's and Adam's count)
   DataPosition data;
   std::uint64_t seed = 0;
   std::uint64_t tokens = 0;
@@ -200,11 +203,9 @@ class Trainer {
         grads_(*backend_, layout_, DType::kF32),
         sampler_(*o.data, o.seq_len, o.seed, o.eval_fraction),
         schedule_(o.ds.scheduler, o.ds.optimizer.lr),
+        scaler_(o.ds.fp16),
         arena_(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))) {
-    if (o.ds.fp16.enabled) {
-      throw Error("fp16 training is not available yet (the CPU backend computes in fp32 or bf16): set \"bf16\": "
-                  "{{\"enabled\": true}} or pass --bf16");
-    }
+    fp16_ = o.ds.fp16.enabled;
     const auto type = o.ds.optimizer.type;
     if (type != config::OptimizerType::kAdamW && type != config::OptimizerType::kAdam) {
       throw Error("optimizer '{}' is not available in the trainer yet: use Adam or AdamW", o.ds.optimizer.type_name);
@@ -251,7 +252,9 @@ class Trainer {
     while (st_.step < total_steps_) {
       const auto t0 = Clock::now();
       Timers tm;
-      const double lr = st_.step == 0 ? schedule_.initial_lr() : schedule_.lr_at(st_.step - 1);
+      // The schedule advances only on applied steps (DeepSpeed skips it with the step).
+      const double lr = st_.applied == 0 ? schedule_.initial_lr() : schedule_.lr_at(st_.applied - 1);
+      const double loss_scale = fp16_ ? scaler_.scale() : 1.0;
       grads_.zero();
       double loss_sum = 0;
       for (std::int64_t m = 0; m < gas_; ++m) {
@@ -268,19 +271,23 @@ class Trainer {
                       loss, st_.step + 1);
         }
         auto tb = Clock::now();
-        model_.backward(params_.view(), grads_.view());
+        model_.backward(params_.view(), grads_.view(), static_cast<float>(loss_scale));
         tm.backward += seconds_since(tb);
         loss_sum += loss;
       }
       const double loss = loss_sum / static_cast<double>(gas_);
+      if (o_.after_backward) o_.after_backward(st_.step + 1, grads_.view().units);
       // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
       auto to = Clock::now();
       double sq = 0;
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
         sq += sum_squares(static_cast<const float*>(grads_.view().units[u]), layout_.units[u].numel);
       }
-      const double norm = std::sqrt(sq) / static_cast<double>(gas_);
-      if (!std::isfinite(norm)) throw Error("the gradient norm is {} at step {}: training diverged", norm, st_.step + 1);
+      const double norm = std::sqrt(sq) / (static_cast<double>(gas_) * loss_scale);
+      const bool overflow = !std::isfinite(norm);
+      if (overflow && !fp16_) {
+        throw Error("the gradient norm is {} at step {}: training diverged", norm, st_.step + 1);
+      }
       double clip = 1.0;
       if (o_.ds.gradient_clipping > 0) {
         const double c = o_.ds.gradient_clipping / (norm + 1e-6);
@@ -295,13 +302,20 @@ class Trainer {
       in.adam.weight_decay = oc.weight_decay;
       in.adam.adam_w_mode = oc.type == config::OptimizerType::kAdamW || oc.adam_w_mode;
       in.adam.bias_correction = oc.bias_correction;
-      in.adam.step = st_.step + 1;
-      in.adam.grad_scale = static_cast<float>(clip / static_cast<double>(gas_));
+      in.adam.step = st_.applied + 1;
+      in.adam.grad_scale = static_cast<float>(clip / (static_cast<double>(gas_) * loss_scale));
       in.grad_dtype = DType::kF32;
       in.gradient = [this](std::size_t u) -> const void* { return grads_.view().units[u]; };
-      const offload::StepStats ss = offload_->stepper().step(in);
-      tm.offload_io = ss.read_wait_seconds + ss.write_wait_seconds;
-      refresh_params();
+      if (overflow) {
+        // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
+        spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
+      } else {
+        const offload::StepStats ss = offload_->stepper().step(in);
+        tm.offload_io = ss.read_wait_seconds + ss.write_wait_seconds;
+        refresh_params();
+        ++st_.applied;
+      }
+      if (fp16_) scaler_.update(overflow);
       tm.optimizer = seconds_since(to);
 
       ++st_.step;
@@ -320,10 +334,10 @@ class Trainer {
       const double step_s = seconds_since(t0);
       const double tps = static_cast<double>(step_tokens) / step_s;
       const double epoch = static_cast<double>(sampler_.position().epoch) + sampler_.epoch_fraction();
-      csv.row(fmt::format("{},{:.4f},{:.6f},{},{:.9g},{:.6f},{},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
+      csv.row(fmt::format("{},{:.4f},{:.6f},{},{:.9g},{:.6f},{:g},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
                           "{:.4f},{},{},{}",
                           st_.step, epoch, loss, std::isnan(eval_loss) ? std::string() : fmt::format("{:.6f}", eval_loss),
-                          lr, norm, 1, 0, st_.tokens, tps, flops_per_token * tps / 1e12, step_s, tm.data, tm.forward,
+                          lr, norm, loss_scale, overflow ? 1 : 0, st_.tokens, tps, flops_per_token * tps / 1e12, step_s, tm.data, tm.forward,
                           tm.backward, tm.optimizer, tm.offload_io, 0, offload_->memory().used(),
                           offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2));
       progress(loss, eval_loss, lr, tps, run_start, first_step, tm, norm);
@@ -377,8 +391,12 @@ class Trainer {
       } else {
         scratch_m_.resize(n);
         scratch_v_.resize(n);
-        offload_->store().read_state(u, std::span<float>(static_cast<float*>(params_.view().units[u]), n), scratch_m_,
-                                     scratch_v_);
+        auto* w = static_cast<float*>(params_.view().units[u]);
+        offload_->store().read_state(u, std::span<float>(w, n), scratch_m_, scratch_v_);
+        if (fp16_) {
+          // fp16 weights, widened for the CPU backend's fp32 products.
+          for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
+        }
       }
     }
   }
@@ -447,8 +465,11 @@ class Trainer {
     s["tokens_seen"] = st_.tokens;
     s["first_loss"] = st_.first_loss;
     s["best_eval_loss"] = st_.have_eval ? Json(st_.best_eval) : Json(nullptr);
-    s["loss_scaler"] = {{"enabled", false}, {"scale", 1.0}};
-    s["scheduler"] = {{"last_batch_iteration", st_.step - 1}};
+    const LossScaler::State& ls = scaler_.state();
+    s["loss_scaler"] = {{"enabled", fp16_}, {"scale", ls.scale}, {"iteration", ls.iteration},
+                        {"last_overflow", ls.last_overflow}, {"hysteresis", ls.hysteresis}};
+    s["applied_steps"] = st_.applied;
+    s["scheduler"] = {{"last_batch_iteration", st_.applied - 1}};
     s["model"] = model_config_json(o_.model);
     s["param_dtype"] = kernels::cpu::dtype_name(param_dtype_);
     Json units = Json::array();
@@ -495,6 +516,12 @@ class Trainer {
                     s.at("data").at("seq_len").get<std::int64_t>(), o_.seq_len);
       }
       st_.step = s.at("step").get<std::int64_t>();
+      st_.applied = s.at("applied_steps").get<std::int64_t>();
+      const Json& ls = s.at("loss_scaler");
+      if (fp16_ && ls.at("enabled").get<bool>()) {
+        scaler_.set_state({ls.at("scale").get<double>(), ls.at("iteration").get<std::int64_t>(),
+                           ls.at("last_overflow").get<std::int64_t>(), ls.at("hysteresis").get<int>()});
+      }
       st_.data = {s.at("data").at("epoch").get<std::uint64_t>(), s.at("data").at("index").get<std::uint64_t>()};
       st_.seed = s.at("seed").get<std::uint64_t>();
       st_.tokens = s.at("tokens_seen").get<std::uint64_t>();
@@ -524,7 +551,9 @@ class Trainer {
     const ModelLayout& l = layout_;
     spdlog::info("model {}: {} parameters, {} layers, hidden {}, vocab {}; {} training", o_.model_source,
                  l.parameter_count(), o_.model.num_layers, o_.model.hidden_size, o_.model.vocab_size,
-                 param_dtype_ == DType::kBF16 ? "bf16 mixed-precision" : "fp32");
+                 param_dtype_ == DType::kBF16 ? "bf16 mixed-precision"
+                 : fp16_                      ? fmt::format("fp16 (fp16 weights, fp32 products; loss scale {})", scaler_.scale())
+                                              : std::string("fp32"));
     spdlog::info("data {}: {} tokens, {} training and {} held-out samples of {} tokens", o_.data->name(),
                  o_.data->size(), sampler_.train_samples(), sampler_.eval_samples(), o_.seq_len);
     spdlog::info("{} steps of {} x {} micro-batches ({} tokens per step); {}", total_steps_, micro_, gas_,
@@ -591,6 +620,8 @@ class Trainer {
   UnitStorage params_, grads_;
   Sampler sampler_;
   LrSchedule schedule_;
+  LossScaler scaler_;
+  bool fp16_ = false;
   tbb::task_arena arena_;
   std::unique_ptr<offload::Offload> offload_;
   std::int64_t micro_ = 1, gas_ = 1, steps_per_epoch_ = 1, total_steps_ = 1;

@@ -187,7 +187,8 @@ printf '{"text": "one two three four five six seven eight nine ten"}\n%.0s' {1..
 expect 0 'wrote .*text.tok: 4800 tokens' -- "$ZINF" data tokenize "$TMP/train/text.txt" -o "$TMP/train/text.tok"
 expect 0 'from 60 document' -- "$ZINF" data tokenize "$TMP/train/docs.jsonl" -o "$TMP/train/docs.tok"
 expect 1 'no string field "body"' -- "$ZINF" data tokenize "$TMP/train/docs.jsonl" -o "$TMP/train/x.tok" --jsonl-key body
-expect 1 'not available yet' -- "$ZINF" data tokenize "$TMP/train/text.txt" -o "$TMP/train/x.tok" --tokenizer spm
+expect 1 'cannot load SentencePiece model' -- "$ZINF" data tokenize "$TMP/train/text.txt" -o "$TMP/train/x.tok" --tokenizer "$TMP/train/text.txt"
+expect 1 'cannot load SentencePiece model' -- "$ZINF" data tokenize "$TMP/train/text.txt" -o "$TMP/train/x.tok" --tokenizer spm
 expect 2 '' -- "$ZINF" data tokenize "$TMP/train/missing.txt" -o "$TMP/train/x.tok"
 expect 0 'outputs in .*/run1' -- "$ZINF" train --max-steps 3 --seq-len 32 --output-dir "$TMP/train/run1"
 for f in training_metrics.csv summary.json deepspeed_config_auto.json zinf.log checkpoints/latest; do

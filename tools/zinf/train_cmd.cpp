@@ -214,12 +214,24 @@ struct TokenizeOptions {
 };
 
 int run_tokenize(const TokenizeOptions& o) {
-  if (o.tokenizer != "bytes") {
-    throw Error("tokenizer '{}' is not available yet: this zinf tokenizes with --tokenizer bytes (one token per byte)",
-                o.tokenizer);
-  }
+  // bytes: one token per byte, documents separated by a blank line. A SentencePiece model: each
+  // document as <bos> pieces <eos> (where the model has them).
+  std::unique_ptr<runtime::SentencePieceTokenizer> spm;
+  if (o.tokenizer != "bytes") spm = std::make_unique<runtime::SentencePieceTokenizer>(o.tokenizer);
   std::vector<std::uint32_t> tokens;
   std::uint64_t docs = 0;
+  auto add = [&](const std::string& text) {
+    if (spm) {
+      if (spm->bos_id() >= 0) tokens.push_back(static_cast<std::uint32_t>(spm->bos_id()));
+      const auto t = spm->encode(text);
+      tokens.insert(tokens.end(), t.begin(), t.end());
+      if (spm->eos_id() >= 0) tokens.push_back(static_cast<std::uint32_t>(spm->eos_id()));
+    } else {
+      const auto t = runtime::byte_tokens(text);
+      tokens.insert(tokens.end(), t.begin(), t.end());
+    }
+    ++docs;
+  };
   for (const auto& in : o.inputs) {
     std::ifstream f(in, std::ios::binary);
     if (!f) throw Error("cannot read '{}': {}", in, errno_text(errno));
@@ -239,21 +251,17 @@ int run_tokenize(const TokenizeOptions& o) {
         if (!j.is_object() || !j.contains(o.key) || !j[o.key].is_string()) {
           throw Error("{}:{}: no string field \"{}\" (choose the field with --jsonl-key)", in, lineno, o.key);
         }
-        const auto t = runtime::byte_tokens(j[o.key].get<std::string>() + "\n\n");
-        tokens.insert(tokens.end(), t.begin(), t.end());
-        ++docs;
+        add(spm ? j[o.key].get<std::string>() : j[o.key].get<std::string>() + "\n\n");
       }
     } else {
-      const std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-      const auto t = runtime::byte_tokens(text);
-      tokens.insert(tokens.end(), t.begin(), t.end());
-      ++docs;
+      add(std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>()));
     }
   }
   if (tokens.empty()) throw Error("no text in {}", fmt::join(o.inputs, ", "));
-  runtime::write_token_file(o.output, tokens, runtime::kByteVocab);
-  std::cout << fmt::format("wrote {}: {} tokens from {} document(s), byte-level (vocabulary 256)\n", o.output,
-                           tokens.size(), docs);
+  const std::uint32_t vocab = spm ? spm->vocab_size() : runtime::kByteVocab;
+  runtime::write_token_file(o.output, tokens, vocab);
+  std::cout << fmt::format("wrote {}: {} tokens from {} document(s), {} (vocabulary {})\n", o.output, tokens.size(),
+                           docs, spm ? "SentencePiece " + o.tokenizer : std::string("byte-level"), vocab);
   return kExitOk;
 }
 
@@ -331,7 +339,9 @@ void add_train_commands(CLI::App& app, Action& action) {
   tok->add_option("-o,--output", t->output, "token file to write")->required();
   tok->add_option("--format", t->format, "auto (by extension), text or jsonl")->check(CLI::IsMember({"auto", "text", "jsonl"}));
   tok->add_option("--jsonl-key", t->key, "JSONL field holding the text (default text)");
-  tok->add_option("--tokenizer", t->tokenizer, "bytes (one token per byte, vocabulary 256)");
+  tok->add_option("--tokenizer", t->tokenizer,
+                  "bytes (one token per byte, vocabulary 256; the default) or a SentencePiece model file "
+                  "(e.g. a Llama tokenizer.model)");
   tok->callback([t, &action] { action = [t] { return run_tokenize(*t); }; });
 }
 

@@ -10,12 +10,15 @@
 //   offset 24 uint32   vocabulary size the tokens were made for (0 = not recorded)
 //   offset 28 uint32   reserved (0)
 // A raw file (no header: a flat array of uint16 or uint32, e.g. from numpy's tofile) is read when
-// its token width is given.
+// its token width is given. A Megatron-LM indexed dataset (PREFIX.bin + PREFIX.idx, uint16 or
+// int32 tokens) is read as the stream of its sequences in order.
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace zinf::runtime {
@@ -30,6 +33,8 @@ class TokenData {
   // the header. Throws zinf::Error naming the file for a missing, unreadable, truncated or
   // malformed file, or a raw file whose size is not a multiple of the width.
   static TokenData open(const std::string& path, std::optional<unsigned> raw_width = std::nullopt);
+  // PREFIX.bin with PREFIX.idx (open() takes either file, or the .bin, and detects the index).
+  static TokenData open_megatron(const std::string& prefix);
   static TokenData from_tokens(std::vector<std::uint32_t> tokens, std::string name, std::uint32_t vocab = 0);
 
   TokenData() = default;
@@ -50,6 +55,8 @@ class TokenData {
   std::uint32_t max_token() const;
 
  private:
+  static TokenData open_file(const std::string& path, std::optional<unsigned> raw_width);
+
   std::string name_;
   const std::byte* data_ = nullptr;
   std::uint64_t count_ = 0;
@@ -68,6 +75,25 @@ void write_token_file(const std::string& path, std::span<const std::uint32_t> to
 // Byte-level tokenizer: one token per byte (vocabulary 256).
 inline constexpr std::uint32_t kByteVocab = 256;
 std::vector<std::uint32_t> byte_tokens(std::string_view text);
+
+// A SentencePiece model (Debian's libsentencepiece), e.g. a Llama-2 `tokenizer.model`.
+class SentencePieceTokenizer {
+ public:
+  // Throws zinf::Error naming the file when it is missing or not a SentencePiece model.
+  explicit SentencePieceTokenizer(const std::string& model_path);
+  ~SentencePieceTokenizer();
+  SentencePieceTokenizer(const SentencePieceTokenizer&) = delete;
+  SentencePieceTokenizer& operator=(const SentencePieceTokenizer&) = delete;
+  std::vector<std::uint32_t> encode(std::string_view text) const;
+  std::uint32_t vocab_size() const;
+  // The end-of-sequence id, or -1 when the model has none.
+  int eos_id() const;
+  int bos_id() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // Where the sampler is: restored from a checkpoint to continue the same order.
 struct DataPosition {

@@ -41,6 +41,9 @@ struct TrainOptions {
   std::string resume;  // "" = fresh; "latest" or a checkpoint directory
   bool terminal = false;  // progress line redrawn in place
   std::function<bool()> stop_requested;  // polled after each step (SIGINT/SIGTERM)
+  // Test hook: sees each step's accumulated (loss-scaled) fp32 gradients before the norm, e.g. to
+  // inject an overflow. Step numbers are 1-based.
+  std::function<void(std::int64_t step, const std::vector<void*>& grad_units)> after_backward;
 };
 
 struct TrainResult {

@@ -191,7 +191,7 @@ expect 1 'cannot load SentencePiece model' -- "$ZINF" data tokenize "$TMP/train/
 expect 1 'cannot load SentencePiece model' -- "$ZINF" data tokenize "$TMP/train/text.txt" -o "$TMP/train/x.tok" --tokenizer spm
 expect 2 '' -- "$ZINF" data tokenize "$TMP/train/missing.txt" -o "$TMP/train/x.tok"
 expect 0 'outputs in .*/run1' -- "$ZINF" train --max-steps 3 --seq-len 32 --output-dir "$TMP/train/run1"
-for f in training_metrics.csv summary.json deepspeed_config_auto.json zinf.log checkpoints/latest; do
+for f in training_metrics.csv summary.json deepspeed_config_auto.json zinf.log checkpoints/latest training_curves.png; do
   [[ -s $TMP/train/run1/$f ]] || { echo "FAIL: zinf train left no $f"; failed=$((failed + 1)); }
 done
 [[ $(wc -l < "$TMP/train/run1/training_metrics.csv") -eq 4 ]] || { echo "FAIL: metrics rows"; failed=$((failed + 1)); }
@@ -202,6 +202,18 @@ expect 0 'wrote .*/hf from .*step-00000006: model.safetensors, config.json' -- "
 [[ -s $TMP/train/hf/config.json ]] || { echo "FAIL: ckpt export left no config.json"; failed=$((failed + 1)); }
 expect 1 'not a zinf checkpoint' -- "$ZINF" ckpt export "$TMP/train" --to "$TMP/train/hf2"
 expect 2 '' -- "$ZINF" ckpt export "$TMP/train/run1" --to "$TMP/train/hf3" --dtype fp8
+# SIGINT: the step finishes, a checkpoint is saved, exit 0; --resume continues.
+"$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/sig" > "$TMP/train/sig.log" 2>&1 &
+sig_pid=$!
+for _ in $(seq 600); do grep -q '^step [0-9]' "$TMP/train/sig.log" 2>/dev/null && break; sleep 0.1; done
+kill -INT "$sig_pid"
+wait "$sig_pid"
+sig_rc=$?
+if [[ $sig_rc -ne 0 ]] || ! grep -q 'stopped after' "$TMP/train/sig.log" || [[ ! -s $TMP/train/sig/checkpoints/latest ]]; then
+  echo "FAIL: SIGINT during zinf train (exit $sig_rc)"; tail -5 "$TMP/train/sig.log"; failed=$((failed + 1))
+else
+  passed=$((passed + 1))
+fi
 expect 1 'needs the --output-dir' -- "$ZINF" train --resume
 expect 1 'no checkpoint in' -- "$ZINF" train --resume --output-dir "$TMP/train/none"
 expect 1 'no zinf token header.*--data-dtype' -- "$ZINF" train --data "$TMP/train/text.txt" --max-steps 1

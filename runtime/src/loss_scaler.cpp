@@ -17,6 +17,14 @@ LossScaler::LossScaler(const config::Fp16Config& fp16)
   state_.hysteresis = delayed_shift_;
 }
 
+void LossScaler::set_state(const State& s) {
+  if (!(s.scale > 0) || !std::isfinite(s.scale) || s.hysteresis < 1 || s.iteration < 0 || s.last_overflow < -1) {
+    throw Error("the loss scaler state in the checkpoint is damaged (scale {}, hysteresis {}, iteration {})", s.scale,
+                s.hysteresis, s.iteration);
+  }
+  state_ = s;
+}
+
 void LossScaler::update(bool overflow) {
   State& s = state_;
   if (!dynamic_) {
@@ -25,7 +33,7 @@ void LossScaler::update(bool overflow) {
   }
   if (overflow) {
     if (delayed_shift_ == 1 || s.hysteresis == 1) {
-      if (s.scale <= min_scale_) {
+      if (s.scale == min_scale_) {
         throw Error("fp16 gradients overflow at the minimum loss scale ({}): the run cannot continue. Lower the "
                     "learning rate, use bf16, or lower \"min_loss_scale\"",
                     min_scale_);

@@ -4,10 +4,13 @@
 
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/task_arena.h>
+#include <fcntl.h>
+#include <stdio.h>
 #include <xxhash.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <cmath>
 #include <filesystem>
@@ -71,8 +74,31 @@ struct Timers {
 
 class MetricsCsv {
  public:
-  MetricsCsv(const std::string& path, bool append) : path_(path) {
-    const bool fresh = !append || !fs::exists(path);
+  // keep_through >= 0: continue an earlier file, keeping its rows of steps up to that one (rows
+  // written after the checkpoint the run resumes from, and a torn last line, are dropped).
+  MetricsCsv(const std::string& path, std::int64_t keep_through) : path_(path) {
+    bool fresh = keep_through < 0 || !fs::exists(path);
+    if (!fresh) {
+      std::ifstream in(path);
+      std::string line, kept;
+      bool header = true;
+      while (std::getline(in, line)) {
+        if (header) {
+          kept += line + "\n";
+          header = false;
+          continue;
+        }
+        if (in.eof()) break;  // no newline: a line torn by a crash
+        char* end = nullptr;
+        const long long step = std::strtoll(line.c_str(), &end, 10);
+        if (end != line.c_str() && *end == ',' && step <= keep_through) kept += line + "\n";
+      }
+      if (header) {
+        fresh = true;
+      } else {
+        write_file_atomic(path, kept);
+      }
+    }
     out_.open(path, fresh ? std::ios::trunc : std::ios::app);
     if (!out_) throw Error("cannot write '{}': {}", path, errno_text(errno));
     if (fresh) {
@@ -158,6 +184,13 @@ class CheckpointReader {
   const std::string& dir() const noexcept { return dir_; }
   // Throws unless the checkpoint's units are exactly `layout`'s.
   void check_layout(const ModelLayout& layout, const ModelConfig& model) const {
+    try {
+      check_layout_unchecked(layout, model);
+    } catch (const Json::exception& e) {
+      throw Error("{}/{} is damaged: {}", dir_, kTrainerStateFile, e.what());
+    }
+  }
+  void check_layout_unchecked(const ModelLayout& layout, const ModelConfig& model) const {
     const Json& units = s_.at("units");
     bool same = units.size() == layout.units.size();
     for (std::size_t u = 0; same && u < layout.units.size(); ++u) {
@@ -178,7 +211,7 @@ class CheckpointReader {
     }
     const auto bytes = file_->bytes(*t);
     const Json& sums = s_.at("checksums");
-    if (!sums.contains(tname) || sums.at(tname).get<std::string>() != hex64(XXH3_64bits(bytes.data(), bytes.size()))) {
+    if (!sums.contains(tname) || !sums.at(tname).is_string() || sums.at(tname).get<std::string>() != hex64(XXH3_64bits(bytes.data(), bytes.size()))) {
       throw Error("checkpoint '{}' is damaged: tensor '{}' does not match its checksum; use an earlier checkpoint", dir_,
                   tname);
     }
@@ -232,16 +265,32 @@ class Trainer {
 
   TrainResult run() {
     TrainResult result;
-    fs::create_directories(o_.output_dir);
-    write_file_atomic((fs::path(o_.output_dir) / "deepspeed_config_auto.json").string(), o_.ds_resolved.dump(2) + "\n");
     const bool resumed = !o_.resume.empty();
+    if (!resumed && fs::exists(fs::path(o_.output_dir) / "checkpoints" / "latest")) {
+      throw Error("'{}' already holds a run with checkpoints: pass --resume to continue it, or choose another "
+                  "--output-dir (nothing was changed)",
+                  o_.output_dir);
+    }
+    std::string resumed_from;
     if (resumed) {
-      load_checkpoint(resolve_checkpoint(o_.output_dir, o_.resume));
+      resumed_from = resolve_checkpoint(o_.output_dir, o_.resume);
+      load_checkpoint(resumed_from);
+      if (st_.step >= total_steps_) {
+        spdlog::info("the checkpoint is at step {}, at or past the {} steps asked for: nothing to train", st_.step,
+                     total_steps_);
+        result.steps = st_.step;
+        result.first_loss = st_.first_loss;
+        result.final_loss = result.final_eval_loss = result.best_eval_loss = std::nan("");
+        result.last_checkpoint = resumed_from;
+        return result;
+      }
     } else {
       initialise();
     }
+    fs::create_directories(o_.output_dir);
+    write_file_atomic((fs::path(o_.output_dir) / "deepspeed_config_auto.json").string(), o_.ds_resolved.dump(2) + "\n");
     refresh_params();
-    MetricsCsv csv((fs::path(o_.output_dir) / "training_metrics.csv").string(), resumed);
+    MetricsCsv csv((fs::path(o_.output_dir) / "training_metrics.csv").string(), resumed ? st_.step : -1);
     log_start();
 
     const double flops_per_token = training_flops_per_token(o_.model, o_.seq_len);
@@ -354,7 +403,7 @@ class Trainer {
       }
     }
     if (o_.terminal) std::cerr << "\n";
-    if (st_.step > first_step || result.last_checkpoint.empty()) result.last_checkpoint = save_checkpoint();
+    result.last_checkpoint = save_checkpoint();
     result.steps = st_.step;
     result.first_loss = st_.first_loss;
     result.final_loss = last_loss;
@@ -460,7 +509,9 @@ class Trainer {
     s["step"] = st_.step;
     st_.data = sampler_.position();
     s["data"] = {{"epoch", st_.data.epoch}, {"index", st_.data.index}, {"source", o_.data->name()},
-                 {"tokens", o_.data->size()}, {"seq_len", o_.seq_len}};
+                 {"tokens", o_.data->size()}, {"seq_len", o_.seq_len}, {"eval_fraction", o_.eval_fraction}};
+    s["batch"] = {{"micro", micro_}, {"grad_accum", gas_}};
+    s["precision"] = fp16_ ? "fp16" : kernels::cpu::dtype_name(param_dtype_);
     s["seed"] = st_.seed;
     s["tokens_seen"] = st_.tokens;
     s["first_loss"] = st_.first_loss;
@@ -478,31 +529,53 @@ class Trainer {
     s["checksums"] = sums;
     write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
     sync_directory(tmp.string());
-    // Swap into place: the old copy of this step (if any) survives until the new one is there.
-    const fs::path old = root / (name + ".old");
-    fs::remove_all(old);
-    if (fs::exists(final_dir)) fs::rename(final_dir, old);
-    fs::rename(tmp, final_dir);
+    // Into place. A checkpoint of the same step (from a run resumed at an earlier step) is swapped
+    // with the new one in one atomic rename, so `step-N` always exists whole; where the file
+    // system cannot exchange, the old copy is renamed aside first.
+    bool exchanged = false;
+    if (fs::exists(final_dir)) {
+      exchanged = ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0;
+      if (!exchanged) {
+        const fs::path old = root / (name + ".old");
+        fs::remove_all(old);
+        fs::rename(final_dir, old);
+        fs::rename(tmp, final_dir);
+        fs::remove_all(old);
+      }
+    } else {
+      fs::rename(tmp, final_dir);
+    }
     sync_directory(root.string());
     write_file_atomic((root / "latest").string(), name + "\n");
-    fs::remove_all(old);
+    if (exchanged) fs::remove_all(tmp);  // now the previous copy
     prune_checkpoints(root, name);
     spdlog::info("checkpoint {} written", final_dir.string());
     return final_dir.string();
   }
 
+  // Keeps the newest keep_last checkpoints at or below the current step (later ones belong to a
+  // run this one resumed from an earlier step, and are left alone). A directory is renamed to
+  // *.deleting before it is removed, so a crash never leaves a half-deleted step-N.
   void prune_checkpoints(const fs::path& root, const std::string& keep) {
     if (o_.keep_last <= 0) return;
-    std::vector<std::string> names;
-    for (const auto& e : fs::directory_iterator(root)) {
-      const std::string n = e.path().filename().string();
-      if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find('.') == std::string::npos) names.push_back(n);
-    }
-    std::sort(names.begin(), names.end());
-    const auto extra = static_cast<std::ptrdiff_t>(names.size()) - o_.keep_last;
-    for (std::ptrdiff_t i = 0; i < extra; ++i) {
-      if (names[static_cast<std::size_t>(i)] == keep) continue;
-      fs::remove_all(root / names[static_cast<std::size_t>(i)]);
+    try {
+      std::vector<std::string> names;
+      for (const auto& e : fs::directory_iterator(root)) {
+        const std::string n = e.path().filename().string();
+        if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find('.') == std::string::npos && n <= keep) {
+          names.push_back(n);
+        }
+      }
+      std::sort(names.begin(), names.end());
+      const auto extra = static_cast<std::ptrdiff_t>(names.size()) - o_.keep_last;
+      for (std::ptrdiff_t i = 0; i < extra; ++i) {
+        const fs::path victim = root / names[static_cast<std::size_t>(i)];
+        const fs::path doomed = root / (names[static_cast<std::size_t>(i)] + ".deleting");
+        fs::rename(victim, doomed);
+        fs::remove_all(doomed);
+      }
+    } catch (const fs::filesystem_error& e) {
+      spdlog::warn("removing old checkpoints (--keep-last {}): {}; the new checkpoint is saved", o_.keep_last, e.what());
     }
   }
 
@@ -511,9 +584,35 @@ class Trainer {
     const Json& s = ck.state();
     ck.check_layout(layout_, o_.model);
     try {
-      if (s.at("data").at("seq_len").get<std::int64_t>() != o_.seq_len) {
+      // What the sample order and the numerics depend on must match, or the continuation is not
+      // the same run.
+      const Json& dj = s.at("data");
+      if (dj.at("seq_len").get<std::int64_t>() != o_.seq_len) {
         throw Error("checkpoint '{}' was trained with --seq-len {}, not {}: resume with the same sequence length", dir,
-                    s.at("data").at("seq_len").get<std::int64_t>(), o_.seq_len);
+                    dj.at("seq_len").get<std::int64_t>(), o_.seq_len);
+      }
+      if (dj.at("tokens").get<std::uint64_t>() != o_.data->size() ||
+          dj.at("eval_fraction").get<double>() != o_.eval_fraction) {
+        throw Error("checkpoint '{}' was trained on {} ({} tokens, --eval-fraction {}), not {} ({} tokens, "
+                    "--eval-fraction {}): resume with the same data",
+                    dir, dj.at("source").get<std::string>(), dj.at("tokens").get<std::uint64_t>(),
+                    dj.at("eval_fraction").get<double>(), o_.data->name(), o_.data->size(), o_.eval_fraction);
+      }
+      if (dj.at("source").get<std::string>() != o_.data->name()) {
+        spdlog::warn("resuming on {} (the checkpoint names {}; same size)", o_.data->name(),
+                     dj.at("source").get<std::string>());
+      }
+      const std::int64_t micro = s.at("batch").at("micro").get<std::int64_t>();
+      const std::int64_t gas = s.at("batch").at("grad_accum").get<std::int64_t>();
+      if (micro != micro_ || gas != gas_) {
+        throw Error("checkpoint '{}' was trained with micro-batch {} x {} accumulation steps, not {} x {}: resume with "
+                    "the same batch",
+                    dir, micro, gas, micro_, gas_);
+      }
+      const std::string precision = fp16_ ? "fp16" : kernels::cpu::dtype_name(param_dtype_);
+      if (s.at("precision").get<std::string>() != precision) {
+        throw Error("checkpoint '{}' was trained in {}, not {}: resume with the same precision", dir,
+                    s.at("precision").get<std::string>(), precision);
       }
       st_.step = s.at("step").get<std::int64_t>();
       st_.applied = s.at("applied_steps").get<std::int64_t>();

@@ -385,6 +385,45 @@ TEST(Trainer, KeepLastAndInterruptedSavesLeaveAUsableCheckpoint) {
   EXPECT_FALSE(fs::exists(r.o.output_dir + "/checkpoints/step-00000010.partial"));
 }
 
+TEST(Trainer, ResumingAnEarlierCheckpointReplacesTheLaterHistory) {
+  ScratchDir d;
+  TrainRun r(d.path() + "/run");
+  r.o.max_steps = 8;
+  r.o.save_every = 2;
+  train(r.o);
+  // A fresh run into the same directory is refused, and changes nothing.
+  const auto csv_before = file_bytes(r.o.output_dir + "/training_metrics.csv");
+  TrainRun fresh(r.o.output_dir);
+  EXPECT_ERROR_HAS(train(fresh.o), "already holds a run with checkpoints");
+  EXPECT_TRUE(file_bytes(r.o.output_dir + "/training_metrics.csv") == csv_before);
+  // Resume at or past the end: nothing to train, nothing rewritten.
+  TrainRun done(r.o.output_dir);
+  done.o.max_steps = 8;
+  done.o.resume = "latest";
+  EXPECT_EQ(train(done.o).steps, 8);
+  EXPECT_TRUE(file_bytes(r.o.output_dir + "/training_metrics.csv") == csv_before);
+  // Resume from step 4 (steps 6 and 8 exist from the first run and are replaced in place); a torn
+  // line at the end of the CSV is dropped with the rows after step 4.
+  std::ofstream(r.o.output_dir + "/training_metrics.csv", std::ios::app) << "9,0.1,torn";
+  TrainRun again(r.o.output_dir);
+  again.o.resume = r.o.output_dir + "/checkpoints/step-00000004";
+  again.o.max_steps = 8;
+  again.o.save_every = 2;
+  train(again.o);
+  const auto rows = read_csv(r.o.output_dir + "/training_metrics.csv");
+  ASSERT_EQ(rows.size(), 9u);
+  for (std::size_t i = 1; i < rows.size(); ++i) EXPECT_EQ(rows[i][0], std::to_string(i));
+  // The same steps from the same state: the replaced checkpoint is bit-identical to the first.
+  TrainRun straight(d.path() + "/straight");
+  straight.o.max_steps = 8;
+  train(straight.o);
+  EXPECT_TRUE(file_bytes(straight.o.output_dir + "/checkpoints/step-00000008/optimizer_state.safetensors") ==
+              file_bytes(r.o.output_dir + "/checkpoints/step-00000008/optimizer_state.safetensors"));
+  for (const auto& e : fs::directory_iterator(r.o.output_dir + "/checkpoints")) {
+    EXPECT_EQ(e.path().filename().string().find('.'), std::string::npos) << "leftover " << e.path();
+  }
+}
+
 TEST(Trainer, DamagedOrMismatchedCheckpointsAreClearErrors) {
   ScratchDir d;
   TrainRun r(d.path() + "/run");
@@ -403,6 +442,21 @@ TEST(Trainer, DamagedOrMismatchedCheckpointsAreClearErrors) {
   seq.o.seq_len = 16;
   seq.o.resume = ck;
   EXPECT_ERROR_HAS(train(seq.o), "--seq-len 32");
+  // Another batch, precision or data.
+  TrainRun batch(r.o.output_dir, [] {
+    Json j = ds_json(nullptr);
+    j["train_micro_batch_size_per_gpu"] = 4;
+    return j;
+  }());
+  batch.o.resume = ck;
+  EXPECT_ERROR_HAS(train(batch.o), "micro-batch 2 x 2 accumulation steps, not 4 x 2");
+  TrainRun fp32(r.o.output_dir, ds_json(nullptr, false));
+  fp32.o.resume = ck;
+  EXPECT_ERROR_HAS(train(fp32.o), "trained in bf16, not fp32");
+  TrainRun data(r.o.output_dir);
+  data.o.eval_fraction = 0.1;
+  data.o.resume = ck;
+  EXPECT_ERROR_HAS(train(data.o), "resume with the same data");
   // A flipped byte in the state.
   const std::string st = ck + "/optimizer_state.safetensors";
   auto bytes = file_bytes(st);
@@ -499,6 +553,22 @@ TEST(LossScaler, FollowsDeepSpeedsDynamicRule) {
   fixed.update(true);
   fixed.update(false);
   EXPECT_EQ(fixed.scale(), 128.0);
+}
+
+TEST(LossScaler, BelowTheMinimumRisesToItAndDamagedStatesAreRefused) {
+  config::Fp16Config c;
+  c.enabled = true;
+  c.initial_scale_power = 0;  // 1, below the minimum of 2: DeepSpeed's max(scale / 2, min) gives 2
+  c.hysteresis = 1;
+  c.min_loss_scale = 2;
+  LossScaler s(c);
+  s.update(true);
+  EXPECT_EQ(s.scale(), 2.0);
+  EXPECT_THROW(s.update(true), Error);
+  EXPECT_THROW(s.set_state({0.0, 3, 1, 1}), Error);
+  EXPECT_THROW(s.set_state({8.0, 3, 1, 0}), Error);
+  s.set_state({8.0, 3, 1, 1});
+  EXPECT_EQ(s.scale(), 8.0);
 }
 
 TEST(LossScaler, ConsecutiveHysteresisRefillsOnEveryCleanStep) {

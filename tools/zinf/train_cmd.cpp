@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <ctime>
@@ -192,6 +193,11 @@ int run_train(TrainCliOptions o) {
   t.stop_requested = [] { return g_stop.load() != 0; };
 
   const runtime::TrainResult r = runtime::train(t);
+  if (std::isnan(r.final_loss)) {
+    std::cout << fmt::format("nothing to train: {} is at step {}; pass a larger --max-steps to go on\n",
+                             r.last_checkpoint, r.steps);
+    return kExitOk;
+  }
   draw_curves(o.output_dir);
   std::cout << fmt::format("{} after {} steps: loss {:.4f} (first {:.4f}){}\n", r.stopped_early ? "stopped" : "done",
                            r.steps, r.final_loss, r.first_loss,

@@ -33,7 +33,8 @@ class LossScaler {
   void update(bool overflow);
 
   const State& state() const noexcept { return state_; }
-  void set_state(const State& s) { state_ = s; }
+  // Throws zinf::Error for a state no scaler can be in (a damaged checkpoint).
+  void set_state(const State& s);
 
  private:
   bool dynamic_;

@@ -8,6 +8,7 @@
 
 #include "zinf/configs/deepspeed_config.hpp"
 #include "zinf/configs/document.hpp"
+#include "zinf/configs/parse.hpp"
 #include "zinf/configs/resolve.hpp"
 
 namespace zinf::tools {
@@ -35,5 +36,14 @@ config::DeepSpeedConfig load_bench_config(const std::string& path);
 // Adds --micro-batch, --grad-accum, --world-size, --lr, ... to `cmd`, writing into `args`.
 void add_training_args(CLI::App& cmd, config::TrainingArgs& args);
 bool any_training_arg(const config::TrainingArgs& args);
+
+// A config with every "auto" filled from `args` (or their defaults), parsed and validated for the
+// arguments' world size. zinf::Error with the mismatch report, the unresolvable keys or the
+// config's errors.
+struct ResolvedConfig {
+  config::Resolution resolution;
+  config::ParseResult parsed;
+};
+ResolvedConfig resolve_and_parse(const config::LoadedDocument& doc, const config::TrainingArgs& args);
 
 }  // namespace zinf::tools

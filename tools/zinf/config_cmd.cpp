@@ -100,16 +100,9 @@ int run_check(const CheckOptions& o) {
 
 int run_resolve(const ResolveOptions& o) {
   const config::LoadedDocument doc = config::load_document(o.file);
-  const config::Resolution res = config::resolve_auto(doc.json, o.args, /*use_defaults=*/true);
-  if (res.has_mismatches()) throw Error("{}", res.mismatch_report());
-  if (!res.unresolved.empty()) {
-    throw Error("{}: \"auto\" values with no training argument to fill them:\n  {}", doc.source,
-                fmt::join(res.unresolved, "\n  "));
-  }
-  config::ParseOptions popts;
-  popts.world_size = o.args.world_size.value_or(1);
-  const config::ParseResult parsed = config::parse_config(res.resolved, popts);
-  config::throw_if_errors(parsed.diagnostics, fmt::format("{} (after resolving \"auto\")", doc.source));
+  const ResolvedConfig rc = resolve_and_parse(doc, o.args);
+  const config::Resolution& res = rc.resolution;
+  const config::ParseResult& parsed = rc.parsed;
 
   for (const auto& f : res.filled) std::cerr << "filled    " << f << "\n";
   for (const auto& f : res.defaulted) std::cerr << "default   " << f << "\n";

@@ -142,16 +142,12 @@ int run_train(TrainCliOptions o) {
   const config::LoadedDocument doc = config::load_document(o.deepspeed);
   // Steps for the schedule's "auto" total: known up front only with --max-steps.
   if (!o.args.total_steps && o.max_steps > 0) o.args.total_steps = o.max_steps;
-  const config::Resolution res = config::resolve_auto(doc.json, o.args, /*use_defaults=*/true);
-  if (res.has_mismatches()) throw Error("{}", res.mismatch_report());
-  if (!res.unresolved.empty()) {
-    throw Error("{}: \"auto\" values with no training argument to fill them:\n  {}", doc.source,
-                fmt::join(res.unresolved, "\n  "));
+  if (o.args.world_size.value_or(1) != 1) {
+    throw Error("--world-size {}: zinf train runs one rank (multi-rank training is not available yet)", *o.args.world_size);
   }
-  config::ParseOptions popts;
-  popts.world_size = 1;
-  config::ParseResult parsed = config::parse_config(res.resolved, popts);
-  config::throw_if_errors(parsed.diagnostics, fmt::format("{} (after resolving \"auto\")", doc.source));
+  const ResolvedConfig rc = resolve_and_parse(doc, o.args);
+  const config::Resolution& res = rc.resolution;
+  const config::ParseResult& parsed = rc.parsed;
 
   // Output directory and log file.
   if (o.output_dir.empty()) {

@@ -1,6 +1,11 @@
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
 #include <limits>
 
 #include "commands.hpp"
+#include "zinf/common/error.hpp"
+#include "zinf/configs/diagnostics.hpp"
 
 namespace zinf::tools {
 
@@ -57,6 +62,21 @@ void add_training_args(CLI::App& cmd, config::TrainingArgs& a) {
 bool any_training_arg(const config::TrainingArgs& a) {
   return a.micro_batch || a.grad_accum || a.world_size || a.lr || a.beta1 || a.beta2 || a.eps || a.weight_decay ||
          a.max_grad_norm || a.warmup_steps || a.total_steps || a.bf16 || a.fp16 || a.hidden_size;
+}
+
+ResolvedConfig resolve_and_parse(const config::LoadedDocument& doc, const config::TrainingArgs& args) {
+  ResolvedConfig out{config::resolve_auto(doc.json, args, /*use_defaults=*/true), {}};
+  const config::Resolution& res = out.resolution;
+  if (res.has_mismatches()) throw Error("{}", res.mismatch_report());
+  if (!res.unresolved.empty()) {
+    throw Error("{}: \"auto\" values with no training argument to fill them:\n  {}", doc.source,
+                fmt::join(res.unresolved, "\n  "));
+  }
+  config::ParseOptions popts;
+  popts.world_size = args.world_size.value_or(1);
+  out.parsed = config::parse_config(res.resolved, popts);
+  config::throw_if_errors(out.parsed.diagnostics, fmt::format("{} (after resolving \"auto\")", doc.source));
+  return out;
 }
 
 }  // namespace zinf::tools

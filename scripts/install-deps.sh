@@ -8,7 +8,7 @@ set -euo pipefail
 packages=(
   build-essential cmake pkg-config git python3
   libfmt-dev libspdlog-dev nlohmann-json3-dev libyaml-cpp-dev libcli11-dev
-  libtbb-dev liburing-dev libdnnl-dev libxxhash-dev libsentencepiece-dev
+  libtbb-dev liburing-dev libdnnl-dev libxxhash-dev libsentencepiece-dev libgloo-dev
   libgtest-dev libgmock-dev
   python3-torch   # PyTorch reference tests (tests/reference/), run with /usr/bin/python3
   python3-matplotlib  # training_curves.png (tools/plot_training.py)

@@ -237,7 +237,7 @@ class Trainer {
         sampler_(*o.data, o.seq_len, o.seed, o.eval_fraction),
         schedule_(o.ds.scheduler, o.ds.optimizer.lr),
         scaler_(o.ds.fp16),
-        arena_(static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))) {
+        arena_(tbb::task_arena::automatic) {  // the cores this process may use (zinf launch divides them)
     fp16_ = o.ds.fp16.enabled;
     const auto type = o.ds.optimizer.type;
     if (type != config::OptimizerType::kAdamW && type != config::OptimizerType::kAdam) {

@@ -226,5 +226,29 @@ expect 1 'optimizer.params.lr' -- "$ZINF" train --max-steps 1 --deepspeed "$TMP/
 expect 2 '' -- "$ZINF" train --max-steps 0
 expect 2 '' -- "$ZINF" train --max-steps 2 --epochs 1
 
+# launch and bench comm: local ranks, fail-fast, signals, collectives between processes.
+expect 0 'rank=1 of 3 local=1' -- "$ZINF" launch --nproc 3 -- sh -c 'echo rank=$RANK of $WORLD_SIZE local=$LOCAL_RANK port=$MASTER_PORT'
+start=$(date +%s)
+expect 7 'rank 1 exited with code 7; stopping the other 2' -- "$ZINF" launch --nproc 3 -- sh -c 'if [ $RANK = 1 ]; then exit 7; fi; sleep 60'
+[[ $(( $(date +%s) - start )) -lt 20 ]] || { echo "FAIL: launch did not stop the other ranks promptly"; failed=$((failed + 1)); }
+expect 137 'still running .* killing them' -- "$ZINF" launch --nproc 2 --grace 1 -- sh -c 'trap "" TERM; if [ $RANK = 0 ]; then kill -9 $$; fi; sleep 60'
+expect 127 'cannot run' -- "$ZINF" launch --nproc 2 -- /no/such/program
+expect 2 '' -- "$ZINF" launch --nproc 0 -- true
+expect 2 '' -- "$ZINF" launch --nproc 2
+expect 0 'all-reduce .* GB/s' -- "$ZINF" launch --nproc 2 -- "$ZINF" bench comm --size 4M --iterations 2
+expect 0 '"ranks": 3' -- "$ZINF" launch --nproc 3 -- "$ZINF" bench comm --size 1M --iterations 1 --json
+expect 0 'single process' -- "$ZINF" bench comm --size 1M --iterations 1
+"$ZINF" launch --nproc 2 -- sh -c 'trap "echo got-int-$RANK; exit 0" INT; sleep 60 & wait' > "$TMP/launch_sig.log" 2>&1 &
+launch_pid=$!
+sleep 1
+kill -INT "$launch_pid"
+wait "$launch_pid"
+launch_rc=$?
+if [[ $launch_rc -ne 0 ]] || [[ $(grep -c '^got-int' "$TMP/launch_sig.log") -ne 2 ]]; then
+  echo "FAIL: SIGINT forwarding (exit $launch_rc)"; cat "$TMP/launch_sig.log"; failed=$((failed + 1))
+else
+  passed=$((passed + 1))
+fi
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

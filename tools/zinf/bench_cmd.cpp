@@ -509,11 +509,13 @@ config::DeepSpeedConfig load_bench_config(const std::string& path) {
 }
 
 void add_bench_commands(CLI::App& app, Action& action) {
-  auto* bench = app.add_subcommand("bench", "Benchmarks: storage (io), CPU optimizers (adam), the offloaded optimizer step (offload), the model (model)");
+  auto* bench = app.add_subcommand("bench", "Benchmarks: storage (io), CPU optimizers (adam), the offloaded optimizer step (offload), the model (model), "
+                                   "collectives between ranks (comm)");
   bench->require_subcommand(1);
   add_bench_adam_command(*bench, action);
   add_bench_offload_command(*bench, action);
   add_bench_model_command(*bench, action);
+  add_launch_commands(app, *bench, action);
   auto io_opts = std::make_shared<BenchIoOptions>();
   auto* io_cmd = bench->add_subcommand(
       "io", "NVMe/storage throughput and latency: the io_uring engine against pread/pwrite threads, same file");

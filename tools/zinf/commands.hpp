@@ -20,7 +20,8 @@ void add_bench_commands(CLI::App& app, Action& action);  // bench io, tune nvme
 void add_bench_adam_command(CLI::App& bench, Action& action);  // bench adam
 void add_bench_offload_command(CLI::App& bench, Action& action);  // bench offload
 void add_bench_model_command(CLI::App& bench, Action& action);    // bench model
-void add_train_commands(CLI::App& app, Action& action);          // train, data tokenize
+void add_train_commands(CLI::App& app, Action& action);
+void add_launch_commands(CLI::App& app, CLI::App& bench, Action& action);  // launch, bench comm          // train, data tokenize
 
 // Shared by the bench commands. Sizes in bytes: "4G", "512M", "1048576" (binary units); counts
 // of elements: "256M" = 256 x 2^20. Both throw CLI::ValidationError naming the option.

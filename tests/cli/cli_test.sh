@@ -231,7 +231,8 @@ expect 0 'rank=1 of 3 local=1' -- "$ZINF" launch --nproc 3 -- sh -c 'echo rank=$
 start=$(date +%s)
 expect 7 'rank 1 exited with code 7; stopping the other 2' -- "$ZINF" launch --nproc 3 -- sh -c 'if [ $RANK = 1 ]; then exit 7; fi; sleep 60'
 [[ $(( $(date +%s) - start )) -lt 20 ]] || { echo "FAIL: launch did not stop the other ranks promptly"; failed=$((failed + 1)); }
-expect 137 'still running .* killing them' -- "$ZINF" launch --nproc 2 --grace 1 -- sh -c 'trap "" TERM; if [ $RANK = 0 ]; then kill -9 $$; fi; sleep 60'
+# Rank 1 ignores SIGTERM (and says so through a file before rank 0 dies): SIGKILL after the grace.
+expect 137 'still running .* killing them' -- "$ZINF" launch --nproc 2 --grace 1 -- sh -c "trap '' TERM; if [ \$RANK = 1 ]; then touch $TMP/r1ready; sleep 60; else while [ ! -e $TMP/r1ready ]; do sleep 0.05; done; kill -9 \$\$; fi"
 expect 127 'cannot run' -- "$ZINF" launch --nproc 2 -- /no/such/program
 expect 2 '' -- "$ZINF" launch --nproc 0 -- true
 expect 2 '' -- "$ZINF" launch --nproc 2

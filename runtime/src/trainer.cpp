@@ -45,6 +45,14 @@ constexpr int kCheckpointVersion = 1;
 constexpr const char* kStateFile = "optimizer_state.safetensors";
 constexpr const char* kTrainerStateFile = "trainer_state.json";
 
+// A rank's state file and checksums in a checkpoint of W > 1 ranks (W = 1: kStateFile, and the
+// checksums in trainer_state.json).
+std::string rank_state_file(int rank, int world) { return fmt::format("optimizer_state.rank{:05d}-of-{:05d}.safetensors", rank, world); }
+std::string rank_checksum_file(int rank, int world) { return fmt::format("checksums.rank{:05d}-of-{:05d}.json", rank, world); }
+
+// Elements of each rank's shard of a unit of n elements over W ranks (the unit padded to W shards).
+std::int64_t shard_size(std::int64_t n, int world) { return (n + world - 1) / world; }
+
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
 std::string step_dir_name(std::int64_t step) { return fmt::format("step-{:08d}", step); }
@@ -164,7 +172,7 @@ namespace {
 // tensors verified against their checksums as they are taken.
 class CheckpointReader {
  public:
-  explicit CheckpointReader(const std::string& dir) : dir_(dir) {
+  explicit CheckpointReader(const std::string& dir, int rank = 0) : dir_(dir) {
     const std::string state_path = (fs::path(dir) / kTrainerStateFile).string();
     if (!fs::exists(state_path)) throw Error("'{}' is not a zinf checkpoint: {} is missing", dir, kTrainerStateFile);
     try {
@@ -174,12 +182,30 @@ class CheckpointReader {
         throw Error("{}: checkpoint version {} is not supported (this zinf reads {})", state_path,
                     s_.at("version").get<int>(), kCheckpointVersion);
       }
-      (void)s_.at("units").size(), (void)s_.at("checksums").size(), (void)s_.at("model").size();
+      (void)s_.at("units").size(), (void)s_.at("model").size();
+      // State files: one (state_shards 1), or one shard per rank of a ZeRO >= 1 run.
+      world_ = s_.value("state_shards", 1);
+      if (world_ < 1 || rank >= world_) {
+        throw Error("{}: the state is in {} shard(s), which has no shard {}", state_path, world_, rank);
+      }
+      if (world_ == 1) {
+        sums_ = s_.at("checksums");
+      } else {
+        const std::string sums_path = (fs::path(dir) / rank_checksum_file(rank, world_)).string();
+        if (!fs::exists(sums_path)) {
+          throw Error("checkpoint '{}' lacks rank {}'s piece ({} is missing): it is incomplete", dir, rank,
+                      rank_checksum_file(rank, world_));
+        }
+        sums_ = Json::parse(config::read_text_file(sums_path));
+      }
     } catch (const Json::exception& e) {
       throw Error("{} is damaged or from another zinf: {}", state_path, e.what());
     }
-    file_ = io::SafetensorsFile::open((fs::path(dir) / kStateFile).string());
+    const fs::path file = fs::path(dir) / (world_ == 1 ? std::string(kStateFile) : rank_state_file(rank, world_));
+    if (!fs::exists(file)) throw Error("checkpoint '{}' lacks rank {}'s state ({} is missing): it is incomplete", dir, rank, file.filename().string());
+    file_ = io::SafetensorsFile::open(file.string());
   }
+  int state_shards() const noexcept { return world_; }
   const Json& state() const noexcept { return s_; }
   const std::string& dir() const noexcept { return dir_; }
   // Throws unless the checkpoint's units are exactly `layout`'s.
@@ -210,7 +236,7 @@ class CheckpointReader {
       throw Error("checkpoint '{}': tensor '{}' is missing or has the wrong type or size (want F32 [{}])", dir_, tname, n);
     }
     const auto bytes = file_->bytes(*t);
-    const Json& sums = s_.at("checksums");
+    const Json& sums = sums_;
     if (!sums.contains(tname) || !sums.at(tname).is_string() || sums.at(tname).get<std::string>() != hex64(XXH3_64bits(bytes.data(), bytes.size()))) {
       throw Error("checkpoint '{}' is damaged: tensor '{}' does not match its checksum; use an earlier checkpoint", dir_,
                   tname);
@@ -221,6 +247,8 @@ class CheckpointReader {
  private:
   std::string dir_;
   Json s_;
+  Json sums_;
+  int world_ = 1;
   std::shared_ptr<io::SafetensorsFile> file_;
 };
 
@@ -247,9 +275,14 @@ class Trainer {
       throw Error("data '{}' holds token {} but the model's vocabulary has {} entries (tokenized for another model?)",
                   o.data->name(), o.data->max_token(), o.model.vocab_size);
     }
+    if (o.comm == nullptr) owned_comm_ = make_single_communicator();
+    comm_ = o.comm != nullptr ? o.comm : owned_comm_.get();
+    world_ = comm_->size();
+    rank_ = comm_->rank();
+    sharded_ = world_ > 1 && o.ds.zero.stage >= 1;
     micro_ = o.ds.batch.micro;
     gas_ = o.ds.batch.gas;
-    const std::uint64_t samples_per_step = static_cast<std::uint64_t>(micro_ * gas_);
+    const std::uint64_t samples_per_step = static_cast<std::uint64_t>(micro_ * gas_ * world_);
     steps_per_epoch_ = std::max<std::int64_t>(1, static_cast<std::int64_t>(sampler_.train_samples() / samples_per_step));
     total_steps_ = o.max_steps > 0 ? o.max_steps
                                    : std::max<std::int64_t>(1, std::llround(o.epochs * static_cast<double>(steps_per_epoch_)));
@@ -257,9 +290,16 @@ class Trainer {
     offload::OffloadSettings settings = offload::offload_settings(o.ds);
     for (const auto& n : settings.notes) spdlog::info("offload: {}", n);
     std::vector<offload::UnitSpec> units;
-    for (const auto& u : layout_.units) units.push_back({u.name, static_cast<std::uint64_t>(u.numel)});
-    offload_ = std::make_unique<offload::Offload>(settings, units, 0, arena_);
-    tokens_.resize(static_cast<std::size_t>(micro_ * o.seq_len));
+    for (const auto& u : layout_.units) {
+      shard_.push_back(sharded_ ? shard_size(u.numel, world_) : u.numel);
+      units.push_back({u.name, static_cast<std::uint64_t>(shard_.back())});
+    }
+    offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
+    if (sharded_) {
+      gshard_.resize(layout_.units.size());
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) gshard_[u].resize(static_cast<std::size_t>(shard_[u]));
+    }
+    tokens_.resize(static_cast<std::size_t>(micro_ * world_ * o.seq_len));
     targets_.resize(tokens_.size());
   }
 
@@ -287,10 +327,14 @@ class Trainer {
     } else {
       initialise();
     }
-    fs::create_directories(o_.output_dir);
-    write_file_atomic((fs::path(o_.output_dir) / "deepspeed_config_auto.json").string(), o_.ds_resolved.dump(2) + "\n");
+    std::unique_ptr<MetricsCsv> csv;
+    if (rank_ == 0) {
+      fs::create_directories(o_.output_dir);
+      write_file_atomic((fs::path(o_.output_dir) / "deepspeed_config_auto.json").string(), o_.ds_resolved.dump(2) + "\n");
+      csv = std::make_unique<MetricsCsv>((fs::path(o_.output_dir) / "training_metrics.csv").string(),
+                                         resumed ? st_.step : -1);
+    }
     refresh_params();
-    MetricsCsv csv((fs::path(o_.output_dir) / "training_metrics.csv").string(), resumed ? st_.step : -1);
     log_start();
 
     const double flops_per_token = training_flops_per_token(o_.model, o_.seq_len);
@@ -308,8 +352,11 @@ class Trainer {
       double loss_sum = 0;
       for (std::int64_t m = 0; m < gas_; ++m) {
         auto td = Clock::now();
-        sampler_.next_batch(micro_, tokens_, targets_);
-        model_.set_batch(tokens_, targets_, micro_, o_.seq_len);
+        // Every rank draws the same round of micro_ x W samples and takes its own micro_ of them.
+        sampler_.next_batch(micro_ * world_, tokens_, targets_);
+        const std::size_t mine = static_cast<std::size_t>(rank_ * micro_ * o_.seq_len);
+        const std::size_t len = static_cast<std::size_t>(micro_ * o_.seq_len);
+        model_.set_batch(std::span(tokens_).subspan(mine, len), std::span(targets_).subspan(mine, len), micro_, o_.seq_len);
         tm.data += seconds_since(td);
         auto tf = Clock::now();
         const float loss = model_.forward(params_.view());
@@ -324,15 +371,28 @@ class Trainer {
         tm.backward += seconds_since(tb);
         loss_sum += loss;
       }
-      const double loss = loss_sum / static_cast<double>(gas_);
+      if (world_ > 1) {
+        float l = static_cast<float>(loss_sum);
+        comm_->all_reduce_sum(std::span<float>(&l, 1));
+        loss_sum = l;
+      }
+      const double loss = loss_sum / static_cast<double>(gas_ * world_);
       if (o_.after_backward) o_.after_backward(st_.step + 1, grads_.view().units);
-      // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
+      // Gradients summed over ranks: all of each unit (stage 0), or this rank's shard of it.
       auto to = Clock::now();
+      reduce_gradients();
+      // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
       double sq = 0;
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-        sq += sum_squares(static_cast<const float*>(grads_.view().units[u]), layout_.units[u].numel);
+        sq += sharded_ ? sum_squares(gshard_[u].data(), shard_[u])
+                       : sum_squares(static_cast<const float*>(grads_.view().units[u]), layout_.units[u].numel);
       }
-      const double norm = std::sqrt(sq) / (static_cast<double>(gas_) * loss_scale);
+      if (sharded_) {
+        float f = static_cast<float>(sq);
+        comm_->all_reduce_sum(std::span<float>(&f, 1));
+        sq = f;
+      }
+      const double norm = std::sqrt(sq) / (static_cast<double>(gas_ * world_) * loss_scale);
       const bool overflow = !std::isfinite(norm);
       if (overflow && !fp16_) {
         throw Error("the gradient norm is {} at step {}: training diverged", norm, st_.step + 1);
@@ -352,9 +412,11 @@ class Trainer {
       in.adam.adam_w_mode = oc.type == config::OptimizerType::kAdamW || oc.adam_w_mode;
       in.adam.bias_correction = oc.bias_correction;
       in.adam.step = st_.applied + 1;
-      in.adam.grad_scale = static_cast<float>(clip / (static_cast<double>(gas_) * loss_scale));
+      in.adam.grad_scale = static_cast<float>(clip / (static_cast<double>(gas_ * world_) * loss_scale));
       in.grad_dtype = DType::kF32;
-      in.gradient = [this](std::size_t u) -> const void* { return grads_.view().units[u]; };
+      in.gradient = [this](std::size_t u) -> const void* {
+        return sharded_ ? static_cast<const void*>(gshard_[u].data()) : grads_.view().units[u];
+      };
       if (overflow) {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
         spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
@@ -368,7 +430,7 @@ class Trainer {
       tm.optimizer = seconds_since(to);
 
       ++st_.step;
-      const std::uint64_t step_tokens = static_cast<std::uint64_t>(micro_ * gas_ * o_.seq_len);
+      const std::uint64_t step_tokens = static_cast<std::uint64_t>(micro_ * gas_ * world_ * o_.seq_len);
       st_.tokens += step_tokens;
       if (st_.step == 1) st_.first_loss = loss;
       if (st_.step == first_step + 1 && !resumed) result.first_loss = loss;
@@ -383,14 +445,14 @@ class Trainer {
       const double step_s = seconds_since(t0);
       const double tps = static_cast<double>(step_tokens) / step_s;
       const double epoch = static_cast<double>(sampler_.position().epoch) + sampler_.epoch_fraction();
-      csv.row(fmt::format("{},{:.4f},{:.6f},{},{:.9g},{:.6f},{:g},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
+      if (csv) csv->row(fmt::format("{},{:.4f},{:.6f},{},{:.9g},{:.6f},{:g},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
                           "{:.4f},{},{},{}",
                           st_.step, epoch, loss, std::isnan(eval_loss) ? std::string() : fmt::format("{:.6f}", eval_loss),
                           lr, norm, loss_scale, overflow ? 1 : 0, st_.tokens, tps, flops_per_token * tps / 1e12, step_s, tm.data, tm.forward,
                           tm.backward, tm.optimizer, tm.offload_io, 0, offload_->memory().used(),
                           offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2));
-      progress(loss, eval_loss, lr, tps, run_start, first_step, tm, norm);
-      if (o_.stop_requested && o_.stop_requested()) {
+      if (rank_ == 0) progress(loss, eval_loss, lr, tps, run_start, first_step, tm, norm);
+      if (stop_agreed()) {
         stopped = st_.step < total_steps_;
         if (stopped) {
           if (o_.terminal) std::cerr << "\n";
@@ -402,7 +464,7 @@ class Trainer {
         result.last_checkpoint = save_checkpoint();
       }
     }
-    if (o_.terminal) std::cerr << "\n";
+    if (o_.terminal && rank_ == 0) std::cerr << "\n";
     result.last_checkpoint = save_checkpoint();
     result.steps = st_.step;
     result.first_loss = st_.first_loss;
@@ -410,8 +472,42 @@ class Trainer {
     result.final_eval_loss = last_eval;
     result.best_eval_loss = st_.have_eval ? st_.best_eval : std::nan("");
     result.stopped_early = stopped;
-    write_summary(result, seconds_since(run_start), first_step);
+    if (rank_ == 0) write_summary(result, seconds_since(run_start), first_step);
     return result;
+  }
+
+  // Whether any rank was asked to stop (all ranks stop after the same step).
+  bool stop_agreed() {
+    float stop = o_.stop_requested && o_.stop_requested() ? 1.0f : 0.0f;
+    if (world_ > 1) comm_->all_reduce_sum(std::span<float>(&stop, 1));
+    return stop > 0;
+  }
+
+  // Sums the accumulated gradients over ranks: in place for every unit (stage 0), or into this
+  // rank's shard of each unit (stages 1-3; the unit padded with zeros to W shards).
+  void reduce_gradients() {
+    if (world_ == 1) return;
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      auto* g = static_cast<float*>(grads_.view().units[u]);
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      if (!sharded_) {
+        comm_->all_reduce_sum(std::span<float>(g, n));
+        continue;
+      }
+      padded_.assign(static_cast<std::size_t>(shard_[u] * world_), 0.0f);
+      std::memcpy(padded_.data(), g, n * sizeof(float));
+      comm_->reduce_scatter_sum(padded_, gshard_[u]);
+    }
+  }
+
+  // This rank's piece of a full unit (zero padded past the unit's end).
+  std::vector<float> my_shard(const float* full, std::size_t u) const {
+    const auto n = layout_.units[u].numel;
+    std::vector<float> out(static_cast<std::size_t>(shard_[u]), 0.0f);
+    const std::int64_t begin = static_cast<std::int64_t>(rank_) * shard_[u];
+    const std::int64_t count = std::clamp<std::int64_t>(n - begin, 0, shard_[u]);
+    if (count > 0) std::memcpy(out.data(), full + begin, static_cast<std::size_t>(count) * sizeof(float));
+    return out;
   }
 
  private:
@@ -425,13 +521,23 @@ class Trainer {
     }
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-      offload_->store().set_state(u, std::span<const float>(static_cast<const float*>(master.view().units[u]), n));
+      const auto* full = static_cast<const float*>(master.view().units[u]);
+      if (sharded_) {
+        const std::vector<float> mine = my_shard(full, u);
+        offload_->store().set_state(u, mine);
+      } else {
+        offload_->store().set_state(u, std::span<const float>(full, n));
+      }
     }
     st_.seed = o_.seed;
   }
 
   // The compute copy of the parameters from the store: the bf16 shard, or the fp32 master.
   void refresh_params() {
+    if (sharded_) {
+      refresh_params_sharded();
+      return;
+    }
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       if (param_dtype_ == DType::kBF16) {
@@ -444,6 +550,40 @@ class Trainer {
         offload_->store().read_state(u, std::span<float>(w, n), scratch_m_, scratch_v_);
         if (fp16_) {
           // fp16 weights, widened for the CPU backend's fp32 products.
+          for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
+        }
+      }
+    }
+  }
+
+  // Every rank's shard of the updated weights, gathered into the full compute copy: bf16 shards as
+  // they are (two per float slot of the gather), fp32 masters otherwise.
+  void refresh_params_sharded() {
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      const auto sh = static_cast<std::size_t>(shard_[u]);
+      if (param_dtype_ == DType::kBF16) {
+        std::vector<std::uint16_t> mine((sh + 1) / 2 * 2, 0);
+        offload::ParamLease lease = offload_->store().fetch(u);
+        lease.copy_to(std::span<std::uint16_t>(mine.data(), sh));
+        const std::size_t words = mine.size() / 2;
+        std::vector<float> in(words), all(words * static_cast<std::size_t>(world_));
+        std::memcpy(in.data(), mine.data(), words * sizeof(float));
+        comm_->all_gather(in, all);
+        auto* dst = static_cast<std::uint16_t*>(params_.view().units[u]);
+        const auto* src = reinterpret_cast<const std::uint16_t*>(all.data());
+        for (int r = 0; r < world_; ++r) {
+          const std::size_t begin = static_cast<std::size_t>(r) * sh;
+          if (begin >= n) break;
+          std::memcpy(dst + begin, src + static_cast<std::size_t>(r) * words * 2, std::min(sh, n - begin) * 2);
+        }
+      } else {
+        std::vector<float> m(sh), a(sh), v(sh), all(sh * static_cast<std::size_t>(world_));
+        offload_->store().read_state(u, m, a, v);
+        comm_->all_gather(m, all);
+        auto* w = static_cast<float*>(params_.view().units[u]);
+        std::memcpy(w, all.data(), n * sizeof(float));
+        if (fp16_) {
           for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
         }
       }
@@ -475,19 +615,29 @@ class Trainer {
 
   std::string save_checkpoint() {
     const fs::path root = fs::path(o_.output_dir) / "checkpoints";
-    fs::create_directories(root);
     const std::string name = step_dir_name(st_.step);
     const fs::path final_dir = root / name;
     const fs::path tmp = root / (name + ".partial");
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
+    if (rank_ == 0) {
+      fs::create_directories(root);
+      fs::remove_all(tmp);
+      fs::create_directories(tmp);
+    }
+    // Ranks write their shards into the directory rank 0 made; rank 0 then finishes the save.
+    const int shards = sharded_ ? world_ : 1;
+    if (world_ > 1) comm_->barrier();
+    if (rank_ >= shards) {
+      comm_->barrier();
+      comm_->barrier();
+      return final_dir.string();
+    }
     // Optimizer state: one fp32 tensor per unit and kind, each filled from the store as written.
     std::vector<io::StWriteTensor> tensors;
     std::size_t cached = SIZE_MAX;
     std::vector<float> m, a, v;
     Json sums = Json::object();
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      const auto n = static_cast<std::size_t>(shard_[u]);
       for (int kind = 0; kind < 3; ++kind) {
         const std::string tname = layout_.units[u].name + (kind == 0 ? ".master" : kind == 1 ? ".exp_avg" : ".exp_avg_sq");
         tensors.push_back({tname, io::StDType::kF32, {static_cast<std::int64_t>(n)}, [&, u, n, kind, tname](std::byte* dst) {
@@ -502,7 +652,14 @@ class Trainer {
                            }});
       }
     }
-    io::write_safetensors((tmp / kStateFile).string(), tensors, {{"format", "zinf-optimizer-state"}});
+    const std::string state_file = shards == 1 ? std::string(kStateFile) : rank_state_file(rank_, shards);
+    io::write_safetensors((tmp / state_file).string(), tensors, {{"format", "zinf-optimizer-state"}});
+    if (shards > 1) write_file_atomic((tmp / rank_checksum_file(rank_, shards)).string(), sums.dump(2) + "\n");
+    if (world_ > 1) comm_->barrier();  // every shard is on disk
+    if (rank_ != 0) {
+      comm_->barrier();  // rank 0 has put the checkpoint in place
+      return final_dir.string();
+    }
     Json s;
     s["format"] = "zinf-checkpoint";
     s["version"] = kCheckpointVersion;
@@ -526,7 +683,10 @@ class Trainer {
     Json units = Json::array();
     for (const auto& u : layout_.units) units.push_back({{"name", u.name}, {"numel", u.numel}});
     s["units"] = units;
-    s["checksums"] = sums;
+    s["world_size"] = world_;
+    s["zero_stage"] = o_.ds.zero.stage;
+    s["state_shards"] = shards;
+    if (shards == 1) s["checksums"] = sums;
     write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
     sync_directory(tmp.string());
     // Into place. A checkpoint of the same step (from a run resumed at an earlier step) is swapped
@@ -550,6 +710,7 @@ class Trainer {
     if (exchanged) fs::remove_all(tmp);  // now the previous copy
     prune_checkpoints(root, name);
     spdlog::info("checkpoint {} written", final_dir.string());
+    if (world_ > 1) comm_->barrier();
     return final_dir.string();
   }
 
@@ -580,9 +741,15 @@ class Trainer {
   }
 
   void load_checkpoint(const std::string& dir) {
-    const CheckpointReader ck(dir);
+    const CheckpointReader ck(dir, sharded_ ? rank_ : 0);
     const Json& s = ck.state();
     ck.check_layout(layout_, o_.model);
+    const int want_shards = sharded_ ? world_ : 1;
+    if (ck.state_shards() != want_shards) {
+      throw Error("checkpoint '{}' holds its optimizer state in {} shard(s) (ZeRO stage {} on {} rank(s)); this run needs "
+                  "{}: resume with the same ranks and stage (re-sharding is not available yet)",
+                  dir, ck.state_shards(), s.value("zero_stage", 0), s.value("world_size", 1), want_shards);
+    }
     try {
       // What the sample order and the numerics depend on must match, or the continuation is not
       // the same run.
@@ -638,7 +805,7 @@ class Trainer {
     sampler_ = Sampler(*o_.data, o_.seq_len, st_.seed, o_.eval_fraction);
     sampler_.set_position(st_.data);
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      const auto n = static_cast<std::size_t>(shard_[u]);
       const std::string& name = layout_.units[u].name;
       offload_->store().set_state(u, ck.tensor(name, "master", n), ck.tensor(name, "exp_avg", n),
                                   ck.tensor(name, "exp_avg_sq", n));
@@ -655,8 +822,8 @@ class Trainer {
                                               : std::string("fp32"));
     spdlog::info("data {}: {} tokens, {} training and {} held-out samples of {} tokens", o_.data->name(),
                  o_.data->size(), sampler_.train_samples(), sampler_.eval_samples(), o_.seq_len);
-    spdlog::info("{} steps of {} x {} micro-batches ({} tokens per step); {}", total_steps_, micro_, gas_,
-                 micro_ * gas_ * o_.seq_len, offload_->store().describe());
+    spdlog::info("{} steps of {} x {} micro-batches on {} rank(s) ({} tokens per step); {}", total_steps_, micro_, gas_,
+                 world_, micro_ * gas_ * world_ * o_.seq_len, offload_->store().describe());
   }
 
   void progress(double loss, double eval_loss, double lr, double tps, Clock::time_point start, std::int64_t first_step,
@@ -722,6 +889,13 @@ class Trainer {
   LossScaler scaler_;
   bool fp16_ = false;
   tbb::task_arena arena_;
+  std::unique_ptr<Communicator> owned_comm_;
+  Communicator* comm_ = nullptr;
+  int world_ = 1, rank_ = 0;
+  bool sharded_ = false;                   // optimizer state (and gradients) split across ranks
+  std::vector<std::int64_t> shard_;        // elements of this rank's piece of each unit
+  std::vector<std::vector<float>> gshard_;  // this rank's summed gradient shards
+  std::vector<float> padded_;
   std::unique_ptr<offload::Offload> offload_;
   std::int64_t micro_ = 1, gas_ = 1, steps_per_epoch_ = 1, total_steps_ = 1;
   std::vector<std::int32_t> tokens_, targets_;
@@ -739,10 +913,21 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
   ck.check_layout(layout, model);
   auto backend = make_cpu_backend();
   UnitStorage master(*backend, layout, DType::kF32);
+  // One state file, or every rank's shard put back together (as zero_to_fp32 does).
+  const int shards = ck.state_shards();
+  std::vector<std::unique_ptr<CheckpointReader>> readers;
+  for (int r = 1; r < shards; ++r) readers.push_back(std::make_unique<CheckpointReader>(checkpoint, r));
   for (std::size_t u = 0; u < layout.units.size(); ++u) {
-    const auto n = static_cast<std::size_t>(layout.units[u].numel);
-    const auto m = ck.tensor(layout.units[u].name, "master", n);
-    std::memcpy(master.view().units[u], m.data(), n * sizeof(float));
+    const auto n = layout.units[u].numel;
+    const std::int64_t sh = shards == 1 ? n : shard_size(n, shards);
+    for (int r = 0; r < shards; ++r) {
+      const CheckpointReader& rd = r == 0 ? ck : *readers[static_cast<std::size_t>(r - 1)];
+      const auto m = rd.tensor(layout.units[u].name, "master", static_cast<std::size_t>(sh));
+      const std::int64_t begin = r * sh, count = std::clamp<std::int64_t>(n - begin, 0, sh);
+      if (count > 0) {
+        std::memcpy(static_cast<float*>(master.view().units[u]) + begin, m.data(), static_cast<std::size_t>(count) * 4);
+      }
+    }
   }
   return save_weights(out_dir, model, layout, *backend, master.view(), file_dtype, max_shard_bytes);
 }

@@ -251,5 +251,11 @@ else
   passed=$((passed + 1))
 fi
 
+expect 0 'done after 3 steps' -- "$ZINF" launch --nproc 2 -- "$ZINF" train --max-steps 3 --seq-len 32 --output-dir "$TMP/train/dp2"
+[[ -s $TMP/train/dp2/checkpoints/step-00000003/optimizer_state.rank00001-of-00002.safetensors ]] || { echo "FAIL: 2-rank train left no rank 1 shard"; failed=$((failed + 1)); }
+expect 0 'wrote .*/dp2hf' -- "$ZINF" ckpt export "$TMP/train/dp2" --to "$TMP/train/dp2hf"
+expect 1 'pass --output-dir' -- "$ZINF" launch --nproc 2 -- "$ZINF" train --max-steps 1
+expect 1 'this job has 1 rank' -- "$ZINF" train --max-steps 1 --world-size 2 --output-dir "$TMP/train/ws"
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -19,6 +19,7 @@
 #include "zinf/common/log.hpp"
 #include "zinf/configs/diagnostics.hpp"
 #include "zinf/configs/parse.hpp"
+#include "zinf/runtime/comm.hpp"
 #include "zinf/runtime/data.hpp"
 #include "zinf/runtime/embedded.hpp"
 #include "zinf/runtime/model_config.hpp"
@@ -142,9 +143,13 @@ int run_train(TrainCliOptions o) {
   const config::LoadedDocument doc = config::load_document(o.deepspeed);
   // Steps for the schedule's "auto" total: known up front only with --max-steps.
   if (!o.args.total_steps && o.max_steps > 0) o.args.total_steps = o.max_steps;
-  if (o.args.world_size.value_or(1) != 1) {
-    throw Error("--world-size {}: zinf train runs one rank (multi-rank training is not available yet)", *o.args.world_size);
+  // Ranks: from the launcher's environment (zinf launch, torchrun, mpirun, srun).
+  const runtime::RankInfo ranks = runtime::rank_info_from_environment();
+  if (o.args.world_size && *o.args.world_size != ranks.world_size) {
+    throw Error("--world-size {} but this job has {} rank(s) ({}): start the ranks with `zinf launch --nproc {}`",
+                *o.args.world_size, ranks.world_size, ranks.source, *o.args.world_size);
   }
+  o.args.world_size = ranks.world_size;
   const ResolvedConfig rc = resolve_and_parse(doc, o.args);
   const config::Resolution& res = rc.resolution;
   const config::ParseResult& parsed = rc.parsed;
@@ -152,11 +157,20 @@ int run_train(TrainCliOptions o) {
   // Output directory and log file.
   if (o.output_dir.empty()) {
     if (o.resume_given) throw Error("--resume needs the --output-dir of the run to continue");
+    if (ranks.world_size > 1) throw Error("training on {} ranks: pass --output-dir (every rank must name the same one)", ranks.world_size);
     const std::string name = embedded_model ? "tiny-byte" : fs::path(model_source).parent_path().filename().string();
     o.output_dir = (fs::path("output") / fmt::format("{}-{}", name.empty() ? "model" : name, compact_time())).string();
   }
   fs::create_directories(o.output_dir);
-  log::init({.rank = std::nullopt, .level = {}, .file = (fs::path(o.output_dir) / "zinf.log").string()});
+  log::init({.rank = std::nullopt,
+             .level = {},
+             .file = (fs::path(o.output_dir) / (ranks.rank == 0 ? std::string("zinf.log")
+                                                                 : fmt::format("zinf.rank{}.log", ranks.rank)))
+                         .string()});
+  std::unique_ptr<runtime::Communicator> comm = runtime::make_gloo_communicator(ranks);
+  if (ranks.world_size > 1) {
+    spdlog::info("rank {} of {} ({}); ZeRO stage {}", ranks.rank, ranks.world_size, ranks.source, parsed.config.zero.stage);
+  }
   for (const auto& f : res.filled) spdlog::info("config: {}", f);
   for (const auto& f : res.defaulted) spdlog::info("config: {}", f);
   const std::string warnings = parsed.diagnostics.format(config::Severity::kWarning);
@@ -187,8 +201,11 @@ int run_train(TrainCliOptions o) {
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
   t.stop_requested = [] { return g_stop.load() != 0; };
+  t.comm = comm.get();
+  t.terminal = t.terminal && ranks.rank == 0;
 
   const runtime::TrainResult r = runtime::train(t);
+  if (ranks.rank != 0) return kExitOk;  // rank 0 reports
   if (std::isnan(r.final_loss)) {
     std::cout << fmt::format("nothing to train: {} is at step {}; pass a larger --max-steps to go on\n",
                              r.last_checkpoint, r.steps);

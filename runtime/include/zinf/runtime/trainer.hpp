@@ -16,6 +16,7 @@
 #include "zinf/configs/deepspeed_config.hpp"
 #include "zinf/configs/document.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/runtime/comm.hpp"
 #include "zinf/runtime/data.hpp"
 #include "zinf/runtime/model_config.hpp"
 
@@ -41,6 +42,11 @@ struct TrainOptions {
   std::string resume;  // "" = fresh; "latest" or a checkpoint directory
   bool terminal = false;  // progress line redrawn in place
   std::function<bool()> stop_requested;  // polled after each step (SIGINT/SIGTERM)
+  // Data-parallel ranks (null: one rank). With W ranks each takes a W-th of every micro-batch
+  // round; ZeRO stage >= 1 shards the optimizer state (and stage 2-3 the gradients) across them.
+  // Only rank 0 writes the metrics, summary, config and `latest`; every rank writes its shard of
+  // each checkpoint.
+  Communicator* comm = nullptr;
   // Test hook: sees each step's accumulated (loss-scaled) fp32 gradients before the norm, e.g. to
   // inject an overflow. Step numbers are 1-based.
   std::function<void(std::int64_t step, const std::vector<void*>& grad_units)> after_backward;

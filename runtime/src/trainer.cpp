@@ -865,7 +865,7 @@ class Trainer {
     j["final_loss"] = r.final_loss;
     j["final_eval_loss"] = std::isnan(r.final_eval_loss) ? Json(nullptr) : Json(r.final_eval_loss);
     j["best_eval_loss"] = std::isnan(r.best_eval_loss) ? Json(nullptr) : Json(r.best_eval_loss);
-    const double tokens_run = static_cast<double>((r.steps - first_step) * micro_ * gas_ * o_.seq_len);
+    const double tokens_run = static_cast<double>((r.steps - first_step) * micro_ * gas_ * world_ * o_.seq_len);
     j["throughput"] = {{"tokens_per_s", wall > 0 ? tokens_run / wall : 0.0},
                        {"model_tflops", wall > 0 ? tokens_run * training_flops_per_token(o_.model, o_.seq_len) / wall / 1e12 : 0.0}};
     j["peak_memory_bytes"] = {{"gpu", 0},

@@ -433,6 +433,11 @@ TEST(Trainer, EveryZeroStageOnOneTwoAndFourRanksGivesTheSameLosses) {
     for (std::size_t i = 0; i < a.size() / 4; ++i) ASSERT_NEAR(x[i], y[i], 1e-5 + 1e-4 * std::abs(x[i])) << name << "[" << i << "]";
   }
   EXPECT_TRUE(fs::exists(d.path() + "/w2-s2/checkpoints/step-00000006/optimizer_state.rank00001-of-00002.safetensors"));
+  // The summary counts every rank's tokens.
+  const Json s1 = Json::parse(std::ifstream(d.path() + "/w1/summary.json"));
+  const Json s4 = Json::parse(std::ifstream(d.path() + "/w4-s3/summary.json"));
+  EXPECT_EQ(s1["tokens_seen"], s4["tokens_seen"]);
+  EXPECT_EQ(s4["tokens_seen"].get<std::int64_t>(), 6 * 4 * 32);
 }
 
 TEST(Trainer, ShardedResumeIsBitIdenticalAndNeedsTheSameRanks) {

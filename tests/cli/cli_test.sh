@@ -257,5 +257,20 @@ expect 0 'wrote .*/dp2hf' -- "$ZINF" ckpt export "$TMP/train/dp2" --to "$TMP/tra
 expect 1 'pass --output-dir' -- "$ZINF" launch --nproc 2 -- "$ZINF" train --max-steps 1
 expect 1 'this job has 1 rank' -- "$ZINF" train --max-steps 1 --world-size 2 --output-dir "$TMP/train/ws"
 
+# A rank killed mid-training ends the whole job within seconds, naming it.
+"$ZINF" launch --nproc 2 --grace 2 -- "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/dpkill" > "$TMP/train/dpkill.log" 2>&1 &
+kill_launcher=$!
+for _ in $(seq 600); do grep -q '^step [0-9]' "$TMP/train/dpkill.log" 2>/dev/null && break; sleep 0.1; done
+victim=$(pgrep -P "$kill_launcher" | tail -1)
+kill_start=$(date +%s)
+kill -9 "$victim"
+wait "$kill_launcher"
+kill_rc=$?
+if [[ $kill_rc -ne 137 ]] || ! grep -q 'was killed by signal 9' "$TMP/train/dpkill.log" || [[ $(( $(date +%s) - kill_start )) -gt 30 ]]; then
+  echo "FAIL: a killed training rank did not end the job promptly (exit $kill_rc)"; tail -5 "$TMP/train/dpkill.log"; failed=$((failed + 1))
+else
+  passed=$((passed + 1))
+fi
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

@@ -16,6 +16,7 @@
 #include <gloo/broadcast.h>
 #include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/hash_store.h>
+#include <gloo/rendezvous/prefix_store.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
 
@@ -102,7 +103,10 @@ class StoreServer {
     accept_thread_ = std::thread([this] { accept_loop(); });
   }
   ~StoreServer() {
-    stop_ = true;
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
     cv_.notify_all();
     ::shutdown(fd_, SHUT_RDWR);
     accept_thread_.join();
@@ -215,6 +219,12 @@ class TcpStore : public gloo::rendezvous::Store {
     ::freeaddrinfo(res);
     const int one = 1;
     ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    // A rank 0 that stops answering (its host gone) ends a wait too, a little after the server's
+    // own timeout.
+    timeval tv{};
+    tv.tv_sec = static_cast<time_t>(timeout.count() / 1000 + 10);
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   }
   ~TcpStore() override {
     if (fd_ >= 0) ::close(fd_);
@@ -348,10 +358,11 @@ class GlooCommunicator final : public Communicator {
       gloo::broadcast(o);
     });
   }
-  void barrier() override {
+  void barrier(std::chrono::milliseconds timeout) override {
     run("barrier", [&] {
       gloo::BarrierOptions o(context_);
       o.setTag(next_tag());
+      if (timeout.count() > 0) o.setTimeout(timeout);
       gloo::barrier(o);
     });
   }
@@ -391,10 +402,21 @@ class SingleCommunicator final : public Communicator {
   }
   void broadcast(std::span<float>, int) override {}
   void broadcast_bytes(std::span<std::byte>, int) override {}
-  void barrier() override {}
+  void barrier(std::chrono::milliseconds) override {}
 };
 
 }  // namespace
+
+std::chrono::milliseconds default_comm_timeout() {
+  const auto v = env("ZINF_COMM_TIMEOUT");
+  if (!v) return std::chrono::seconds(60);
+  char* end = nullptr;
+  const double s = std::strtod(v->c_str(), &end);
+  if (end == v->c_str() || *end != '\0' || !(s > 0) || s > 1e7) {
+    throw Error("ZINF_COMM_TIMEOUT='{}' is not a positive number of seconds", *v);
+  }
+  return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000));
+}
 
 RankInfo rank_info_from_environment() {
   RankInfo r;
@@ -412,7 +434,7 @@ RankInfo rank_info_from_environment() {
       {"torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"},
       {"mpirun", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
        "OMPI_COMM_WORLD_LOCAL_SIZE"},
-      {"srun", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"},
+      {"srun", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_TASKS_PER_NODE"},
   };
   const Scheme* found = nullptr;
   for (const Scheme& s : schemes) {
@@ -430,8 +452,8 @@ RankInfo rank_info_from_environment() {
   r.rank = env_int(found->rank, *env(found->rank), 0, r.world_size - 1);
   r.local_rank = env(found->local_rank) ? env_int(found->local_rank, *env(found->local_rank), 0, r.world_size - 1) : 0;
   if (auto ls = env(found->local_size)) {
-    // SLURM_NTASKS_PER_NODE may read "4(x2)": take the leading count.
-    const std::string head = ls->substr(0, ls->find('('));
+    // SLURM_TASKS_PER_NODE reads like "4(x2),3": this node's count is not known, the first is used.
+    const std::string head = ls->substr(0, ls->find_first_of("(,"));
     r.local_world_size = env_int(found->local_size, head, 1, r.world_size);
   } else {
     r.local_world_size = r.world_size;
@@ -440,9 +462,10 @@ RankInfo rank_info_from_environment() {
     throw Error("{}={} is outside the {} local ranks ({})", found->local_rank, r.local_rank, r.local_world_size,
                 found->local_size);
   }
-  const auto [addr_name, addr] = pick({"MASTER_ADDR", "SLURM_LAUNCH_NODE_IPADDR"});
-  (void)addr_name;
-  if (addr) r.master_addr = *addr;
+  if (auto addr = env("MASTER_ADDR")) r.master_addr = *addr;
+  const auto [id_name, id] = pick({"ZINF_JOB_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "OMPI_MCA_ess_base_jobid"});
+  (void)id_name;
+  if (id) r.job_id = "zinf-" + *id;
   if (auto port = env("MASTER_PORT")) r.master_port = env_int("MASTER_PORT", *port, 1, 65535);
   return r;
 }
@@ -455,7 +478,7 @@ std::unique_ptr<Communicator> make_gloo_communicator(const RankInfo& info, const
   // Bind Gloo's transport to the interface that reaches rank 0 (loopback for a local job).
   std::string bind = options.interface_address;
   if (bind.empty()) bind = (info.master_addr == "localhost") ? "127.0.0.1" : info.master_addr;
-  if (info.rank != 0 && bind != "127.0.0.1") {
+  if (options.interface_address.empty() && info.rank != 0 && bind != "127.0.0.1") {
     // On another host, bind to whatever address this host reaches rank 0 from.
     sockaddr_in local{};
     socklen_t len = sizeof(local);
@@ -475,9 +498,13 @@ std::unique_ptr<Communicator> make_gloo_communicator(const RankInfo& info, const
     }
     if (probe >= 0) ::close(probe);
   }
-  auto& store_ref = *store;
-  return std::make_unique<GlooCommunicator>(info.rank, info.world_size, store_ref, bind, options.timeout,
-                                            std::move(server), std::shared_ptr<void>(store));
+  // Keys carry the job id: ranks of another job that reach this store (the same port) cannot
+  // overwrite this job's addresses.
+  auto prefixed = std::make_shared<gloo::rendezvous::PrefixStore>(info.job_id, *store);
+  auto keep = std::make_shared<std::pair<std::shared_ptr<TcpStore>, std::shared_ptr<gloo::rendezvous::PrefixStore>>>(
+      store, prefixed);
+  return std::make_unique<GlooCommunicator>(info.rank, info.world_size, *prefixed, bind, options.timeout,
+                                            std::move(server), std::shared_ptr<void>(keep));
 }
 
 std::unique_ptr<Communicator> make_gloo_communicator_in_process(int rank, int size, const std::string& store_id,

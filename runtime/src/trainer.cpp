@@ -42,6 +42,9 @@ using kernels::cpu::DType;
 namespace {
 
 constexpr int kCheckpointVersion = 1;
+// Barriers around work one rank may do much longer than the others (writing a checkpoint, loading
+// one): a launcher ends the job if a rank dies meanwhile.
+constexpr std::chrono::milliseconds kSlowWait = std::chrono::hours(2);
 constexpr const char* kStateFile = "optimizer_state.safetensors";
 constexpr const char* kTrainerStateFile = "trainer_state.json";
 
@@ -327,6 +330,7 @@ class Trainer {
     } else {
       initialise();
     }
+    if (world_ > 1) comm_->barrier(kSlowWait);  // every rank has its state, however long loading took
     std::unique_ptr<MetricsCsv> csv;
     if (rank_ == 0) {
       fs::create_directories(o_.output_dir);
@@ -361,6 +365,10 @@ class Trainer {
         auto tf = Clock::now();
         const float loss = model_.forward(params_.view());
         tm.forward += seconds_since(tf);
+        if (!std::isfinite(loss) && world_ > 1) {
+          loss_sum = loss;  // the sum over ranks below carries it to every rank
+          break;
+        }
         if (!std::isfinite(loss)) {
           throw Error("the loss is {} at step {}: training diverged (lower the learning rate, or resume from an "
                       "earlier checkpoint)",
@@ -375,6 +383,11 @@ class Trainer {
         float l = static_cast<float>(loss_sum);
         comm_->all_reduce_sum(std::span<float>(&l, 1));
         loss_sum = l;
+        if (!std::isfinite(loss_sum)) {
+          throw Error("the loss is not finite at step {} on some rank: training diverged (lower the learning rate, or "
+                      "resume from an earlier checkpoint)",
+                      st_.step + 1);
+        }
       }
       const double loss = loss_sum / static_cast<double>(gas_ * world_);
       if (o_.after_backward) o_.after_backward(st_.step + 1, grads_.view().units);
@@ -388,9 +401,17 @@ class Trainer {
                        : sum_squares(static_cast<const float*>(grads_.view().units[u]), layout_.units[u].numel);
       }
       if (sharded_) {
-        float f = static_cast<float>(sq);
-        comm_->all_reduce_sum(std::span<float>(&f, 1));
-        sq = f;
+        // Every rank's double, gathered and summed in rank order (a float sum could overflow).
+        float mine[2];
+        std::memcpy(mine, &sq, sizeof(sq));
+        std::vector<float> all(2 * static_cast<std::size_t>(world_));
+        comm_->all_gather(mine, all);
+        sq = 0;
+        for (int r = 0; r < world_; ++r) {
+          double v = 0;
+          std::memcpy(&v, all.data() + 2 * r, sizeof(v));
+          sq += v;
+        }
       }
       const double norm = std::sqrt(sq) / (static_cast<double>(gas_ * world_) * loss_scale);
       const bool overflow = !std::isfinite(norm);
@@ -625,10 +646,10 @@ class Trainer {
     }
     // Ranks write their shards into the directory rank 0 made; rank 0 then finishes the save.
     const int shards = sharded_ ? world_ : 1;
-    if (world_ > 1) comm_->barrier();
+    if (world_ > 1) comm_->barrier(kSlowWait);
     if (rank_ >= shards) {
-      comm_->barrier();
-      comm_->barrier();
+      comm_->barrier(kSlowWait);
+      comm_->barrier(kSlowWait);
       return final_dir.string();
     }
     // Optimizer state: one fp32 tensor per unit and kind, each filled from the store as written.
@@ -655,9 +676,9 @@ class Trainer {
     const std::string state_file = shards == 1 ? std::string(kStateFile) : rank_state_file(rank_, shards);
     io::write_safetensors((tmp / state_file).string(), tensors, {{"format", "zinf-optimizer-state"}});
     if (shards > 1) write_file_atomic((tmp / rank_checksum_file(rank_, shards)).string(), sums.dump(2) + "\n");
-    if (world_ > 1) comm_->barrier();  // every shard is on disk
+    if (world_ > 1) comm_->barrier(kSlowWait);  // every shard is on disk
     if (rank_ != 0) {
-      comm_->barrier();  // rank 0 has put the checkpoint in place
+      comm_->barrier(kSlowWait);  // rank 0 has put the checkpoint in place
       return final_dir.string();
     }
     Json s;
@@ -710,7 +731,7 @@ class Trainer {
     if (exchanged) fs::remove_all(tmp);  // now the previous copy
     prune_checkpoints(root, name);
     spdlog::info("checkpoint {} written", final_dir.string());
-    if (world_ > 1) comm_->barrier();
+    if (world_ > 1) comm_->barrier(kSlowWait);
     return final_dir.string();
   }
 
@@ -744,6 +765,11 @@ class Trainer {
     const CheckpointReader ck(dir, sharded_ ? rank_ : 0);
     const Json& s = ck.state();
     ck.check_layout(layout_, o_.model);
+    if (s.value("world_size", 1) != world_) {
+      throw Error("checkpoint '{}' was trained on {} rank(s), not {}: resume with the same ranks (the global batch and "
+                  "the sample split depend on them)",
+                  dir, s.value("world_size", 1), world_);
+    }
     const int want_shards = sharded_ ? world_ : 1;
     if (ck.state_shards() != want_shards) {
       throw Error("checkpoint '{}' holds its optimizer state in {} shard(s) (ZeRO stage {} on {} rank(s)); this run needs "

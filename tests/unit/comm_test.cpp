@@ -148,8 +148,8 @@ class EnvGuard {
   static constexpr const char* kAll[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                          "MASTER_PORT", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
                                          "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_PROCID",
-                                         "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE",
-                                         "SLURM_LAUNCH_NODE_IPADDR"};
+                                         "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_TASKS_PER_NODE",
+                                         "SLURM_JOB_ID", "ZINF_JOB_ID", "ZINF_COMM_TIMEOUT"};
 };
 
 TEST(Comm, RankInfoFromTheLaunchersEnvironment) {
@@ -180,11 +180,12 @@ TEST(Comm, RankInfoFromTheLaunchersEnvironment) {
   }
   {
     EnvGuard g({{"SLURM_PROCID", "5"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "1"},
-                {"SLURM_NTASKS_PER_NODE", "4(x2)"}, {"SLURM_LAUNCH_NODE_IPADDR", "10.0.0.2"}});
+                {"SLURM_TASKS_PER_NODE", "4(x2)"}, {"SLURM_JOB_ID", "777"}, {"MASTER_ADDR", "10.0.0.2"}});
     const RankInfo r = rank_info_from_environment();
     EXPECT_EQ(r.source, "srun");
     EXPECT_EQ(r.local_world_size, 4);
     EXPECT_EQ(r.master_addr, "10.0.0.2");
+    EXPECT_EQ(r.job_id, "zinf-777");
   }
   {
     EnvGuard g({{"RANK", "4"}, {"WORLD_SIZE", "4"}});
@@ -193,6 +194,14 @@ TEST(Comm, RankInfoFromTheLaunchersEnvironment) {
   {
     EnvGuard g({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "http"}});
     EXPECT_THROW(rank_info_from_environment(), Error);
+  }
+  {
+    EnvGuard g(std::vector<std::pair<const char*, const char*>>{{"ZINF_COMM_TIMEOUT", "2.5"}});
+    EXPECT_EQ(default_comm_timeout(), std::chrono::milliseconds(2500));
+  }
+  {
+    EnvGuard g(std::vector<std::pair<const char*, const char*>>{{"ZINF_COMM_TIMEOUT", "soon"}});
+    EXPECT_THROW(default_comm_timeout(), Error);
   }
 }
 

@@ -450,8 +450,8 @@ TEST(Trainer, ShardedResumeIsBitIdenticalAndNeedsTheSameRanks) {
     const std::string f = fmt::format("/checkpoints/step-00000008/optimizer_state.rank{:05d}-of-00002.safetensors", r);
     EXPECT_TRUE(file_bytes(d.path() + "/straight" + f) == file_bytes(d.path() + "/split" + f)) << f;
   }
-  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 2, 10, "latest"), "2 shard(s)", "this run needs 4");
-  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 1, 2, 10, "latest"), "re-sharding is not available yet");
+  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 2, 10, "latest"), "trained on 2 rank(s), not 4");
+  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 1, 2, 10, "latest"), "trained on 2 rank(s), not 1");
   // A missing shard is named.
   fs::remove(d.path() + "/split/checkpoints/step-00000008/checksums.rank00001-of-00002.json");
   EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 2, 2, 10, "latest"), "lacks rank 1's piece");

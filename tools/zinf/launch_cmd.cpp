@@ -3,6 +3,7 @@
 // rank's status when one rank fails. Also `zinf bench comm`: collectives between the ranks.
 #include <netinet/in.h>
 #include <sched.h>
+#include <sys/prctl.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <iostream>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -93,15 +95,59 @@ int run_launch(const LaunchOptions& o) {
   ::sigemptyset(&sa.sa_mask);
   ::sigaction(SIGINT, &sa, nullptr);
   ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGHUP, &sa, nullptr);
 
+  // Each rank's environment, built before fork (the child only calls async-signal-safe functions).
   std::vector<pid_t> pids(static_cast<std::size_t>(o.nproc), -1);
   std::vector<std::string> args = o.command;
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const std::string job_id = fmt::format("{}-{}", ::getpid(), port);
+  std::vector<std::vector<std::string>> envs(static_cast<std::size_t>(o.nproc));
+  std::vector<std::vector<char*>> envps(static_cast<std::size_t>(o.nproc));
+  const std::set<std::string> ours = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                      "MASTER_PORT", "ZINF_JOB_ID"};
   for (int r = 0; r < o.nproc; ++r) {
+    auto& e = envs[static_cast<std::size_t>(r)];
+    bool omp_set = false;
+    for (char** v = environ; *v != nullptr; ++v) {
+      const std::string kv(*v);
+      const std::string key = kv.substr(0, kv.find('='));
+      if (ours.count(key) > 0) continue;
+      if (key == "OMP_NUM_THREADS") omp_set = true;
+      e.push_back(kv);
+    }
+    e.push_back(fmt::format("RANK={}", r));
+    e.push_back(fmt::format("LOCAL_RANK={}", r));
+    e.push_back(fmt::format("WORLD_SIZE={}", o.nproc));
+    e.push_back(fmt::format("LOCAL_WORLD_SIZE={}", o.nproc));
+    e.push_back("MASTER_ADDR=127.0.0.1");
+    e.push_back(fmt::format("MASTER_PORT={}", port));
+    e.push_back(fmt::format("ZINF_JOB_ID={}", job_id));
+    if (split && !omp_set) e.push_back(fmt::format("OMP_NUM_THREADS={}", per_rank));
+    for (auto& kv : e) envps[static_cast<std::size_t>(r)].push_back(kv.data());
+    envps[static_cast<std::size_t>(r)].push_back(nullptr);
+  }
+  const std::string cannot_run = fmt::format("zinf launch: cannot run '{}'\n", args[0]);
+  sigset_t block, old;
+  ::sigemptyset(&block);
+  ::sigaddset(&block, SIGINT);
+  ::sigaddset(&block, SIGTERM);
+  ::sigaddset(&block, SIGHUP);
+  const pid_t launcher = ::getpid();
+  for (int r = 0; r < o.nproc; ++r) {
+    // Signals wait until the child has its own handlers and process group.
+    ::sigprocmask(SIG_BLOCK, &block, &old);
     const pid_t pid = ::fork();
     if (pid < 0) {
       const int e = errno;
+      ::sigprocmask(SIG_SETMASK, &old, nullptr);
       for (pid_t p : pids) {
-        if (p > 0) ::kill(p, SIGKILL);
+        if (p > 0) {
+          ::kill(-p, SIGKILL);
+          ::waitpid(p, nullptr, 0);
+        }
       }
       throw Error("zinf launch: fork for rank {}: {}", r, errno_text(e));
     }
@@ -111,26 +157,23 @@ int run_launch(const LaunchOptions& o) {
       dfl.sa_handler = SIG_DFL;
       ::sigaction(SIGINT, &dfl, nullptr);
       ::sigaction(SIGTERM, &dfl, nullptr);
-      ::setenv("RANK", std::to_string(r).c_str(), 1);
-      ::setenv("LOCAL_RANK", std::to_string(r).c_str(), 1);
-      ::setenv("WORLD_SIZE", std::to_string(o.nproc).c_str(), 1);
-      ::setenv("LOCAL_WORLD_SIZE", std::to_string(o.nproc).c_str(), 1);
-      ::setenv("MASTER_ADDR", "127.0.0.1", 1);
-      ::setenv("MASTER_PORT", std::to_string(port).c_str(), 1);
+      ::sigaction(SIGHUP, &dfl, nullptr);
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // a launcher that dies takes its ranks along
+      if (::getppid() != launcher) ::_exit(1);
+      ::sigprocmask(SIG_SETMASK, &old, nullptr);
       if (split) {
         cpu_set_t mine;
         CPU_ZERO(&mine);
         for (int i = 0; i < per_rank; ++i) CPU_SET(cpus[static_cast<std::size_t>(r * per_rank + i)], &mine);
         ::sched_setaffinity(0, sizeof(mine), &mine);
-        ::setenv("OMP_NUM_THREADS", std::to_string(per_rank).c_str(), 0);
       }
-      std::vector<char*> argv;
-      for (auto& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      ::execvp(argv[0], argv.data());
-      std::cerr << fmt::format("zinf launch: rank {}: cannot run '{}': {}\n", r, args[0], errno_text(errno));
+      ::execvpe(argv[0], argv.data(), envps[static_cast<std::size_t>(r)].data());
+      ssize_t ignored = ::write(STDERR_FILENO, cannot_run.data(), cannot_run.size());
+      (void)ignored;
       ::_exit(127);
     }
+    ::setpgid(pid, pid);  // also here, so that a signal right after fork finds the group
+    ::sigprocmask(SIG_SETMASK, &old, nullptr);
     pids[static_cast<std::size_t>(r)] = pid;
   }
   std::cerr << fmt::format("zinf launch: {} ranks of '{}' (MASTER_PORT {}{})\n", o.nproc, fmt::join(o.command, " "), port,

@@ -16,6 +16,9 @@
 
 namespace zinf::runtime {
 
+// 60 s, or ZINF_COMM_TIMEOUT seconds (zinf::Error for a value that is not a positive number).
+std::chrono::milliseconds default_comm_timeout();
+
 // Where this process sits in the job, from the launcher's environment.
 struct RankInfo {
   int rank = 0;
@@ -25,12 +28,15 @@ struct RankInfo {
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
   std::string source;  // "torchrun", "mpirun", "srun" or "single process"
+  std::string job_id = "zinf";  // prefixes the rendezvous keys
 };
 
 // Reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT (torchrun,
 // zinf launch), else OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK / _LOCAL_SIZE (mpirun), else
-// SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (srun; MASTER_ADDR from the environment or
-// SLURM_LAUNCH_NODE_IPADDR). None: a single process. Throws zinf::Error naming the variable for a
+// SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_TASKS_PER_NODE (srun). MASTER_ADDR defaults to
+// 127.0.0.1 (a job on one host); a job on several hosts must set it. The job id that keeps two jobs
+// on one port apart comes from ZINF_JOB_ID (zinf launch), TORCHELASTIC_RUN_ID, SLURM_JOB_ID or
+// OMPI_MCA_ess_base_jobid. None of these: a single process. Throws zinf::Error naming the variable for a
 // malformed or inconsistent value (a rank outside the world, a port out of range, ...).
 RankInfo rank_info_from_environment();
 
@@ -48,11 +54,14 @@ class Communicator {
   virtual void reduce_scatter_sum(std::span<const float> in, std::span<float> out) = 0;
   virtual void broadcast(std::span<float> data, int root) = 0;
   virtual void broadcast_bytes(std::span<std::byte> data, int root) = 0;
-  virtual void barrier() = 0;
+  // timeout 0: the communicator's; a longer one for waits that include slow work (a checkpoint
+  // that one rank writes while the others wait).
+  virtual void barrier(std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) = 0;
 };
 
 struct GlooOptions {
-  std::chrono::milliseconds timeout{std::chrono::seconds(60)};  // rendezvous and every collective
+  // Rendezvous and every collective; ZINF_COMM_TIMEOUT (seconds) overrides the default.
+  std::chrono::milliseconds timeout = default_comm_timeout();
   std::string interface_address;  // address to bind Gloo's transport to; empty = MASTER_ADDR's side
 };
 

@@ -553,60 +553,46 @@ class Trainer {
     st_.seed = o_.seed;
   }
 
-  // The compute copy of the parameters from the store: the bf16 shard, or the fp32 master.
+  // The compute copy of the parameters from the store: the bf16 shard, or the fp32 master (fp16
+  // runs round it to fp16 and widen it again, for the CPU backend's fp32 products). With sharded
+  // state every rank's piece is all-gathered into the full unit (bf16 pieces travel two to a
+  // float slot of the gather).
   void refresh_params() {
-    if (sharded_) {
-      refresh_params_sharded();
-      return;
-    }
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-      if (param_dtype_ == DType::kBF16) {
-        offload::ParamLease lease = offload_->store().fetch(u);
-        lease.copy_to(std::span<std::uint16_t>(static_cast<std::uint16_t*>(params_.view().units[u]), n));
-      } else {
-        scratch_m_.resize(n);
-        scratch_v_.resize(n);
-        auto* w = static_cast<float*>(params_.view().units[u]);
-        offload_->store().read_state(u, std::span<float>(w, n), scratch_m_, scratch_v_);
-        if (fp16_) {
-          // fp16 weights, widened for the CPU backend's fp32 products.
-          for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
-        }
-      }
-    }
-  }
-
-  // Every rank's shard of the updated weights, gathered into the full compute copy: bf16 shards as
-  // they are (two per float slot of the gather), fp32 masters otherwise.
-  void refresh_params_sharded() {
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       const auto sh = static_cast<std::size_t>(shard_[u]);
       if (param_dtype_ == DType::kBF16) {
-        std::vector<std::uint16_t> mine((sh + 1) / 2 * 2, 0);
-        offload::ParamLease lease = offload_->store().fetch(u);
-        lease.copy_to(std::span<std::uint16_t>(mine.data(), sh));
-        const std::size_t words = mine.size() / 2;
-        std::vector<float> in(words), all(words * static_cast<std::size_t>(world_));
-        std::memcpy(in.data(), mine.data(), words * sizeof(float));
-        comm_->all_gather(in, all);
         auto* dst = static_cast<std::uint16_t*>(params_.view().units[u]);
-        const auto* src = reinterpret_cast<const std::uint16_t*>(all.data());
-        for (int r = 0; r < world_; ++r) {
-          const std::size_t begin = static_cast<std::size_t>(r) * sh;
-          if (begin >= n) break;
-          std::memcpy(dst + begin, src + static_cast<std::size_t>(r) * words * 2, std::min(sh, n - begin) * 2);
+        offload::ParamLease lease = offload_->store().fetch(u);
+        if (!sharded_) {
+          lease.copy_to(std::span<std::uint16_t>(dst, n));
+          continue;
         }
+        const std::size_t words = (sh + 1) / 2;
+        gather_in_.assign(words, 0.0f);
+        gather_out_.resize(words * static_cast<std::size_t>(world_));
+        lease.copy_to(std::span<std::uint16_t>(reinterpret_cast<std::uint16_t*>(gather_in_.data()), sh));
+        comm_->all_gather(gather_in_, gather_out_);
+        const auto* src = reinterpret_cast<const std::uint16_t*>(gather_out_.data());
+        for (std::size_t begin = 0, r = 0; begin < n; begin += sh, ++r) {
+          std::memcpy(dst + begin, src + r * words * 2, std::min(sh, n - begin) * 2);
+        }
+        continue;
+      }
+      auto* w = static_cast<float*>(params_.view().units[u]);
+      scratch_m_.resize(sh);
+      scratch_v_.resize(sh);
+      if (sharded_) {
+        gather_in_.resize(sh);
+        gather_out_.resize(sh * static_cast<std::size_t>(world_));
+        offload_->store().read_state(u, gather_in_, scratch_m_, scratch_v_);
+        comm_->all_gather(gather_in_, gather_out_);
+        std::memcpy(w, gather_out_.data(), n * sizeof(float));
       } else {
-        std::vector<float> m(sh), a(sh), v(sh), all(sh * static_cast<std::size_t>(world_));
-        offload_->store().read_state(u, m, a, v);
-        comm_->all_gather(m, all);
-        auto* w = static_cast<float*>(params_.view().units[u]);
-        std::memcpy(w, all.data(), n * sizeof(float));
-        if (fp16_) {
-          for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
-        }
+        offload_->store().read_state(u, std::span<float>(w, n), scratch_m_, scratch_v_);
+      }
+      if (fp16_) {
+        for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
       }
     }
   }
@@ -921,7 +907,7 @@ class Trainer {
   bool sharded_ = false;                   // optimizer state (and gradients) split across ranks
   std::vector<std::int64_t> shard_;        // elements of this rank's piece of each unit
   std::vector<std::vector<float>> gshard_;  // this rank's summed gradient shards
-  std::vector<float> padded_;
+  std::vector<float> padded_, gather_in_, gather_out_;  // reused every step
   std::unique_ptr<offload::Offload> offload_;
   std::int64_t micro_ = 1, gas_ = 1, steps_per_epoch_ = 1, total_steps_ = 1;
   std::vector<std::int32_t> tokens_, targets_;

@@ -19,6 +19,8 @@
 #include <gloo/rendezvous/prefix_store.h>
 #include <gloo/rendezvous/store.h>
 #include <gloo/transport/tcp/device.h>
+#include <gloo/transport/unbound_buffer.h>
+#include <gloo/types.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -295,19 +297,32 @@ class GlooCommunicator final : public Communicator {
   GlooCommunicator(int rank, int size, gloo::rendezvous::Store& store, const std::string& bind,
                    std::chrono::milliseconds timeout, std::unique_ptr<StoreServer> server,
                    std::shared_ptr<void> keep_alive)
-      : server_(std::move(server)), keep_alive_(std::move(keep_alive)) {
+      : server_(std::move(server)), keep_alive_(std::move(keep_alive)), store_(&store), timeout_(timeout) {
     try {
       gloo::transport::tcp::attr attr;
       attr.hostname = bind;
       device_ = gloo::transport::tcp::CreateDevice(attr);
-      auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
-      ctx->setTimeout(timeout);
-      ctx->connectFullMesh(store, device_);
-      context_ = ctx;
-    } catch (const Error&) {
-      throw;
     } catch (const std::exception& e) {
-      throw Error("rank {} of {}: connecting the ranks failed: {}", rank, size, e.what());
+      throw Error("rank {} of {}: cannot open a TCP transport on '{}': {}", rank, size, bind, e.what());
+    }
+    connect(rank, size, store);
+  }
+  // A channel of its own over the parent's transport and rendezvous store (split()).
+  GlooCommunicator(const GlooCommunicator& parent, const std::string& name)
+      : keep_alive_(parent.keep_alive_), device_(parent.device_), timeout_(parent.timeout_) {
+    auto prefixed = std::make_shared<gloo::rendezvous::PrefixStore>(
+        fmt::format("split-{}-{}", parent.splits_, name), *parent.store_);
+    store_ = prefixed.get();
+    split_store_ = prefixed;
+    connect(parent.rank(), parent.size(), *prefixed);
+  }
+
+  std::unique_ptr<Communicator> split(const std::string& name) override {
+    ++splits_;
+    try {
+      return std::make_unique<GlooCommunicator>(*this, name);
+    } catch (const Error& e) {
+      throw Error("opening communication channel '{}': {}", name, e.what());
     }
   }
   int rank() const override { return context_->rank; }
@@ -339,11 +354,33 @@ class GlooCommunicator final : public Communicator {
     if (in.size() % w != 0 || out.size() != in.size() / w) {
       throw Error("reduce_scatter: {} elements do not split into {} shards of {}", in.size(), w, out.size());
     }
-    // A sum over the whole buffer, then this rank's shard: twice the traffic of a true
-    // reduce-scatter, the same bits on every rank.
-    scratch_.assign(in.begin(), in.end());
-    all_reduce_sum(scratch_);
-    std::memcpy(out.data(), scratch_.data() + static_cast<std::size_t>(rank()) * out.size(), out.size() * sizeof(float));
+    if (in.empty()) return;
+    // A ring: W - 1 steps, each rank sending one shard-sized chunk to the next rank and adding the
+    // one it receives from the previous rank; after the last step rank r holds the sum of shard r.
+    // Every byte crosses the wire (W - 1) / W times, as in NCCL's reduce-scatter. Each shard's
+    // sum runs in a fixed rank order, so the result does not depend on timing.
+    run("reduce-scatter", [&] {
+      const std::size_t n = out.size();
+      const int r = rank(), ranks = size();
+      scratch_.assign(in.begin(), in.end());
+      recv_.resize(n);
+      const std::uint32_t tag = next_tag();
+      const auto slot = static_cast<std::uint64_t>(gloo::Slot::build(kReduceScatterSlotPrefix, tag));
+      auto send_buf = context_->createUnboundBuffer(scratch_.data(), scratch_.size() * sizeof(float));
+      auto recv_buf = context_->createUnboundBuffer(recv_.data(), n * sizeof(float));
+      const int next = (r + 1) % ranks, prev = (r + ranks - 1) % ranks;
+      for (int k = 0; k < ranks - 1; ++k) {
+        const auto send_idx = static_cast<std::size_t>(((r - 1 - k) % ranks + ranks) % ranks);
+        const auto recv_idx = static_cast<std::size_t>(((r - 2 - k) % ranks + ranks) % ranks);
+        send_buf->send(next, slot + static_cast<std::uint64_t>(k), send_idx * n * sizeof(float), n * sizeof(float));
+        recv_buf->recv(prev, slot + static_cast<std::uint64_t>(k), 0, n * sizeof(float));
+        recv_buf->waitRecv(timeout_);
+        send_buf->waitSend(timeout_);
+        float* acc = scratch_.data() + recv_idx * n;
+        for (std::size_t i = 0; i < n; ++i) acc[i] += recv_[i];
+      }
+      std::memcpy(out.data(), scratch_.data() + static_cast<std::size_t>(r) * n, n * sizeof(float));
+    });
   }
   void broadcast(std::span<float> data, int root) override {
     broadcast_bytes(std::as_writable_bytes(data), root);
@@ -378,13 +415,31 @@ class GlooCommunicator final : public Communicator {
     }
   }
   std::uint32_t next_tag() { return tag_++; }
+  void connect(int rank, int size, gloo::rendezvous::Store& store) {
+    try {
+      auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
+      ctx->setTimeout(timeout_);
+      ctx->connectFullMesh(store, device_);
+      context_ = ctx;
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      throw Error("rank {} of {}: connecting the ranks failed: {}", rank, size, e.what());
+    }
+  }
+  // Not one of Gloo's own prefixes (types.h), so its slots never meet a Gloo collective's.
+  static constexpr std::uint8_t kReduceScatterSlotPrefix = 0x7a;
 
   std::unique_ptr<StoreServer> server_;
   std::shared_ptr<void> keep_alive_;
+  gloo::rendezvous::Store* store_ = nullptr;
+  std::shared_ptr<gloo::rendezvous::Store> split_store_;
   std::shared_ptr<gloo::transport::Device> device_;
   std::shared_ptr<gloo::Context> context_;
-  std::vector<float> scratch_;
+  std::chrono::milliseconds timeout_;
+  std::vector<float> scratch_, recv_;
   std::uint32_t tag_ = 0;
+  int splits_ = 0;
 };
 
 class SingleCommunicator final : public Communicator {
@@ -403,6 +458,7 @@ class SingleCommunicator final : public Communicator {
   void broadcast(std::span<float>, int) override {}
   void broadcast_bytes(std::span<std::byte>, int) override {}
   void barrier(std::chrono::milliseconds) override {}
+  std::unique_ptr<Communicator> split(const std::string&) override { return std::make_unique<SingleCommunicator>(); }
 };
 
 }  // namespace

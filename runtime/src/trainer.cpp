@@ -2,6 +2,7 @@
 // offload module's partition store (host memory or NVMe, per the config).
 #include "zinf/runtime/trainer.hpp"
 
+#include <oneapi/tbb/blocked_range.h>
 #include <oneapi/tbb/parallel_for.h>
 #include <oneapi/tbb/task_arena.h>
 #include <fcntl.h>
@@ -16,6 +17,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <optional>
 #include <thread>
 
 #include <fmt/format.h>
@@ -28,6 +31,7 @@
 #include "zinf/kernels/half.hpp"
 #include "zinf/offload/offload.hpp"
 #include "zinf/runtime/backend.hpp"
+#include "zinf/runtime/coordinator.hpp"
 #include "zinf/runtime/lr_schedule.hpp"
 #include "zinf/runtime/loss_scaler.hpp"
 #include "zinf/runtime/model.hpp"
@@ -114,7 +118,8 @@ class MetricsCsv {
     if (!out_) throw Error("cannot write '{}': {}", path, errno_text(errno));
     if (fresh) {
       out_ << "step,epoch,loss,eval_loss,lr,grad_norm,loss_scale,skipped,tokens,tokens_per_s,tflops,step_s,"
-              "data_s,forward_s,backward_s,optimizer_s,offload_io_s,gpu_mem_bytes,host_mem_bytes,nvme_bytes\n";
+              "data_s,forward_s,backward_s,optimizer_s,offload_io_s,gpu_mem_bytes,host_mem_bytes,nvme_bytes,"
+              "live_params_hwm,prefetch_hits,prefetch_misses,param_wait_s\n";
     }
   }
   void row(const std::string& line) {
@@ -263,8 +268,6 @@ class Trainer {
         param_dtype_(o.ds.bf16.enabled ? DType::kBF16 : DType::kF32),
         model_(o.model, *backend_, ModelOptions{param_dtype_, true}),
         layout_(model_.layout()),
-        params_(*backend_, layout_, param_dtype_),
-        grads_(*backend_, layout_, DType::kF32),
         sampler_(*o.data, o.seq_len, o.seed, o.eval_fraction),
         schedule_(o.ds.scheduler, o.ds.optimizer.lr),
         scaler_(o.ds.fp16),
@@ -282,7 +285,18 @@ class Trainer {
     comm_ = o.comm != nullptr ? o.comm : owned_comm_.get();
     world_ = comm_->size();
     rank_ = comm_->rank();
-    sharded_ = world_ > 1 && o.ds.zero.stage >= 1;
+    stage_ = o.ds.zero.stage;
+    sharded_ = world_ > 1 && stage_ >= 1;
+    partition_grads_ = stage_ >= 2;
+    stage3_ = stage_ == 3;
+    // Stages 0-2 keep the whole compute copy of the parameters; stage 3 gathers each unit when it is
+    // used (the coordinator). Stages 0-1 accumulate whole gradients; 2-3 reduce each unit's gradient
+    // as its backward finishes and keep only this rank's shard.
+    if (!stage3_) params_.emplace(*backend_, layout_, param_dtype_);
+    if (!partition_grads_) full_grads_.emplace(*backend_, layout_, DType::kF32);
+    grad_view_.dtype = DType::kF32;
+    grad_view_.units.assign(layout_.units.size(), nullptr);
+    grad_live_.resize(layout_.units.size());
     micro_ = o.ds.batch.micro;
     gas_ = o.ds.batch.gas;
     const std::uint64_t samples_per_step = static_cast<std::uint64_t>(micro_ * gas_ * world_);
@@ -298,12 +312,23 @@ class Trainer {
       units.push_back({u.name, static_cast<std::uint64_t>(shard_.back())});
     }
     offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
-    if (sharded_) {
+    if (sharded_ || partition_grads_) {
       gshard_.resize(layout_.units.size());
       for (std::size_t u = 0; u < layout_.units.size(); ++u) gshard_[u].resize(static_cast<std::size_t>(shard_[u]));
     }
     tokens_.resize(static_cast<std::size_t>(micro_ * world_ * o.seq_len));
     targets_.resize(tokens_.size());
+    if (stage3_) {
+      // The prefetch thread gathers on a channel of its own, so its all-gathers never interleave
+      // with the compute thread's reductions.
+      gather_comm_ = comm_->split("stage3-gather");
+      const auto& z = o.ds.zero;
+      CoordinatorOptions co{z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
+                            z.param_persistence_threshold, z.model_persistence_threshold};
+      coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, param_dtype_, co, [this](std::size_t u, void* dst) {
+        gather_unit(u, dst, *gather_comm_, worker_scratch_);
+      });
+    }
   }
 
   TrainResult run() {
@@ -352,7 +377,13 @@ class Trainer {
       // The schedule advances only on applied steps (DeepSpeed skips it with the step).
       const double lr = st_.applied == 0 ? schedule_.initial_lr() : schedule_.lr_at(st_.applied - 1);
       const double loss_scale = fp16_ ? scaler_.scale() : 1.0;
-      grads_.zero();
+      if (full_grads_) full_grads_->zero();
+      for (auto& g : gshard_) std::fill(g.begin(), g.end(), 0.0f);
+      if (stage3_) {
+        coord_->begin(ParamCoordinator::training_schedule(layout_.units.size(), gas_,
+                                                          [this](std::size_t u) { return model_.unit_reads(u); }));
+      }
+      std::size_t use = 0;  // the coordinator's position in the step's schedule
       double loss_sum = 0;
       for (std::int64_t m = 0; m < gas_; ++m) {
         auto td = Clock::now();
@@ -363,42 +394,70 @@ class Trainer {
         model_.set_batch(std::span(tokens_).subspan(mine, len), std::span(targets_).subspan(mine, len), micro_, o_.seq_len);
         tm.data += seconds_since(td);
         auto tf = Clock::now();
-        const float loss = model_.forward(params_.view());
-        tm.forward += seconds_since(tf);
-        if (!std::isfinite(loss) && world_ > 1) {
-          loss_sum = loss;  // the sum over ranks below carries it to every rank
-          break;
+        float loss = 0;
+        if (stage3_) {
+          for (std::size_t u = 0; u < layout_.units.size(); ++u, ++use) {
+            model_.forward_unit(u, coord_->acquire(use));
+            coord_->release(use);
+          }
+          loss = model_.loss();
+        } else {
+          loss = model_.forward(params_->view());
         }
-        if (!std::isfinite(loss)) {
+        tm.forward += seconds_since(tf);
+        if (!std::isfinite(loss) && world_ == 1) {
           throw Error("the loss is {} at step {}: training diverged (lower the learning rate, or resume from an "
                       "earlier checkpoint)",
                       loss, st_.step + 1);
         }
+        // With several ranks the step goes on (every rank's collectives must still match); the
+        // loss's sum over ranks below carries the non-finite value to every rank, which then stop.
         auto tb = Clock::now();
-        model_.backward(params_.view(), grads_.view(), static_cast<float>(loss_scale));
+        if (!partition_grads_) {
+          model_.backward(params_->view(), full_grads_->view(), static_cast<float>(loss_scale));
+        } else {
+          for (std::size_t u = layout_.units.size(); u-- > 0; ++use) {
+            const UnitBuffers& p = stage3_ ? coord_->acquire(use) : params_->view();
+            for (const std::size_t r : model_.unit_reads(u)) take_grad_buffer(r);
+            model_.backward_unit(u, p, grad_view_, static_cast<float>(loss_scale));
+            if (stage3_) coord_->release(use);
+            gradient_ready(u);  // unit u's gradient of this micro-batch is complete
+          }
+          flush_gradient_bucket();
+        }
         tm.backward += seconds_since(tb);
         loss_sum += loss;
       }
+      if (stage3_) coord_->end();
       if (world_ > 1) {
         float l = static_cast<float>(loss_sum);
         comm_->all_reduce_sum(std::span<float>(&l, 1));
         loss_sum = l;
-        if (!std::isfinite(loss_sum)) {
-          throw Error("the loss is not finite at step {} on some rank: training diverged (lower the learning rate, or "
-                      "resume from an earlier checkpoint)",
-                      st_.step + 1);
-        }
+      }
+      if (!std::isfinite(loss_sum)) {
+        throw Error("the loss is not finite at step {} on some rank: training diverged (lower the learning rate, or "
+                    "resume from an earlier checkpoint)",
+                    st_.step + 1);
       }
       const double loss = loss_sum / static_cast<double>(gas_ * world_);
-      if (o_.after_backward) o_.after_backward(st_.step + 1, grads_.view().units);
-      // Gradients summed over ranks: all of each unit (stage 0), or this rank's shard of it.
+      if (o_.after_backward) {
+        std::vector<void*> g;
+        if (full_grads_) {
+          g = full_grads_->view().units;
+        } else {
+          for (auto& v : gshard_) g.push_back(v.data());
+        }
+        o_.after_backward(st_.step + 1, g);
+      }
+      // Gradients summed over ranks: all of each unit (stage 0), or this rank's shard of it (stage
+      // 1; stages 2-3 reduced them during backward).
       auto to = Clock::now();
       reduce_gradients();
       // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
       double sq = 0;
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-        sq += sharded_ ? sum_squares(gshard_[u].data(), shard_[u])
-                       : sum_squares(static_cast<const float*>(grads_.view().units[u]), layout_.units[u].numel);
+        sq += !gshard_.empty() ? sum_squares(gshard_[u].data(), shard_[u])
+                               : sum_squares(static_cast<const float*>(full_grads_->view().units[u]), layout_.units[u].numel);
       }
       if (sharded_) {
         // Every rank's double, gathered and summed in rank order (a float sum could overflow).
@@ -436,7 +495,7 @@ class Trainer {
       in.adam.grad_scale = static_cast<float>(clip / (static_cast<double>(gas_ * world_) * loss_scale));
       in.grad_dtype = DType::kF32;
       in.gradient = [this](std::size_t u) -> const void* {
-        return sharded_ ? static_cast<const void*>(gshard_[u].data()) : grads_.view().units[u];
+        return !gshard_.empty() ? static_cast<const void*>(gshard_[u].data()) : full_grads_->view().units[u];
       };
       if (overflow) {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
@@ -464,6 +523,7 @@ class Trainer {
         st_.have_eval = true;
       }
       const double step_s = seconds_since(t0);
+      const CoordinatorStats cs = step_param_stats();
       const double tps = static_cast<double>(step_tokens) / step_s;
       const double epoch = static_cast<double>(sampler_.position().epoch) + sampler_.epoch_fraction();
       if (csv) csv->row(fmt::format("{},{:.4f},{:.6f},{},{:.9g},{:.6f},{:g},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
@@ -471,7 +531,8 @@ class Trainer {
                           st_.step, epoch, loss, std::isnan(eval_loss) ? std::string() : fmt::format("{:.6f}", eval_loss),
                           lr, norm, loss_scale, overflow ? 1 : 0, st_.tokens, tps, flops_per_token * tps / 1e12, step_s, tm.data, tm.forward,
                           tm.backward, tm.optimizer, tm.offload_io, 0, offload_->memory().used(),
-                          offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2));
+                          offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2) +
+                              fmt::format(",{},{},{},{:.4f}", cs.live_high_water, cs.hits, cs.misses, cs.wait_seconds));
       if (rank_ == 0) progress(loss, eval_loss, lr, tps, run_start, first_step, tm, norm);
       if (stop_agreed()) {
         stopped = st_.step < total_steps_;
@@ -507,9 +568,9 @@ class Trainer {
   // Sums the accumulated gradients over ranks: in place for every unit (stage 0), or into this
   // rank's shard of each unit (stages 1-3; the unit padded with zeros to W shards).
   void reduce_gradients() {
-    if (world_ == 1) return;
+    if (world_ == 1 || partition_grads_) return;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      auto* g = static_cast<float*>(grads_.view().units[u]);
+      auto* g = static_cast<float*>(full_grads_->view().units[u]);
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       if (!sharded_) {
         comm_->all_reduce_sum(std::span<float>(g, n));
@@ -553,48 +614,149 @@ class Trainer {
     st_.seed = o_.seed;
   }
 
-  // The compute copy of the parameters from the store: the bf16 shard, or the fp32 master (fp16
-  // runs round it to fp16 and widen it again, for the CPU backend's fp32 products). With sharded
-  // state every rank's piece is all-gathered into the full unit (bf16 pieces travel two to a
-  // float slot of the gather).
+  // The compute copy of the parameters from the store, after an optimizer step: every unit at
+  // stages 0-2; at stage 3 units are gathered when used, so only the persistent ones are dropped.
   void refresh_params() {
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-      const auto sh = static_cast<std::size_t>(shard_[u]);
-      if (param_dtype_ == DType::kBF16) {
-        auto* dst = static_cast<std::uint16_t*>(params_.view().units[u]);
-        offload::ParamLease lease = offload_->store().fetch(u);
-        if (!sharded_) {
-          lease.copy_to(std::span<std::uint16_t>(dst, n));
-          continue;
-        }
-        const std::size_t words = (sh + 1) / 2;
-        gather_in_.assign(words, 0.0f);
-        gather_out_.resize(words * static_cast<std::size_t>(world_));
-        lease.copy_to(std::span<std::uint16_t>(reinterpret_cast<std::uint16_t*>(gather_in_.data()), sh));
-        comm_->all_gather(gather_in_, gather_out_);
-        const auto* src = reinterpret_cast<const std::uint16_t*>(gather_out_.data());
-        for (std::size_t begin = 0, r = 0; begin < n; begin += sh, ++r) {
-          std::memcpy(dst + begin, src + r * words * 2, std::min(sh, n - begin) * 2);
-        }
-        continue;
+    if (stage3_) {
+      coord_->invalidate();
+      return;
+    }
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) gather_unit(u, params_->view().units[u], *comm_, main_scratch_);
+  }
+
+  struct GatherScratch {
+    std::vector<float> in, out, m, v;
+  };
+
+  // A unit's full compute parameters into `dst` (numel elements of the parameter dtype): the bf16
+  // shard, or the fp32 master (fp16 runs round it to fp16 and widen it again, for the CPU
+  // backend's fp32 products). With sharded state every rank's piece is all-gathered over `comm`
+  // (bf16 pieces travel two to a float slot of the gather).
+  void gather_unit(std::size_t u, void* dst, Communicator& comm, GatherScratch& s) {
+    const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+    const auto sh = static_cast<std::size_t>(shard_[u]);
+    if (param_dtype_ == DType::kBF16) {
+      auto* out = static_cast<std::uint16_t*>(dst);
+      offload::ParamLease lease = offload_->store().fetch(u);
+      if (!sharded_) {
+        lease.copy_to(std::span<std::uint16_t>(out, n));
+        return;
       }
-      auto* w = static_cast<float*>(params_.view().units[u]);
-      scratch_m_.resize(sh);
-      scratch_v_.resize(sh);
-      if (sharded_) {
-        gather_in_.resize(sh);
-        gather_out_.resize(sh * static_cast<std::size_t>(world_));
-        offload_->store().read_state(u, gather_in_, scratch_m_, scratch_v_);
-        comm_->all_gather(gather_in_, gather_out_);
-        std::memcpy(w, gather_out_.data(), n * sizeof(float));
-      } else {
-        offload_->store().read_state(u, std::span<float>(w, n), scratch_m_, scratch_v_);
+      const std::size_t words = (sh + 1) / 2;
+      s.in.assign(words, 0.0f);
+      s.out.resize(words * static_cast<std::size_t>(world_));
+      lease.copy_to(std::span<std::uint16_t>(reinterpret_cast<std::uint16_t*>(s.in.data()), sh));
+      comm.all_gather(s.in, s.out);
+      const auto* src = reinterpret_cast<const std::uint16_t*>(s.out.data());
+      for (std::size_t begin = 0, r = 0; begin < n; begin += sh, ++r) {
+        std::memcpy(out + begin, src + r * words * 2, std::min(sh, n - begin) * 2);
       }
-      if (fp16_) {
-        for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
+      return;
+    }
+    auto* w = static_cast<float*>(dst);
+    s.m.resize(sh);
+    s.v.resize(sh);
+    if (sharded_) {
+      s.in.resize(sh);
+      s.out.resize(sh * static_cast<std::size_t>(world_));
+      offload_->store().read_state(u, s.in, s.m, s.v);
+      comm.all_gather(s.in, s.out);
+      std::memcpy(w, s.out.data(), n * sizeof(float));
+    } else {
+      offload_->store().read_state(u, std::span<float>(w, n), s.m, s.v);
+    }
+    if (fp16_) {
+      for (std::size_t i = 0; i < n; ++i) w[i] = kernels::f16_to_f32(kernels::f32_to_f16(w[i]));
+    }
+  }
+
+  // Stages 2-3: a zeroed fp32 gradient buffer for unit u for this micro-batch's backward (reused
+  // from earlier units of the same size).
+  void take_grad_buffer(std::size_t u) {
+    if (grad_live_[u].data() != nullptr) return;
+    const auto bytes = static_cast<std::size_t>(layout_.units[u].numel) * sizeof(float);
+    auto it = grad_pool_.find(bytes);
+    if (it != grad_pool_.end() && !it->second.empty()) {
+      grad_live_[u] = std::move(it->second.back());
+      it->second.pop_back();
+    } else {
+      grad_live_[u] = DeviceBuffer(*backend_, bytes);
+    }
+    backend_->fill_zero(grad_live_[u].data(), bytes);
+    grad_view_.units[u] = grad_live_[u].data();
+  }
+
+  // Unit u's gradient of this micro-batch is complete: into the reduction bucket, which is
+  // reduce-scattered once it holds reduce_bucket_size elements.
+  void gradient_ready(std::size_t u) {
+    bucket_.push_back(u);
+    bucket_elems_ += shard_[u] * world_;
+    if (bucket_elems_ >= o_.ds.zero.reduce_bucket_size) flush_gradient_bucket();
+  }
+
+  // Sums the bucket's gradients over ranks into each rank's shards (gshard_, accumulated over
+  // micro-batches). The send buffer is laid out rank-major (every unit's shard r, then shard r+1)
+  // so that one reduce-scatter hands each rank its shard of every unit in the bucket.
+  void flush_gradient_bucket() {
+    if (bucket_.empty()) return;
+    const auto add = [](float* dst, const float* src, std::int64_t n) {
+      tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, n, 1 << 16), [&](const tbb::blocked_range<std::int64_t>& r) {
+        for (std::int64_t i = r.begin(); i < r.end(); ++i) dst[i] += src[i];
+      });
+    };
+    if (world_ == 1) {
+      for (const std::size_t u : bucket_) add(gshard_[u].data(), grad_live_[u].f32(), layout_.units[u].numel);
+    } else {
+      std::int64_t total = 0;
+      for (const std::size_t u : bucket_) total += shard_[u];
+      send_.resize(static_cast<std::size_t>(total * world_));
+      recv_.resize(static_cast<std::size_t>(total));
+      for (int r = 0; r < world_; ++r) {
+        float* out = send_.data() + static_cast<std::size_t>(r) * static_cast<std::size_t>(total);
+        for (const std::size_t u : bucket_) {
+          const std::int64_t sh = shard_[u], n = layout_.units[u].numel, begin = r * sh;
+          const std::int64_t count = std::clamp<std::int64_t>(n - begin, 0, sh);
+          if (count > 0) std::memcpy(out, grad_live_[u].f32() + begin, static_cast<std::size_t>(count) * sizeof(float));
+          std::fill(out + std::max<std::int64_t>(count, 0), out + sh, 0.0f);
+          out += sh;
+        }
+      }
+      comm_->reduce_scatter_sum(send_, recv_);
+      const float* in = recv_.data();
+      for (const std::size_t u : bucket_) {
+        add(gshard_[u].data(), in, shard_[u]);
+        in += shard_[u];
       }
     }
+    for (const std::size_t u : bucket_) {
+      grad_pool_[grad_live_[u].bytes()].push_back(std::move(grad_live_[u]));
+      grad_view_.units[u] = nullptr;
+    }
+    ++buckets_reduced_;
+    bucket_.clear();
+    bucket_elems_ = 0;
+  }
+
+  // The parameter coordinator's counters for the step just done (stages 0-2: every parameter is
+  // gathered all the time), folded into the run's totals.
+  CoordinatorStats step_param_stats() {
+    CoordinatorStats s;
+    if (stage3_) {
+      s = coord_->take_stats();
+    } else {
+      s.live_high_water = layout_.total_numel();
+      s.persistent_elements = layout_.total_numel();
+    }
+    CoordinatorStats& t = run_param_stats_;
+    t.live_high_water = std::max(t.live_high_water, s.live_high_water);
+    t.ahead_high_water = std::max(t.ahead_high_water, s.ahead_high_water);
+    t.persistent_elements = s.persistent_elements;
+    t.hits += s.hits;
+    t.misses += s.misses;
+    t.gathers += s.gathers;
+    t.gathered_elements += s.gathered_elements;
+    t.wait_seconds += s.wait_seconds;
+    return s;
   }
 
   double evaluate() {
@@ -614,7 +776,20 @@ class Trainer {
       }
       model_.set_batch(std::span(tokens_).first(count * o_.seq_len), std::span(targets_).first(count * o_.seq_len),
                        count, o_.seq_len);
-      sum += static_cast<double>(model_.forward(params_.view())) * count;
+      float loss = 0;
+      if (stage3_) {
+        coord_->begin(ParamCoordinator::forward_schedule(layout_.units.size(),
+                                                         [this](std::size_t u) { return model_.unit_reads(u); }));
+        for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+          model_.forward_unit(u, coord_->acquire(u));
+          coord_->release(u);
+        }
+        coord_->end();
+        loss = model_.loss();
+      } else {
+        loss = model_.forward(params_->view());
+      }
+      sum += static_cast<double>(loss) * count;
       counted += count;
     }
     return sum / static_cast<double>(counted);
@@ -825,6 +1000,12 @@ class Trainer {
     spdlog::info("resumed from {} at step {}", dir, st_.step);
   }
 
+  std::int64_t largest_unit() const {
+    std::int64_t m = 0;
+    for (const auto& u : layout_.units) m = std::max(m, u.numel);
+    return m;
+  }
+
   void log_start() {
     const ModelLayout& l = layout_;
     spdlog::info("model {}: {} parameters, {} layers, hidden {}, vocab {}; {} training", o_.model_source,
@@ -836,6 +1017,16 @@ class Trainer {
                  o_.data->size(), sampler_.train_samples(), sampler_.eval_samples(), o_.seq_len);
     spdlog::info("{} steps of {} x {} micro-batches on {} rank(s) ({} tokens per step); {}", total_steps_, micro_, gas_,
                  world_, micro_ * gas_ * world_ * o_.seq_len, offload_->store().describe());
+    const auto& z = o_.ds.zero;
+    if (stage3_) {
+      spdlog::info("ZeRO stage 3 over {} rank(s): parameters gathered per use, at most {} live (+ the unit in use), "
+                   "prefetch {} ahead, reuse distance {}, {} elements persistent; gradients reduced in buckets of {}",
+                   world_, z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
+                   coord_->take_stats().persistent_elements, z.reduce_bucket_size);
+    } else {
+      spdlog::info("ZeRO stage {} over {} rank(s){}", stage_, world_,
+                   partition_grads_ ? fmt::format("; gradients reduced in buckets of {}", z.reduce_bucket_size) : "");
+    }
   }
 
   void progress(double loss, double eval_loss, double lr, double tps, Clock::time_point start, std::int64_t first_step,
@@ -883,6 +1074,25 @@ class Trainer {
     j["peak_memory_bytes"] = {{"gpu", 0},
                               {"host_pinned", offload_->memory().used()},
                               {"nvme", offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2}};
+    const CoordinatorStats& ps = run_param_stats_;
+    const auto& z = o_.ds.zero;
+    j["zero"] = {{"stage", stage_},
+                 {"world_size", world_},
+                 {"reduce_bucket_size", z.reduce_bucket_size},
+                 {"gradient_buckets_reduced", buckets_reduced_},
+                 {"max_live_parameters", z.max_live_parameters},
+                 {"prefetch_bucket_size", z.prefetch_bucket_size},
+                 {"max_reuse_distance", z.max_reuse_distance},
+                 {"param_persistence_threshold", z.param_persistence_threshold},
+                 {"live_params_high_water", ps.live_high_water},
+                 {"prefetch_ahead_high_water", ps.ahead_high_water},
+                 {"persistent_params", ps.persistent_elements},
+                 {"largest_unit", largest_unit()},
+                 {"prefetch_hits", ps.hits},
+                 {"prefetch_misses", ps.misses},
+                 {"param_gathers", ps.gathers},
+                 {"param_gathered_elements", ps.gathered_elements},
+                 {"param_wait_seconds", ps.wait_seconds}};
     j["wall_seconds"] = wall;
     j["backend"] = backend_->name();
     j["last_checkpoint"] = r.last_checkpoint;
@@ -895,7 +1105,8 @@ class Trainer {
   DType param_dtype_;
   Model model_;
   const ModelLayout& layout_;
-  UnitStorage params_, grads_;
+  std::optional<UnitStorage> params_;      // stages 0-2: the whole compute copy
+  std::optional<UnitStorage> full_grads_;  // stages 0-1: whole accumulated gradients
   Sampler sampler_;
   LrSchedule schedule_;
   LossScaler scaler_;
@@ -904,15 +1115,27 @@ class Trainer {
   std::unique_ptr<Communicator> owned_comm_;
   Communicator* comm_ = nullptr;
   int world_ = 1, rank_ = 0;
+  int stage_ = 0;
   bool sharded_ = false;                   // optimizer state (and gradients) split across ranks
+  bool partition_grads_ = false;           // stage >= 2: gradients reduced per unit in backward
+  bool stage3_ = false;                    // parameters gathered per use (coordinator)
   std::vector<std::int64_t> shard_;        // elements of this rank's piece of each unit
   std::vector<std::vector<float>> gshard_;  // this rank's summed gradient shards
-  std::vector<float> padded_, gather_in_, gather_out_;  // reused every step
+  std::vector<float> padded_, send_, recv_;  // reused every step
+  GatherScratch main_scratch_, worker_scratch_;
+  UnitBuffers grad_view_;                  // stages 2-3: the gradient buffers of the units in backward
+  std::vector<DeviceBuffer> grad_live_;
+  std::map<std::size_t, std::vector<DeviceBuffer>> grad_pool_;
+  std::vector<std::size_t> bucket_;
+  std::int64_t bucket_elems_ = 0;
+  std::uint64_t buckets_reduced_ = 0;
+  CoordinatorStats run_param_stats_;
   std::unique_ptr<offload::Offload> offload_;
   std::int64_t micro_ = 1, gas_ = 1, steps_per_epoch_ = 1, total_steps_ = 1;
   std::vector<std::int32_t> tokens_, targets_;
-  std::vector<float> scratch_m_, scratch_v_;
   TrainerState st_;
+  std::unique_ptr<Communicator> gather_comm_;  // stage 3: the prefetch thread's channel
+  std::unique_ptr<ParamCoordinator> coord_;    // last: its thread uses the members above
 };
 
 }  // namespace

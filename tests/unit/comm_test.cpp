@@ -88,6 +88,49 @@ TEST(Comm, CollectivesOnTwoAndFourThreadRanks) {
   }
 }
 
+TEST(Comm, ASplitChannelRunsCollectivesBesideItsParent) {
+  // The stage-3 prefetcher gathers on a split channel while the compute thread reduces on the
+  // parent: both streams of collectives run at once and each gives exact results. Also a
+  // reduce-scatter of 3 x 100k random floats against the all-reduce's sums.
+  on_ranks(3, [](int r) { return make_gloo_communicator_in_process(r, 3, "split"); }, [](Communicator& c) {
+    auto child = c.split("gather");
+    ASSERT_EQ(child->rank(), c.rank());
+    ASSERT_EQ(child->size(), 3);
+    std::string child_error;
+    std::thread t([&] {
+      try {
+        for (int k = 0; k < 50; ++k) {
+          std::vector<float> mine(1000, static_cast<float>(c.rank() + k)), all(3000);
+          child->all_gather(mine, all);
+          for (int q = 0; q < 3; ++q) {
+            if (all[static_cast<std::size_t>(q) * 1000 + 999] != static_cast<float>(q + k)) throw Error("gather {} wrong", k);
+          }
+        }
+      } catch (const std::exception& e) {
+        child_error = e.what();
+      }
+    });
+    for (int k = 0; k < 50; ++k) {
+      std::vector<float> v(3000, 1.0f), shard(1000);
+      c.reduce_scatter_sum(v, shard);
+      ASSERT_EQ(shard[0], 3.0f);
+      ASSERT_EQ(shard[999], 3.0f);
+    }
+    t.join();
+    ASSERT_EQ(child_error, "");
+    std::mt19937 rng(static_cast<unsigned>(c.rank() + 5));
+    std::normal_distribution<float> nd;
+    std::vector<float> x(300000);
+    for (float& v : x) v = nd(rng);
+    std::vector<float> sum = x, shard(100000);
+    c.all_reduce_sum(sum);
+    c.reduce_scatter_sum(x, shard);
+    for (std::size_t i = 0; i < shard.size(); ++i) {
+      ASSERT_NEAR(shard[i], sum[static_cast<std::size_t>(c.rank()) * shard.size() + i], 1e-5f) << i;
+    }
+  });
+}
+
 int free_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};

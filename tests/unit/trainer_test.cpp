@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -360,7 +361,9 @@ TEST(Trainer, ExportWritesTheMasterWeightsAsAHuggingFaceModel) {
 
 // Runs the same training on W thread ranks (rank 0's outputs in `out`), ZeRO `stage`, the global
 // batch of 4 samples per step split as 1 x (4 / W) micro-batches per rank.
-void train_on_ranks(const std::string& out, int w, int stage, std::int64_t steps, const std::string& resume = "") {
+void train_on_ranks(const std::string& out, int w, int stage, std::int64_t steps, const std::string& resume = "",
+                    const std::function<void(Json&)>& ds_tweak = {},
+                    const std::function<void(TrainOptions&)>& o_tweak = {}) {
   static int group = 0;
   const std::string id = "trainer-" + std::to_string(group++);
   std::vector<std::thread> threads;
@@ -374,11 +377,13 @@ void train_on_ranks(const std::string& out, int w, int stage, std::int64_t steps
         ds["gradient_accumulation_steps"] = 4 / w;
         ds["zero_optimization"] = stage == 0 ? Json{{"stage", 0}}
                                              : Json{{"stage", stage}, {"offload_optimizer", {{"device", "cpu"}}}};
+        if (ds_tweak) ds_tweak(ds);
         TrainRun run(out, ds);
         run.o.max_steps = steps;
         run.o.eval_every = 0;
         run.o.comm = comm.get();
         run.o.resume = resume;
+        if (o_tweak) o_tweak(run.o);
         train(run.o);
       } catch (const std::exception& e) {
         errors[static_cast<std::size_t>(r)] = e.what();
@@ -438,6 +443,92 @@ TEST(Trainer, EveryZeroStageOnOneTwoAndFourRanksGivesTheSameLosses) {
   const Json s4 = Json::parse(std::ifstream(d.path() + "/w4-s3/summary.json"));
   EXPECT_EQ(s1["tokens_seen"], s4["tokens_seen"]);
   EXPECT_EQ(s4["tokens_seen"].get<std::int64_t>(), 6 * 4 * 32);
+}
+
+TEST(Trainer, Stage3CoordinatorHoldsItsBudgetsAndChangesNoLoss) {
+  // Stage 3 with small budgets gathers each unit per use, yet every loss is stage 0's; the
+  // recorded high-water mark stays within max_live plus the largest unit, prefetch within its
+  // bucket, on 1, 2 and 4 ranks. (Untied embeddings: every use reads one unit.)
+  ScratchDir d;
+  const auto untied = [](TrainOptions& o) {
+    Json m = tiny_model();
+    m["tie_word_embeddings"] = false;
+    o.model = parse_model_config(m, "tiny-untied");
+  };
+  train_on_ranks(d.path() + "/ref", 1, 0, 6, "", {}, untied);
+  const std::vector<double> want = losses(d.path() + "/ref");
+  struct Budget {
+    int w;
+    std::int64_t live, bucket, reuse, persist;
+  };
+  const Budget budgets[] = {{1, 12000, 9000, 1'000'000'000, 0},    {2, 12000, 9000, 1'000'000'000, 0},
+                            {2, 0, 0, 0, 0},                       {2, 20000, 30000, 5000, 100},
+                            {4, 15000, 5000, 1'000'000'000, 40},   {2, 1'000'000'000, 50'000'000, 1'000'000'000, 0}};
+  for (const Budget& b : budgets) {
+    const std::string out = fmt::format("{}/w{}-live{}-bucket{}-reuse{}", d.path(), b.w, b.live, b.bucket, b.reuse);
+    SCOPED_TRACE(out);
+    train_on_ranks(out, b.w, 3, 6, "", [&](Json& ds) {
+      ds["zero_optimization"]["stage3_max_live_parameters"] = b.live;
+      ds["zero_optimization"]["stage3_prefetch_bucket_size"] = b.bucket;
+      ds["zero_optimization"]["stage3_max_reuse_distance"] = b.reuse;
+      ds["zero_optimization"]["stage3_param_persistence_threshold"] = b.persist;
+      ds["zero_optimization"]["reduce_bucket_size"] = 10000;  // a few units per reduce-scatter
+    }, untied);
+    const std::vector<double> got = losses(out);
+    ASSERT_EQ(got.size(), want.size());
+    for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-5 * want[i]) << "step " << i + 1;
+    const Json z = Json::parse(std::ifstream(out + "/summary.json"))["zero"];
+    const std::int64_t hwm = z["live_params_high_water"].get<std::int64_t>();
+    EXPECT_LE(hwm, b.live + z["largest_unit"].get<std::int64_t>());
+    EXPECT_GT(hwm, 0);
+    EXPECT_LE(z["prefetch_ahead_high_water"].get<std::int64_t>(), b.bucket);
+    EXPECT_GT(z["gradient_buckets_reduced"].get<std::int64_t>(), 0);
+    const auto misses = z["prefetch_misses"].get<std::uint64_t>(), hits = z["prefetch_hits"].get<std::uint64_t>();
+    if (b.bucket == 0) {
+      EXPECT_EQ(z["prefetch_ahead_high_water"].get<std::int64_t>(), 0);
+      EXPECT_GT(misses, hits);  // nothing comes early; only back-to-back reads are kept
+    }
+    if (b.live >= 1'000'000'000) {
+      EXPECT_EQ(misses, 0u);  // everything fits: all gathered ahead of use
+      EXPECT_GT(hits, 0u);
+    }
+    // The per-step CSV columns agree with the summary.
+    const auto rows = read_csv(out + "/training_metrics.csv");
+    std::int64_t csv_hwm = 0;
+    std::uint64_t csv_misses = 0;
+    for (std::size_t i = 1; i < rows.size(); ++i) {
+      csv_hwm = std::max<std::int64_t>(csv_hwm, std::stoll(rows[i][column(rows, "live_params_hwm")]));
+      csv_misses += std::stoull(rows[i][column(rows, "prefetch_misses")]);
+      EXPECT_GE(std::stod(rows[i][column(rows, "param_wait_s")]), 0.0);
+    }
+    EXPECT_EQ(csv_hwm, hwm);
+    EXPECT_EQ(csv_misses, misses);
+  }
+}
+
+TEST(Trainer, NvmeOffloadOnTwoRanksMatchesHostMemoryAndResumes) {
+  // Stage 3 on 2 ranks with each rank's optimizer state and parameters on NVMe (one nvme_path for
+  // both) gives host memory's losses bit for bit, and resumes bit for bit.
+  ScratchDir d;
+  const auto nvme = [&](const std::string& swap) {
+    return [swap](Json& ds) {
+      ds["zero_optimization"] = {{"stage", 3},
+                                 {"sub_group_size", 4096},
+                                 {"stage3_param_persistence_threshold", 0},
+                                 {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", swap}, {"buffer_count", 2}}},
+                                 {"offload_param", {{"device", "nvme"}, {"nvme_path", swap}, {"max_in_cpu", 0}}}};
+    };
+  };
+  train_on_ranks(d.path() + "/host", 2, 3, 6, "", [](Json& ds) { ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0; });
+  train_on_ranks(d.path() + "/nvme", 2, 3, 3, "", nvme(d.sub("swap1")));
+  train_on_ranks(d.path() + "/nvme", 2, 3, 6, "latest", nvme(d.sub("swap2")));
+  EXPECT_EQ(losses(d.path() + "/host"), losses(d.path() + "/nvme"));
+  for (int r = 0; r < 2; ++r) {
+    const std::string f = fmt::format("/checkpoints/step-00000006/optimizer_state.rank{:05d}-of-00002.safetensors", r);
+    EXPECT_TRUE(file_bytes(d.path() + "/host" + f) == file_bytes(d.path() + "/nvme" + f)) << f;
+  }
+  const Json s = Json::parse(std::ifstream(d.path() + "/nvme/summary.json"));
+  EXPECT_GT(s["peak_memory_bytes"]["nvme"].get<std::int64_t>(), 0);
 }
 
 TEST(Trainer, ShardedResumeIsBitIdenticalAndNeedsTheSameRanks) {

@@ -57,6 +57,10 @@ class Communicator {
   // timeout 0: the communicator's; a longer one for waits that include slow work (a checkpoint
   // that one rank writes while the others wait).
   virtual void barrier(std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) = 0;
+  // A second, independent channel between the same ranks, for collectives issued from another
+  // thread (the stage-3 prefetcher gathers while the compute thread reduces). Collective: every
+  // rank calls it, in the same order. The parent must outlive the child.
+  virtual std::unique_ptr<Communicator> split(const std::string& name) = 0;
 };
 
 struct GlooOptions {

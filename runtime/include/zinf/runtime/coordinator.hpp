@@ -1,0 +1,137 @@
+#pragma once
+// The ZeRO stage-3 parameter coordinator: gathers each unit's full parameters just before a
+// computation reads them and releases them after, walking the step's static schedule.
+//
+// A pass is the list of uses a step (or an eval batch) makes, in order: for each micro-batch the
+// forward units 0..L+1, then the backward units L+1..0; a use names the units one computation
+// reads (a tied head reads the embedding too). For each use the coordinator
+//   - acquire(): makes its units resident (gathering on demand what was not prefetched, waiting for
+//     what is in flight), then starts prefetches of the next uses' units, in schedule order, while
+//     the elements prefetched ahead stay within `stage3_prefetch_bucket_size` and the gathered
+//     elements within `stage3_max_live_parameters`;
+//   - release(): keeps a unit whose next use in the pass is at most `stage3_max_reuse_distance`
+//     elements of parameter traffic away (while the live budget allows), and frees the rest.
+// Units of at most `stage3_param_persistence_threshold` elements are gathered once and kept until
+// the weights change (invalidate()); they do not count against the live budget.
+//
+// Gathers run on one prefetch thread, in the order they were requested. Every decision depends
+// only on the schedule and the unit sizes, never on timing, so every rank requests the same
+// gathers in the same order and the gathers' collectives (all-gathers on their own channel) match.
+//
+// Bounds (tested): gathered non-persistent elements never exceed max_live plus the elements of the
+// use being computed; elements prefetched ahead of their use never exceed the bucket. Freed
+// buffers are kept for reuse while live + cached stays within max_live plus the largest unit.
+
+#include <chrono>
+#include <climits>
+#include <condition_variable>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <deque>
+#include <vector>
+
+#include "zinf/runtime/backend.hpp"
+#include "zinf/runtime/model.hpp"
+
+namespace zinf::runtime {
+
+struct CoordinatorOptions {
+  std::int64_t max_live = 1'000'000'000;           // stage3_max_live_parameters
+  std::int64_t prefetch_bucket = 50'000'000;       // stage3_prefetch_bucket_size (0: no prefetch)
+  std::int64_t max_reuse_distance = 1'000'000'000;  // stage3_max_reuse_distance
+  std::int64_t persistence_threshold = 100'000;    // stage3_param_persistence_threshold
+  std::int64_t model_persistence_threshold = INT64_MAX;  // stage3_model_persistence_threshold: all persistent units together
+};
+
+// Counters since the last take_stats().
+struct CoordinatorStats {
+  std::int64_t live_high_water = 0;   // most gathered elements at once (in flight included; persistent excluded)
+  std::int64_t ahead_high_water = 0;  // most elements prefetched ahead of their use
+  std::int64_t persistent_elements = 0;  // elements of the persistent units (kept gathered)
+  std::uint64_t hits = 0;    // non-persistent unit reads whose gather had started before they were needed
+  std::uint64_t misses = 0;  // ... that had to start a gather on demand
+  std::uint64_t gathers = 0;               // units gathered (persistent ones included)
+  std::uint64_t gathered_elements = 0;
+  double wait_seconds = 0;   // time acquire() blocked on gathers
+};
+
+class ParamCoordinator {
+ public:
+  // Fills `dst` (the unit's numel elements of the coordinator's dtype) with the unit's current
+  // parameters; runs on the prefetch thread. May throw; the error reaches the acquire() that
+  // needs the unit (and every later one).
+  using Gather = std::function<void(std::size_t unit, void* dst)>;
+
+  ParamCoordinator(Backend& backend, const ModelLayout& layout, DType dtype, CoordinatorOptions options, Gather gather);
+  ~ParamCoordinator();
+  ParamCoordinator(const ParamCoordinator&) = delete;
+  ParamCoordinator& operator=(const ParamCoordinator&) = delete;
+
+  // Starts a pass over `uses`. The previous pass must have ended.
+  void begin(std::vector<std::vector<std::size_t>> uses);
+  // Uses must be acquired and released in order, each release before the next acquire.
+  const UnitBuffers& acquire(std::size_t use);
+  void release(std::size_t use);
+  // Frees every non-persistent unit (waiting for gathers still in flight).
+  void end();
+  // The weights changed (an optimizer step): persistent units are gathered again at their next use.
+  void invalidate();
+
+  CoordinatorStats take_stats();
+  bool persistent(std::size_t unit) const { return persistent_[unit]; }
+  std::int64_t live_elements() const;
+
+  // The step's schedule: `micro_batches` x (forward units in order, backward in reverse), each use
+  // the units `reads(unit)` names.
+  static std::vector<std::vector<std::size_t>> training_schedule(std::size_t units, std::int64_t micro_batches,
+                                                                 const std::function<std::vector<std::size_t>(std::size_t)>& reads);
+  static std::vector<std::vector<std::size_t>> forward_schedule(std::size_t units,
+                                                                const std::function<std::vector<std::size_t>(std::size_t)>& reads);
+
+ private:
+  enum class State : std::uint8_t { kEmpty, kInFlight, kResident };
+  struct Unit {
+    State state = State::kEmpty;
+    bool prefetched = false;  // requested ahead of its use and not yet acquired
+    DeviceBuffer buffer;
+  };
+  void request(std::size_t unit, std::unique_lock<std::mutex>& lock);
+  void free_unit(std::size_t unit);
+  void prefetch_from(std::size_t first_use, std::unique_lock<std::mutex>& lock);
+  void wait_resident(std::size_t unit, std::unique_lock<std::mutex>& lock);
+  void wait_idle(std::unique_lock<std::mutex>& lock);
+  void worker();
+  std::int64_t counted(std::size_t unit) const { return persistent_[unit] ? 0 : numel_[unit]; }
+  void note_live();
+
+  Backend& backend_;
+  const ModelLayout& layout_;
+  DType dtype_;
+  CoordinatorOptions o_;
+  Gather gather_;
+  std::vector<std::int64_t> numel_;
+  std::vector<bool> persistent_;
+  std::int64_t largest_ = 0;
+
+  std::vector<std::vector<std::size_t>> uses_;
+  std::vector<std::int64_t> trace_;  // elements read by uses [0, i)
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Unit> units_;
+  std::deque<std::size_t> queue_;
+  std::size_t in_flight_ = 0;  // requested, not yet resident
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::int64_t live_ = 0, ahead_ = 0, cached_ = 0;
+  std::map<std::size_t, std::vector<DeviceBuffer>> pool_;  // freed buffers by bytes
+  CoordinatorStats stats_;
+  UnitBuffers view_;
+  std::thread thread_;
+};
+
+}  // namespace zinf::runtime

@@ -923,20 +923,10 @@ class Trainer {
   }
 
   void load_checkpoint(const std::string& dir) {
-    const CheckpointReader ck(dir, sharded_ ? rank_ : 0);
+    const CheckpointReader ck(dir, 0);
     const Json& s = ck.state();
     ck.check_layout(layout_, o_.model);
-    if (s.value("world_size", 1) != world_) {
-      throw Error("checkpoint '{}' was trained on {} rank(s), not {}: resume with the same ranks (the global batch and "
-                  "the sample split depend on them)",
-                  dir, s.value("world_size", 1), world_);
-    }
-    const int want_shards = sharded_ ? world_ : 1;
-    if (ck.state_shards() != want_shards) {
-      throw Error("checkpoint '{}' holds its optimizer state in {} shard(s) (ZeRO stage {} on {} rank(s)); this run needs "
-                  "{}: resume with the same ranks and stage (re-sharding is not available yet)",
-                  dir, ck.state_shards(), s.value("zero_stage", 0), s.value("world_size", 1), want_shards);
-    }
+    const int ck_world = s.value("world_size", 1);
     try {
       // What the sample order and the numerics depend on must match, or the continuation is not
       // the same run.
@@ -956,12 +946,20 @@ class Trainer {
         spdlog::warn("resuming on {} (the checkpoint names {}; same size)", o_.data->name(),
                      dj.at("source").get<std::string>());
       }
+      // The sample stream is shared by all ranks; a step takes micro x accumulation x ranks samples
+      // of it. Any split of the same global batch continues the run (re-sharding to other ranks).
       const std::int64_t micro = s.at("batch").at("micro").get<std::int64_t>();
       const std::int64_t gas = s.at("batch").at("grad_accum").get<std::int64_t>();
-      if (micro != micro_ || gas != gas_) {
-        throw Error("checkpoint '{}' was trained with micro-batch {} x {} accumulation steps, not {} x {}: resume with "
-                    "the same batch",
-                    dir, micro, gas, micro_, gas_);
+      if (micro * gas * ck_world != micro_ * gas_ * world_) {
+        throw Error("checkpoint '{}' was trained with a global batch of {} samples (micro-batch {} x {} accumulation "
+                    "steps x {} rank(s)), this run's is {} ({} x {} x {}): choose the micro-batch and "
+                    "--gradient-accumulation-steps so that micro-batch x accumulation x ranks = {}",
+                    dir, micro * gas * ck_world, micro, gas, ck_world, micro_ * gas_ * world_, micro_, gas_, world_,
+                    micro * gas * ck_world);
+      }
+      if (micro != micro_ || gas != gas_ || ck_world != world_) {
+        spdlog::info("resuming a run of {} rank(s) x {} x {} on {} rank(s) x {} x {} (same global batch)", ck_world,
+                     micro, gas, world_, micro_, gas_);
       }
       const std::string precision = fp16_ ? "fp16" : kernels::cpu::dtype_name(param_dtype_);
       if (s.at("precision").get<std::string>() != precision) {
@@ -991,12 +989,7 @@ class Trainer {
     // The data order is the checkpoint's seed's.
     sampler_ = Sampler(*o_.data, o_.seq_len, st_.seed, o_.eval_fraction);
     sampler_.set_position(st_.data);
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const auto n = static_cast<std::size_t>(shard_[u]);
-      const std::string& name = layout_.units[u].name;
-      offload_->store().set_state(u, ck.tensor(name, "master", n), ck.tensor(name, "exp_avg", n),
-                                  ck.tensor(name, "exp_avg_sq", n));
-    }
+    load_state(dir, ck);
     spdlog::info("resumed from {} at step {}", dir, st_.step);
   }
 
@@ -1004,6 +997,49 @@ class Trainer {
     std::int64_t m = 0;
     for (const auto& u : layout_.units) m = std::max(m, u.numel);
     return m;
+  }
+
+  // This rank's piece of the optimizer state from a checkpoint of any shard count: each unit's
+  // range [rank * shard, (rank + 1) * shard) taken from whichever saved shards overlap it (the
+  // checkpoint's W shards, or its one whole copy), so a run saved on W ranks resumes on W'.
+  void load_state(const std::string& dir, const CheckpointReader& ck0) {
+    const int from = ck0.state_shards();
+    const int to = sharded_ ? world_ : 1;
+    const int mine = sharded_ ? rank_ : 0;
+    if (from == to) {
+      // The same shards: this rank's file alone (bit-identical resume).
+      const CheckpointReader own(dir, mine);
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+        const auto n = static_cast<std::size_t>(shard_[u]);
+        const std::string& name = layout_.units[u].name;
+        offload_->store().set_state(u, own.tensor(name, "master", n), own.tensor(name, "exp_avg", n),
+                                    own.tensor(name, "exp_avg_sq", n));
+      }
+      return;
+    }
+    spdlog::info("re-sharding the optimizer state: {} shard(s) in the checkpoint, {} in this run", from, to);
+    std::map<int, std::unique_ptr<CheckpointReader>> readers;
+    std::vector<float> piece[3];
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      const std::int64_t n = layout_.units[u].numel;
+      const std::int64_t sh = shard_[u];
+      const std::int64_t begin = static_cast<std::int64_t>(mine) * sh, end = std::min(n, begin + sh);
+      const std::int64_t src_sh = from == 1 ? n : shard_size(n, from);
+      for (auto& p : piece) p.assign(static_cast<std::size_t>(sh), 0.0f);
+      for (std::int64_t lo = begin; lo < end;) {
+        const int r = static_cast<int>(lo / src_sh);
+        const std::int64_t src_begin = r * src_sh, hi = std::min(end, src_begin + src_sh);
+        auto& rd = readers[r];
+        if (!rd) rd = std::make_unique<CheckpointReader>(dir, r);
+        const char* kinds[3] = {"master", "exp_avg", "exp_avg_sq"};
+        for (int k = 0; k < 3; ++k) {
+          const auto t = rd->tensor(layout_.units[u].name, kinds[k], static_cast<std::size_t>(src_sh));
+          std::memcpy(piece[k].data() + (lo - begin), t.data() + (lo - src_begin), static_cast<std::size_t>(hi - lo) * 4);
+        }
+        lo = hi;
+      }
+      offload_->store().set_state(u, piece[0], piece[1], piece[2]);
+    }
   }
 
   void log_start() {

@@ -531,21 +531,42 @@ TEST(Trainer, NvmeOffloadOnTwoRanksMatchesHostMemoryAndResumes) {
   EXPECT_GT(s["peak_memory_bytes"]["nvme"].get<std::int64_t>(), 0);
 }
 
-TEST(Trainer, ShardedResumeIsBitIdenticalAndNeedsTheSameRanks) {
+TEST(Trainer, ShardedResumeIsBitIdenticalAndReshardsToOtherRanks) {
   ScratchDir d;
   train_on_ranks(d.path() + "/straight", 2, 2, 8);
   train_on_ranks(d.path() + "/split", 2, 2, 4);
   train_on_ranks(d.path() + "/split", 2, 2, 8, "latest");
-  EXPECT_EQ(losses(d.path() + "/straight"), losses(d.path() + "/split"));
+  const std::vector<double> want = losses(d.path() + "/straight");
+  EXPECT_EQ(want, losses(d.path() + "/split"));
   for (int r = 0; r < 2; ++r) {
     const std::string f = fmt::format("/checkpoints/step-00000008/optimizer_state.rank{:05d}-of-00002.safetensors", r);
     EXPECT_TRUE(file_bytes(d.path() + "/straight" + f) == file_bytes(d.path() + "/split" + f)) << f;
   }
-  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 2, 10, "latest"), "trained on 2 rank(s), not 4");
-  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 1, 2, 10, "latest"), "trained on 2 rank(s), not 1");
-  // A missing shard is named.
+  // The step-4 checkpoint of 2 shards resumes on 4 ranks (stage 3), on 1 rank (stage 0, one whole
+  // copy), and a whole copy resumes on 2 ranks: the same global batch, the same losses within the
+  // rounding of another reduction order.
+  const std::string step4 = d.path() + "/split/checkpoints/step-00000004";
+  train_on_ranks(d.path() + "/w1-s0", 1, 0, 4);
+  const struct {
+    std::string name, from;
+    int w, stage;
+  } cases[] = {{"to-w4-s3", step4, 4, 3}, {"to-w1-s0", step4, 1, 0},
+               {"from-whole-to-w2-s3", d.path() + "/w1-s0/checkpoints/step-00000004", 2, 3}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    train_on_ranks(d.path() + "/" + c.name, c.w, c.stage, 8, c.from);
+    const std::vector<double> got = losses(d.path() + "/" + c.name);
+    ASSERT_EQ(got.size(), 4u);
+    for (std::size_t i = 0; i < 4; ++i) EXPECT_NEAR(got[i], want[4 + i], 2e-5 * want[4 + i]) << "step " << 5 + i;
+  }
+  // Another global batch is refused with the arithmetic.
+  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 2, 10, "latest",
+                                 [](Json& ds) { ds["gradient_accumulation_steps"] = 2; }),
+                  "global batch of 4 samples", "this run's is 8");
+  // A missing piece is named, by the ranks that need it.
   fs::remove(d.path() + "/split/checkpoints/step-00000008/checksums.rank00001-of-00002.json");
   EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 2, 2, 10, "latest"), "lacks rank 1's piece");
+  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 3, 10, "latest"), "lacks rank 1's piece");
 }
 
 TEST(Trainer, KeepLastAndInterruptedSavesLeaveAUsableCheckpoint) {

@@ -654,7 +654,7 @@ TEST(Trainer, DamagedOrMismatchedCheckpointsAreClearErrors) {
     return j;
   }());
   batch.o.resume = ck;
-  EXPECT_IO_ERROR(train(batch.o), "micro-batch 2 x 2 accumulation steps, not 4 x 2");
+  EXPECT_IO_ERROR(train(batch.o), "global batch of 4 samples (micro-batch 2 x 2 accumulation steps x 1 rank(s)), this run's is 8");
   TrainRun fp32(r.o.output_dir, ds_json(nullptr, false));
   fp32.o.resume = ck;
   EXPECT_IO_ERROR(train(fp32.o), "trained in bf16, not fp32");

@@ -361,25 +361,36 @@ class GlooCommunicator final : public Communicator {
     // sum runs in a fixed rank order, so the result does not depend on timing.
     run("reduce-scatter", [&] {
       const std::size_t n = out.size();
+      const std::size_t bytes = n * sizeof(float);
       const int r = rank(), ranks = size();
-      scratch_.assign(in.begin(), in.end());
+      // One chunk of running sum travels the ring: step k sends the chunk summed so far (the
+      // input's own chunk at k = 0) and adds the received one to the next input chunk. Only two
+      // chunks of scratch; the last sum lands in `out`.
+      acc_.resize(n);
       recv_.resize(n);
       const std::uint32_t tag = next_tag();
       const auto slot = static_cast<std::uint64_t>(gloo::Slot::build(kReduceScatterSlotPrefix, tag));
-      auto send_buf = context_->createUnboundBuffer(scratch_.data(), scratch_.size() * sizeof(float));
-      auto recv_buf = context_->createUnboundBuffer(recv_.data(), n * sizeof(float));
+      // Gloo only reads from a send buffer; its interface takes a mutable pointer.
+      auto in_buf = context_->createUnboundBuffer(const_cast<float*>(in.data()), in.size() * sizeof(float));
+      auto acc_buf = context_->createUnboundBuffer(acc_.data(), bytes);
+      auto recv_buf = context_->createUnboundBuffer(recv_.data(), bytes);
       const int next = (r + 1) % ranks, prev = (r + ranks - 1) % ranks;
       for (int k = 0; k < ranks - 1; ++k) {
         const auto send_idx = static_cast<std::size_t>(((r - 1 - k) % ranks + ranks) % ranks);
         const auto recv_idx = static_cast<std::size_t>(((r - 2 - k) % ranks + ranks) % ranks);
-        send_buf->send(next, slot + static_cast<std::uint64_t>(k), send_idx * n * sizeof(float), n * sizeof(float));
-        recv_buf->recv(prev, slot + static_cast<std::uint64_t>(k), 0, n * sizeof(float));
+        const std::uint64_t s = slot + static_cast<std::uint64_t>(k);
+        if (k == 0) {
+          in_buf->send(next, s, send_idx * bytes, bytes);
+        } else {
+          acc_buf->send(next, s, 0, bytes);
+        }
+        recv_buf->recv(prev, s, 0, bytes);
         recv_buf->waitRecv(timeout_);
-        send_buf->waitSend(timeout_);
-        float* acc = scratch_.data() + recv_idx * n;
-        for (std::size_t i = 0; i < n; ++i) acc[i] += recv_[i];
+        (k == 0 ? in_buf : acc_buf)->waitSend(timeout_);
+        float* dst = k == ranks - 2 ? out.data() : acc_.data();
+        const float* mine = in.data() + recv_idx * n;
+        for (std::size_t i = 0; i < n; ++i) dst[i] = mine[i] + recv_[i];
       }
-      std::memcpy(out.data(), scratch_.data() + static_cast<std::size_t>(r) * n, n * sizeof(float));
     });
   }
   void broadcast(std::span<float> data, int root) override {
@@ -437,7 +448,7 @@ class GlooCommunicator final : public Communicator {
   std::shared_ptr<gloo::transport::Device> device_;
   std::shared_ptr<gloo::Context> context_;
   std::chrono::milliseconds timeout_;
-  std::vector<float> scratch_, recv_;
+  std::vector<float> acc_, recv_;
   std::uint32_t tag_ = 0;
   int splits_ = 0;
 };

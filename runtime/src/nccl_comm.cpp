@@ -163,9 +163,17 @@ class NcclCommunicator final : public Communicator {
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
     cuda_check(cudaSetDevice(device_), "cudaSetDevice");
-    check(api_.split(comm_, 0, rank_, &child->comm_, &config), fmt::format("opening channel '{}'", name).c_str());
-    if (child->comm_ == nullptr) throw Error("rank {} of {}: opening channel '{}': NCCL gave no communicator", rank_, size_, name);
-    child->wait_ready(fmt::format("opening channel '{}'", name).c_str());
+    const std::string what = fmt::format("opening channel '{}'", name);
+    check(api_.split(comm_, 0, rank_, &child->comm_, &config), what.c_str());
+    // Non-blocking: the split completes on the parent (and the child appears) asynchronously.
+    wait_ready(what.c_str());
+    const auto deadline = Clock::now() + timeout_;
+    // NCCL's thread fills the pointer in: read it through volatile so the loop sees the store.
+    while (*static_cast<ncclComm_t volatile*>(&child->comm_) == nullptr) {
+      if (Clock::now() > deadline) timed_out(what.c_str());
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+    child->wait_ready(what.c_str());
     return child;
   }
 

@@ -272,5 +272,27 @@ else
   passed=$((passed + 1))
 fi
 
+# Without a launcher (ranks started by hand, as mpirun or srun would): the survivor's next
+# collective fails as soon as the dead rank's sockets close, with an error naming the collective.
+solo_port=$(( 20000 + RANDOM % 20000 ))
+for r in 0 1; do
+  MASTER_ADDR=127.0.0.1 MASTER_PORT=$solo_port WORLD_SIZE=2 RANK=$r LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 ZINF_JOB_ID=solo$$ \
+    "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/solo" > "$TMP/train/solo$r.log" 2>&1 &
+  eval "solo_pid$r=\$!"
+done
+for _ in $(seq 600); do grep -q '^step [0-9]' "$TMP/train/solo0.log" 2>/dev/null && break; sleep 0.1; done
+solo_start=$(date +%s)
+kill -9 "$solo_pid1"
+wait "$solo_pid0"
+solo_rc=$?
+if [[ $solo_rc -ne 1 ]] || ! grep -q 'rank 0 of 2: .* failed: .*a rank has probably died' "$TMP/train/solo0.log" ||
+   [[ $(( $(date +%s) - solo_start )) -gt 10 ]]; then
+  echo "FAIL: without a launcher, a killed rank did not end the other promptly (exit $solo_rc)"; tail -3 "$TMP/train/solo0.log"
+  failed=$((failed + 1))
+else
+  passed=$((passed + 1))
+fi
+wait "$solo_pid1" 2>/dev/null
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

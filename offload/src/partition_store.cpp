@@ -330,7 +330,11 @@ void PartitionStore::read_state(std::size_t unit, std::span<float> master, std::
   }
 }
 
-ParamLease PartitionStore::fetch(std::size_t unit) {
+ParamLease PartitionStore::fetch(std::size_t unit) { return *start_fetch(unit, true); }
+
+std::optional<ParamLease> PartitionStore::try_fetch(std::size_t unit) { return start_fetch(unit, false); }
+
+std::optional<ParamLease> PartitionStore::start_fetch(std::size_t unit, bool wait) {
   const auto slices = unit_slices(unit);
   ParamLease lease;
   lease.store_ = this;
@@ -341,7 +345,9 @@ ParamLease PartitionStore::fetch(std::size_t unit) {
   }
   {
     std::unique_lock lock(param_mu_);
-    param_cv_.wait(lock, [&] { return free_param_buffers_.size() >= slices.size(); });
+    const auto enough = [&] { return free_param_buffers_.size() >= slices.size(); };
+    if (!wait && !enough()) return std::nullopt;
+    param_cv_.wait(lock, enough);
     for (std::size_t i = 0; i < slices.size(); ++i) {
       lease.buffers_.push_back(free_param_buffers_.back());
       free_param_buffers_.pop_back();

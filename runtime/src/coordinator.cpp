@@ -234,6 +234,7 @@ void ParamCoordinator::worker() {
     if (stop_) return;
     const std::size_t u = queue_.front();
     queue_.pop_front();
+    const std::size_t next = queue_.empty() ? kNone : queue_.front();
     if (error_) {  // after a failure nothing more is gathered; waiters see the error
       --in_flight_;
       cv_.notify_all();
@@ -243,7 +244,7 @@ void ParamCoordinator::worker() {
     lock.unlock();
     std::exception_ptr err;
     try {
-      gather_(u, dst);
+      gather_(u, dst, next);
     } catch (...) {
       err = std::current_exception();
     }

@@ -325,9 +325,10 @@ class Trainer {
       const auto& z = o.ds.zero;
       CoordinatorOptions co{z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
                             z.param_persistence_threshold, z.model_persistence_threshold};
-      coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, param_dtype_, co, [this](std::size_t u, void* dst) {
-        gather_unit(u, dst, *gather_comm_, worker_scratch_);
-      });
+      coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, param_dtype_, co,
+                                                  [this](std::size_t u, void* dst, std::size_t next) {
+                                                    gather_unit(u, dst, *gather_comm_, worker_scratch_, next);
+                                                  });
     }
   }
 
@@ -626,18 +627,34 @@ class Trainer {
 
   struct GatherScratch {
     std::vector<float> in, out, m, v;
+    std::optional<offload::ParamLease> ahead;  // NVMe reads of the next unit, started early
+    std::size_t ahead_unit = ParamCoordinator::kNone;
   };
 
   // A unit's full compute parameters into `dst` (numel elements of the parameter dtype): the bf16
   // shard, or the fp32 master (fp16 runs round it to fp16 and widen it again, for the CPU
   // backend's fp32 products). With sharded state every rank's piece is all-gathered over `comm`
   // (bf16 pieces travel two to a float slot of the gather).
-  void gather_unit(std::size_t u, void* dst, Communicator& comm, GatherScratch& s) {
+  // `next` (stage 3's prefetch thread): the unit gathered after this one; when its bf16 shard is
+  // on NVMe its reads start now, if staging buffers are free, and overlap this unit's gather.
+  void gather_unit(std::size_t u, void* dst, Communicator& comm, GatherScratch& s,
+                   std::size_t next = ParamCoordinator::kNone) {
     const auto n = static_cast<std::size_t>(layout_.units[u].numel);
     const auto sh = static_cast<std::size_t>(shard_[u]);
     if (param_dtype_ == DType::kBF16) {
       auto* out = static_cast<std::uint16_t*>(dst);
-      offload::ParamLease lease = offload_->store().fetch(u);
+      offload::ParamLease lease;
+      if (s.ahead && s.ahead_unit == u) {
+        lease = std::move(*s.ahead);
+      } else {
+        lease = offload_->store().fetch(u);
+      }
+      s.ahead.reset();
+      s.ahead_unit = ParamCoordinator::kNone;
+      if (next != ParamCoordinator::kNone && offload_->store().param_tier(next) == offload::Tier::kNvme) {
+        s.ahead = offload_->store().try_fetch(next);
+        if (s.ahead) s.ahead_unit = next;
+      }
       if (!sharded_) {
         lease.copy_to(std::span<std::uint16_t>(out, n));
         return;

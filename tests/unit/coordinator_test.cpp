@@ -35,7 +35,7 @@ struct Recorder {
   std::mt19937 rng{7};
   bool jitter = false;
   ParamCoordinator::Gather gather(const ModelLayout& l) {
-    return [this, &l](std::size_t u, void* dst) {
+    return [this, &l](std::size_t u, void* dst, std::size_t) {
       int delay = 0;
       {
         std::lock_guard lock(mu);
@@ -196,7 +196,7 @@ TEST(Coordinator, AFailedGatherIsAnErrorAtTheUseThatNeedsIt) {
   const ModelLayout l = layout_of({100, 100, 100});
   CoordinatorOptions o;
   o.persistence_threshold = 0;
-  ParamCoordinator c(*backend, l, DType::kF32, o, [](std::size_t u, void*) {
+  ParamCoordinator c(*backend, l, DType::kF32, o, [](std::size_t u, void*, std::size_t) {
     if (u == 1) throw Error("NVMe read of unit {} failed: checksum mismatch", u);
   });
   c.begin(ParamCoordinator::training_schedule(3, 1, self));

@@ -20,6 +20,7 @@
 #include "zinf/io/engine.hpp"
 #include "zinf/io/swap_store.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/kernels/half.hpp"
 #include "zinf/configs/parse.hpp"
 #include "zinf/offload/host_memory.hpp"
 #include "zinf/offload/offload.hpp"
@@ -447,6 +448,33 @@ TEST(PartitionStore, ACorruptParameterSliceIsNotHandedOut) {
   lease = ParamLease();  // buffers go back: both are free again
   ParamLease again = store.fetch(0);
   EXPECT_EQ(again.pieces().size(), 2u);
+}
+
+TEST(PartitionStore, TryFetchReadsAheadOnlyWithFreeBuffers) {
+  // The stage-3 prefetcher reads the next unit while it holds this one: try_fetch never waits.
+  NvmeScratch nv;
+  auto& [dir, engine, swap, mem] = nv;
+  StoreOptions so;
+  so.params_on_nvme = true;
+  so.max_in_cpu = 0;
+  so.param_buffers = 3;
+  so.param_buffer_elems = 4096;
+  so.slice_elems = 4096;
+  PartitionStore store({{"a", 8000}, {"b", 4000}}, so, mem, nullptr, &swap);
+  store.set_state(0, init_values(8000, 5));
+  store.set_state(1, init_values(4000, 6));
+  ParamLease a = store.fetch(0);  // 2 of the 3 buffers
+  std::optional<ParamLease> b = store.try_fetch(1);
+  ASSERT_TRUE(b.has_value());  // the third
+  EXPECT_FALSE(store.try_fetch(1).has_value());  // none left: no wait, no lease
+  std::vector<std::uint16_t> out(4000);
+  b->copy_to(out);
+  for (std::size_t i = 0; i < out.size(); i += 501) {
+    EXPECT_EQ(out[i], kernels::f32_to_bf16(init_values(4000, 6)[i])) << i;
+  }
+  b.reset();
+  a = ParamLease();
+  EXPECT_TRUE(store.try_fetch(0).has_value());
 }
 
 // Runs in a fresh process (a death test re-executes the binary): RLIMIT_FSIZE makes writes past

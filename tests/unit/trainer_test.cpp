@@ -508,18 +508,25 @@ TEST(Trainer, Stage3CoordinatorHoldsItsBudgetsAndChangesNoLoss) {
 
 TEST(Trainer, NvmeOffloadOnTwoRanksMatchesHostMemoryAndResumes) {
   // Stage 3 on 2 ranks with each rank's optimizer state and parameters on NVMe (one nvme_path for
-  // both) gives host memory's losses bit for bit, and resumes bit for bit.
+  // both; the prefetcher reads the next unit ahead) gives host memory's losses bit for bit, and
+  // resumes bit for bit. bf16, so the parameters come from their NVMe copies.
   ScratchDir d;
   const auto nvme = [&](const std::string& swap) {
     return [swap](Json& ds) {
+      ds["bf16"]["enabled"] = true;
       ds["zero_optimization"] = {{"stage", 3},
                                  {"sub_group_size", 4096},
                                  {"stage3_param_persistence_threshold", 0},
                                  {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", swap}, {"buffer_count", 2}}},
-                                 {"offload_param", {{"device", "nvme"}, {"nvme_path", swap}, {"max_in_cpu", 0}}}};
+                                 // Enough staging for the next unit's reads to start while one is held.
+                                 {"offload_param", {{"device", "nvme"}, {"nvme_path", swap}, {"max_in_cpu", 0},
+                                                    {"buffer_count", 8}}}};
     };
   };
-  train_on_ranks(d.path() + "/host", 2, 3, 6, "", [](Json& ds) { ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0; });
+  train_on_ranks(d.path() + "/host", 2, 3, 6, "", [](Json& ds) {
+    ds["bf16"]["enabled"] = true;
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
+  });
   train_on_ranks(d.path() + "/nvme", 2, 3, 3, "", nvme(d.sub("swap1")));
   train_on_ranks(d.path() + "/nvme", 2, 3, 6, "latest", nvme(d.sub("swap2")));
   EXPECT_EQ(losses(d.path() + "/host"), losses(d.path() + "/nvme"));

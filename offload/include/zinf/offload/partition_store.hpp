@@ -26,6 +26,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -141,6 +142,9 @@ class PartitionStore {
   // copy). Blocks while every buffer is leased out. Call only once the optimizer step has
   // finished the unit (StepInputs::unit_done).
   ParamLease fetch(std::size_t unit);
+  // The same without waiting: nullopt when the staging buffers the unit needs are leased out
+  // (read-ahead of the next unit while this one is still held).
+  std::optional<ParamLease> try_fetch(std::size_t unit);
 
   // Staging buffers of the optimizer step (one per offload_optimizer.buffer_count), each
   // [master | exp_avg | exp_avg_sq | bf16] of the largest slice; empty when no slice needs one.
@@ -162,6 +166,7 @@ class PartitionStore {
  private:
   friend class ParamLease;
   void give_back(const std::vector<int>& buffers) noexcept;
+  std::optional<ParamLease> start_fetch(std::size_t unit, bool wait);
   std::vector<const Slice*> unit_slices(std::size_t unit) const;
 
   std::vector<UnitSpec> units_;

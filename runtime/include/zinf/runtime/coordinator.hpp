@@ -62,9 +62,11 @@ struct CoordinatorStats {
 class ParamCoordinator {
  public:
   // Fills `dst` (the unit's numel elements of the coordinator's dtype) with the unit's current
-  // parameters; runs on the prefetch thread. May throw; the error reaches the acquire() that
-  // needs the unit (and every later one).
-  using Gather = std::function<void(std::size_t unit, void* dst)>;
+  // parameters; runs on the prefetch thread. `next` is the unit gathered after this one (kNone
+  // when none is queued yet), so slow reads of it may start early. May throw; the error reaches
+  // the acquire() that needs the unit (and every later one).
+  static constexpr std::size_t kNone = static_cast<std::size_t>(-1);
+  using Gather = std::function<void(std::size_t unit, void* dst, std::size_t next)>;
 
   ParamCoordinator(Backend& backend, const ModelLayout& layout, DType dtype, CoordinatorOptions options, Gather gather);
   ~ParamCoordinator();

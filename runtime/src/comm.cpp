@@ -355,6 +355,10 @@ class GlooCommunicator final : public Communicator {
       throw Error("reduce_scatter: {} elements do not split into {} shards of {}", in.size(), w, out.size());
     }
     if (in.empty()) return;
+    if (w == 1) {
+      std::copy(in.begin(), in.end(), out.begin());
+      return;
+    }
     // A ring: W - 1 steps, each rank sending one shard-sized chunk to the next rank and adding the
     // one it receives from the previous rank; after the last step rank r holds the sum of shard r.
     // Every byte crosses the wire (W - 1) / W times, as in NCCL's reduce-scatter. Each shard's

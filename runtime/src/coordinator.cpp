@@ -42,12 +42,13 @@ ParamCoordinator::~ParamCoordinator() {
   thread_.join();
 }
 
-std::vector<std::vector<std::size_t>> ParamCoordinator::training_schedule(
-    std::size_t units, std::int64_t micro_batches, const std::function<std::vector<std::size_t>(std::size_t)>& reads) {
+std::vector<std::vector<std::size_t>> ParamCoordinator::training_schedule(std::size_t units, std::int64_t micro_batches,
+                                                                         const Reads& forward_reads,
+                                                                         const Reads& backward_reads) {
   std::vector<std::vector<std::size_t>> uses;
   for (std::int64_t m = 0; m < micro_batches; ++m) {
-    for (std::size_t u = 0; u < units; ++u) uses.push_back(reads(u));
-    for (std::size_t u = units; u-- > 0;) uses.push_back(reads(u));
+    for (std::size_t u = 0; u < units; ++u) uses.push_back(forward_reads(u));
+    for (std::size_t u = units; u-- > 0;) uses.push_back(backward_reads(u));
   }
   return uses;
 }
@@ -91,7 +92,16 @@ void ParamCoordinator::request(std::size_t u, std::unique_lock<std::mutex>&) {
       it->second.pop_back();
       cached_ -= numel_[u];
     } else {
-      unit.buffer = DeviceBuffer(backend_, bytes);
+      unit.buffer = DeviceBuffer(backend_, bytes);  // may throw: nothing has changed yet
+      // Cached buffers of other sizes give way, so live + cached stays within the bound.
+      for (auto it2 = pool_.begin(); it2 != pool_.end() && live_ + counted(u) + cached_ > o_.max_live + largest_;) {
+        auto& list = it2->second;
+        while (!list.empty() && live_ + counted(u) + cached_ > o_.max_live + largest_) {
+          cached_ -= static_cast<std::int64_t>(list.back().bytes() / kernels::cpu::dtype_bytes(dtype_));
+          list.pop_back();
+        }
+        it2 = list.empty() ? pool_.erase(it2) : std::next(it2);
+      }
     }
   }
   unit.state = State::kInFlight;
@@ -128,9 +138,10 @@ void ParamCoordinator::prefetch_from(std::size_t first, std::unique_lock<std::mu
       // In schedule order: the first unit that does not fit stops the prefetch, so gathers are
       // always requested in the order they will be used.
       if (ahead_ + need > o_.prefetch_bucket || live_ + need > o_.max_live) return;
+      request(u, lock);  // first: an allocation that fails leaves the counts as they were
       units_[u].prefetched = true;
       ahead_ += need;
-      request(u, lock);
+      note_live();
     }
   }
 }
@@ -225,6 +236,11 @@ CoordinatorStats ParamCoordinator::take_stats() {
 std::int64_t ParamCoordinator::live_elements() const {
   std::lock_guard lock(mu_);
   return live_;
+}
+
+std::int64_t ParamCoordinator::cached_elements() const {
+  std::lock_guard lock(mu_);
+  return cached_;
 }
 
 void ParamCoordinator::worker() {

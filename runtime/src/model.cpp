@@ -121,6 +121,11 @@ Model::Model(ModelConfig config, Backend& backend, ModelOptions options)
 
 Model::~Model() = default;
 
+std::vector<std::size_t> Model::backward_param_reads(std::size_t unit) const {
+  if (unit == 0) return {};
+  return unit_reads(unit);
+}
+
 std::vector<std::size_t> Model::unit_reads(std::size_t unit) const {
   if (unit == layout_.head_unit() && config_.tie_word_embeddings) return {unit, 0};
   return {unit};

@@ -6,6 +6,7 @@
 #include <dlfcn.h>
 #include <nccl.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -27,6 +28,7 @@ struct NcclApi {
   decltype(&ncclGetUniqueId) get_unique_id = nullptr;
   decltype(&ncclCommInitRankConfig) init_rank_config = nullptr;
   decltype(&ncclCommDestroy) destroy = nullptr;
+  decltype(&ncclCommFinalize) finalize = nullptr;
   decltype(&ncclCommAbort) abort = nullptr;
   decltype(&ncclCommGetAsyncError) async_error = nullptr;
   decltype(&ncclCommSplit) split = nullptr;
@@ -62,6 +64,7 @@ const NcclApi& nccl() {
     sym(api.get_unique_id, "ncclGetUniqueId");
     sym(api.init_rank_config, "ncclCommInitRankConfig");
     sym(api.destroy, "ncclCommDestroy");
+    sym(api.finalize, "ncclCommFinalize");
     sym(api.abort, "ncclCommAbort");
     sym(api.async_error, "ncclCommGetAsyncError");
     sym(api.split, "ncclCommSplit");
@@ -98,10 +101,20 @@ class NcclCommunicator final : public Communicator {
   }
   ~NcclCommunicator() override {
     if (comm_ != nullptr) {
-      // A communicator whose last operation failed is aborted; a healthy one destroyed.
+      // A healthy communicator is finalized (non-blocking: polled, within the timeout) and
+      // destroyed; one whose last operation failed, or that does not finalize, is aborted.
+      cudaSetDevice(device_);
       ncclResult_t st = ncclSuccess;
       api_.async_error(comm_, &st);
-      if (st == ncclSuccess) {
+      bool clean = st == ncclSuccess && api_.finalize(comm_) != ncclSystemError;
+      const auto deadline = Clock::now() + timeout_;
+      while (clean) {
+        api_.async_error(comm_, &st);
+        if (st == ncclSuccess) break;
+        if (st != ncclInProgress || Clock::now() > deadline) clean = false;
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+      }
+      if (clean) {
         api_.destroy(comm_);
       } else {
         api_.abort(comm_);
@@ -168,8 +181,8 @@ class NcclCommunicator final : public Communicator {
     // Non-blocking: the split completes on the parent (and the child appears) asynchronously.
     wait_ready(what.c_str());
     const auto deadline = Clock::now() + timeout_;
-    // NCCL's thread fills the pointer in: read it through volatile so the loop sees the store.
-    while (*static_cast<ncclComm_t volatile*>(&child->comm_) == nullptr) {
+    // NCCL's thread fills the pointer in.
+    while (std::atomic_ref<ncclComm_t>(child->comm_).load() == nullptr) {
       if (Clock::now() > deadline) timed_out(what.c_str());
       std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
@@ -202,6 +215,7 @@ class NcclCommunicator final : public Communicator {
     wait_ready(what);
     // The kernels are queued; wait for the stream, watching for a peer that never arrives.
     const auto deadline = Clock::now() + timeout_;
+    int polls = 0;
     for (;;) {
       const cudaError_t e = cudaStreamQuery(stream_);
       if (e == cudaSuccess) return;
@@ -210,7 +224,12 @@ class NcclCommunicator final : public Communicator {
       api_.async_error(comm_, &st);
       if (st != ncclSuccess && st != ncclInProgress) check(st, what);
       if (Clock::now() > deadline) timed_out(what);
-      std::this_thread::yield();
+      // Back off from a spin to 50 us sleeps, so a waiting thread does not hold a core.
+      if (++polls > 64) {
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      } else {
+        std::this_thread::yield();
+      }
     }
   }
   [[noreturn]] void timed_out(const char* what) {
@@ -257,23 +276,40 @@ std::string nccl_version() {
 }
 
 std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device, const NcclOptions& options) {
+  // Every rank checks what it can, then the ranks agree before any of them calls into NCCL: a
+  // rank that cannot take part makes all of them fail at once, each naming the ranks and why.
   std::string why;
-  // Every rank must reach the broadcast below, or the others wait for the bootstrap's timeout;
-  // a rank that cannot use NCCL still takes part, then reports.
-  const bool usable = nccl_usable(&why);
+  bool ok = nccl_usable(&why);
+  if (ok) {
+    int count = 0;
+    cuda_check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+    if (device < 0 || device >= count) {
+      ok = false;
+      why = fmt::format("GPU {} does not exist ({} visible); give each local rank its own GPU (LOCAL_RANK < {})",
+                        device, count, count);
+    }
+  }
   ncclUniqueId id{};
-  if (usable && bootstrap.rank() == 0) {
+  if (ok && bootstrap.rank() == 0) {
     const ncclResult_t r = nccl().get_unique_id(&id);
-    if (r != ncclSuccess) throw Error("NCCL: creating the job's unique id failed: {}", nccl().error_string(r));
+    if (r != ncclSuccess) {
+      ok = false;
+      why = fmt::format("creating the job's NCCL unique id failed: {}", nccl().error_string(r));
+    }
+  }
+  const int w = bootstrap.size();
+  std::vector<float> all(static_cast<std::size_t>(w));
+  const float mine = ok ? 1.0f : 0.0f;
+  bootstrap.all_gather(std::span<const float>(&mine, 1), all);
+  std::string bad;
+  for (int r = 0; r < w; ++r) {
+    if (all[static_cast<std::size_t>(r)] == 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+  }
+  if (!bad.empty()) {
+    throw Error("rank {}: NCCL ranks cannot start: rank(s) {} cannot use NCCL{}", bootstrap.rank(), bad,
+                ok ? " (see their errors)" : fmt::format("; here: {}", why));
   }
   bootstrap.broadcast_bytes(std::as_writable_bytes(std::span<char>(id.internal, sizeof(id.internal))), 0);
-  if (!usable) throw Error("rank {}: NCCL ranks need NCCL and a GPU: {}", bootstrap.rank(), why);
-  int count = 0;
-  cuda_check(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
-  if (device < 0 || device >= count) {
-    throw Error("rank {}: GPU {} does not exist ({} visible); give each local rank its own GPU (LOCAL_RANK < {})",
-                bootstrap.rank(), device, count, count);
-  }
   auto c = std::make_unique<NcclCommunicator>(bootstrap.rank(), bootstrap.size(), device, options.timeout);
   c->init(id);
   return c;

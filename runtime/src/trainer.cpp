@@ -143,6 +143,7 @@ struct TrainerState {
   double first_loss = 0;
   double best_eval = 0;
   bool have_eval = false;
+  std::uint64_t eval_samples = 0;  // held-out samples each eval covers, fixed for the run
 };
 
 }  // namespace
@@ -327,10 +328,23 @@ class Trainer {
                             z.param_persistence_threshold, z.model_persistence_threshold};
       coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, param_dtype_, co,
                                                   [this](std::size_t u, void* dst, std::size_t next) {
-                                                    gather_unit(u, dst, *gather_comm_, worker_scratch_, next);
+                                                    try {
+                                                      gather_unit(u, dst, *gather_comm_, worker_scratch_, next);
+                                                    } catch (...) {
+                                                      worker_scratch_.ahead.reset();  // its buffers go back
+                                                      throw;
+                                                    }
                                                   });
     }
   }
+
+  ~Trainer() {
+    // The prefetch thread stops first; a read-ahead lease goes back to the store while it exists.
+    coord_.reset();
+    worker_scratch_.ahead.reset();
+  }
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
 
   TrainResult run() {
     TrainResult result;
@@ -381,8 +395,9 @@ class Trainer {
       if (full_grads_) full_grads_->zero();
       for (auto& g : gshard_) std::fill(g.begin(), g.end(), 0.0f);
       if (stage3_) {
-        coord_->begin(ParamCoordinator::training_schedule(layout_.units.size(), gas_,
-                                                          [this](std::size_t u) { return model_.unit_reads(u); }));
+        coord_->begin(ParamCoordinator::training_schedule(
+            layout_.units.size(), gas_, [this](std::size_t u) { return model_.unit_reads(u); },
+            [this](std::size_t u) { return model_.backward_param_reads(u); }));
       }
       std::size_t use = 0;  // the coordinator's position in the step's schedule
       double loss_sum = 0;
@@ -613,6 +628,7 @@ class Trainer {
       }
     }
     st_.seed = o_.seed;
+    st_.eval_samples = default_eval_samples();
   }
 
   // The compute copy of the parameters from the store, after an optimizer step: every unit at
@@ -644,13 +660,12 @@ class Trainer {
     if (param_dtype_ == DType::kBF16) {
       auto* out = static_cast<std::uint16_t*>(dst);
       offload::ParamLease lease;
-      if (s.ahead && s.ahead_unit == u) {
-        lease = std::move(*s.ahead);
-      } else {
-        lease = offload_->store().fetch(u);
-      }
+      const bool read_ahead = s.ahead && s.ahead_unit == u;
+      if (read_ahead) lease = std::move(*s.ahead);
+      // A read-ahead of another unit gives its buffers back before fetch() may wait for them.
       s.ahead.reset();
       s.ahead_unit = ParamCoordinator::kNone;
+      if (!read_ahead) lease = offload_->store().fetch(u);
       if (next != ParamCoordinator::kNone && offload_->store().param_tier(next) == offload::Tier::kNvme) {
         s.ahead = offload_->store().try_fetch(next);
         if (s.ahead) s.ahead_unit = next;
@@ -776,12 +791,18 @@ class Trainer {
     return s;
   }
 
+  // The first eval_max_batches micro-batches' worth of held-out samples. Fixed when the run starts
+  // and kept in checkpoints, so a run resumed with another micro-batch evaluates the same samples.
+  std::uint64_t default_eval_samples() const {
+    return std::min<std::uint64_t>(sampler_.eval_samples(), static_cast<std::uint64_t>(micro_) *
+                                                                static_cast<std::uint64_t>(std::max<std::int64_t>(1, o_.eval_max_batches)));
+  }
+
   double evaluate() {
-    const std::uint64_t n = sampler_.eval_samples();
+    const std::uint64_t n = std::min<std::uint64_t>(st_.eval_samples, sampler_.eval_samples());
     if (n == 0) return std::nan("");
     const auto per_batch = static_cast<std::uint64_t>(micro_);
-    const std::uint64_t batches = std::min<std::uint64_t>((n + per_batch - 1) / per_batch,
-                                                          static_cast<std::uint64_t>(std::max<std::int64_t>(1, o_.eval_max_batches)));
+    const std::uint64_t batches = (n + per_batch - 1) / per_batch;
     double sum = 0;
     std::int64_t counted = 0;
     for (std::uint64_t b = 0; b < batches; ++b) {
@@ -869,6 +890,7 @@ class Trainer {
     s["batch"] = {{"micro", micro_}, {"grad_accum", gas_}};
     s["precision"] = fp16_ ? "fp16" : kernels::cpu::dtype_name(param_dtype_);
     s["seed"] = st_.seed;
+    s["eval_samples"] = st_.eval_samples;
     s["tokens_seen"] = st_.tokens;
     s["first_loss"] = st_.first_loss;
     s["best_eval_loss"] = st_.have_eval ? Json(st_.best_eval) : Json(nullptr);
@@ -992,6 +1014,7 @@ class Trainer {
       }
       st_.data = {s.at("data").at("epoch").get<std::uint64_t>(), s.at("data").at("index").get<std::uint64_t>()};
       st_.seed = s.at("seed").get<std::uint64_t>();
+      st_.eval_samples = s.contains("eval_samples") ? s.at("eval_samples").get<std::uint64_t>() : default_eval_samples();
       st_.tokens = s.at("tokens_seen").get<std::uint64_t>();
       st_.first_loss = s.at("first_loss").get<double>();
       st_.have_eval = !s.at("best_eval_loss").is_null();

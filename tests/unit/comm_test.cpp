@@ -258,6 +258,13 @@ TEST(Comm, OneRankIsACopy) {
   c->all_reduce_sum(in);
   c->barrier();
   EXPECT_EQ(in, (std::vector<float>{1, 2, 3}));
+  // A Gloo group of one rank behaves the same.
+  auto g = make_gloo_communicator_in_process(0, 1, "one-rank");
+  std::vector<float> out2(3);
+  g->reduce_scatter_sum(in, out2);
+  EXPECT_EQ(out2, in);
+  g->all_gather(in, out2);
+  EXPECT_EQ(out2, in);
 }
 
 }  // namespace

@@ -52,7 +52,7 @@ struct Recorder {
 // Runs one training pass, checking each use's data and the budgets as it goes; returns the stats.
 CoordinatorStats run_pass(ParamCoordinator& c, const ModelLayout& l, const Recorder& rec, std::int64_t micro,
                           const CoordinatorOptions& o, std::int64_t* live_seen = nullptr) {
-  const auto uses = ParamCoordinator::training_schedule(l.units.size(), micro, self);
+  const auto uses = ParamCoordinator::training_schedule(l.units.size(), micro, self, self);
   c.begin(uses);
   for (std::size_t i = 0; i < uses.size(); ++i) {
     const UnitBuffers& v = c.acquire(i);
@@ -68,6 +68,9 @@ CoordinatorStats run_pass(ParamCoordinator& c, const ModelLayout& l, const Recor
     }
     const std::int64_t live = c.live_elements();
     EXPECT_LE(live, o.max_live + use_elems) << "use " << i;
+    std::int64_t largest = 0;
+    for (const auto& u : l.units) largest = std::max(largest, u.numel);
+    EXPECT_LE(live + c.cached_elements(), o.max_live + largest + use_elems) << "use " << i;
     if (live_seen) *live_seen = std::max(*live_seen, live);
     c.release(i);
   }
@@ -199,7 +202,7 @@ TEST(Coordinator, AFailedGatherIsAnErrorAtTheUseThatNeedsIt) {
   ParamCoordinator c(*backend, l, DType::kF32, o, [](std::size_t u, void*, std::size_t) {
     if (u == 1) throw Error("NVMe read of unit {} failed: checksum mismatch", u);
   });
-  c.begin(ParamCoordinator::training_schedule(3, 1, self));
+  c.begin(ParamCoordinator::training_schedule(3, 1, self, self));
   EXPECT_IO_ERROR(
       {
         for (std::size_t i = 0; i < 6; ++i) {

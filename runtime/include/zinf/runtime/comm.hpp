@@ -59,7 +59,10 @@ class Communicator {
   virtual void barrier(std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) = 0;
   // A second, independent channel between the same ranks, for collectives issued from another
   // thread (the stage-3 prefetcher gathers while the compute thread reduces). Collective: every
-  // rank calls it, in the same order. The parent must outlive the child.
+  // rank calls it, in the same order. The parent must outlive the child. Gloo channels may be
+  // used at once in any interleaving. Two NCCL channels on one GPU may deadlock unless every rank
+  // launches their kernels in the same order (NCCL's rule for concurrent communicators): a GPU
+  // caller must order them, e.g. by the static schedule.
   virtual std::unique_ptr<Communicator> split(const std::string& name) = 0;
 };
 

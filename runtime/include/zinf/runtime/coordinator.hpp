@@ -86,11 +86,14 @@ class ParamCoordinator {
   CoordinatorStats take_stats();
   bool persistent(std::size_t unit) const { return persistent_[unit]; }
   std::int64_t live_elements() const;
+  std::int64_t cached_elements() const;  // freed buffers kept for reuse
 
   // The step's schedule: `micro_batches` x (forward units in order, backward in reverse), each use
-  // the units `reads(unit)` names.
+  // the units whose parameters that computation reads (`forward_reads(unit)`,
+  // `backward_reads(unit)`; a use may read none).
+  using Reads = std::function<std::vector<std::size_t>(std::size_t)>;
   static std::vector<std::vector<std::size_t>> training_schedule(std::size_t units, std::int64_t micro_batches,
-                                                                 const std::function<std::vector<std::size_t>(std::size_t)>& reads);
+                                                                 const Reads& forward_reads, const Reads& backward_reads);
   static std::vector<std::vector<std::size_t>> forward_schedule(std::size_t units,
                                                                 const std::function<std::vector<std::size_t>(std::size_t)>& reads);
 

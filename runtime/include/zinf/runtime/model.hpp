@@ -71,8 +71,12 @@ class Model {
   // The head unit also reads the embedding unit when the embeddings are tied.
   void forward_unit(std::size_t unit, const UnitBuffers& params);
   void backward_unit(std::size_t unit, const UnitBuffers& params, const UnitBuffers& grads, float grad_scale = 1.0f);
-  // Which units a unit's computation reads (itself, and the embedding for a tied head).
+  // Which units a unit's computation touches (itself, and the embedding for a tied head): the
+  // parameters forward reads and the gradients backward writes.
   std::vector<std::size_t> unit_reads(std::size_t unit) const;
+  // Which units' parameters backward_unit(unit) reads: unit_reads, except the embedding's
+  // backward, which needs only the token ids (a scatter-add into its gradient).
+  std::vector<std::size_t> backward_param_reads(std::size_t unit) const;
 
   // Whole passes. forward returns the mean loss over the targets.
   float forward(const UnitBuffers& params);

@@ -212,4 +212,14 @@ struct CpuBackendOptions {
 };
 std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options = {});
 
+// The CUDA backend on GPU `device`: kernels/cuda for the element-wise ops, attention and the loss,
+// cuBLASLt for the matrix products (fp32 products in full fp32, bf16 ones with fp32 accumulation).
+// Ops queue on the compute stream; upload, download and the loss sync. Throws zinf::Error when
+// zinf was built without CUDA, or the GPU is missing or unusable, saying which.
+struct CudaBackendOptions {
+  int device = 0;
+  std::size_t head_chunk_bytes = 256u << 20;  // logits per vocabulary chunk
+};
+std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options = {});
+
 }  // namespace zinf::runtime

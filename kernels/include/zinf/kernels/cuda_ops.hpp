@@ -1,0 +1,76 @@
+#pragma once
+// The model's GPU kernels (kernels/cuda/model_ops.cu): every op of the Backend interface except
+// the matrix products (cuBLASLt, in the CUDA backend). Activations and their gradients are fp32;
+// weights fp32 or bf16 (`bf16` flags). Each launcher queues its kernel(s) on `stream` and returns;
+// errors of the launch itself throw zinf::Error.
+//
+// Semantics follow the CPU kernels (cpu_model_ops.hpp) op for op, so the CPU backend is the
+// reference the tests compare against.
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace zinf::kernels::cuda {
+
+// out (n, h) = table (v, h)[tokens]
+void embedding_forward(float* out, const void* table, bool bf16, const std::int32_t* tokens, std::int64_t n,
+                       std::int64_t h, cudaStream_t stream);
+// dtable (v, h) += dout scattered by token (atomic adds: repeated tokens sum in any order).
+void embedding_backward(float* dtable, const float* dout, const std::int32_t* tokens, std::int64_t n, std::int64_t h,
+                        cudaStream_t stream);
+
+// y = x * rstd * w, rstd (n) saved.
+void rmsnorm_forward(float* y, float* rstd, const float* x, const void* w, bool bf16, std::int64_t n, std::int64_t h,
+                     float eps, cudaStream_t stream);
+// dx (n, h) added; dw (h) += sum over rows of dy * x * rstd. `partial` is scratch of
+// rmsnorm_partial_floats(n, h) floats (per-block column sums, reduced in a fixed order).
+std::int64_t rmsnorm_partial_floats(std::int64_t n, std::int64_t h);
+void rmsnorm_backward(float* dx, float* dw, float* partial, const float* dy, const float* x, const void* w, bool bf16,
+                      const float* rstd, std::int64_t n, std::int64_t h, cudaStream_t stream);
+
+// Rotary embedding in place (inverse: the backward rotation) on `heads` heads of head_dim hd from
+// column col0 of rows of stride ld; row i is position i % seq.
+void rope(float* x, std::int64_t ld, std::int64_t n, std::int64_t seq, std::int64_t heads, std::int64_t hd,
+          const float* cos, const float* sin, bool inverse, cudaStream_t stream);
+
+// out (n, i) = silu(gate) * up from gu (n, 2i); backward writes dgu (n, 2i).
+void swiglu_forward(float* out, const float* gu, std::int64_t n, std::int64_t i, cudaStream_t stream);
+void swiglu_backward(float* dgu, const float* dout, const float* gu, std::int64_t n, std::int64_t i,
+                     cudaStream_t stream);
+
+// y += x
+void add(float* y, const float* x, std::int64_t count, cudaStream_t stream);
+// y (n, cols) += bias (cols) per row.
+void bias_add(float* y, const void* bias, bool bf16, std::int64_t n, std::int64_t cols, cudaStream_t stream);
+// dbias (cols) += column sums of dy (n, cols); `partial` as rmsnorm_partial_floats(n, cols).
+void column_sums_add(float* dbias, float* partial, const float* dy, std::int64_t n, std::int64_t cols,
+                     cudaStream_t stream);
+// Round to bf16 (nearest even; NaN stays NaN).
+void to_bf16(std::uint16_t* dst, const float* src, std::int64_t count, cudaStream_t stream);
+
+// Causal grouped-query attention, tiled (the seq x seq scores never exist in memory). qkv (n,
+// (heads + 2 kv) hd) as the fused projection writes it; out (n, heads hd); lse (batch, heads, seq).
+struct AttentionDims {
+  std::int64_t batch, seq, heads, kv_heads, hd;
+  float scale;
+};
+void attention_forward(float* out, float* lse, const float* qkv, const AttentionDims& d, cudaStream_t stream);
+// dqkv (n, qkv_dim) written. `scratch` holds attention_backward_floats(d) floats.
+std::int64_t attention_backward_floats(const AttentionDims& d);
+void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
+                        const float* lse, const AttentionDims& d, cudaStream_t stream);
+
+// Cross-entropy over vocabulary chunks of logits (n, vc) for columns [v0, v0 + vc): running max m,
+// sum s and the target's logit (n) updated in place (initialise with ce_init).
+void ce_init(float* m, float* s, float* target_logit, std::int64_t n, cudaStream_t stream);
+void ce_chunk_forward(float* m, float* s, float* target_logit, const float* logits, const std::int32_t* targets,
+                      std::int64_t n, std::int64_t v0, std::int64_t vc, cudaStream_t stream);
+// lse = m + log s; loss = lse - target logit (0 for ignored rows, target < 0).
+void ce_finish(float* lse, float* loss, const float* m, const float* s, const float* target_logit,
+               const std::int32_t* targets, std::int64_t n, cudaStream_t stream);
+// logits (n, vc) become d(scale * loss) / d logits: scale * (softmax - onehot), 0 for ignored rows.
+void ce_chunk_backward(float* logits, const float* lse, const std::int32_t* targets, float scale, std::int64_t n,
+                       std::int64_t v0, std::int64_t vc, cudaStream_t stream);
+
+}  // namespace zinf::kernels::cuda

@@ -1,0 +1,386 @@
+// The CUDA backend against the CPU backend (the reference): every op on random inputs (never
+// zeros), fp32 and bf16 weights, shapes that do not divide the kernels' tiles; then a whole model's
+// loss and every gradient. Skips with the reason where there is no GPU.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "zinf/common/error.hpp"
+#include "zinf/kernels/device_info.hpp"
+#include "zinf/kernels/half.hpp"
+#include "zinf/runtime/backend.hpp"
+#include "zinf/runtime/model.hpp"
+#include "zinf/runtime/model_config.hpp"
+#include "zinf/runtime/weights.hpp"
+
+namespace zinf::runtime {
+namespace {
+
+std::string gpu_missing() {
+  const kernels::GpuQuery q = kernels::query_gpus();
+  if (!q.built_with_cuda) return "built without CUDA";
+  if (q.gpus.empty()) return q.problem.empty() ? std::string("no GPU") : q.problem;
+  return "";
+}
+
+#define SKIP_WITHOUT_GPU()                                       \
+  do {                                                           \
+    const std::string why = gpu_missing();                       \
+    if (!why.empty()) GTEST_SKIP() << "no GPU here: " << why;    \
+  } while (0)
+
+std::vector<float> random_floats(std::size_t n, unsigned seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) {
+    x = nd(rng);
+    if (x == 0.0f) x = scale * 1e-3f;
+  }
+  return v;
+}
+
+// The same data on both backends.
+class Pair {
+ public:
+  Pair() : cpu_(make_cpu_backend(CpuBackendOptions{64u << 20, 48u * 256 * 4})),
+           gpu_(make_cuda_backend(CudaBackendOptions{0, 48u * 320 * 4})) {}
+  Backend& cpu() { return *cpu_; }
+  Backend& gpu() { return *gpu_; }
+
+  struct Buf {
+    void* c = nullptr;
+    void* g = nullptr;
+    std::size_t bytes = 0;
+  };
+  Buf put(const void* host, std::size_t bytes) {
+    Buf b{cpu_->allocate(bytes), gpu_->allocate(bytes), bytes};
+    std::memcpy(b.c, host, bytes);
+    gpu_->upload(b.g, host, bytes);
+    bufs_.push_back(b);
+    return b;
+  }
+  Buf floats(const std::vector<float>& v) { return put(v.data(), v.size() * 4); }
+  Buf ints(const std::vector<std::int32_t>& v) { return put(v.data(), v.size() * 4); }
+  // Weights as fp32 or rounded to bf16 (the same bits on both sides).
+  Buf weights(const std::vector<float>& v, DType dt) {
+    if (dt == DType::kF32) return floats(v);
+    std::vector<std::uint16_t> h(v.size());
+    for (std::size_t i = 0; i < v.size(); ++i) h[i] = kernels::f32_to_bf16(v[i]);
+    return put(h.data(), h.size() * 2);
+  }
+  std::vector<float> cpu_floats(const Buf& b) {
+    std::vector<float> v(b.bytes / 4);
+    std::memcpy(v.data(), b.c, b.bytes);
+    return v;
+  }
+  std::vector<float> gpu_floats(const Buf& b) {
+    gpu_->synchronize();
+    std::vector<float> v(b.bytes / 4);
+    gpu_->download(v.data(), b.g, b.bytes);
+    return v;
+  }
+  ~Pair() {
+    for (const Buf& b : bufs_) {
+      cpu_->deallocate(b.c, b.bytes);
+      gpu_->deallocate(b.g, b.bytes);
+    }
+  }
+
+ private:
+  std::unique_ptr<Backend> cpu_, gpu_;
+  std::vector<Buf> bufs_;
+};
+
+// max |gpu - cpu| relative to max |cpu|.
+void expect_close(const std::vector<float>& cpu, const std::vector<float>& gpu, double tol, const std::string& what) {
+  ASSERT_EQ(cpu.size(), gpu.size()) << what;
+  double max_ref = 0, max_err = 0;
+  std::size_t worst = 0;
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    ASSERT_TRUE(std::isfinite(gpu[i])) << what << "[" << i << "] = " << gpu[i];
+    max_ref = std::max(max_ref, static_cast<double>(std::abs(cpu[i])));
+    const double e = std::abs(static_cast<double>(gpu[i]) - cpu[i]);
+    if (e > max_err) max_err = e, worst = i;
+  }
+  EXPECT_LE(max_err, tol * std::max(max_ref, 1e-30))
+      << what << ": worst at " << worst << " cpu " << cpu[worst] << " gpu " << gpu[worst] << " (max |ref| " << max_ref
+      << ")";
+}
+
+Weight w_of(const Pair::Buf& b, DType dt, bool gpu) { return {gpu ? b.g : b.c, dt}; }
+
+class CudaOps : public ::testing::TestWithParam<DType> {};
+
+TEST_P(CudaOps, ElementwiseNormsAndEmbeddingMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  const DType dt = GetParam();
+  Pair p;
+  const std::int64_t n = 150, h = 200, v = 97, inter = 130;
+  std::vector<std::int32_t> tok(n);
+  for (std::int64_t i = 0; i < n; ++i) tok[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 31 + 7) % v);
+  auto tokens = p.ints(tok);
+  auto table = p.weights(random_floats(static_cast<std::size_t>(v * h), 1), dt);
+  // embedding forward / backward (repeated tokens accumulate)
+  auto emb = p.floats(std::vector<float>(static_cast<std::size_t>(n * h)));
+  for (const bool g : {false, true}) {
+    (g ? p.gpu() : p.cpu()).embedding_forward(static_cast<float*>(g ? emb.g : emb.c), w_of(table, dt, g),
+                                              static_cast<const std::int32_t*>(g ? tokens.g : tokens.c), n, h);
+  }
+  expect_close(p.cpu_floats(emb), p.gpu_floats(emb), 0, "embedding");
+  auto dout = p.floats(random_floats(static_cast<std::size_t>(n * h), 2));
+  auto dtable = p.floats(random_floats(static_cast<std::size_t>(v * h), 3));
+  for (const bool g : {false, true}) {
+    (g ? p.gpu() : p.cpu()).embedding_backward(static_cast<float*>(g ? dtable.g : dtable.c),
+                                               static_cast<const float*>(g ? dout.g : dout.c),
+                                               static_cast<const std::int32_t*>(g ? tokens.g : tokens.c), n, h);
+  }
+  expect_close(p.cpu_floats(dtable), p.gpu_floats(dtable), 1e-6, "embedding.backward");
+  // rmsnorm
+  auto x = p.floats(random_floats(static_cast<std::size_t>(n * h), 4, 3.0f));
+  auto w = p.weights(random_floats(static_cast<std::size_t>(h), 5), dt);
+  auto y = p.floats(std::vector<float>(static_cast<std::size_t>(n * h)));
+  auto rstd = p.floats(std::vector<float>(static_cast<std::size_t>(n)));
+  for (const bool g : {false, true}) {
+    (g ? p.gpu() : p.cpu()).rmsnorm_forward(static_cast<float*>(g ? y.g : y.c), static_cast<float*>(g ? rstd.g : rstd.c),
+                                            static_cast<const float*>(g ? x.g : x.c), w_of(w, dt, g), n, h, 1e-5f);
+  }
+  expect_close(p.cpu_floats(y), p.gpu_floats(y), 1e-6, "rmsnorm");
+  expect_close(p.cpu_floats(rstd), p.gpu_floats(rstd), 1e-6, "rmsnorm rstd");
+  auto dx = p.floats(random_floats(static_cast<std::size_t>(n * h), 6));  // added into
+  auto dw = p.floats(random_floats(static_cast<std::size_t>(h), 7));
+  for (const bool g : {false, true}) {
+    (g ? p.gpu() : p.cpu()).rmsnorm_backward(static_cast<float*>(g ? dx.g : dx.c), static_cast<float*>(g ? dw.g : dw.c),
+                                             static_cast<const float*>(g ? dout.g : dout.c),
+                                             static_cast<const float*>(g ? x.g : x.c), w_of(w, dt, g),
+                                             static_cast<const float*>(g ? rstd.g : rstd.c), n, h);
+  }
+  expect_close(p.cpu_floats(dx), p.gpu_floats(dx), 1e-5, "rmsnorm.backward dx");
+  expect_close(p.cpu_floats(dw), p.gpu_floats(dw), 1e-5, "rmsnorm.backward dw");
+  // swiglu
+  auto gu = p.floats(random_floats(static_cast<std::size_t>(n * 2 * inter), 8, 2.0f));
+  auto act = p.floats(std::vector<float>(static_cast<std::size_t>(n * inter)));
+  auto dact = p.floats(random_floats(static_cast<std::size_t>(n * inter), 9));
+  auto dgu = p.floats(std::vector<float>(static_cast<std::size_t>(n * 2 * inter)));
+  for (const bool g : {false, true}) {
+    Backend& be = g ? p.gpu() : p.cpu();
+    be.swiglu_forward(static_cast<float*>(g ? act.g : act.c), static_cast<const float*>(g ? gu.g : gu.c), n, inter);
+    be.swiglu_backward(static_cast<float*>(g ? dgu.g : dgu.c), static_cast<const float*>(g ? dact.g : dact.c),
+                       static_cast<const float*>(g ? gu.g : gu.c), n, inter);
+    be.add(static_cast<float*>(g ? dx.g : dx.c), static_cast<const float*>(g ? x.g : x.c), n * h);
+  }
+  expect_close(p.cpu_floats(act), p.gpu_floats(act), 1e-6, "swiglu");
+  expect_close(p.cpu_floats(dgu), p.gpu_floats(dgu), 1e-6, "swiglu.backward");
+  expect_close(p.cpu_floats(dx), p.gpu_floats(dx), 1e-5, "add");
+  // rope on 3 heads of 16 from column 8 of rows of 80, forward then backward
+  const std::int64_t seq = 50, hd = 16, ld = 80;
+  std::vector<float> cos, sin;
+  ModelConfig c;
+  c.head_dim = hd;
+  c.rope_theta = 10000.0;
+  rope_tables(c, seq, cos, sin);
+  auto cb = p.floats(cos), sb = p.floats(sin);
+  auto r = p.floats(random_floats(static_cast<std::size_t>(n * ld), 10));
+  for (const bool g : {false, true}) {
+    Backend& be = g ? p.gpu() : p.cpu();
+    be.rope_forward(static_cast<float*>(g ? r.g : r.c), ld, 8, n, seq, 3, hd, static_cast<const float*>(g ? cb.g : cb.c),
+                    static_cast<const float*>(g ? sb.g : sb.c));
+  }
+  expect_close(p.cpu_floats(r), p.gpu_floats(r), 1e-6, "rope");
+  for (const bool g : {false, true}) {
+    Backend& be = g ? p.gpu() : p.cpu();
+    be.rope_backward(static_cast<float*>(g ? r.g : r.c), ld, 8, n, seq, 3, hd, static_cast<const float*>(g ? cb.g : cb.c),
+                     static_cast<const float*>(g ? sb.g : sb.c));
+  }
+  expect_close(p.cpu_floats(r), p.gpu_floats(r), 1e-6, "rope.backward");
+}
+
+TEST_P(CudaOps, LinearAndHeadLossMatchTheCpu) {
+  SKIP_WITHOUT_GPU();
+  const DType dt = GetParam();
+  const double tol = dt == DType::kF32 ? 2e-5 : 1e-4;  // same bf16 operands; accumulation order differs
+  Pair p;
+  const std::int64_t n = 96, in = 136, out = 200;
+  auto x = p.floats(random_floats(static_cast<std::size_t>(n * in), 11));
+  auto w = p.weights(random_floats(static_cast<std::size_t>(out * in), 12, 0.1f), dt);
+  auto b = p.weights(random_floats(static_cast<std::size_t>(out), 13), dt);
+  auto y = p.floats(std::vector<float>(static_cast<std::size_t>(n * out)));
+  auto dy = p.floats(random_floats(static_cast<std::size_t>(n * out), 14));
+  auto dx = p.floats(std::vector<float>(static_cast<std::size_t>(n * in)));
+  auto dw = p.floats(random_floats(static_cast<std::size_t>(out * in), 15));
+  auto db = p.floats(random_floats(static_cast<std::size_t>(out), 16));
+  for (const bool g : {false, true}) {
+    Backend& be = g ? p.gpu() : p.cpu();
+    be.linear_forward(static_cast<float*>(g ? y.g : y.c), static_cast<const float*>(g ? x.g : x.c), w_of(w, dt, g),
+                      w_of(b, dt, g), n, in, out);
+    be.linear_backward(static_cast<float*>(g ? dx.g : dx.c), static_cast<float*>(g ? dw.g : dw.c),
+                       static_cast<float*>(g ? db.g : db.c), static_cast<const float*>(g ? dy.g : dy.c),
+                       static_cast<const float*>(g ? x.g : x.c), w_of(w, dt, g), n, in, out);
+  }
+  expect_close(p.cpu_floats(y), p.gpu_floats(y), tol, "linear");
+  expect_close(p.cpu_floats(dx), p.gpu_floats(dx), tol, "linear.backward dx");
+  expect_close(p.cpu_floats(dw), p.gpu_floats(dw), tol, "linear.backward dw");
+  expect_close(p.cpu_floats(db), p.gpu_floats(db), 1e-5, "linear.backward dbias");
+  // LM head + cross-entropy over 1000 words in several chunks; some rows ignored.
+  const std::int64_t rows = 48, hidden = 64, vocab = 1000;
+  std::vector<std::int32_t> tg(rows);
+  for (std::int64_t i = 0; i < rows; ++i) tg[static_cast<std::size_t>(i)] = i % 7 == 3 ? -100 : static_cast<std::int32_t>((i * 37) % vocab);
+  auto targets = p.ints(tg);
+  auto hh = p.floats(random_floats(static_cast<std::size_t>(rows * hidden), 17));
+  auto hw = p.weights(random_floats(static_cast<std::size_t>(vocab * hidden), 18, 0.2f), dt);
+  auto lse = p.floats(std::vector<float>(static_cast<std::size_t>(rows)));
+  auto loss = p.floats(std::vector<float>(static_cast<std::size_t>(rows)));
+  auto dh = p.floats(std::vector<float>(static_cast<std::size_t>(rows * hidden)));
+  auto dhw = p.floats(random_floats(static_cast<std::size_t>(vocab * hidden), 19));
+  auto logits = p.floats(std::vector<float>(static_cast<std::size_t>(rows * vocab)));
+  for (const bool g : {false, true}) {
+    Backend& be = g ? p.gpu() : p.cpu();
+    const auto* t = static_cast<const std::int32_t*>(g ? targets.g : targets.c);
+    be.head_loss_forward(static_cast<float*>(g ? lse.g : lse.c), static_cast<float*>(g ? loss.g : loss.c),
+                         static_cast<const float*>(g ? hh.g : hh.c), w_of(hw, dt, g), t, rows, hidden, vocab);
+    be.head_loss_backward(static_cast<float*>(g ? dh.g : dh.c), static_cast<float*>(g ? dhw.g : dhw.c),
+                          static_cast<const float*>(g ? hh.g : hh.c), w_of(hw, dt, g), t,
+                          static_cast<const float*>(g ? lse.g : lse.c), 0.5f, rows, hidden, vocab);
+    be.head_logits(static_cast<float*>(g ? logits.g : logits.c), static_cast<const float*>(g ? hh.g : hh.c),
+                   w_of(hw, dt, g), rows, hidden, vocab);
+  }
+  expect_close(p.cpu_floats(lse), p.gpu_floats(lse), 1e-5, "head loss lse");
+  expect_close(p.cpu_floats(loss), p.gpu_floats(loss), 1e-5, "head loss");
+  expect_close(p.cpu_floats(dh), p.gpu_floats(dh), tol, "head loss dh");
+  expect_close(p.cpu_floats(dhw), p.gpu_floats(dhw), tol, "head loss dw");
+  expect_close(p.cpu_floats(logits), p.gpu_floats(logits), tol, "head logits");
+}
+
+INSTANTIATE_TEST_SUITE_P(Weights, CudaOps, ::testing::Values(DType::kF32, DType::kBF16),
+                         [](const auto& param_info) { return param_info.param == DType::kF32 ? std::string("fp32") : std::string("bf16"); });
+
+TEST(CudaAttention, MatchesTheCpuForEveryShape) {
+  SKIP_WITHOUT_GPU();
+  Pair p;
+  struct Shape {
+    std::int64_t batch, seq, heads, kv, hd;
+  };
+  // Sequences that do not fill the 32-row tiles; GQA groups of 1, 2 and 4; head dims 16 to 128.
+  for (const Shape s : {Shape{2, 45, 4, 2, 16}, Shape{1, 70, 8, 2, 64}, Shape{2, 33, 2, 2, 128}, Shape{1, 5, 4, 1, 32}}) {
+    const AttentionShape a{s.batch, s.seq, s.heads, s.kv, s.hd, static_cast<float>(1.0 / std::sqrt(double(s.hd)))};
+    const std::int64_t n = a.rows();
+    const std::string what = fmt::format("attention b{} t{} h{} kv{} d{}", s.batch, s.seq, s.heads, s.kv, s.hd);
+    auto qkv = p.floats(random_floats(static_cast<std::size_t>(n * a.qkv_dim()), 20, 1.5f));
+    auto out = p.floats(std::vector<float>(static_cast<std::size_t>(n * a.q_dim())));
+    auto lse = p.floats(std::vector<float>(static_cast<std::size_t>(s.batch * s.heads * s.seq)));
+    auto dout = p.floats(random_floats(static_cast<std::size_t>(n * a.q_dim()), 21));
+    auto dqkv = p.floats(std::vector<float>(static_cast<std::size_t>(n * a.qkv_dim())));
+    for (const bool g : {false, true}) {
+      Backend& be = g ? p.gpu() : p.cpu();
+      be.attention_forward(static_cast<float*>(g ? out.g : out.c), static_cast<float*>(g ? lse.g : lse.c),
+                           static_cast<const float*>(g ? qkv.g : qkv.c), a);
+    }
+    expect_close(p.cpu_floats(out), p.gpu_floats(out), 1e-5, what);
+    expect_close(p.cpu_floats(lse), p.gpu_floats(lse), 1e-5, what + " lse");
+    for (const bool g : {false, true}) {
+      Backend& be = g ? p.gpu() : p.cpu();
+      // Both sides from the CPU's forward output, so backward is compared on its own.
+      be.attention_backward(static_cast<float*>(g ? dqkv.g : dqkv.c), static_cast<const float*>(g ? dout.g : dout.c),
+                            static_cast<const float*>(g ? qkv.g : qkv.c), static_cast<const float*>(g ? out.g : out.c),
+                            static_cast<const float*>(g ? lse.g : lse.c), a);
+    }
+    expect_close(p.cpu_floats(dqkv), p.gpu_floats(dqkv), 2e-5, what + " backward");
+  }
+}
+
+// A whole model on both backends from the same weights and batch: the loss and every gradient.
+void compare_models(DType dt, double loss_tol, double grad_tol) {
+  Pair p;
+  nlohmann::json j{{"architectures", {"LlamaForCausalLM"}},
+                   {"hidden_size", 128},
+                   {"num_hidden_layers", 2},
+                   {"num_attention_heads", 4},
+                   {"num_key_value_heads", 2},
+                   {"intermediate_size", 224},
+                   {"vocab_size", 300},
+                   {"max_position_embeddings", 128},
+                   {"rms_norm_eps", 1e-5},
+                   {"attention_bias", true},
+                   {"tie_word_embeddings", false}};
+  const ModelConfig cfg = parse_model_config(j, "test");
+  Model mc(cfg, p.cpu(), ModelOptions{dt, true});
+  Model mg(cfg, p.gpu(), ModelOptions{dt, true});
+  const ModelLayout& layout = mc.layout();
+  UnitStorage master(p.cpu(), layout, DType::kF32);
+  init_parameters(cfg, layout, 7, p.cpu(), master.view());
+  UnitStorage pc(p.cpu(), layout, dt), pg(p.gpu(), layout, dt), gc(p.cpu(), layout, DType::kF32),
+      gg(p.gpu(), layout, DType::kF32);
+  for (std::size_t u = 0; u < layout.units.size(); ++u) {
+    const auto count = static_cast<std::size_t>(layout.units[u].numel);
+    const auto* m = static_cast<const float*>(master.view().units[u]);
+    if (dt == DType::kF32) {
+      std::memcpy(pc.view().units[u], m, count * 4);
+      p.gpu().upload(pg.view().units[u], m, count * 4);
+    } else {
+      std::vector<std::uint16_t> h(count);
+      for (std::size_t i = 0; i < count; ++i) h[i] = kernels::f32_to_bf16(m[i]);
+      std::memcpy(pc.view().units[u], h.data(), count * 2);
+      p.gpu().upload(pg.view().units[u], h.data(), count * 2);
+    }
+  }
+  const std::int64_t batch = 2, seq = 40;
+  std::vector<std::int32_t> tokens(batch * seq), targets(batch * seq);
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = static_cast<std::int32_t>((i * 7919 + 13) % 300);
+    targets[i] = i % 11 == 5 ? -100 : static_cast<std::int32_t>((i * 104729 + 3) % 300);
+  }
+  mc.set_batch(tokens, targets, batch, seq);
+  mg.set_batch(tokens, targets, batch, seq);
+  const float lc = mc.forward(pc.view());
+  const float lg = mg.forward(pg.view());
+  EXPECT_NEAR(lg, lc, loss_tol * std::abs(lc)) << "loss";
+  mc.backward(pc.view(), gc.view(), 1.0f);
+  mg.backward(pg.view(), gg.view(), 1.0f);
+  for (std::size_t u = 0; u < layout.units.size(); ++u) {
+    const auto count = static_cast<std::size_t>(layout.units[u].numel);
+    std::vector<float> a(count), b(count);
+    std::memcpy(a.data(), gc.view().units[u], count * 4);
+    p.gpu().download(b.data(), gg.view().units[u], count * 4);
+    for (const TensorSpec& t : layout.units[u].tensors) {
+      expect_close(std::vector<float>(a.begin() + t.offset, a.begin() + t.offset + t.numel()),
+                   std::vector<float>(b.begin() + t.offset, b.begin() + t.offset + t.numel()), grad_tol,
+                   "grad " + t.name);
+    }
+  }
+}
+
+TEST(CudaModel, Fp32LossAndEveryGradientMatchTheCpuTightly) {
+  SKIP_WITHOUT_GPU();
+  compare_models(DType::kF32, 1e-5, 1e-4);
+}
+
+TEST(CudaModel, Bf16LossAndEveryGradientMatchTheCpuWithinBf16Tolerance) {
+  SKIP_WITHOUT_GPU();
+  compare_models(DType::kBF16, 2e-3, 3e-2);
+}
+
+TEST(CudaBackend, WithoutAGpuTheErrorSaysWhy) {
+  const std::string why = gpu_missing();
+  if (why.empty()) GTEST_SKIP() << "a GPU is here; the error path needs its absence";
+  try {
+    make_cuda_backend();
+    ADD_FAILURE() << "make_cuda_backend succeeded without a GPU";
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_TRUE(msg.find("no usable GPU") != std::string::npos || msg.find("without CUDA") != std::string::npos ||
+                msg.find("not in this build") != std::string::npos)
+        << msg;
+  }
+}
+
+}  // namespace
+}  // namespace zinf::runtime

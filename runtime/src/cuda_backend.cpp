@@ -99,6 +99,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
+  void profile_fence() override { check(cudaStreamSynchronize(compute()), "cudaStreamSynchronize"); }
   std::string describe() const override {
     int rt = 0;
     cudaRuntimeGetVersion(&rt);

@@ -130,7 +130,8 @@ class Backend {
   virtual void head_logits(float* logits, const float* h, Weight w, std::int64_t n, std::int64_t hidden,
                            std::int64_t vocab) = 0;
 
-  // ---- profiling: per-op wall time while enabled
+  // ---- profiling: per-op wall time while enabled (a GPU backend waits for each op to finish, so
+  // the step runs slower while profiling)
   void set_profiling(bool on) { profiling_ = on; }
   bool profiling() const { return profiling_; }
   OpProfile& profile() { return profile_; }
@@ -140,10 +141,13 @@ class Backend {
   class OpTimer {
    public:
     OpTimer(Backend& b, const char* op, double flops = 0.0) : b_(b), op_(op), flops_(flops) {
-      if (b_.profiling_) start_ = std::chrono::steady_clock::now();
+      if (!b_.profiling_) return;
+      b_.profile_fence();
+      start_ = std::chrono::steady_clock::now();
     }
     ~OpTimer() {
       if (!b_.profiling_) return;
+      b_.profile_fence();
       auto& e = b_.profile_.ops[op_];
       e.calls += 1;
       e.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
@@ -158,6 +162,8 @@ class Backend {
     double flops_;
     std::chrono::steady_clock::time_point start_{};
   };
+  // Waits for queued work (profiling only): a no-op where ops complete before returning.
+  virtual void profile_fence() {}
 
  private:
   bool profiling_ = false;

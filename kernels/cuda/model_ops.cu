@@ -601,6 +601,10 @@ void to_bf16(std::uint16_t* dst, const float* src, i64 count, cudaStream_t strea
 
 void attention_forward(float* out, float* lse, const float* qkv, const AttentionDims& d, cudaStream_t stream) {
   const Geo g = geo(d);
+  if (d.bf16 && flash_attention_supported(d)) {
+    flash_attention_forward(out, lse, qkv, d, stream);
+    return;
+  }
   const std::size_t smem = static_cast<std::size_t>((2 * kTile + kWarps) * g.hd) * sizeof(float);
   set_smem(reinterpret_cast<const void*>(&attention_forward_k), smem);
   const dim3 grid(static_cast<unsigned>((g.seq + kWarps - 1) / kWarps), static_cast<unsigned>(g.batch * g.heads));
@@ -616,6 +620,10 @@ void attention_backward(float* dqkv, float* scratch, const float* dout, const fl
   const i64 rows = g.batch * g.heads * g.seq;
   attention_d_k<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(scratch, dout, out, g);
   check_launch("attention_backward (D)");
+  if (d.bf16 && flash_attention_supported(d)) {
+    flash_attention_backward(dqkv, scratch, dout, qkv, lse, d, stream);
+    return;
+  }
   const std::size_t smem_q = static_cast<std::size_t>((2 * kTile + 2 * kWarps) * g.hd) * sizeof(float);
   set_smem(reinterpret_cast<const void*>(&attention_dq_k), smem_q);
   const dim3 grid_q(static_cast<unsigned>((g.seq + kWarps - 1) / kWarps), static_cast<unsigned>(g.batch * g.heads));

@@ -276,7 +276,7 @@ class CudaBackend final : public Backend {
     return static_cast<const char*>(w.data) + static_cast<std::size_t>(r * cols) * (bf16(w) ? 2 : 4);
   }
   static kc::AttentionDims dims(const AttentionShape& s) {
-    return {s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, s.scale};
+    return {s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, s.scale, s.bf16_products};
   }
   std::int64_t vocab_chunk(std::int64_t n, std::int64_t vocab) const {
     const auto by_budget = static_cast<std::int64_t>(o_.head_chunk_bytes / sizeof(float)) / std::max<std::int64_t>(n, 1);

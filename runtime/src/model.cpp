@@ -234,7 +234,8 @@ void Model::layer_forward(std::int64_t l, const UnitBuffers& p, LayerActs& a, fl
   be.rope_forward(a.qkv.f32(), c.qkv_dim(), c.q_dim(), n, seq_, c.num_kv_heads, c.head_dim, buf_->cos.f32(),
                   buf_->sin.f32());
   const AttentionShape shape{batch_, seq_, c.num_heads, c.num_kv_heads, c.head_dim,
-                             static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)))};
+                             static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim))),
+                             options_.param_dtype == DType::kBF16};
   be.attention_forward(a.attn.f32(), a.lse.f32(), a.qkv.f32(), shape);
   be.linear_forward(a.xmid.f32(), a.attn.f32(), p.weight(layout_, u, TensorRole::kOWeight),
                     p.weight(layout_, u, TensorRole::kOBias), n, c.q_dim(), h);
@@ -271,7 +272,8 @@ void Model::layer_backward(std::int64_t l, const UnitBuffers& p, const UnitBuffe
                      g.grad(layout_, u, TensorRole::kOBias), dx, a.attn.f32(),
                      p.weight(layout_, u, TensorRole::kOWeight), n, c.q_dim(), h);
   const AttentionShape shape{batch_, seq_, c.num_heads, c.num_kv_heads, c.head_dim,
-                             static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim)))};
+                             static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim))),
+                             options_.param_dtype == DType::kBF16};
   be.attention_backward(buf_->dqkv.f32(), buf_->dattn.f32(), a.qkv.f32(), a.attn.f32(), a.lse.f32(), shape);
   be.rope_backward(buf_->dqkv.f32(), c.qkv_dim(), 0, n, seq_, c.num_heads, c.head_dim, buf_->cos.f32(),
                    buf_->sin.f32());

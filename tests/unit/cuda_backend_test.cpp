@@ -9,6 +9,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <fmt/format.h>
@@ -297,14 +298,64 @@ TEST(CudaAttention, MatchesTheCpuForEveryShape) {
   }
 }
 
+TEST(CudaAttention, FlashBf16MatchesTheCpuWithinBf16Tolerance) {
+  // The tensor-core kernels (head dims 64 and 128, bf16 operands, fp32 accumulation and softmax)
+  // against the CPU's fp32 attention: tiles of 64 rows, so sequences of 45, 64, 130 and 200 cover
+  // partial, exact and several tiles, with GQA groups of 1, 2 and 4.
+  SKIP_WITHOUT_GPU();
+  Pair p;
+  struct Shape {
+    std::int64_t batch, seq, heads, kv, hd;
+  };
+  for (const Shape s : {Shape{2, 45, 4, 2, 64}, Shape{2, 64, 4, 4, 64}, Shape{1, 130, 8, 2, 128}, Shape{1, 200, 4, 1, 128}}) {
+    AttentionShape a{s.batch, s.seq, s.heads, s.kv, s.hd, static_cast<float>(1.0 / std::sqrt(double(s.hd)))};
+    const std::int64_t n = a.rows();
+    const std::string what = fmt::format("flash attention b{} t{} h{} kv{} d{}", s.batch, s.seq, s.heads, s.kv, s.hd);
+    auto qkv = p.floats(random_floats(static_cast<std::size_t>(n * a.qkv_dim()), 30, 1.5f));
+    auto out = p.floats(std::vector<float>(static_cast<std::size_t>(n * a.q_dim())));
+    auto lse = p.floats(std::vector<float>(static_cast<std::size_t>(s.batch * s.heads * s.seq)));
+    auto dout = p.floats(random_floats(static_cast<std::size_t>(n * a.q_dim()), 31));
+    auto dqkv = p.floats(std::vector<float>(static_cast<std::size_t>(n * a.qkv_dim())));
+    for (const bool g : {false, true}) {
+      a.bf16_products = g;
+      Backend& be = g ? p.gpu() : p.cpu();
+      be.attention_forward(static_cast<float*>(g ? out.g : out.c), static_cast<float*>(g ? lse.g : lse.c),
+                           static_cast<const float*>(g ? qkv.g : qkv.c), a);
+    }
+    expect_close(p.cpu_floats(out), p.gpu_floats(out), 2e-2, what);
+    expect_close(p.cpu_floats(lse), p.gpu_floats(lse), 5e-3, what + " lse");
+    // Backward from each side's own forward (as in training).
+    for (const bool g : {false, true}) {
+      a.bf16_products = g;
+      Backend& be = g ? p.gpu() : p.cpu();
+      be.attention_backward(static_cast<float*>(g ? dqkv.g : dqkv.c), static_cast<const float*>(g ? dout.g : dout.c),
+                            static_cast<const float*>(g ? qkv.g : qkv.c), static_cast<const float*>(g ? out.g : out.c),
+                            static_cast<const float*>(g ? lse.g : lse.c), a);
+    }
+    const auto c = p.cpu_floats(dqkv), gg = p.gpu_floats(dqkv);
+    // dq, dk and dv separately: each has its own scale.
+    for (const auto& [name, col0, cols] : {std::tuple<const char*, std::int64_t, std::int64_t>{"dq", 0, a.q_dim()},
+                                           {"dk", a.q_dim(), s.kv * s.hd}, {"dv", a.q_dim() + s.kv * s.hd, s.kv * s.hd}}) {
+      std::vector<float> x, y;
+      for (std::int64_t r = 0; r < n; ++r) {
+        for (std::int64_t j = 0; j < cols; ++j) {
+          x.push_back(c[static_cast<std::size_t>(r * a.qkv_dim() + col0 + j)]);
+          y.push_back(gg[static_cast<std::size_t>(r * a.qkv_dim() + col0 + j)]);
+        }
+      }
+      expect_close(x, y, 3e-2, what + " backward " + name);
+    }
+  }
+}
+
 // A whole model on both backends from the same weights and batch: the loss and every gradient.
 void compare_models(DType dt, double loss_tol, double grad_tol) {
   Pair p;
   nlohmann::json j{{"architectures", {"LlamaForCausalLM"}},
                    {"hidden_size", 128},
                    {"num_hidden_layers", 2},
-                   {"num_attention_heads", 4},
-                   {"num_key_value_heads", 2},
+                   {"num_attention_heads", 2},  // head dim 64: bf16 runs use the flash kernels
+                   {"num_key_value_heads", 1},
                    {"intermediate_size", 224},
                    {"vocab_size", 300},
                    {"max_position_embeddings", 128},

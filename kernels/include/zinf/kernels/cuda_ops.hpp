@@ -51,10 +51,19 @@ void to_bf16(std::uint16_t* dst, const float* src, std::int64_t count, cudaStrea
 
 // Causal grouped-query attention, tiled (the seq x seq scores never exist in memory). qkv (n,
 // (heads + 2 kv) hd) as the fused projection writes it; out (n, heads hd); lse (batch, heads, seq).
+// bf16: products on the tensor cores with bf16 operands (q, k, v, dO and the probabilities
+// rounded), fp32 accumulation and softmax (flash attention, head dims 64 and 128); otherwise, or
+// for other head dims, fp32 throughout on the CUDA cores.
 struct AttentionDims {
   std::int64_t batch, seq, heads, kv_heads, hd;
   float scale;
+  bool bf16 = false;
 };
+bool flash_attention_supported(const AttentionDims& d);
+void flash_attention_forward(float* out, float* lse, const float* qkv, const AttentionDims& d, cudaStream_t stream);
+// dd: rowdot(dO, O) per (batch, head, seq), as attention_backward computes it first.
+void flash_attention_backward(float* dqkv, const float* dd, const float* dout, const float* qkv, const float* lse,
+                              const AttentionDims& d, cudaStream_t stream);
 void attention_forward(float* out, float* lse, const float* qkv, const AttentionDims& d, cudaStream_t stream);
 // dqkv (n, qkv_dim) written. `scratch` holds attention_backward_floats(d) floats.
 std::int64_t attention_backward_floats(const AttentionDims& d);

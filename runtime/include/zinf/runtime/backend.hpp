@@ -37,6 +37,9 @@ struct Weight {
 struct AttentionShape {
   std::int64_t batch = 0, seq = 0, heads = 0, kv_heads = 0, head_dim = 0;
   float scale = 0.0f;  // 1/sqrt(head_dim)
+  // Mixed precision: a backend may run the products with bf16 operands and fp32 accumulation (the
+  // CUDA backend's flash attention). The CPU backend computes attention in fp32 either way.
+  bool bf16_products = false;
   std::int64_t rows() const { return batch * seq; }
   std::int64_t q_dim() const { return heads * head_dim; }
   std::int64_t qkv_dim() const { return (heads + 2 * kv_heads) * head_dim; }

@@ -265,7 +265,7 @@ class Trainer {
  public:
   explicit Trainer(const TrainOptions& o)
       : o_(o),
-        backend_(make_cpu_backend()),
+        backend_(o.device == "cuda" ? make_cuda_backend(CudaBackendOptions{o.gpu}) : make_cpu_backend()),
         param_dtype_(o.ds.bf16.enabled ? DType::kBF16 : DType::kF32),
         model_(o.model, *backend_, ModelOptions{param_dtype_, true}),
         layout_(model_.layout()),
@@ -287,6 +287,8 @@ class Trainer {
     world_ = comm_->size();
     rank_ = comm_->rank();
     stage_ = o.ds.zero.stage;
+    host_backend_ = backend_->name() == "cpu";
+    grad_dl_.resize(layout_.units.size());
     sharded_ = world_ > 1 && stage_ >= 1;
     partition_grads_ = stage_ >= 2;
     stage3_ = stage_ == 3;
@@ -456,10 +458,11 @@ class Trainer {
                     st_.step + 1);
       }
       const double loss = loss_sum / static_cast<double>(gas_ * world_);
+      gradients_to_host();
       if (o_.after_backward) {
         std::vector<void*> g;
         if (full_grads_) {
-          g = full_grads_->view().units;
+          for (std::size_t u = 0; u < layout_.units.size(); ++u) g.push_back(host_grad(u));
         } else {
           for (auto& v : gshard_) g.push_back(v.data());
         }
@@ -473,7 +476,7 @@ class Trainer {
       double sq = 0;
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
         sq += !gshard_.empty() ? sum_squares(gshard_[u].data(), shard_[u])
-                               : sum_squares(static_cast<const float*>(full_grads_->view().units[u]), layout_.units[u].numel);
+                               : sum_squares(host_grad(u), layout_.units[u].numel);
       }
       if (sharded_) {
         // Every rank's double, gathered and summed in rank order (a float sum could overflow).
@@ -511,7 +514,7 @@ class Trainer {
       in.adam.grad_scale = static_cast<float>(clip / (static_cast<double>(gas_ * world_) * loss_scale));
       in.grad_dtype = DType::kF32;
       in.gradient = [this](std::size_t u) -> const void* {
-        return !gshard_.empty() ? static_cast<const void*>(gshard_[u].data()) : full_grads_->view().units[u];
+        return !gshard_.empty() ? static_cast<const void*>(gshard_[u].data()) : static_cast<const void*>(host_grad(u));
       };
       if (overflow) {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
@@ -586,7 +589,7 @@ class Trainer {
   void reduce_gradients() {
     if (world_ == 1 || partition_grads_) return;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      auto* g = static_cast<float*>(full_grads_->view().units[u]);
+      float* g = host_grad(u);
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       if (!sharded_) {
         comm_->all_reduce_sum(std::span<float>(g, n));
@@ -610,7 +613,9 @@ class Trainer {
 
  private:
   void initialise() {
-    UnitStorage master(*backend_, layout_, DType::kF32);
+    // The fp32 master is made in host memory whatever the compute backend.
+    auto host = make_cpu_backend();
+    UnitStorage master(*host, layout_, DType::kF32);
     if (!o_.init_weights.empty()) {
       load_weights(o_.init_weights, o_.model, layout_, *backend_, master.view());
       spdlog::info("weights from {}", o_.init_weights);
@@ -643,6 +648,7 @@ class Trainer {
 
   struct GatherScratch {
     std::vector<float> in, out, m, v;
+    std::vector<std::byte> host;  // the whole unit, before its upload to a GPU backend
     std::optional<offload::ParamLease> ahead;  // NVMe reads of the next unit, started early
     std::size_t ahead_unit = ParamCoordinator::kNone;
   };
@@ -653,8 +659,20 @@ class Trainer {
   // (bf16 pieces travel two to a float slot of the gather).
   // `next` (stage 3's prefetch thread): the unit gathered after this one; when its bf16 shard is
   // on NVMe its reads start now, if staging buffers are free, and overlap this unit's gather.
-  void gather_unit(std::size_t u, void* dst, Communicator& comm, GatherScratch& s,
+  void gather_unit(std::size_t u, void* device_dst, Communicator& comm, GatherScratch& s,
                    std::size_t next = ParamCoordinator::kNone) {
+    const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+    // The CPU backend's memory is host memory: gather in place. A GPU's: on the host, then up.
+    void* dst = device_dst;
+    if (!host_backend_) {
+      s.host.resize(n * kernels::cpu::dtype_bytes(param_dtype_));
+      dst = s.host.data();
+    }
+    gather_unit_host(u, dst, comm, s, next);
+    if (!host_backend_) backend_->upload(device_dst, dst, s.host.size());
+  }
+
+  void gather_unit_host(std::size_t u, void* dst, Communicator& comm, GatherScratch& s, std::size_t next) {
     const auto n = static_cast<std::size_t>(layout_.units[u].numel);
     const auto sh = static_cast<std::size_t>(shard_[u]);
     if (param_dtype_ == DType::kBF16) {
@@ -718,6 +736,31 @@ class Trainer {
     grad_view_.units[u] = grad_live_[u].data();
   }
 
+  // Stages 0-1: unit u's accumulated gradient in host memory (downloaded from a GPU backend by
+  // gradients_to_host()).
+  float* host_grad(std::size_t u) {
+    return host_backend_ ? static_cast<float*>(full_grads_->view().units[u]) : grad_host_[u].data();
+  }
+  void gradients_to_host() {
+    if (host_backend_ || !full_grads_) return;
+    grad_host_.resize(layout_.units.size());
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      grad_host_[u].resize(static_cast<std::size_t>(layout_.units[u].numel));
+      backend_->download(grad_host_[u].data(), full_grads_->view().units[u], grad_host_[u].size() * sizeof(float));
+    }
+  }
+  // Stages 2-3: a bucket unit's gradient of this micro-batch in host memory (downloaded once per
+  // flush from a GPU backend).
+  const float* bucket_grad(std::size_t u) {
+    if (host_backend_) return grad_live_[u].f32();
+    auto& h = grad_dl_[u];
+    if (h.size() != static_cast<std::size_t>(layout_.units[u].numel)) {
+      h.resize(static_cast<std::size_t>(layout_.units[u].numel));
+      backend_->download(h.data(), grad_live_[u].data(), h.size() * sizeof(float));
+    }
+    return h.data();
+  }
+
   // Unit u's gradient of this micro-batch is complete: into the reduction bucket, which is
   // reduce-scattered once it holds reduce_bucket_size elements.
   void gradient_ready(std::size_t u) {
@@ -737,7 +780,7 @@ class Trainer {
       });
     };
     if (world_ == 1) {
-      for (const std::size_t u : bucket_) add(gshard_[u].data(), grad_live_[u].f32(), layout_.units[u].numel);
+      for (const std::size_t u : bucket_) add(gshard_[u].data(), bucket_grad(u), layout_.units[u].numel);
     } else {
       std::int64_t total = 0;
       for (const std::size_t u : bucket_) total += shard_[u];
@@ -748,7 +791,7 @@ class Trainer {
         for (const std::size_t u : bucket_) {
           const std::int64_t sh = shard_[u], n = layout_.units[u].numel, begin = r * sh;
           const std::int64_t count = std::clamp<std::int64_t>(n - begin, 0, sh);
-          if (count > 0) std::memcpy(out, grad_live_[u].f32() + begin, static_cast<std::size_t>(count) * sizeof(float));
+          if (count > 0) std::memcpy(out, bucket_grad(u) + begin, static_cast<std::size_t>(count) * sizeof(float));
           std::fill(out + std::max<std::int64_t>(count, 0), out + sh, 0.0f);
           out += sh;
         }
@@ -763,6 +806,7 @@ class Trainer {
     for (const std::size_t u : bucket_) {
       grad_pool_[grad_live_[u].bytes()].push_back(std::move(grad_live_[u]));
       grad_view_.units[u] = nullptr;
+      if (!host_backend_) grad_dl_[u].clear();  // the next micro-batch downloads afresh
     }
     ++buckets_reduced_;
     bucket_.clear();
@@ -1198,6 +1242,8 @@ class Trainer {
   std::vector<std::int64_t> shard_;        // elements of this rank's piece of each unit
   std::vector<std::vector<float>> gshard_;  // this rank's summed gradient shards
   std::vector<float> padded_, send_, recv_;  // reused every step
+  bool host_backend_ = true;                 // the backend's memory is host memory (CPU)
+  std::vector<std::vector<float>> grad_host_, grad_dl_;  // GPU backend: gradients brought down
   GatherScratch main_scratch_, worker_scratch_;
   UnitBuffers grad_view_;                  // stages 2-3: the gradient buffers of the units in backward
   std::vector<DeviceBuffer> grad_live_;

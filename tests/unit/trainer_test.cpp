@@ -20,6 +20,7 @@
 #include "zinf/common/error.hpp"
 #include "zinf/configs/parse.hpp"
 #include "zinf/io/safetensors.hpp"
+#include "zinf/kernels/device_info.hpp"
 #include "zinf/runtime/comm.hpp"
 #include "zinf/runtime/data.hpp"
 #include "zinf/runtime/embedded.hpp"
@@ -536,6 +537,42 @@ TEST(Trainer, NvmeOffloadOnTwoRanksMatchesHostMemoryAndResumes) {
   }
   const Json s = Json::parse(std::ifstream(d.path() + "/nvme/summary.json"));
   EXPECT_GT(s["peak_memory_bytes"]["nvme"].get<std::int64_t>(), 0);
+}
+
+TEST(Trainer, TheCudaBackendTrainsLikeTheCpu) {
+  // The same runs with the model on the GPU: fp32 within rounding, bf16 within bf16 tolerance
+  // (the GPU's flash attention takes bf16 operands; the CPU's attention is fp32), at stage 0 and
+  // stage 3, and with 2 ranks where 2 GPUs are visible.
+  const kernels::GpuQuery q = kernels::query_gpus();
+  if (q.gpus.empty()) GTEST_SKIP() << "no GPU here: " << (q.built_with_cuda ? q.problem : std::string("built without CUDA"));
+  ScratchDir d;
+  for (const bool bf16 : {false, true}) {
+    for (const int stage : {0, 3}) {
+      const auto tweak = [&](Json& ds) {
+        ds["bf16"]["enabled"] = bf16;
+        ds["zero_optimization"]["stage"] = stage;
+      };
+      const std::string tag = fmt::format("{}-s{}", bf16 ? "bf16" : "fp32", stage);
+      train_on_ranks(d.path() + "/cpu-" + tag, 1, stage, 8, "", tweak);
+      train_on_ranks(d.path() + "/cuda-" + tag, 1, stage, 8, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
+      const auto want = losses(d.path() + "/cpu-" + tag), got = losses(d.path() + "/cuda-" + tag);
+      ASSERT_EQ(got.size(), want.size()) << tag;
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        EXPECT_NEAR(got[i], want[i], (bf16 ? 2e-2 : 2e-4) * want[i]) << tag << " step " << i + 1;
+      }
+      const Json s = Json::parse(std::ifstream(d.path() + "/cuda-" + tag + "/summary.json"));
+      EXPECT_EQ(s["backend"], "cuda") << tag;
+    }
+  }
+  if (q.gpus.size() >= 2) {
+    train_on_ranks(d.path() + "/cuda-w2", 2, 3, 8, "", {}, [](TrainOptions& o) {
+      o.device = "cuda";
+      o.gpu = o.comm->rank();
+    });
+    const auto want = losses(d.path() + "/cpu-fp32-s3"), got = losses(d.path() + "/cuda-w2");
+    ASSERT_EQ(got.size(), want.size());
+    for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-4 * want[i]) << "2 GPUs, step " << i + 1;
+  }
 }
 
 TEST(Trainer, ShardedResumeIsBitIdenticalAndReshardsToOtherRanks) {

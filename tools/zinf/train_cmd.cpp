@@ -42,6 +42,7 @@ struct TrainCliOptions {
   double epochs = 0;
   std::int64_t seq_len = 0;
   std::uint64_t seed = 42;
+  std::string device = "cpu";
   std::int64_t eval_every = 0;
   double eval_fraction = 0.05;
   std::int64_t save_every = 0;
@@ -203,6 +204,8 @@ int run_train(TrainCliOptions o) {
   t.stop_requested = [] { return g_stop.load() != 0; };
   t.comm = comm.get();
   t.terminal = t.terminal && ranks.rank == 0;
+  t.device = o.device;
+  t.gpu = ranks.local_rank;  // one GPU per local rank
 
   const runtime::TrainResult r = runtime::train(t);
   if (ranks.rank != 0) return kExitOk;  // rank 0 reports
@@ -322,6 +325,10 @@ void add_train_commands(CLI::App& app, Action& action) {
   cmd->add_option("--seq-len", o->seq_len, "tokens per sample (default 512; 256 for the embedded default)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--seed", o->seed, "seed for the initialisation and the sample order (default 42)");
+  cmd->add_option("--device", o->device,
+                  "where the model computes: cpu (default) or cuda (GPU LOCAL_RANK; optimizer state stays on the host "
+                  "or NVMe)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--eval-every", o->eval_every, "eval loss every N steps (default: at the end)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--eval-fraction", o->eval_fraction, "share of samples held out for the eval loss (default 0.05)")

@@ -47,6 +47,10 @@ struct TrainOptions {
   // Only rank 0 writes the metrics, summary, config and `latest`; every rank writes its shard of
   // each checkpoint.
   Communicator* comm = nullptr;
+  // Where the model computes: "cpu", or "cuda" on GPU `gpu` (the optimizer state stays on the host
+  // or NVMe; parameters go up and gradients come down each step, synchronously for now).
+  std::string device = "cpu";
+  int gpu = 0;
   // Test hook: sees each step's accumulated (loss-scaled) fp32 gradients before the norm, e.g. to
   // inject an overflow. Step numbers are 1-based.
   std::function<void(std::int64_t step, const std::vector<void*>& grad_units)> after_backward;

@@ -108,6 +108,7 @@ class CudaBackend final : public Backend {
   }
 
   void* allocate(std::size_t bytes) override {
+    current();
     void* p = nullptr;
     const cudaError_t e = cudaMalloc(&p, std::max<std::size_t>(bytes, 1));
     if (e != cudaSuccess) {
@@ -121,14 +122,20 @@ class CudaBackend final : public Backend {
   }
   void deallocate(void* p, std::size_t) noexcept override { cudaFree(p); }
   void upload(void* dst, const void* src, std::size_t bytes) override {
-    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, compute()), "upload");
-    check(cudaStreamSynchronize(compute()), "upload");
+    if (bytes == 0) return;
+    current();
+    copy(dst, src, bytes, cudaMemcpyHostToDevice, "upload");
   }
   void download(void* dst, const void* src, std::size_t bytes) override {
-    check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, compute()), "download");
-    check(cudaStreamSynchronize(compute()), "download");
+    if (bytes == 0) return;
+    current();
+    copy(dst, src, bytes, cudaMemcpyDeviceToHost, "download");
   }
-  void fill_zero(void* dst, std::size_t bytes) override { check(cudaMemsetAsync(dst, 0, bytes, compute()), "memset"); }
+  void fill_zero(void* dst, std::size_t bytes) override {
+    if (bytes == 0) return;
+    current();
+    check(cudaMemsetAsync(dst, 0, bytes, compute()), "memset");
+  }
 
   std::unique_ptr<Event> record(Stream stream) override {
     auto e = std::make_unique<CudaEvent>();
@@ -271,6 +278,21 @@ class CudaBackend final : public Backend {
                              bool, bool, bool>;
 
   cudaStream_t compute() const { return streams_[static_cast<int>(Stream::kCompute)]; }
+  // The CUDA runtime's device is per thread: a call from another thread (the stage-3 prefetcher)
+  // selects this backend's GPU first.
+  void current() const {
+    int d = -1;
+    if (cudaGetDevice(&d) != cudaSuccess || d != o_.device) check(cudaSetDevice(o_.device), "cudaSetDevice");
+  }
+  void copy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, const char* what) {
+    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, compute());
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      throw Error("CUDA: {} of {} bytes ({} -> {}) failed: {} ({})", what, bytes, src, dst, cudaGetErrorName(e),
+                  cudaGetErrorString(e));
+    }
+    check(cudaStreamSynchronize(compute()), what);
+  }
   static bool bf16(Weight w) { return w.dtype == DType::kBF16; }
   static const void* row(Weight w, std::int64_t r, std::int64_t cols) {
     return static_cast<const char*>(w.data) + static_cast<std::size_t>(r * cols) * (bf16(w) ? 2 : 4);

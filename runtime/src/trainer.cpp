@@ -617,10 +617,10 @@ class Trainer {
     auto host = make_cpu_backend();
     UnitStorage master(*host, layout_, DType::kF32);
     if (!o_.init_weights.empty()) {
-      load_weights(o_.init_weights, o_.model, layout_, *backend_, master.view());
+      load_weights(o_.init_weights, o_.model, layout_, *host, master.view());
       spdlog::info("weights from {}", o_.init_weights);
     } else {
-      init_parameters(o_.model, layout_, o_.seed, *backend_, master.view());
+      init_parameters(o_.model, layout_, o_.seed, *host, master.view());
     }
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);

@@ -256,6 +256,12 @@ expect 0 'done after 3 steps' -- "$ZINF" launch --nproc 2 -- "$ZINF" train --max
 expect 0 'wrote .*/dp2hf' -- "$ZINF" ckpt export "$TMP/train/dp2" --to "$TMP/train/dp2hf"
 expect 1 'pass --output-dir' -- "$ZINF" launch --nproc 2 -- "$ZINF" train --max-steps 1
 expect 1 'this job has 1 rank' -- "$ZINF" train --max-steps 1 --world-size 2 --output-dir "$TMP/train/ws"
+# --device cuda where no GPU is usable (CI): a clear error, not a crash; on a GPU host it trains.
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  expect 1 'no usable GPU|not in this build' -- "$ZINF" train --device cuda --max-steps 1 --output-dir "$TMP/train/nogpu"
+  expect 1 'no usable GPU|not in this build' -- "$ZINF" bench model --model "$DATA/../../configs/models/tiny-byte.json" --backend cuda --steps 1
+fi
+expect 2 'device' -- "$ZINF" train --device tpu --max-steps 1
 
 # A rank killed mid-training ends the whole job within seconds, naming it.
 "$ZINF" launch --nproc 2 --grace 2 -- "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/dpkill" > "$TMP/train/dpkill.log" 2>&1 &

@@ -72,6 +72,16 @@ __device__ void rows_times_tile_t(float* c, const bf16* a, const bf16* b) {
   }
 }
 
+// Keys and values k0 .. k0 + 64 of kv head kvh, between barriers (the previous tile is no longer
+// read; the new one is complete).
+template <int HD>
+__device__ void load_kv(bf16* ks, bf16* vs, const float* qkv, const TcGeo& g, i64 b, i64 kvh, i64 k0) {
+  __syncthreads();
+  load_tile<HD>(ks, qkv, g.ld, g.q_dim + kvh * HD, b, k0, g.seq);
+  load_tile<HD>(vs, qkv, g.ld, g.q_dim + (g.kv + kvh) * HD, b, k0, g.seq);
+  __syncthreads();
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 
 template <int HD>
@@ -97,10 +107,7 @@ __global__ void __launch_bounds__(kThreads) fa_forward_k(float* out, float* lse,
   bf16* prow = ps + (warp * 16 + r) * kCols;
   float* orow = os + (warp * 16 + r) * HD;
   for (i64 k0 = 0; k0 <= last; k0 += kCols) {
-    __syncthreads();
-    load_tile<HD>(ks, qkv, g.ld, g.q_dim + kvh * HD, b, k0, g.seq);
-    load_tile<HD>(vs, qkv, g.ld, g.q_dim + (g.kv + kvh) * HD, b, k0, g.seq);
-    __syncthreads();
+    load_kv<HD>(ks, vs, qkv, g, b, kvh, k0);
     rows_times_tile_t<HD>(ss + warp * 16 * kCols, qs + warp * 16 * HD, ks);
     __syncwarp();
     float mx = -INFINITY;
@@ -180,10 +187,7 @@ __global__ void __launch_bounds__(kThreads) fa_dq_k(float* dqkv, const float* do
   float* dprow = dps + (warp * 16 + r) * kCols;
   bf16* dsrow = dss + (warp * 16 + r) * kCols;
   for (i64 k0 = 0; k0 <= last; k0 += kCols) {
-    __syncthreads();
-    load_tile<HD>(ks, qkv, g.ld, g.q_dim + kvh * HD, b, k0, g.seq);
-    load_tile<HD>(vs, qkv, g.ld, g.q_dim + (g.kv + kvh) * HD, b, k0, g.seq);
-    __syncthreads();
+    load_kv<HD>(ks, vs, qkv, g, b, kvh, k0);
     rows_times_tile_t<HD>(ss + warp * 16 * kCols, qs + warp * 16 * HD, ks);
     rows_times_tile_t<HD>(dps + warp * 16 * kCols, dos + warp * 16 * HD, vs);
     __syncwarp();

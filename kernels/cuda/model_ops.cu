@@ -220,6 +220,19 @@ __device__ __forceinline__ const float* v_row(const float* qkv, const Geo& g, i6
   return qkv + (b * g.seq + t) * g.ld + g.q_dim + (g.kv + kvh) * g.hd;
 }
 
+// Keys and values k0 .. k0 + kTile of kv head kvh into shared tiles (zero past seq), between
+// barriers so the previous tile is no longer read and the new one is complete.
+__device__ void load_kv_tile(float* ks, float* vs, const float* qkv, const Geo& g, i64 b, i64 kvh, i64 k0) {
+  __syncthreads();
+  for (i64 idx = threadIdx.x; idx < kTile * g.hd; idx += blockDim.x) {
+    const i64 j = idx / g.hd, c = idx % g.hd;
+    const bool in = k0 + j < g.seq;
+    ks[idx] = in ? k_row(qkv, g, b, kvh, k0 + j)[c] : 0.0f;
+    vs[idx] = in ? v_row(qkv, g, b, kvh, k0 + j)[c] : 0.0f;
+  }
+  __syncthreads();
+}
+
 // grid (ceil(seq / kWarps), batch * heads); block kWarps warps; dynamic shared: 2 tiles (K, V) of
 // kTile x hd plus kWarps rows of q.
 __global__ void attention_forward_k(float* out, float* lse, const float* qkv, Geo g) {
@@ -239,14 +252,7 @@ __global__ void attention_forward_k(float* out, float* lse, const float* qkv, Ge
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.0f;
   const i64 t_last = (t0 + kWarps - 1 < g.seq ? t0 + kWarps - 1 : g.seq - 1);  // the block's last query
   for (i64 k0 = 0; k0 <= t_last; k0 += kTile) {
-    __syncthreads();
-    for (i64 idx = threadIdx.x; idx < kTile * g.hd; idx += blockDim.x) {
-      const i64 j = idx / g.hd, c = idx % g.hd;
-      const bool in = k0 + j < g.seq;
-      ks[idx] = in ? k_row(qkv, g, b, kvh, k0 + j)[c] : 0.0f;
-      vs[idx] = in ? v_row(qkv, g, b, kvh, k0 + j)[c] : 0.0f;
-    }
-    __syncthreads();
+    load_kv_tile(ks, vs, qkv, g, b, kvh, k0);
     if (!active || k0 > t) continue;
     // lane j scores key k0 + j
     const i64 key = k0 + lane;
@@ -325,14 +331,7 @@ __global__ void attention_dq_k(float* dqkv, const float* dout, const float* qkv,
   for (int e = 0; e < kPerLane; ++e) acc[e] = 0.0f;
   const i64 t_last = (t0 + kWarps - 1 < g.seq ? t0 + kWarps - 1 : g.seq - 1);
   for (i64 k0 = 0; k0 <= t_last; k0 += kTile) {
-    __syncthreads();
-    for (i64 idx = threadIdx.x; idx < kTile * g.hd; idx += blockDim.x) {
-      const i64 j = idx / g.hd, c = idx % g.hd;
-      const bool in = k0 + j < g.seq;
-      ks[idx] = in ? k_row(qkv, g, b, kvh, k0 + j)[c] : 0.0f;
-      vs[idx] = in ? v_row(qkv, g, b, kvh, k0 + j)[c] : 0.0f;
-    }
-    __syncthreads();
+    load_kv_tile(ks, vs, qkv, g, b, kvh, k0);
     if (!active || k0 > t) continue;
     const i64 key = k0 + lane;
     float ds = 0.0f;

@@ -86,7 +86,7 @@ __device__ void load_kv(bf16* ks, bf16* vs, const float* qkv, const TcGeo& g, i6
 
 template <int HD>
 __global__ void __launch_bounds__(kThreads) fa_forward_k(float* out, float* lse, const float* qkv, TcGeo g) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* ks = qs + kRows * HD;
   bf16* vs = ks + kCols * HD;
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) fa_forward_k(float* out, float* lse,
 template <int HD>
 __global__ void __launch_bounds__(kThreads) fa_dq_k(float* dqkv, const float* dout, const float* qkv, const float* lse,
                                                     const float* dd, TcGeo g) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   bf16* qs = reinterpret_cast<bf16*>(smem);
   bf16* dos = qs + kRows * HD;
   bf16* ks = dos + kRows * HD;
@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(kThreads) fa_dq_k(float* dqkv, const float* do
 template <int HD>
 __global__ void __launch_bounds__(kThreads) fa_dkv_k(float* dqkv, const float* dout, const float* qkv, const float* lse,
                                                      const float* dd, TcGeo g) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem[];
   bf16* ks = reinterpret_cast<bf16*>(smem);
   bf16* vs = ks + kRows * HD;
   bf16* qs = vs + kRows * HD;
@@ -327,6 +327,10 @@ void allow_smem(K kernel, std::size_t bytes) {
 }
 
 TcGeo tc_geo(const AttentionDims& d) {
+  if (d.batch * d.heads > 65535) {
+    throw Error("flash attention: batch x heads = {} exceeds the 65535 blocks a grid row may hold; use a smaller micro-batch",
+                d.batch * d.heads);
+  }
   return {d.batch, d.seq, d.heads, d.kv_heads, (d.heads + 2 * d.kv_heads) * d.hd, d.heads * d.hd,
           d.heads / d.kv_heads, d.scale};
 }

@@ -122,6 +122,10 @@ __global__ void reduce_partials_k(float* out, const float* partial, i64 blocks, 
 void column_reduce(float* out, float* partial, const float* dy, const float* x, const float* rstd, i64 n, i64 cols,
                    cudaStream_t stream) {
   const i64 blocks = (n + kPartialRows - 1) / kPartialRows;
+  if (blocks > 65535) {
+    throw Error("column reduction over {} rows exceeds the kernel's {} rows; use a smaller micro-batch or sequence", n,
+                65535 * kPartialRows);
+  }
   const dim3 grid(static_cast<unsigned>((cols + 255) / 256), static_cast<unsigned>(blocks));
   column_partials_k<<<grid, 256, 0, stream>>>(partial, dy, x, rstd, n, cols);
   check_launch("column_partials");
@@ -450,6 +454,10 @@ __global__ void attention_dkv_k(float* dqkv, const float* dout, const float* qkv
 }
 
 Geo geo(const AttentionDims& d) {
+  if (d.batch * d.heads > 65535) {
+    throw Error("attention: batch x heads = {} exceeds the 65535 blocks a grid row may hold; use a smaller micro-batch",
+                d.batch * d.heads);
+  }
   if (d.hd > kMaxHd || d.hd % 2 != 0) throw Error("CUDA attention supports even head dims up to {}, not {}", kMaxHd, d.hd);
   if (d.heads % d.kv_heads != 0) throw Error("attention: {} heads do not group into {} kv heads", d.heads, d.kv_heads);
   Geo g{d.batch, d.seq, d.heads, d.kv_heads, d.hd, (d.heads + 2 * d.kv_heads) * d.hd, d.heads * d.hd,

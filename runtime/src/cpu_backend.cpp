@@ -344,7 +344,8 @@ class CpuBackend final : public Backend {
 
   std::int64_t vocab_chunk(std::int64_t n, std::int64_t vocab) const {
     const auto by_budget = static_cast<std::int64_t>(options_.head_chunk_bytes / sizeof(float)) / std::max<std::int64_t>(n, 1);
-    return std::clamp<std::int64_t>(by_budget / 64 * 64, 64, std::max<std::int64_t>(vocab, 1));
+    const std::int64_t v = std::max<std::int64_t>(vocab, 1);
+    return std::clamp<std::int64_t>(by_budget / 64 * 64, std::min<std::int64_t>(64, v), v);
   }
 
   // logits (n, c) = a (n, hidden) W[v0 : v0 + c]^T

@@ -29,10 +29,15 @@ void check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS) throw Error("cuBLASLt: {} failed: status {}", what, static_cast<int>(s));
 }
 
-// Device memory that grows to the largest request (contents are not kept across growth).
+// Device memory that grows to the largest request (contents are not kept across growth). Before
+// the old buffer is freed the stream that uses it is drained, so no queued work reads freed memory.
 class DeviceScratch {
  public:
   DeviceScratch() = default;
+  void bind(int device, cudaStream_t stream) {
+    device_ = device;
+    stream_ = stream;
+  }
   DeviceScratch(const DeviceScratch&) = delete;
   DeviceScratch& operator=(const DeviceScratch&) = delete;
   ~DeviceScratch() {
@@ -40,7 +45,11 @@ class DeviceScratch {
   }
   void* get(std::size_t bytes) {
     if (bytes > bytes_) {
-      if (p_ != nullptr) cudaFree(p_);
+      check(cudaSetDevice(device_), "cudaSetDevice");
+      if (p_ != nullptr) {
+        check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+        cudaFree(p_);
+      }
       p_ = nullptr;
       bytes_ = 0;
       const cudaError_t e = cudaMalloc(&p_, bytes);
@@ -57,6 +66,8 @@ class DeviceScratch {
  private:
   void* p_ = nullptr;
   std::size_t bytes_ = 0;
+  int device_ = 0;
+  cudaStream_t stream_ = nullptr;
 };
 
 class CudaEvent final : public Backend::Event {
@@ -88,6 +99,7 @@ class CudaBackend final : public Backend {
     check(cublasLtCreate(&lt_), "cublasLtCreate");
     workspace_bytes_ = 32u << 20;
     check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLASLt workspace)");
+    for (DeviceScratch* d : {&bf16_[0], &bf16_[1], &partial_, &attn_, &ce_, &logits_}) d->bind(o.device, compute());
   }
   ~CudaBackend() override {
     cudaSetDevice(o_.device);
@@ -120,7 +132,12 @@ class CudaBackend final : public Backend {
     }
     return p;
   }
-  void deallocate(void* p, std::size_t) noexcept override { cudaFree(p); }
+  // Queued work on the compute stream may still read the buffer: drain it first.
+  void deallocate(void* p, std::size_t) noexcept override {
+    cudaSetDevice(o_.device);
+    cudaStreamSynchronize(compute());
+    cudaFree(p);
+  }
   void upload(void* dst, const void* src, std::size_t bytes) override {
     if (bytes == 0) return;
     current();
@@ -138,15 +155,18 @@ class CudaBackend final : public Backend {
   }
 
   std::unique_ptr<Event> record(Stream stream) override {
+    current();
     auto e = std::make_unique<CudaEvent>();
     check(cudaEventRecord(e->get(), streams_[static_cast<int>(stream)]), "cudaEventRecord");
     return e;
   }
   void wait(Stream stream, const Event& event) override {
+    current();
     check(cudaStreamWaitEvent(streams_[static_cast<int>(stream)], static_cast<const CudaEvent&>(event).get(), 0),
           "cudaStreamWaitEvent");
   }
   void synchronize() override {
+    current();
     for (cudaStream_t s : streams_) check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   }
 
@@ -275,9 +295,21 @@ class CudaBackend final : public Backend {
     }
   };
   using PlanKey = std::tuple<std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, bool,
-                             bool, bool, bool>;
+                             bool, bool, bool, std::uint32_t, std::uint32_t, std::uint32_t>;
+  // The largest power of two (at most 256) that divides the address: cuBLASLt picks kernels that
+  // rely on their operands' alignment, so plans are kept per alignment.
+  static std::uint32_t alignment(const void* p) {
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    std::uint32_t al = 256;
+    while (al > 1 && a % al != 0) al /= 2;
+    return al;
+  }
 
-  cudaStream_t compute() const { return streams_[static_cast<int>(Stream::kCompute)]; }
+  // Every op goes through here: the GPU is selected for the calling thread first.
+  cudaStream_t compute() const {
+    current();
+    return streams_[static_cast<int>(Stream::kCompute)];
+  }
   // The CUDA runtime's device is per thread: a call from another thread (the stage-3 prefetcher)
   // selects this backend's GPU first.
   void current() const {
@@ -302,7 +334,8 @@ class CudaBackend final : public Backend {
   }
   std::int64_t vocab_chunk(std::int64_t n, std::int64_t vocab) const {
     const auto by_budget = static_cast<std::int64_t>(o_.head_chunk_bytes / sizeof(float)) / std::max<std::int64_t>(n, 1);
-    return std::clamp<std::int64_t>(by_budget / 64 * 64, 64, std::max<std::int64_t>(vocab, 1));
+    const std::int64_t v = std::max<std::int64_t>(vocab, 1);
+    return std::clamp<std::int64_t>(by_budget / 64 * 64, std::min<std::int64_t>(64, v), v);
   }
   // x, or x rounded to bf16 into slot `slot`, for a product with weights w.
   const void* operand(const float* x, std::int64_t count, Weight w, int slot) {
@@ -318,16 +351,20 @@ class CudaBackend final : public Backend {
   void gemm(std::int64_t m, std::int64_t n, std::int64_t k, const void* a, std::int64_t lda, bool trans_a, const void* b,
             std::int64_t ldb, bool trans_b, float* c, std::int64_t ldc, bool ab_bf16, float alpha, float beta) {
     if (m == 0 || n == 0) return;
-    const PlanKey key{m, n, k, lda, ldb, ldc, trans_a, trans_b, ab_bf16, beta != 0.0f};
+    // First cuBLASLt operand = B, second = A (column-major), output C.
+    const std::uint32_t al_first = alignment(b), al_second = alignment(a), al_c = alignment(c);
+    const PlanKey key{m, n, k, lda, ldb, ldc, trans_a, trans_b, ab_bf16, beta != 0.0f, al_first, al_second, al_c};
     auto it = plans_.find(key);
-    if (it == plans_.end()) it = plans_.emplace(key, make_plan(m, n, k, lda, trans_a, ldb, trans_b, ldc, ab_bf16)).first;
+    if (it == plans_.end()) {
+      it = plans_.emplace(key, make_plan(m, n, k, lda, trans_a, ldb, trans_b, ldc, ab_bf16, al_first, al_second, al_c)).first;
+    }
     const Plan& p = it->second;
     check(cublasLtMatmul(lt_, p.op, &alpha, b, p.a, a, p.b, &beta, c, p.c, c, p.c, &p.algo, workspace_, workspace_bytes_,
                          compute()),
           "matmul");
   }
   Plan make_plan(std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t lda, bool trans_a, std::int64_t ldb,
-                 bool trans_b, std::int64_t ldc, bool ab_bf16) {
+                 bool trans_b, std::int64_t ldc, bool ab_bf16, std::uint32_t al_a, std::uint32_t al_b, std::uint32_t al_c) {
     Plan p;
     const cudaDataType_t ab = ab_bf16 ? CUDA_R_16BF : CUDA_R_32F;
     // Column-major: M = n, N = m; first operand = B, second = A.
@@ -345,6 +382,10 @@ class CudaBackend final : public Backend {
     check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
                                                sizeof(workspace_bytes_)),
           "preference");
+    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)), "alignment");
+    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)), "alignment");
+    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)), "alignment");
+    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)), "alignment");
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);

@@ -13,9 +13,10 @@ For each tiny config it writes, into OUTPUT_DIR/<case>/:
   model_bf16.safetensors  the same weights rounded to bf16 (stored as BF16)
   ref_bf16.safetensors    loss, logits and gradients in fp32 for the bf16-rounded weights
 Needs torch: Debian's python3-torch (/usr/bin/python3 on Debian 12) or any newer PyTorch; no
-transformers needed.
+transformers needed. With --device cuda the passes run on the GPU, in full fp32 (TF32 off): the
+reference for the CUDA backend on the GPU machine (PyTorch 2.11 there).
 
-Usage: gen_model_reference.py OUTPUT_DIR
+Usage: gen_model_reference.py OUTPUT_DIR [--device cpu|cuda]
 """
 import json
 import math
@@ -178,7 +179,7 @@ class CausalLM(nn.Module):
 
     def forward(self, tokens, targets):
         t = tokens.shape[1]
-        freqs = torch.arange(t, dtype=torch.float32)[:, None] * inv_freq(self.cfg, self.hd)[None, :]
+        freqs = (torch.arange(t, dtype=torch.float32)[:, None] * inv_freq(self.cfg, self.hd)[None, :]).to(tokens.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         x = self.model.embed_tokens(tokens)
@@ -220,7 +221,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int32: "I32"}
 def save_safetensors(path, tensors):
     header, blobs, offset = {}, [], 0
     for name, t in tensors.items():
-        t = t.detach().contiguous()
+        t = t.detach().cpu().contiguous()
         raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
@@ -244,18 +245,23 @@ def dump_pass(model, tokens, targets):
     return out
 
 
+DEVICE = "cpu"
+
+
 def run_case(out_dir, name, cfg, batch, seq, seed):
     d = os.path.join(out_dir, name)
     os.makedirs(d, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     model = CausalLM(cfg)
-    randomize(model, gen)
+    randomize(model, gen)  # on the CPU, so both devices start from the same weights
+    model.to(DEVICE)
     tokens = torch.randint(0, cfg["vocab_size"], (batch, seq + 1), generator=gen, dtype=torch.int64)
     inputs = tokens[:, :-1].to(torch.int32).contiguous()
     targets = tokens[:, 1:].to(torch.int32).clone()
     ignore = torch.rand((batch, seq), generator=gen) < 0.15
     targets[ignore] = -100
     targets[0, 0] = int(tokens[0, 1])  # at least one target stays
+    inputs, targets = inputs.to(DEVICE), targets.to(DEVICE)
     with open(os.path.join(d, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     weights = {n: p.detach().clone() for n, p in model.named_weights()}
@@ -287,12 +293,23 @@ def run_case(out_dir, name, cfg, batch, seq, seed):
     with torch.no_grad():
         losses.append(float(model(inputs, targets)[0]))
     with open(os.path.join(d, "ref.json"), "w") as f:
-        json.dump({"adamw": ADAM, "losses": losses, "torch": torch.__version__}, f, indent=2)
+        json.dump({"adamw": ADAM, "losses": losses, "torch": torch.__version__, "device": DEVICE}, f, indent=2)
 
 
 def main():
-    if len(sys.argv) != 2:
+    global DEVICE
+    args = sys.argv[1:]
+    if len(args) == 3 and args[1] == "--device" and args[2] in ("cpu", "cuda"):
+        DEVICE = args[2]
+        args = args[:1]
+    if len(args) != 1:
         sys.exit(__doc__)
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("gen_model_reference.py: --device cuda, but this PyTorch sees no GPU")
+        torch.backends.cuda.matmul.allow_tf32 = False  # full fp32 products
+        torch.backends.cudnn.allow_tf32 = False
+    sys.argv = [sys.argv[0]] + args
     torch.manual_seed(0)
     torch.set_num_threads(1)  # deterministic sums
     for i, (name, (cfg, batch, seq)) in enumerate(sorted(CASES.items())):

@@ -16,7 +16,7 @@ out=${2:-dist/zinf-${version:-dev}}
 rm -rf "$out"
 cmake --install "$build" --prefix "$out" --strip >/dev/null
 if [[ $tests == 1 ]]; then
-  cmake --build "$build" -j "${JOBS:-2}" --target zinf_runtime_tests zinf_offload_tests zinf_io_tests zinf_kernels_cpu_tests >/dev/null
+  cmake --build "$build" -j "${JOBS:-2}" --target zinf_runtime_tests zinf_offload_tests zinf_io_tests zinf_kernels_cpu_tests zinf_model_reference_tests >/dev/null
   cmake --install "$build" --prefix "$out" --strip --component tests >/dev/null
 fi
 mkdir -p "$out/lib"

@@ -123,7 +123,7 @@ class Attention(nn.Module):
         k = k.repeat_interleave(g, dim=1)  # q head j reads kv head j // g, as transformers' repeat_kv
         v = v.repeat_interleave(g, dim=1)
         s = (q @ k.transpose(-1, -2)) / math.sqrt(self.hd)
-        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=s.device), diagonal=1)
         p = torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1)
         o = (p @ v).transpose(1, 2).reshape(b, t, self.nh * self.hd)
         return self.o_proj(o)

@@ -557,16 +557,16 @@ class Trainer {
         stopped = st_.step < total_steps_;
         if (stopped) {
           if (o_.terminal) std::cerr << "\n";
-          spdlog::info("stop requested: saving a checkpoint at step {} and exiting", st_.step);
+          spdlog::info("stop requested: {} at step {}", o_.save ? "saving a checkpoint and exiting" : "exiting (--no-save: no checkpoint)", st_.step);
           break;
         }
       }
-      if (o_.save_every > 0 && st_.step % o_.save_every == 0 && st_.step < total_steps_) {
+      if (o_.save && o_.save_every > 0 && st_.step % o_.save_every == 0 && st_.step < total_steps_) {
         result.last_checkpoint = save_checkpoint();
       }
     }
     if (o_.terminal && rank_ == 0) std::cerr << "\n";
-    result.last_checkpoint = save_checkpoint();
+    if (o_.save) result.last_checkpoint = save_checkpoint();
     result.steps = st_.step;
     result.first_loss = st_.first_loss;
     result.final_loss = last_loss;

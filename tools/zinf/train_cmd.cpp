@@ -47,6 +47,7 @@ struct TrainCliOptions {
   double eval_fraction = 0.05;
   std::int64_t save_every = 0;
   int keep_last = 0;
+  bool no_save = false;
   std::string output_dir;
   std::string resume;
   bool resume_given = false;
@@ -196,6 +197,7 @@ int run_train(TrainCliOptions o) {
   t.eval_every = o.eval_every;
   t.save_every = o.save_every;
   t.keep_last = o.keep_last;
+  t.save = !o.no_save;
   t.output_dir = o.output_dir;
   t.resume = o.resume_given ? (o.resume.empty() ? "latest" : o.resume) : "";
   t.terminal = ::isatty(STDERR_FILENO) != 0;
@@ -222,8 +224,8 @@ int run_train(TrainCliOptions o) {
                            "checkpoint {}\n",
                            o.output_dir,
                            fs::exists(fs::path(o.output_dir) / "training_curves.png") ? ", training_curves.png" : "",
-                           r.last_checkpoint);
-  if (r.stopped_early) std::cout << fmt::format("continue with: zinf train ... --output-dir {} --resume\n", o.output_dir);
+                           r.last_checkpoint.empty() ? std::string("none (--no-save)") : r.last_checkpoint);
+  if (r.stopped_early && !o.no_save) std::cout << fmt::format("continue with: zinf train ... --output-dir {} --resume\n", o.output_dir);
   return kExitOk;
 }
 
@@ -335,6 +337,7 @@ void add_train_commands(CLI::App& app, Action& action) {
       ->check(CLI::Range(0.0, 0.5));
   cmd->add_option("--save-every", o->save_every, "checkpoint every N steps (default: at the end)")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--no-save", o->no_save, "write no checkpoint, not even at the end (benchmarks)");
   cmd->add_option("--keep-last", o->keep_last, "keep only the N newest checkpoints (default: all)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--output-dir", o->output_dir, "where outputs go (default output/<model>-<time>)");

@@ -38,6 +38,7 @@ struct TrainOptions {
   std::int64_t eval_max_batches = 8;  // micro-batches per eval
   std::int64_t save_every = 0;       // 0 = only at the end
   int keep_last = 0;                 // 0 = keep every checkpoint
+  bool save = true;                  // false: no checkpoint at all (benchmarks; a stop request then just stops)
   std::string output_dir;
   std::string resume;  // "" = fresh; "latest" or a checkpoint directory
   bool terminal = false;  // progress line redrawn in place

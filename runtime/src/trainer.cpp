@@ -27,6 +27,7 @@
 #include "zinf/common/error.hpp"
 #include "zinf/common/fs.hpp"
 #include "zinf/io/safetensors.hpp"
+#include "zinf/kernels/cpu_model_ops.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/kernels/half.hpp"
 #include "zinf/offload/offload.hpp"
@@ -779,13 +780,8 @@ class Trainer {
   // so that one reduce-scatter hands each rank its shard of every unit in the bucket.
   void flush_gradient_bucket() {
     if (bucket_.empty()) return;
-    const auto add = [](float* dst, const float* src, std::int64_t n) {
-      tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, n, 1 << 16), [&](const tbb::blocked_range<std::int64_t>& r) {
-        for (std::int64_t i = r.begin(); i < r.end(); ++i) dst[i] += src[i];
-      });
-    };
     if (world_ == 1) {
-      for (const std::size_t u : bucket_) add(gshard_[u].data(), bucket_grad(u), layout_.units[u].numel);
+      for (const std::size_t u : bucket_) kernels::cpu::add_inplace(gshard_[u].data(), bucket_grad(u), layout_.units[u].numel);
     } else {
       std::int64_t total = 0;
       for (const std::size_t u : bucket_) total += shard_[u];
@@ -804,7 +800,7 @@ class Trainer {
       comm_->reduce_scatter_sum(send_, recv_);
       const float* in = recv_.data();
       for (const std::size_t u : bucket_) {
-        add(gshard_[u].data(), in, shard_[u]);
+        kernels::cpu::add_inplace(gshard_[u].data(), in, shard_[u]);
         in += shard_[u];
       }
     }

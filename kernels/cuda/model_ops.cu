@@ -606,10 +606,21 @@ void to_bf16(std::uint16_t* dst, const float* src, i64 count, cudaStream_t strea
   check_launch("to_bf16");
 }
 
-void attention_forward(float* out, float* lse, const float* qkv, const AttentionDims& d, cudaStream_t stream) {
+namespace {
+// The D rows first, then the flash kernels' packed operands (16-byte aligned).
+std::int64_t d_floats(const AttentionDims& d) { return (d.batch * d.heads * d.seq + 3) / 4 * 4; }
+bool use_flash(const AttentionDims& d) { return d.bf16 && flash_attention_supported(d); }
+}  // namespace
+
+std::int64_t attention_scratch_floats(const AttentionDims& d) {
+  return d_floats(d) + (use_flash(d) ? flash_attention_scratch_floats(d) : 0);
+}
+
+void attention_forward(float* out, float* lse, float* scratch, const float* qkv, const AttentionDims& d,
+                       cudaStream_t stream) {
   const Geo g = geo(d);
-  if (d.bf16 && flash_attention_supported(d)) {
-    flash_attention_forward(out, lse, qkv, d, stream);
+  if (use_flash(d)) {
+    flash_attention_forward(out, lse, scratch + d_floats(d), qkv, d, stream);
     return;
   }
   const std::size_t smem = static_cast<std::size_t>((2 * kTile + kWarps) * g.hd) * sizeof(float);
@@ -619,16 +630,14 @@ void attention_forward(float* out, float* lse, const float* qkv, const Attention
   check_launch("attention_forward");
 }
 
-std::int64_t attention_backward_floats(const AttentionDims& d) { return d.batch * d.heads * d.seq; }
-
 void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
                         const float* lse, const AttentionDims& d, cudaStream_t stream) {
   const Geo g = geo(d);
   const i64 rows = g.batch * g.heads * g.seq;
   attention_d_k<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(scratch, dout, out, g);
   check_launch("attention_backward (D)");
-  if (d.bf16 && flash_attention_supported(d)) {
-    flash_attention_backward(dqkv, scratch, dout, qkv, lse, d, stream);
+  if (use_flash(d)) {
+    flash_attention_backward(dqkv, scratch + d_floats(d), scratch, dout, qkv, lse, d, stream);
     return;
   }
   const std::size_t smem_q = static_cast<std::size_t>((2 * kTile + 2 * kWarps) * g.hd) * sizeof(float);

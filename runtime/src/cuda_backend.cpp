@@ -219,13 +219,14 @@ class CudaBackend final : public Backend {
 
   void attention_forward(float* out, float* lse, const float* qkv, const AttentionShape& s) override {
     OpTimer t(*this, "attention", 4.0 * s.batch * s.heads * s.seq * s.seq * s.head_dim);
-    kc::attention_forward(out, lse, qkv, dims(s), compute());
+    const kc::AttentionDims d = dims(s);
+    kc::attention_forward(out, lse, attn_.f32(kc::attention_scratch_floats(d)), qkv, d, compute());
   }
   void attention_backward(float* dqkv, const float* dout, const float* qkv, const float* out, const float* lse,
                           const AttentionShape& s) override {
     OpTimer t(*this, "attention.backward", 10.0 * s.batch * s.heads * s.seq * s.seq * s.head_dim);
     const kc::AttentionDims d = dims(s);
-    kc::attention_backward(dqkv, attn_.f32(kc::attention_backward_floats(d)), dout, qkv, out, lse, d, compute());
+    kc::attention_backward(dqkv, attn_.f32(kc::attention_scratch_floats(d)), dout, qkv, out, lse, d, compute());
   }
 
   void swiglu_forward(float* out, const float* gu, std::int64_t n, std::int64_t i) override {

@@ -60,13 +60,18 @@ struct AttentionDims {
   bool bf16 = false;
 };
 bool flash_attention_supported(const AttentionDims& d);
-void flash_attention_forward(float* out, float* lse, const float* qkv, const AttentionDims& d, cudaStream_t stream);
+// Scratch for packing q, k, v and dO as bf16 (16-byte aligned).
+std::int64_t flash_attention_scratch_floats(const AttentionDims& d);
+void flash_attention_forward(float* out, float* lse, float* scratch, const float* qkv, const AttentionDims& d,
+                             cudaStream_t stream);
 // dd: rowdot(dO, O) per (batch, head, seq), as attention_backward computes it first.
-void flash_attention_backward(float* dqkv, const float* dd, const float* dout, const float* qkv, const float* lse,
-                              const AttentionDims& d, cudaStream_t stream);
-void attention_forward(float* out, float* lse, const float* qkv, const AttentionDims& d, cudaStream_t stream);
-// dqkv (n, qkv_dim) written. `scratch` holds attention_backward_floats(d) floats.
-std::int64_t attention_backward_floats(const AttentionDims& d);
+void flash_attention_backward(float* dqkv, float* scratch, const float* dd, const float* dout, const float* qkv,
+                              const float* lse, const AttentionDims& d, cudaStream_t stream);
+// `scratch` (16-byte aligned) holds attention_scratch_floats(d) floats; forward and backward.
+std::int64_t attention_scratch_floats(const AttentionDims& d);
+void attention_forward(float* out, float* lse, float* scratch, const float* qkv, const AttentionDims& d,
+                       cudaStream_t stream);
+// dqkv (n, qkv_dim) written.
 void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
                         const float* lse, const AttentionDims& d, cudaStream_t stream);
 

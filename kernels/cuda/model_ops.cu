@@ -2,6 +2,7 @@
 // bf16; reductions run in a fixed order (no atomics) except the embedding's scatter-add.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 
@@ -650,6 +651,46 @@ void attention_backward(float* dqkv, float* scratch, const float* dout, const fl
   const dim3 grid_kv(static_cast<unsigned>((g.seq + kWarps - 1) / kWarps), static_cast<unsigned>(g.batch * g.kv));
   attention_dkv_k<<<grid_kv, kWarps * 32, smem_kv, stream>>>(dqkv, dout, qkv, lse, scratch, g);
   check_launch("attention_backward (dK, dV)");
+}
+
+namespace {
+__device__ double block_sum(double v) {
+  __shared__ double warp_sums[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? warp_sums[threadIdx.x] : 0.0;
+  if (threadIdx.x < 32) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  }
+  return v;
+}
+
+__global__ void sum_squares_partial_k(double* partial, const float* x, i64 count) {
+  double s = 0.0;
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const double v = x[i];
+    s += v * v;
+  }
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+__global__ void sum_partials_k(double* out, const double* partial, int blocks) {
+  double s = 0.0;
+  for (int i = threadIdx.x; i < blocks; i += blockDim.x) s += partial[i];
+  s = block_sum(s);
+  if (threadIdx.x == 0) *out = s;
+}
+}  // namespace
+
+void sum_squares(double* out, double* partial, const float* x, i64 count, cudaStream_t stream) {
+  const int blocks = static_cast<int>(std::clamp<i64>((count + 1023) / 1024, 1, sum_squares_partial_doubles()));
+  sum_squares_partial_k<<<blocks, 256, 0, stream>>>(partial, x, count);
+  check_launch("sum_squares");
+  sum_partials_k<<<1, 1024, 0, stream>>>(out, partial, blocks);
+  check_launch("sum_squares (total)");
 }
 
 void ce_init(float* m, float* s, float* target_logit, i64 n, cudaStream_t stream) {

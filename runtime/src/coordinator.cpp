@@ -88,7 +88,8 @@ void ParamCoordinator::request(std::size_t u, std::unique_lock<std::mutex>&) {
   if (unit.buffer.data() == nullptr) {
     auto it = pool_.find(bytes);
     if (it != pool_.end() && !it->second.empty()) {
-      unit.buffer = std::move(it->second.back());
+      unit.buffer = std::move(it->second.back().buffer);
+      unit.reuse_after = std::move(it->second.back().freed);
       it->second.pop_back();
       cached_ -= numel_[u];
     } else {
@@ -97,7 +98,7 @@ void ParamCoordinator::request(std::size_t u, std::unique_lock<std::mutex>&) {
       for (auto it2 = pool_.begin(); it2 != pool_.end() && live_ + counted(u) + cached_ > o_.max_live + largest_;) {
         auto& list = it2->second;
         while (!list.empty() && live_ + counted(u) + cached_ > o_.max_live + largest_) {
-          cached_ -= static_cast<std::int64_t>(list.back().bytes() / kernels::cpu::dtype_bytes(dtype_));
+          cached_ -= static_cast<std::int64_t>(list.back().buffer.bytes() / kernels::cpu::dtype_bytes(dtype_));
           list.pop_back();
         }
         it2 = list.empty() ? pool_.erase(it2) : std::next(it2);
@@ -123,7 +124,7 @@ void ParamCoordinator::free_unit(std::size_t u) {
   // Kept for reuse while live + cached stays within the budget plus one unit.
   if (live_ + cached_ + numel_[u] <= o_.max_live + largest_) {
     cached_ += numel_[u];
-    pool_[unit.buffer.bytes()].push_back(std::move(unit.buffer));
+    pool_[unit.buffer.bytes()].push_back({std::move(unit.buffer), backend_.record(Stream::kCompute)});
   } else {
     unit.buffer = DeviceBuffer();
   }
@@ -257,9 +258,11 @@ void ParamCoordinator::worker() {
       continue;
     }
     void* dst = units_[u].buffer.data();
+    const std::shared_ptr<Backend::Event> reuse_after = std::move(units_[u].reuse_after);
     lock.unlock();
     std::exception_ptr err;
     try {
+      if (reuse_after) backend_.wait(Stream::kHostToDevice, *reuse_after);
       gather_(u, dst, next);
     } catch (...) {
       err = std::current_exception();

@@ -2,6 +2,7 @@
 // kernels/cpu_model_ops.hpp, composed into the ops of backend.hpp. Every op completes before it
 // returns, so streams and events are no-ops.
 #include <oneapi/tbb/info.h>
+#include <oneapi/tbb/parallel_for.h>
 
 #include <algorithm>
 #include <cmath>
@@ -70,6 +71,24 @@ class CpuBackend final : public Backend {
   void upload(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
   void download(void* dst, const void* src, std::size_t bytes) override { std::memcpy(dst, src, bytes); }
   void fill_zero(void* dst, std::size_t bytes) override { std::memset(dst, 0, bytes); }
+  void copy_to_device_async(void* dst, const void* src, std::size_t bytes, Stream) override {
+    std::memcpy(dst, src, bytes);
+  }
+  void copy_to_host_async(void* dst, const void* src, std::size_t bytes, Stream) override { std::memcpy(dst, src, bytes); }
+  void sum_squares(double* out, const float* x, std::int64_t count) override {
+    // Fixed blocks summed in order: deterministic whatever the thread count.
+    constexpr std::int64_t kBlock = 1 << 16;
+    const std::int64_t blocks = (count + kBlock - 1) / kBlock;
+    std::vector<double> part(static_cast<std::size_t>(blocks));
+    tbb::parallel_for(std::int64_t{0}, blocks, [&](std::int64_t b) {
+      double s = 0;
+      for (std::int64_t i = b * kBlock, e = std::min(count, i + kBlock); i < e; ++i) s += double(x[i]) * x[i];
+      part[static_cast<std::size_t>(b)] = s;
+    });
+    double s = 0;
+    for (const double v : part) s += v;
+    *out = s;
+  }
 
   std::unique_ptr<Event> record(Stream) override { return std::make_unique<CpuEvent>(); }
   void wait(Stream, const Event&) override {}

@@ -72,7 +72,9 @@ class DeviceScratch {
 
 class CudaEvent final : public Backend::Event {
  public:
-  CudaEvent() { check(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming), "cudaEventCreate"); }
+  // Blocking sync: a host thread waiting on the event sleeps instead of spinning a core.
+  CudaEvent() { check(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate"); }
+  void synchronize() const override { check(cudaEventSynchronize(e_), "cudaEventSynchronize"); }
   ~CudaEvent() override { cudaEventDestroy(e_); }
   cudaEvent_t get() const { return e_; }
 
@@ -99,7 +101,7 @@ class CudaBackend final : public Backend {
     check(cublasLtCreate(&lt_), "cublasLtCreate");
     workspace_bytes_ = 32u << 20;
     check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLASLt workspace)");
-    for (DeviceScratch* d : {&bf16_[0], &bf16_[1], &partial_, &attn_, &ce_, &logits_}) d->bind(o.device, compute());
+    for (DeviceScratch* d : {&bf16_[0], &bf16_[1], &partial_, &attn_, &ce_, &logits_, &sq_}) d->bind(o.device, compute());
   }
   ~CudaBackend() override {
     cudaSetDevice(o_.device);
@@ -152,6 +154,21 @@ class CudaBackend final : public Backend {
     if (bytes == 0) return;
     current();
     check(cudaMemsetAsync(dst, 0, bytes, compute()), "memset");
+  }
+  void copy_to_device_async(void* dst, const void* src, std::size_t bytes, Stream stream) override {
+    if (bytes == 0) return;
+    current();
+    copy_async(dst, src, bytes, cudaMemcpyHostToDevice, streams_[static_cast<int>(stream)], "upload");
+  }
+  void copy_to_host_async(void* dst, const void* src, std::size_t bytes, Stream stream) override {
+    if (bytes == 0) return;
+    current();
+    copy_async(dst, src, bytes, cudaMemcpyDeviceToHost, streams_[static_cast<int>(stream)], "download");
+  }
+  void sum_squares(double* out, const float* x, std::int64_t count) override {
+    OpTimer t(*this, "sum_squares");
+    kc::sum_squares(out, static_cast<double*>(sq_.get(kc::sum_squares_partial_doubles() * sizeof(double))), x, count,
+                    compute());
   }
 
   std::unique_ptr<Event> record(Stream stream) override {
@@ -317,6 +334,15 @@ class CudaBackend final : public Backend {
     int d = -1;
     if (cudaGetDevice(&d) != cudaSuccess || d != o_.device) check(cudaSetDevice(o_.device), "cudaSetDevice");
   }
+  static void copy_async(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream,
+                         const char* what) {
+    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, stream);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      throw Error("CUDA: {} of {} bytes ({} -> {}) failed: {} ({})", what, bytes, src, dst, cudaGetErrorName(e),
+                  cudaGetErrorString(e));
+    }
+  }
   void copy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, const char* what) {
     const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, compute());
     if (e != cudaSuccess) {
@@ -407,7 +433,7 @@ class CudaBackend final : public Backend {
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
   std::map<PlanKey, Plan> plans_;
-  DeviceScratch bf16_[2], partial_, attn_, ce_, logits_;
+  DeviceScratch bf16_[2], partial_, attn_, ce_, logits_, sq_;
 };
 
 }  // namespace

@@ -262,6 +262,41 @@ class CheckpointReader {
   std::shared_ptr<io::SafetensorsFile> file_;
 };
 
+// The optimizer step on a thread of its own, fed gradients as backward lands them (the GPU
+// pipeline). Destroyed before join() (an error in forward or backward), it fails the feed so the
+// step stops waiting, then joins.
+class OverlappedStep {
+ public:
+  OverlappedStep(offload::OptimizerStepper& stepper, offload::StepFeed& feed, offload::StepInputs in) : feed_(feed) {
+    thread_ = std::thread([this, &stepper, in = std::move(in)] {
+      try {
+        stats_ = stepper.step(in);
+      } catch (...) {
+        error_ = std::current_exception();
+      }
+    });
+  }
+  OverlappedStep(const OverlappedStep&) = delete;
+  OverlappedStep& operator=(const OverlappedStep&) = delete;
+  ~OverlappedStep() {
+    if (thread_.joinable()) {
+      feed_.fail("the training step stopped before all its gradients were computed");
+      thread_.join();
+    }
+  }
+  offload::StepStats join() {
+    thread_.join();
+    if (error_) std::rethrow_exception(error_);
+    return stats_;
+  }
+
+ private:
+  offload::StepFeed& feed_;
+  std::thread thread_;
+  offload::StepStats stats_;
+  std::exception_ptr error_;
+};
+
 class Trainer {
  public:
   explicit Trainer(const TrainOptions& o)
@@ -316,7 +351,26 @@ class Trainer {
       units.push_back({u.name, static_cast<std::uint64_t>(shard_.back())});
     }
     offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
-    if (sharded_ || partition_grads_) {
+    // The GPU pipeline (one GPU, stages 2-3, no gradient accumulation, no fp16 loss scaling):
+    // each unit's gradient is copied down into page-locked memory as its backward finishes, its
+    // sum of squares computed on the GPU, and the optimizer step runs on its own thread, stepping
+    // each unit as its gradient lands. ZINF_GPU_OVERLAP=0 turns it off (the synchronous path).
+    const char* overlap_env = std::getenv("ZINF_GPU_OVERLAP");
+    const std::string overlap = overlap_env != nullptr ? overlap_env : "";
+    if (!overlap.empty() && overlap != "0" && overlap != "1") {
+      throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1 (0 turns the GPU pipeline off; unset or 1 leaves it on)", overlap);
+    }
+    gpu_pipeline_ = !host_backend_ && partition_grads_ && world_ == 1 && gas_ == 1 && !fp16_ && overlap != "0";
+    if (gpu_pipeline_) {
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+        gpinned_.push_back(offload_->memory().allocate(offload::Purpose::kGradients,
+                                                       static_cast<std::uint64_t>(shard_[u]) * sizeof(float),
+                                                       "gradient of " + layout_.units[u].name));
+      }
+      feed_ = std::make_unique<offload::StepFeed>(layout_.units.size());
+      landed_.resize(layout_.units.size());
+      unit_sq_.emplace(*backend_, layout_.units.size() * sizeof(double));
+    } else if (sharded_ || partition_grads_) {
       gshard_.resize(layout_.units.size());
       for (std::size_t u = 0; u < layout_.units.size(); ++u) gshard_[u].resize(static_cast<std::size_t>(shard_[u]));
     }
@@ -409,6 +463,23 @@ class Trainer {
       }
       std::size_t use = 0;  // the coordinator's position in the step's schedule
       double loss_sum = 0;
+      // The GPU pipeline's step starts now: NVMe state is read ahead during forward, and each unit
+      // is stepped as its gradient lands; without clipping the scale is known already.
+      std::optional<OverlappedStep> overlapped;
+      const bool clipping = o_.ds.gradient_clipping > 0;
+      if (gpu_pipeline_) {
+        feed_->reset();
+        offload::StepInputs in = step_inputs(lr, 1.0);
+        in.gradient = [this](std::size_t u) -> const void* {
+          const void* g = feed_->gradient(u);
+          landed_[u]->synchronize();
+          return g;
+        };
+        in.grad_scale = [this] { return feed_->grad_scale(); };
+        for (std::size_t u = layout_.units.size(); u-- > 0;) in.order.push_back(u);
+        if (!clipping) feed_->post_grad_scale(static_cast<float>(1.0 / static_cast<double>(gas_ * world_)));
+        overlapped.emplace(offload_->stepper(), *feed_, std::move(in));
+      }
       for (std::int64_t m = 0; m < gas_; ++m) {
         auto td = Clock::now();
         // Every rank draws the same round of micro_ x W samples and takes its own micro_ of them.
@@ -445,7 +516,11 @@ class Trainer {
             for (const std::size_t r : model_.unit_reads(u)) take_grad_buffer(r);
             model_.backward_unit(u, p, grad_view_, static_cast<float>(loss_scale));
             if (stage3_) coord_->release(use);
-            gradient_ready(u);  // unit u's gradient of this micro-batch is complete
+            if (gpu_pipeline_) {
+              land_gradient(u);
+            } else {
+              gradient_ready(u);  // unit u's gradient of this micro-batch is complete
+            }
           }
           flush_gradient_bucket();
         }
@@ -470,7 +545,10 @@ class Trainer {
         if (full_grads_) {
           for (std::size_t u = 0; u < layout_.units.size(); ++u) g.push_back(host_grad(u));
         } else {
-          for (auto& v : gshard_) g.push_back(v.data());
+          for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+            if (gpu_pipeline_) landed_[u]->synchronize();
+            g.push_back(gshard(u));
+          }
         }
         o_.after_backward(st_.step + 1, g);
       }
@@ -480,9 +558,15 @@ class Trainer {
       reduce_gradients();
       // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
       double sq = 0;
-      for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-        sq += !gshard_.empty() ? sum_squares(gshard_[u].data(), shard_[u])
-                               : sum_squares(host_grad(u), layout_.units[u].numel);
+      if (gpu_pipeline_) {
+        // Summed on the GPU as each gradient was complete.
+        std::vector<double> unit_sq(layout_.units.size());
+        backend_->download(unit_sq.data(), unit_sq_->data(), unit_sq.size() * sizeof(double));
+        for (const double v : unit_sq) sq += v;
+      } else {
+        for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+          sq += have_shards() ? sum_squares(gshard(u), shard_[u]) : sum_squares(host_grad(u), layout_.units[u].numel);
+        }
       }
       if (sharded_) {
         // Every rank's double, gathered and summed in rank order (a float sum could overflow).
@@ -507,26 +591,23 @@ class Trainer {
         const double c = o_.ds.gradient_clipping / (norm + 1e-6);
         if (c < 1.0) clip = c;
       }
-      offload::StepInputs in;
-      const auto& oc = o_.ds.optimizer;
-      in.adam.lr = lr;
-      in.adam.beta1 = oc.beta1;
-      in.adam.beta2 = oc.beta2;
-      in.adam.eps = oc.eps;
-      in.adam.weight_decay = oc.weight_decay;
-      in.adam.adam_w_mode = oc.type == config::OptimizerType::kAdamW || oc.adam_w_mode;
-      in.adam.bias_correction = oc.bias_correction;
-      in.adam.step = st_.applied + 1;
-      in.adam.grad_scale = static_cast<float>(clip / (static_cast<double>(gas_ * world_) * loss_scale));
-      in.grad_dtype = DType::kF32;
-      in.gradient = [this](std::size_t u) -> const void* {
-        return !gshard_.empty() ? static_cast<const void*>(gshard_[u].data()) : static_cast<const void*>(host_grad(u));
-      };
+      const double grad_scale = clip / (static_cast<double>(gas_ * world_) * loss_scale);
       if (overflow) {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
         spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
       } else {
-        const offload::StepStats ss = offload_->stepper().step(in);
+        offload::StepStats ss;
+        if (overlapped) {
+          if (clipping) feed_->post_grad_scale(static_cast<float>(grad_scale));
+          ss = overlapped->join();
+        } else {
+          offload::StepInputs in = step_inputs(lr, grad_scale);
+          in.grad_dtype = DType::kF32;
+          in.gradient = [this](std::size_t u) -> const void* {
+            return have_shards() ? static_cast<const void*>(gshard(u)) : static_cast<const void*>(host_grad(u));
+          };
+          ss = offload_->stepper().step(in);
+        }
         tm.offload_io = ss.read_wait_seconds + ss.write_wait_seconds;
         refresh_params();
         ++st_.applied;
@@ -649,6 +730,8 @@ class Trainer {
       coord_->invalidate();
       return;
     }
+    // The uploads run on the host-to-device stream: after any compute still reading the old values.
+    if (!host_backend_) backend_->wait(Stream::kHostToDevice, *backend_->record(Stream::kCompute));
     for (std::size_t u = 0; u < layout_.units.size(); ++u) gather_unit(u, params_->view().units[u], *comm_, main_scratch_);
   }
 
@@ -668,14 +751,45 @@ class Trainer {
   void gather_unit(std::size_t u, void* device_dst, Communicator& comm, GatherScratch& s,
                    std::size_t next = ParamCoordinator::kNone) {
     const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-    // The CPU backend's memory is host memory: gather in place. A GPU's: on the host, then up.
-    void* dst = device_dst;
-    if (!host_backend_) {
-      s.host.resize(n * kernels::cpu::dtype_bytes(param_dtype_));
-      dst = s.host.data();
+    if (host_backend_) {  // the CPU backend's memory is host memory: gather in place
+      gather_unit_host(u, device_dst, comm, s, next);
+      return;
     }
-    gather_unit_host(u, dst, comm, s, next);
-    if (!host_backend_) backend_->upload(device_dst, dst, s.host.size());
+    // A GPU: up on the host-to-device stream, which the caller has ordered after any compute
+    // still reading the buffer. bf16 shards not split across ranks go straight from the store
+    // (page-locked host memory, or the NVMe staging buffers); anything else is gathered on the
+    // host first.
+    if (param_dtype_ == DType::kBF16 && !sharded_) {
+      offload::ParamLease lease = take_lease(u, s, next);
+      lease.wait();
+      for (const auto& piece : lease.pieces()) {
+        backend_->copy_to_device_async(static_cast<std::uint16_t*>(device_dst) + piece.begin, piece.data,
+                                       static_cast<std::size_t>(piece.count) * 2, Stream::kHostToDevice);
+      }
+      backend_->record(Stream::kHostToDevice)->synchronize();
+      return;
+    }
+    s.host.resize(n * kernels::cpu::dtype_bytes(param_dtype_));
+    gather_unit_host(u, s.host.data(), comm, s, next);
+    backend_->copy_to_device_async(device_dst, s.host.data(), s.host.size(), Stream::kHostToDevice);
+    backend_->record(Stream::kHostToDevice)->synchronize();
+  }
+
+  // Unit u's bf16 shard from the store: the read-ahead already started for it, or a new fetch;
+  // then the read-ahead of `next` when its shard is on NVMe.
+  offload::ParamLease take_lease(std::size_t u, GatherScratch& s, std::size_t next) {
+    offload::ParamLease lease;
+    const bool read_ahead = s.ahead && s.ahead_unit == u;
+    if (read_ahead) lease = std::move(*s.ahead);
+    // A read-ahead of another unit gives its buffers back before fetch() may wait for them.
+    s.ahead.reset();
+    s.ahead_unit = ParamCoordinator::kNone;
+    if (!read_ahead) lease = offload_->store().fetch(u);
+    if (next != ParamCoordinator::kNone && offload_->store().param_tier(next) == offload::Tier::kNvme) {
+      s.ahead = offload_->store().try_fetch(next);
+      if (s.ahead) s.ahead_unit = next;
+    }
+    return lease;
   }
 
   void gather_unit_host(std::size_t u, void* dst, Communicator& comm, GatherScratch& s, std::size_t next) {
@@ -683,17 +797,7 @@ class Trainer {
     const auto sh = static_cast<std::size_t>(shard_[u]);
     if (param_dtype_ == DType::kBF16) {
       auto* out = static_cast<std::uint16_t*>(dst);
-      offload::ParamLease lease;
-      const bool read_ahead = s.ahead && s.ahead_unit == u;
-      if (read_ahead) lease = std::move(*s.ahead);
-      // A read-ahead of another unit gives its buffers back before fetch() may wait for them.
-      s.ahead.reset();
-      s.ahead_unit = ParamCoordinator::kNone;
-      if (!read_ahead) lease = offload_->store().fetch(u);
-      if (next != ParamCoordinator::kNone && offload_->store().param_tier(next) == offload::Tier::kNvme) {
-        s.ahead = offload_->store().try_fetch(next);
-        if (s.ahead) s.ahead_unit = next;
-      }
+      offload::ParamLease lease = take_lease(u, s, next);
       if (!sharded_) {
         lease.copy_to(std::span<std::uint16_t>(out, n));
         return;
@@ -733,13 +837,51 @@ class Trainer {
     const auto bytes = static_cast<std::size_t>(layout_.units[u].numel) * sizeof(float);
     auto it = grad_pool_.find(bytes);
     if (it != grad_pool_.end() && !it->second.empty()) {
-      grad_live_[u] = std::move(it->second.back());
+      grad_live_[u] = std::move(it->second.back().buffer);
+      // A buffer still being copied down: the zeroing below waits for that copy.
+      if (it->second.back().free_after) backend_->wait(Stream::kCompute, *it->second.back().free_after);
       it->second.pop_back();
     } else {
       grad_live_[u] = DeviceBuffer(*backend_, bytes);
     }
     backend_->fill_zero(grad_live_[u].data(), bytes);
     grad_view_.units[u] = grad_live_[u].data();
+  }
+
+  // This rank's summed gradient shard of unit u (stages 1-3, or the GPU pipeline's page-locked one).
+  float* gshard(std::size_t u) { return gpu_pipeline_ ? gpinned_[u].as<float>() : gshard_[u].data(); }
+  bool have_shards() const { return gpu_pipeline_ || !gshard_.empty(); }
+
+  // The optimizer step's inputs for this step (the gradient source is the caller's).
+  offload::StepInputs step_inputs(double lr, double grad_scale) const {
+    offload::StepInputs in;
+    const auto& oc = o_.ds.optimizer;
+    in.adam.lr = lr;
+    in.adam.beta1 = oc.beta1;
+    in.adam.beta2 = oc.beta2;
+    in.adam.eps = oc.eps;
+    in.adam.weight_decay = oc.weight_decay;
+    in.adam.adam_w_mode = oc.type == config::OptimizerType::kAdamW || oc.adam_w_mode;
+    in.adam.bias_correction = oc.bias_correction;
+    in.adam.step = st_.applied + 1;
+    in.adam.grad_scale = static_cast<float>(grad_scale);
+    in.grad_dtype = DType::kF32;
+    return in;
+  }
+
+  // The GPU pipeline: unit u's gradient is complete on the compute stream. Its sum of squares is
+  // computed there; the copy-down stream then brings it into the page-locked shard and the
+  // optimizer thread, told now, waits for that copy. The buffer is reused only after the copy.
+  void land_gradient(std::size_t u) {
+    const auto n = layout_.units[u].numel;
+    const float* g = grad_live_[u].f32();
+    backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, g, n);
+    backend_->wait(Stream::kDeviceToHost, *backend_->record(Stream::kCompute));
+    backend_->copy_to_host_async(gshard(u), g, static_cast<std::size_t>(n) * sizeof(float), Stream::kDeviceToHost);
+    landed_[u] = backend_->record(Stream::kDeviceToHost);
+    feed_->post_gradient(u, gshard(u));
+    grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), landed_[u]});
+    grad_view_.units[u] = nullptr;
   }
 
   // Stages 0-1: unit u's accumulated gradient in host memory (downloaded from a GPU backend by
@@ -805,7 +947,7 @@ class Trainer {
       }
     }
     for (const std::size_t u : bucket_) {
-      grad_pool_[grad_live_[u].bytes()].push_back(std::move(grad_live_[u]));
+      grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), nullptr});
       grad_view_.units[u] = nullptr;
       if (!host_backend_) grad_dl_[u].clear();  // the next micro-batch downloads afresh
     }
@@ -1248,7 +1390,17 @@ class Trainer {
   GatherScratch main_scratch_, worker_scratch_;
   UnitBuffers grad_view_;                  // stages 2-3: the gradient buffers of the units in backward
   std::vector<DeviceBuffer> grad_live_;
-  std::map<std::size_t, std::vector<DeviceBuffer>> grad_pool_;
+  struct PooledGrad {
+    DeviceBuffer buffer;
+    std::shared_ptr<Backend::Event> free_after;  // the copy-down still reading it
+  };
+  std::map<std::size_t, std::vector<PooledGrad>> grad_pool_;
+  // The GPU pipeline (see the constructor).
+  bool gpu_pipeline_ = false;
+  std::vector<offload::HostBuffer> gpinned_;              // page-locked gradient shards
+  std::unique_ptr<offload::StepFeed> feed_;
+  std::vector<std::shared_ptr<Backend::Event>> landed_;  // unit u's gradient is in gpinned_[u]
+  std::optional<DeviceBuffer> unit_sq_;                  // per-unit sums of squares (doubles)
   std::vector<std::size_t> bucket_;
   std::int64_t bucket_elems_ = 0;
   std::uint64_t buckets_reduced_ = 0;

@@ -419,6 +419,53 @@ TEST(CudaModel, Bf16LossAndEveryGradientMatchTheCpuWithinBf16Tolerance) {
   compare_models(DType::kBF16, 2e-3, 3e-2);
 }
 
+TEST(CudaBackend, CopyStreamsAndSumOfSquares) {
+  // The copy streams, ordered by events against compute: a buffer uploaded on the host-to-device
+  // stream, added to on the compute stream, copied down on the device-to-host stream
+  // into page-locked memory, waited for with Event::synchronize. Then the sum of squares against
+  // a double sum on the host, on sizes around the kernel's block and partial counts.
+  SKIP_WITHOUT_GPU();
+  Pair p;
+  Backend& g = p.gpu();
+  const std::size_t n = 3 * 1024 * 1024 + 77;
+  const std::vector<float> a = random_floats(n, 11), b = random_floats(n, 12);
+  DeviceBuffer da(g, n * 4), db(g, n * 4);
+  g.upload(db.data(), b.data(), n * 4);
+  g.copy_to_device_async(da.data(), a.data(), n * 4, Stream::kHostToDevice);
+  g.wait(Stream::kCompute, *g.record(Stream::kHostToDevice));
+  g.add(da.f32(), db.f32(), static_cast<std::int64_t>(n));
+  g.wait(Stream::kDeviceToHost, *g.record(Stream::kCompute));
+  std::vector<float> out(n, 0.0f);
+  g.copy_to_host_async(out.data(), da.data(), n * 4, Stream::kDeviceToHost);
+  g.record(Stream::kDeviceToHost)->synchronize();
+  for (std::size_t i = 0; i < n; i += 997) ASSERT_EQ(out[i], a[i] + b[i]) << i;
+  ASSERT_EQ(out[n - 1], a[n - 1] + b[n - 1]);
+
+  DeviceBuffer sq(g, 4 * sizeof(double));
+  const std::size_t sizes[] = {1, 255, 1024 * 1024 + 3, n};
+  for (std::size_t k = 0; k < 4; ++k) {
+    g.sum_squares(static_cast<double*>(sq.data()) + k, da.f32(), static_cast<std::int64_t>(sizes[k]));
+  }
+  double got[4];
+  g.download(got, sq.data(), sizeof(got));
+  for (std::size_t k = 0; k < 4; ++k) {
+    double want = 0;
+    for (std::size_t i = 0; i < sizes[k]; ++i) want += double(out[i]) * out[i];
+    EXPECT_NEAR(got[k], want, 1e-12 * want) << sizes[k];
+  }
+  // The same twice: a fixed order.
+  double again = 0;
+  g.sum_squares(static_cast<double*>(sq.data()), da.f32(), static_cast<std::int64_t>(n));
+  g.download(&again, sq.data(), sizeof(again));
+  EXPECT_EQ(again, got[3]);
+  // A non-finite element makes the sum non-finite (the overflow check).
+  const float inf = INFINITY;
+  g.upload(da.f32() + 12345, &inf, 4);
+  g.sum_squares(static_cast<double*>(sq.data()), da.f32(), static_cast<std::int64_t>(n));
+  g.download(&again, sq.data(), sizeof(again));
+  EXPECT_FALSE(std::isfinite(again));
+}
+
 TEST(CudaBackend, WithoutAGpuTheErrorSaysWhy) {
   const std::string why = gpu_missing();
   if (why.empty()) GTEST_SKIP() << "a GPU is here; the error path needs its absence";

@@ -575,6 +575,49 @@ TEST(Trainer, TheCudaBackendTrainsLikeTheCpu) {
   }
 }
 
+TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
+  // One GPU, stage 3, no gradient accumulation: the pipelined step (gradients copied down on their
+  // own stream as each unit's backward ends, each unit stepped by the optimizer thread as it
+  // lands, parameters uploaded on the copy stream into reused buffers) against the synchronous
+  // path (ZINF_GPU_OVERLAP=0). A tight live budget makes the coordinator reuse buffers. Without
+  // clipping the runs are bit-identical: the losses and the saved optimizer state. With clipping
+  // the norm is summed on the GPU rather than the host, so the clip coefficient may differ in its
+  // last bits.
+  const kernels::GpuQuery q = kernels::query_gpus();
+  if (q.gpus.empty()) GTEST_SKIP() << "no GPU here: " << (q.built_with_cuda ? q.problem : std::string("built without CUDA"));
+  ScratchDir d;
+  for (const bool bf16 : {true, false}) {
+    for (const double clip : {0.0, 1.0}) {
+      const auto tweak = [&](Json& ds) {
+        ds["bf16"]["enabled"] = bf16;
+        ds["train_micro_batch_size_per_gpu"] = 4;
+        ds["gradient_accumulation_steps"] = 1;
+        ds["gradient_clipping"] = clip;
+        ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
+      };
+      const std::string tag = fmt::format("{}-clip{}", bf16 ? "bf16" : "fp32", clip);
+      ::setenv("ZINF_GPU_OVERLAP", "0", 1);
+      train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
+      ::unsetenv("ZINF_GPU_OVERLAP");
+      train_on_ranks(d.path() + "/pipe-" + tag, 1, 3, 6, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
+      const auto want = losses(d.path() + "/sync-" + tag), got = losses(d.path() + "/pipe-" + tag);
+      ASSERT_EQ(got.size(), 6u) << tag;
+      const std::string f = "/checkpoints/step-00000006/optimizer_state.safetensors";
+      if (clip == 0.0) {
+        EXPECT_EQ(got, want) << tag;
+        EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + f) == file_bytes(d.path() + "/pipe-" + tag + f)) << tag;
+      } else {
+        for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * want[i]) << tag << " step " << i + 1;
+      }
+    }
+  }
+  ::setenv("ZINF_GPU_OVERLAP", "yes", 1);
+  EXPECT_THROW(train_on_ranks(d.path() + "/bad-env", 1, 3, 1, "", {}, [](TrainOptions& o) { o.device = "cuda"; }),
+               std::exception);
+  ::unsetenv("ZINF_GPU_OVERLAP");
+}
+
 TEST(Trainer, ShardedResumeIsBitIdenticalAndReshardsToOtherRanks) {
   ScratchDir d;
   train_on_ranks(d.path() + "/straight", 2, 2, 8);

@@ -70,11 +70,22 @@ class Backend {
   virtual void upload(void* dst, const void* host_src, std::size_t bytes) = 0;
   virtual void download(void* host_dst, const void* src, std::size_t bytes) = 0;
   virtual void fill_zero(void* dst, std::size_t bytes) = 0;
+  // Asynchronous copies on `stream` (the copy engines' streams kHostToDevice / kDeviceToHost). They
+  // overlap compute only from page-locked host memory; order them against other streams with
+  // record/wait, and wait for them on the host with Event::synchronize. The CPU backend copies at
+  // once.
+  virtual void copy_to_device_async(void* dst, const void* host_src, std::size_t bytes, Stream stream) = 0;
+  virtual void copy_to_host_async(void* host_dst, const void* src, std::size_t bytes, Stream stream) = 0;
+  // out (one double, device memory) = sum of x[i]^2 over count fp32 elements, on the compute
+  // stream, in a fixed order (the same result run to run). Non-finite inputs give a non-finite sum.
+  virtual void sum_squares(double* out, const float* x, std::int64_t count) = 0;
 
   // ---- streams and events (the CPU backend completes every op before returning: no-ops there)
   class Event {
    public:
     virtual ~Event() = default;
+    // Blocks the calling thread (without spinning) until the work recorded before the event is done.
+    virtual void synchronize() const {}
   };
   virtual std::unique_ptr<Event> record(Stream stream) = 0;
   virtual void wait(Stream stream, const Event& event) = 0;

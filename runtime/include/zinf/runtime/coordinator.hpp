@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -103,6 +104,13 @@ class ParamCoordinator {
     State state = State::kEmpty;
     bool prefetched = false;  // requested ahead of its use and not yet acquired
     DeviceBuffer buffer;
+    // A reused buffer: compute-stream work recorded when it was freed (kernels may still read the
+    // old unit). The gather's copies on the host-to-device stream wait for it first.
+    std::shared_ptr<Backend::Event> reuse_after;
+  };
+  struct Pooled {
+    DeviceBuffer buffer;
+    std::shared_ptr<Backend::Event> freed;
   };
   void request(std::size_t unit, std::unique_lock<std::mutex>& lock);
   void free_unit(std::size_t unit);
@@ -133,7 +141,7 @@ class ParamCoordinator {
   std::exception_ptr error_;
   bool stop_ = false;
   std::int64_t live_ = 0, ahead_ = 0, cached_ = 0;
-  std::map<std::size_t, std::vector<DeviceBuffer>> pool_;  // freed buffers by bytes
+  std::map<std::size_t, std::vector<Pooled>> pool_;  // freed buffers by bytes
   CoordinatorStats stats_;
   UnitBuffers view_;
   std::thread thread_;

@@ -1,5 +1,5 @@
 // The model's GPU kernels (cuda_ops.hpp). fp32 arithmetic throughout, weights read as fp32 or
-// bf16; reductions run in a fixed order (no atomics) except the embedding's scatter-add.
+// bf16; every reduction, the embedding's scatter-add included, runs in a fixed order (no atomics).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -60,11 +60,27 @@ __global__ void embedding_forward_k(float* out, const void* table, bool bf16, co
   }
 }
 
+// Deterministic (no atomics): the thread of column c and residue k adds, in row order, the rows
+// whose token is k mod kEmbedResidues. Every (token, column) sum has one owner and one order, so
+// the result is the same run to run; the residues spread the work over the GPU.
+constexpr int kEmbedResidues = 32;
+constexpr int kEmbedTokens = 1024;  // tokens staged in shared memory at a time
+
 __global__ void embedding_backward_k(float* dtable, const float* dout, const std::int32_t* tokens, i64 n, i64 h) {
-  for (i64 idx = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; idx < n * h;
-       idx += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const i64 r = idx / h, c = idx % h;
-    atomicAdd(dtable + static_cast<i64>(tokens[r]) * h + c, dout[idx]);
+  __shared__ std::int32_t tok[kEmbedTokens];
+  const i64 c = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x;
+  const int k = static_cast<int>(blockIdx.y);
+  for (i64 r0 = 0; r0 < n; r0 += kEmbedTokens) {
+    const int count = static_cast<int>(n - r0 < kEmbedTokens ? n - r0 : kEmbedTokens);
+    __syncthreads();
+    for (int i = threadIdx.x; i < count; i += blockDim.x) tok[i] = tokens[r0 + i];
+    __syncthreads();
+    if (c >= h) continue;
+    for (int i = 0; i < count; ++i) {
+      const std::int32_t t = tok[i];
+      if (t % kEmbedResidues != k) continue;
+      dtable[static_cast<i64>(t) * h + c] += dout[(r0 + i) * h + c];
+    }
   }
 }
 
@@ -549,7 +565,8 @@ void embedding_forward(float* out, const void* table, bool bf16, const std::int3
 
 void embedding_backward(float* dtable, const float* dout, const std::int32_t* tokens, i64 n, i64 h,
                         cudaStream_t stream) {
-  embedding_backward_k<<<blocks_for(n * h, 256), 256, 0, stream>>>(dtable, dout, tokens, n, h);
+  const dim3 grid(static_cast<unsigned>((h + 255) / 256), kEmbedResidues);
+  embedding_backward_k<<<grid, 256, 0, stream>>>(dtable, dout, tokens, n, h);
   check_launch("embedding_backward");
 }
 

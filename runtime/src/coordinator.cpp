@@ -137,8 +137,11 @@ void ParamCoordinator::prefetch_from(std::size_t first, std::unique_lock<std::mu
       if (units_[u].state != State::kEmpty) continue;
       const std::int64_t need = counted(u);
       // In schedule order: the first unit that does not fit stops the prefetch, so gathers are
-      // always requested in the order they will be used.
-      if (ahead_ + need > o_.prefetch_bucket || live_ + need > o_.max_live) return;
+      // always requested in the order they will be used. DeepSpeed's rule for the bucket: another
+      // unit starts while fewer than prefetch_bucket elements are ahead, so the last one started
+      // may pass it (a unit larger than the bucket is still fetched one ahead). The live budget
+      // is never passed.
+      if (ahead_ >= o_.prefetch_bucket || live_ + need > o_.max_live) return;
       request(u, lock);  // first: an allocation that fails leaves the counts as they were
       units_[u].prefetched = true;
       ahead_ += need;

@@ -16,7 +16,8 @@ namespace zinf::kernels::cuda {
 // out (n, h) = table (v, h)[tokens]
 void embedding_forward(float* out, const void* table, bool bf16, const std::int32_t* tokens, std::int64_t n,
                        std::int64_t h, cudaStream_t stream);
-// dtable (v, h) += dout scattered by token (atomic adds: repeated tokens sum in any order).
+// dtable (v, h) += dout scattered by token; repeated tokens sum in row order (no atomics: the same
+// result run to run).
 void embedding_backward(float* dtable, const float* dout, const std::int32_t* tokens, std::int64_t n, std::int64_t h,
                         cudaStream_t stream);
 

@@ -75,6 +75,12 @@ class CudaEvent final : public Backend::Event {
   // Blocking sync: a host thread waiting on the event sleeps instead of spinning a core.
   CudaEvent() { check(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate"); }
   void synchronize() const override { check(cudaEventSynchronize(e_), "cudaEventSynchronize"); }
+  bool ready() const override {
+    const cudaError_t e = cudaEventQuery(e_);
+    if (e == cudaErrorNotReady) return false;
+    check(e, "cudaEventQuery");
+    return true;
+  }
   ~CudaEvent() override { cudaEventDestroy(e_); }
   cudaEvent_t get() const { return e_; }
 

@@ -836,11 +836,26 @@ class Trainer {
     if (grad_live_[u].data() != nullptr) return;
     const auto bytes = static_cast<std::size_t>(layout_.units[u].numel) * sizeof(float);
     auto it = grad_pool_.find(bytes);
-    if (it != grad_pool_.end() && !it->second.empty()) {
-      grad_live_[u] = std::move(it->second.back().buffer);
+    // A pooled buffer whose copy-down has finished; one still being copied is taken only while
+    // the pool holds kGradBuffersInFlight of them (compute then waits for its copy), so the
+    // next unit's backward does not queue behind the copy of the last one.
+    std::vector<PooledGrad>* list = it != grad_pool_.end() && !it->second.empty() ? &it->second : nullptr;
+    std::size_t pick = 0;
+    if (list != nullptr) {
+      while (pick < list->size() && (*list)[pick].free_after && !(*list)[pick].free_after->ready()) ++pick;
+      if (pick == list->size()) {
+        if (list->size() < kGradBuffersInFlight) {
+          list = nullptr;  // all busy: a new buffer
+        } else {
+          pick = 0;  // the oldest
+        }
+      }
+    }
+    if (list != nullptr) {
+      grad_live_[u] = std::move((*list)[pick].buffer);
       // A buffer still being copied down: the zeroing below waits for that copy.
-      if (it->second.back().free_after) backend_->wait(Stream::kCompute, *it->second.back().free_after);
-      it->second.pop_back();
+      if ((*list)[pick].free_after) backend_->wait(Stream::kCompute, *(*list)[pick].free_after);
+      list->erase(list->begin() + static_cast<std::ptrdiff_t>(pick));
     } else {
       grad_live_[u] = DeviceBuffer(*backend_, bytes);
     }
@@ -1390,6 +1405,7 @@ class Trainer {
   GatherScratch main_scratch_, worker_scratch_;
   UnitBuffers grad_view_;                  // stages 2-3: the gradient buffers of the units in backward
   std::vector<DeviceBuffer> grad_live_;
+  static constexpr std::size_t kGradBuffersInFlight = 3;
   struct PooledGrad {
     DeviceBuffer buffer;
     std::shared_ptr<Backend::Event> free_after;  // the copy-down still reading it

@@ -86,6 +86,8 @@ class Backend {
     virtual ~Event() = default;
     // Blocks the calling thread (without spinning) until the work recorded before the event is done.
     virtual void synchronize() const {}
+    // Whether that work is done, without waiting.
+    virtual bool ready() const { return true; }
   };
   virtual std::unique_ptr<Event> record(Stream stream) = 0;
   virtual void wait(Stream stream, const Event& event) = 0;

@@ -18,6 +18,9 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <optional>
 #include <thread>
 
@@ -267,12 +270,19 @@ class CheckpointReader {
 // step stops waiting, then joins.
 class OverlappedStep {
  public:
-  OverlappedStep(offload::OptimizerStepper& stepper, offload::StepFeed& feed, offload::StepInputs in) : feed_(feed) {
-    thread_ = std::thread([this, &stepper, in = std::move(in)] {
+  // on_fail: told why, from the step's thread, when the step fails (so waiters can stop waiting).
+  OverlappedStep(offload::OptimizerStepper& stepper, offload::StepFeed& feed, offload::StepInputs in,
+                 std::function<void(const std::string&)> on_fail)
+      : feed_(feed) {
+    thread_ = std::thread([this, &stepper, in = std::move(in), on_fail = std::move(on_fail)] {
       try {
         stats_ = stepper.step(in);
+      } catch (const std::exception& e) {
+        error_ = std::current_exception();
+        on_fail(e.what());
       } catch (...) {
         error_ = std::current_exception();
+        on_fail("the optimizer step failed");
       }
     });
   }
@@ -396,7 +406,10 @@ class Trainer {
   }
 
   ~Trainer() {
-    // The prefetch thread stops first; a read-ahead lease goes back to the store while it exists.
+    // A step still in flight stops first (a gather waiting for its updates is told why); then the
+    // prefetch thread; a read-ahead lease goes back to the store while it exists.
+    fail_units("training stopped");
+    inflight_.reset();
     coord_.reset();
     worker_scratch_.ahead.reset();
   }
@@ -435,6 +448,11 @@ class Trainer {
       csv = std::make_unique<MetricsCsv>((fs::path(o_.output_dir) / "training_metrics.csv").string(),
                                          resumed ? st_.step : -1);
     }
+    {
+      std::lock_guard lock(unit_mu_);
+      unit_steps_.assign(layout_.units.size(), st_.applied);
+      steps_needed_ = st_.applied;
+    }
     refresh_params();
     log_start();
 
@@ -463,22 +481,20 @@ class Trainer {
       }
       std::size_t use = 0;  // the coordinator's position in the step's schedule
       double loss_sum = 0;
-      // The GPU pipeline's step starts now: NVMe state is read ahead during forward, and each unit
-      // is stepped as its gradient lands; without clipping the scale is known already.
-      std::optional<OverlappedStep> overlapped;
+      // The GPU pipeline's step starts now (NVMe state is read ahead during forward), or, while
+      // the previous step is still finishing (stage 3: this forward overlaps it, each gather
+      // waiting for its unit's update), once this forward is done.
       const bool clipping = o_.ds.gradient_clipping > 0;
+      bool step_started = false;
       if (gpu_pipeline_) {
-        feed_->reset();
-        offload::StepInputs in = step_inputs(lr, 1.0);
-        in.gradient = [this](std::size_t u) -> const void* {
-          const void* g = feed_->gradient(u);
-          landed_[u]->synchronize();
-          return g;
-        };
-        in.grad_scale = [this] { return feed_->grad_scale(); };
-        for (std::size_t u = layout_.units.size(); u-- > 0;) in.order.push_back(u);
-        if (!clipping) feed_->post_grad_scale(static_cast<float>(1.0 / static_cast<double>(gas_ * world_)));
-        overlapped.emplace(offload_->stepper(), *feed_, std::move(in));
+        {
+          std::lock_guard lock(unit_mu_);
+          steps_needed_ = st_.applied;
+        }
+        if (!inflight_) {
+          start_pipeline_step(lr, clipping);
+          step_started = true;
+        }
       }
       for (std::int64_t m = 0; m < gas_; ++m) {
         auto td = Clock::now();
@@ -500,6 +516,15 @@ class Trainer {
           loss = model_.forward(params_->view());
         }
         tm.forward += seconds_since(tf);
+        if (gpu_pipeline_ && !step_started) {
+          // Every unit was gathered, so the previous step has updated them all: it is finishing.
+          const auto tj = Clock::now();
+          const offload::StepStats prev = finish_inflight();
+          tm.optimizer += seconds_since(tj);
+          tm.offload_io += prev.read_wait_seconds + prev.write_wait_seconds;
+          start_pipeline_step(lr, clipping);
+          step_started = true;
+        }
         if (!std::isfinite(loss) && world_ == 1) {
           throw Error("the loss is {} at step {}: training diverged (lower the learning rate, or resume from an "
                       "earlier checkpoint)",
@@ -518,6 +543,14 @@ class Trainer {
             if (stage3_) coord_->release(use);
             if (gpu_pipeline_) {
               land_gradient(u);
+              if (u == 0) {
+                // The last gradient: the units not yet stepped are next step's tail, stepped in
+                // forward order so that the next forward can follow them.
+                std::lock_guard lock(unit_mu_);
+                std::size_t left = 0;
+                for (const auto v : unit_steps_) left += v <= st_.applied ? 1 : 0;
+                tail_ = std::min(left > 0 ? left - 1 : 0, layout_.units.size() - 1);
+              }
             } else {
               gradient_ready(u);  // unit u's gradient of this micro-batch is complete
             }
@@ -597,9 +630,12 @@ class Trainer {
         spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
       } else {
         offload::StepStats ss;
-        if (overlapped) {
+        if (inflight_) {
           if (clipping) feed_->post_grad_scale(static_cast<float>(grad_scale));
-          ss = overlapped->join();
+          // Stage 3 leaves the step running: the next forward's gathers wait for each unit's
+          // update (refresh_params drops the gathered copies). Stage 2 keeps every unit on the GPU
+          // and uploads them all after the step.
+          if (!stage3_) ss = finish_inflight();
         } else {
           offload::StepInputs in = step_inputs(lr, grad_scale);
           in.grad_dtype = DType::kF32;
@@ -608,12 +644,12 @@ class Trainer {
           };
           ss = offload_->stepper().step(in);
         }
-        tm.offload_io = ss.read_wait_seconds + ss.write_wait_seconds;
+        tm.offload_io += ss.read_wait_seconds + ss.write_wait_seconds;
         refresh_params();
         ++st_.applied;
       }
       if (fp16_) scaler_.update(overflow);
-      tm.optimizer = seconds_since(to);
+      tm.optimizer += seconds_since(to);
 
       ++st_.step;
       const std::uint64_t step_tokens = static_cast<std::uint64_t>(micro_ * gas_ * world_ * o_.seq_len);
@@ -623,6 +659,7 @@ class Trainer {
       last_loss = loss;
       double eval_loss = std::nan("");
       if ((o_.eval_every > 0 && st_.step % o_.eval_every == 0) || st_.step == total_steps_) {
+        finish_inflight();
         eval_loss = evaluate();
         last_eval = eval_loss;
         if (!st_.have_eval || eval_loss < st_.best_eval) st_.best_eval = eval_loss;
@@ -652,6 +689,7 @@ class Trainer {
         result.last_checkpoint = save_checkpoint();
       }
     }
+    finish_inflight();
     if (o_.terminal && rank_ == 0) std::cerr << "\n";
     if (o_.save) result.last_checkpoint = save_checkpoint();
     result.steps = st_.step;
@@ -755,6 +793,7 @@ class Trainer {
       gather_unit_host(u, device_dst, comm, s, next);
       return;
     }
+    wait_unit(u);  // the GPU pipeline's step may still be updating it
     // A GPU: up on the host-to-device stream, which the caller has ordered after any compute
     // still reading the buffer. bf16 shards not split across ranks go straight from the store
     // (page-locked host memory, or the NVMe staging buffers); anything else is gathered on the
@@ -884,6 +923,56 @@ class Trainer {
     return in;
   }
 
+  // The GPU pipeline's step on its thread: gradients from the feed once their copy has landed; the
+  // order is landing order (the head first) except the tail, the last units to be stepped in the
+  // previous step, which go in forward order after the embedding; with clipping, forward order
+  // (everything waits for the norm). The order changes nothing in the result.
+  void start_pipeline_step(double lr, bool clipping) {
+    feed_->reset();
+    offload::StepInputs in = step_inputs(lr, 1.0);
+    in.gradient = [this](std::size_t u) -> const void* {
+      const void* g = feed_->gradient(u);
+      landed_[u]->synchronize();
+      return g;
+    };
+    in.grad_scale = [this] { return feed_->grad_scale(); };
+    in.unit_done = [this](std::size_t u) { unit_stepped(u); };
+    const std::size_t n = layout_.units.size();
+    const std::size_t tail = clipping ? n - 1 : tail_;
+    for (std::size_t u = n; u-- > tail + 1;) in.order.push_back(u);
+    for (std::size_t u = 0; u <= tail; ++u) in.order.push_back(u);
+    if (!clipping) feed_->post_grad_scale(static_cast<float>(1.0 / static_cast<double>(gas_ * world_)));
+    inflight_.emplace(offload_->stepper(), *feed_, std::move(in), [this](const std::string& why) { fail_units(why); });
+  }
+  // Waits for the step in flight (if any) and returns its statistics; its errors come out here.
+  offload::StepStats finish_inflight() {
+    if (!inflight_) return {};
+    struct Clear {
+      std::optional<OverlappedStep>& s;
+      ~Clear() { s.reset(); }
+    } clear{inflight_};
+    return inflight_->join();
+  }
+  void unit_stepped(std::size_t u) {
+    std::lock_guard lock(unit_mu_);
+    ++unit_steps_[u];
+    unit_cv_.notify_all();
+  }
+  void fail_units(const std::string& why) {
+    std::lock_guard lock(unit_mu_);
+    if (unit_error_.empty()) unit_error_ = why;
+    unit_cv_.notify_all();
+  }
+  // Before unit u's parameters are read: every step begun before this one has updated them.
+  void wait_unit(std::size_t u) {
+    std::unique_lock lock(unit_mu_);
+    if (unit_steps_.empty()) return;
+    unit_cv_.wait(lock, [&] { return unit_steps_[u] >= steps_needed_ || !unit_error_.empty(); });
+    if (unit_steps_[u] < steps_needed_) {
+      throw Error("the parameters of {} were not updated: {}", layout_.units[u].name, unit_error_);
+    }
+  }
+
   // The GPU pipeline: unit u's gradient is complete on the compute stream. Its sum of squares is
   // computed there; the copy-down stream then brings it into the page-locked shard and the
   // optimizer thread, told now, waits for that copy. The buffer is reused only after the copy.
@@ -1001,6 +1090,7 @@ class Trainer {
   }
 
   double evaluate() {
+    finish_inflight();  // the GPU pipeline's step in flight completes first
     const std::uint64_t n = std::min<std::uint64_t>(st_.eval_samples, sampler_.eval_samples());
     if (n == 0) return std::nan("");
     const auto per_batch = static_cast<std::uint64_t>(micro_);
@@ -1036,6 +1126,7 @@ class Trainer {
   }
 
   std::string save_checkpoint() {
+    finish_inflight();  // the GPU pipeline's step in flight completes first
     const fs::path root = fs::path(o_.output_dir) / "checkpoints";
     const std::string name = step_dir_name(st_.step);
     const fs::path final_dir = root / name;
@@ -1417,6 +1508,15 @@ class Trainer {
   std::unique_ptr<offload::StepFeed> feed_;
   std::vector<std::shared_ptr<Backend::Event>> landed_;  // unit u's gradient is in gpinned_[u]
   std::optional<DeviceBuffer> unit_sq_;                  // per-unit sums of squares (doubles)
+  // Optimizer steps applied to each unit's parameters, and how many the current step's gathers
+  // need (stage 3: the next forward overlaps the end of a step).
+  std::mutex unit_mu_;
+  std::condition_variable unit_cv_;
+  std::vector<std::int64_t> unit_steps_;
+  std::int64_t steps_needed_ = 0;
+  std::string unit_error_;
+  std::size_t tail_ = 0;                    // see start_pipeline_step
+  std::optional<OverlappedStep> inflight_;  // the GPU pipeline's step still running
   std::vector<std::size_t> bucket_;
   std::int64_t bucket_elems_ = 0;
   std::uint64_t buckets_reduced_ = 0;

@@ -581,7 +581,8 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   // One GPU, stage 3, no gradient accumulation: the pipelined step (gradients copied down on their
   // own stream as each unit's backward ends, each unit stepped by the optimizer thread as it
   // lands, parameters uploaded on the copy stream into reused buffers) against the synchronous
-  // path (ZINF_GPU_OVERLAP=0). A tight live budget makes the coordinator reuse buffers. Without
+  // path (ZINF_GPU_OVERLAP=0), and each next forward overlapping the end of the step (its gathers
+  // wait for each unit's update). A tight live budget makes the coordinator reuse buffers. Without
   // clipping the runs are bit-identical: the losses and the saved optimizer state. With clipping
   // the norm is summed on the GPU rather than the host, so the clip coefficient may differ in its
   // last bits.
@@ -609,6 +610,11 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
       if (clip == 0.0) {
         EXPECT_EQ(got, want) << tag;
         EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + f) == file_bytes(d.path() + "/pipe-" + tag + f)) << tag;
+        // Stopped at step 3 (its checkpoint waits for the step in flight) and resumed: the same.
+        train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 3, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
+        train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 6, "latest", tweak, [](TrainOptions& o) { o.device = "cuda"; });
+        EXPECT_EQ(losses(d.path() + "/resumed-" + tag), want) << tag;
+        EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + f) == file_bytes(d.path() + "/resumed-" + tag + f)) << tag;
       } else {
         for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * want[i]) << tag << " step " << i + 1;
       }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # zinf (ZeRO-3, CPU offload, one GPU) against PyTorch FSDP2 with CPU offload, same model and batch,
 # in one invocation on one machine: prints tokens/s, model TFLOP/s and the ratio (zinf without
-# clipping, as the baseline; and zinf with clipping at 1.0).
+# clipping, as the baseline; zinf with clipping at 1.0; zinf with bf16 gradients).
 #   bench/gpu_vs_fsdp2.sh [ZINF] [OUT_DIR] [STEPS] [WARMUP]
 # Shape: the CUDA issue's 3.1B Llama (configs/models/bench-3.1b.json: hidden 3072, 26 layers,
 # intermediate 8192, 24 heads, vocab 32000), micro-batch 4 x 2048 tokens, bf16, activation
@@ -24,13 +24,22 @@ import array, random, sys
 random.seed(0)
 array.array("H", (random.randrange(32000) for _ in range(2_000_000))).tofile(open(sys.argv[1], "wb"))
 PY
-# Two zinf runs: without gradient clipping (the baseline does not clip: the same arithmetic), and
-# with clipping at 1.0 (the usual setting; the step then waits for the global norm).
-for run in noclip:0 clip:1.0; do
-  name=${run%%:*} clip=${run#*:}
+# The same preset with bf16 gradient communication (DeepSpeed's communication_data_type).
+python3 - configs/presets/deepspeed_zero3_cpuoffload.json "$out/zero3_cpuoffload_bf16grads.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c["communication_data_type"] = "bf16"
+json.dump(c, open(sys.argv[2], "w"), indent=2)
+PY
+# Three zinf runs: without gradient clipping (the baseline does not clip: the same arithmetic);
+# with clipping at 1.0 (the usual setting; the step then waits for the global norm); and without
+# clipping, gradients in bf16 (DeepSpeed's usual bf16 arithmetic, not the baseline's fp32 one).
+for run in noclip:0:deepspeed_zero3_cpuoffload clip:1.0:deepspeed_zero3_cpuoffload \
+           bf16grads:0:$out/zero3_cpuoffload_bf16grads.json; do
+  IFS=: read -r name clip ds <<< "$run"
   rm -rf "$out/zinf-$name"
   "$zinf" train --device cuda --model configs/models/bench-3.1b.json --data "$out/tokens.u16" --data-dtype uint16 \
-    --deepspeed deepspeed_zero3_cpuoffload --bf16 --micro-batch 4 --grad-accum 1 --seq-len 2048 --max-grad-norm "$clip" \
+    --deepspeed "$ds" --bf16 --micro-batch 4 --grad-accum 1 --seq-len 2048 --max-grad-norm "$clip" \
     --max-steps $((steps + warmup)) --no-save --output-dir "$out/zinf-$name" > "$out/zinf-$name.log" 2>&1 ||
     { echo "zinf failed:"; tail -20 "$out/zinf-$name.log"; exit 1; }
 done
@@ -44,9 +53,10 @@ def median(rows, key):
     return v[len(v) // 2]
 res = {"fsdp2": {"tokens_per_s": b["tokens_per_s"], "step_s": b["step_seconds_median"], "model_tflops": b["model_tflops"],
                  "torch": b["torch"], "gpu": b["gpu"]}}
-print(f"{'':14} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8}")
-print(f"{'FSDP2':14} {b['step_seconds_median']:8.3f} {b['tokens_per_s']:10.0f} {b['model_tflops']:8.1f}")
-for name in ("noclip", "clip"):
+print(f"{'':16} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8}")
+print(f"{'FSDP2':16} {b['step_seconds_median']:8.3f} {b['tokens_per_s']:10.0f} {b['model_tflops']:8.1f}")
+labels = {"noclip": "zinf", "clip": "zinf clip 1.0", "bf16grads": "zinf bf16 grads"}
+for name in ("noclip", "clip", "bf16grads"):
     rows = list(csv.DictReader(open(f"{out}/zinf-{name}/training_metrics.csv")))[warmup:]
     step_s = median(rows, "step_s")
     tok = 4 * 2048 / step_s
@@ -54,8 +64,8 @@ for name in ("noclip", "clip"):
     breakdown = {k: median(rows, k) for k in ("forward_s", "backward_s", "optimizer_s")}
     res[f"zinf_{name}"] = {"tokens_per_s": tok, "step_s": step_s, "model_tflops": tflops, "median_breakdown_s": breakdown,
                            "ratio": tok / b["tokens_per_s"]}
-    label = "zinf" if name == "noclip" else "zinf clip 1.0"
-    print(f"{label:14} {step_s:8.3f} {tok:10.0f} {tflops:8.1f}   {tok / b['tokens_per_s']:.2f}x   (median forward "
+    label = labels[name]
+    print(f"{label:16} {step_s:8.3f} {tok:10.0f} {tflops:8.1f}   {tok / b['tokens_per_s']:.2f}x   (median forward "
           f"{breakdown['forward_s']:.2f} s, backward {breakdown['backward_s']:.2f} s, step wait {breakdown['optimizer_s']:.2f} s)")
 res["ratio"] = res["zinf_noclip"]["ratio"]
 json.dump(res, open(f"{out}/result.json", "w"), indent=2)

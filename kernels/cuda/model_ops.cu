@@ -683,11 +683,17 @@ __device__ double block_sum(double v) {
   return v;
 }
 
-__global__ void sum_squares_partial_k(double* partial, const float* x, i64 count) {
+template <typename T>
+__global__ void sum_squares_partial_k(double* partial, const T* x, i64 count) {
   double s = 0.0;
   for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
        i += static_cast<i64>(gridDim.x) * blockDim.x) {
-    const double v = x[i];
+    double v;
+    if constexpr (sizeof(T) == 2) {
+      v = __uint_as_float(static_cast<unsigned>(x[i]) << 16);
+    } else {
+      v = x[i];
+    }
     s += v * v;
   }
   s = block_sum(s);
@@ -702,9 +708,13 @@ __global__ void sum_partials_k(double* out, const double* partial, int blocks) {
 }
 }  // namespace
 
-void sum_squares(double* out, double* partial, const float* x, i64 count, cudaStream_t stream) {
+void sum_squares(double* out, double* partial, const void* x, bool bf16, i64 count, cudaStream_t stream) {
   const int blocks = static_cast<int>(std::clamp<i64>((count + 1023) / 1024, 1, sum_squares_partial_doubles()));
-  sum_squares_partial_k<<<blocks, 256, 0, stream>>>(partial, x, count);
+  if (bf16) {
+    sum_squares_partial_k<<<blocks, 256, 0, stream>>>(partial, static_cast<const std::uint16_t*>(x), count);
+  } else {
+    sum_squares_partial_k<<<blocks, 256, 0, stream>>>(partial, static_cast<const float*>(x), count);
+  }
   check_launch("sum_squares");
   sum_partials_k<<<1, 1024, 0, stream>>>(out, partial, blocks);
   check_launch("sum_squares (total)");

@@ -16,6 +16,7 @@
 #include "zinf/common/error.hpp"
 #include "zinf/kernels/cpu_gemm.hpp"
 #include "zinf/kernels/cpu_model_ops.hpp"
+#include "zinf/kernels/half.hpp"
 #include "zinf/runtime/backend.hpp"
 
 namespace zinf::runtime {
@@ -75,14 +76,21 @@ class CpuBackend final : public Backend {
     std::memcpy(dst, src, bytes);
   }
   void copy_to_host_async(void* dst, const void* src, std::size_t bytes, Stream) override { std::memcpy(dst, src, bytes); }
-  void sum_squares(double* out, const float* x, std::int64_t count) override {
+  void round_to_bf16(std::uint16_t* dst, const float* src, std::int64_t count) override {
+    tbb::parallel_for(std::int64_t{0}, count, std::int64_t{1} << 16, [&](std::int64_t i) { dst[i] = kernels::f32_to_bf16(src[i]); });
+  }
+  void sum_squares(double* out, const void* data, std::int64_t count, DType dtype) override {
+    const auto value = [&](std::int64_t i) -> double {
+      return dtype == DType::kBF16 ? kernels::bf16_to_f32(static_cast<const std::uint16_t*>(data)[i])
+                                   : static_cast<const float*>(data)[i];
+    };
     // Fixed blocks summed in order: deterministic whatever the thread count.
     constexpr std::int64_t kBlock = 1 << 16;
     const std::int64_t blocks = (count + kBlock - 1) / kBlock;
     std::vector<double> part(static_cast<std::size_t>(blocks));
     tbb::parallel_for(std::int64_t{0}, blocks, [&](std::int64_t b) {
       double s = 0;
-      for (std::int64_t i = b * kBlock, e = std::min(count, i + kBlock); i < e; ++i) s += double(x[i]) * x[i];
+      for (std::int64_t i = b * kBlock, e = std::min(count, i + kBlock); i < e; ++i) s += value(i) * value(i);
       part[static_cast<std::size_t>(b)] = s;
     });
     double s = 0;

@@ -171,10 +171,14 @@ class CudaBackend final : public Backend {
     current();
     copy_async(dst, src, bytes, cudaMemcpyDeviceToHost, streams_[static_cast<int>(stream)], "download");
   }
-  void sum_squares(double* out, const float* x, std::int64_t count) override {
+  void sum_squares(double* out, const void* x, std::int64_t count, DType dtype) override {
     OpTimer t(*this, "sum_squares");
-    kc::sum_squares(out, static_cast<double*>(sq_.get(kc::sum_squares_partial_doubles() * sizeof(double))), x, count,
-                    compute());
+    kc::sum_squares(out, static_cast<double*>(sq_.get(kc::sum_squares_partial_doubles() * sizeof(double))), x,
+                    dtype == DType::kBF16, count, compute());
+  }
+  void round_to_bf16(std::uint16_t* dst, const float* src, std::int64_t count) override {
+    OpTimer t(*this, "round_to_bf16");
+    kc::to_bf16(dst, src, count, compute());
   }
 
   std::unique_ptr<Event> record(Stream stream) override {

@@ -371,10 +371,22 @@ class Trainer {
       throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1 (0 turns the GPU pipeline off; unset or 1 leaves it on)", overlap);
     }
     gpu_pipeline_ = !host_backend_ && partition_grads_ && world_ == 1 && gas_ == 1 && !fp16_ && overlap != "0";
+    // communication_data_type bf16 (DeepSpeed's gradient communication dtype): the pipeline's
+    // gradients are rounded to bf16 on the GPU and travel, and are stepped, as bf16.
+    if (o.ds.communication_data_type && *o.ds.communication_data_type != config::Dtype::kFp32) {
+      if (gpu_pipeline_ && *o.ds.communication_data_type == config::Dtype::kBf16) {
+        grad_dtype_ = DType::kBF16;
+        spdlog::info("communication_data_type bf16: gradients are rounded to bf16 on the GPU and come down as bf16");
+      } else {
+        spdlog::info("communication_data_type {} is honoured by the one-GPU pipeline with bf16 only; gradients "
+                     "travel as fp32 here",
+                     *o.ds.communication_data_type == config::Dtype::kBf16 ? "bf16" : "fp16");
+      }
+    }
     if (gpu_pipeline_) {
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
         gpinned_.push_back(offload_->memory().allocate(offload::Purpose::kGradients,
-                                                       static_cast<std::uint64_t>(shard_[u]) * sizeof(float),
+                                                       static_cast<std::uint64_t>(shard_[u]) * kernels::cpu::dtype_bytes(grad_dtype_),
                                                        "gradient of " + layout_.units[u].name));
       }
       feed_ = std::make_unique<offload::StepFeed>(layout_.units.size());
@@ -874,6 +886,14 @@ class Trainer {
   void take_grad_buffer(std::size_t u) {
     if (grad_live_[u].data() != nullptr) return;
     const auto bytes = static_cast<std::size_t>(layout_.units[u].numel) * sizeof(float);
+    grad_live_[u] = take_pooled(bytes);
+    backend_->fill_zero(grad_live_[u].data(), bytes);
+    grad_view_.units[u] = grad_live_[u].data();
+  }
+
+  // A device buffer of `bytes` from the gradient pool (or a new one), safe to write on the compute
+  // stream.
+  DeviceBuffer take_pooled(std::size_t bytes) {
     auto it = grad_pool_.find(bytes);
     // A pooled buffer whose copy-down has finished; one still being copied is taken only while
     // the pool holds kGradBuffersInFlight of them (compute then waits for its copy), so the
@@ -890,19 +910,16 @@ class Trainer {
         }
       }
     }
-    if (list != nullptr) {
-      grad_live_[u] = std::move((*list)[pick].buffer);
-      // A buffer still being copied down: the zeroing below waits for that copy.
-      if ((*list)[pick].free_after) backend_->wait(Stream::kCompute, *(*list)[pick].free_after);
-      list->erase(list->begin() + static_cast<std::ptrdiff_t>(pick));
-    } else {
-      grad_live_[u] = DeviceBuffer(*backend_, bytes);
-    }
-    backend_->fill_zero(grad_live_[u].data(), bytes);
-    grad_view_.units[u] = grad_live_[u].data();
+    if (list == nullptr) return DeviceBuffer(*backend_, bytes);
+    DeviceBuffer b = std::move((*list)[pick].buffer);
+    // A buffer still being copied down: compute waits for that copy before writing it.
+    if ((*list)[pick].free_after) backend_->wait(Stream::kCompute, *(*list)[pick].free_after);
+    list->erase(list->begin() + static_cast<std::ptrdiff_t>(pick));
+    return b;
   }
 
   // This rank's summed gradient shard of unit u (stages 1-3, or the GPU pipeline's page-locked one).
+  // (bf16 when the pipeline's gradients travel as bf16: see grad_dtype_.)
   float* gshard(std::size_t u) { return gpu_pipeline_ ? gpinned_[u].as<float>() : gshard_[u].data(); }
   bool have_shards() const { return gpu_pipeline_ || !gshard_.empty(); }
 
@@ -919,7 +936,7 @@ class Trainer {
     in.adam.bias_correction = oc.bias_correction;
     in.adam.step = st_.applied + 1;
     in.adam.grad_scale = static_cast<float>(grad_scale);
-    in.grad_dtype = DType::kF32;
+    in.grad_dtype = grad_dtype_;
     return in;
   }
 
@@ -976,15 +993,26 @@ class Trainer {
   // The GPU pipeline: unit u's gradient is complete on the compute stream. Its sum of squares is
   // computed there; the copy-down stream then brings it into the page-locked shard and the
   // optimizer thread, told now, waits for that copy. The buffer is reused only after the copy.
+  // With bf16 gradients (communication_data_type bf16) it is rounded first, and the norm is that
+  // of the rounded values, which the optimizer steps with.
   void land_gradient(std::size_t u) {
     const auto n = layout_.units[u].numel;
-    const float* g = grad_live_[u].f32();
-    backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, g, n);
+    const void* g = grad_live_[u].data();
+    std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
+    DeviceBuffer rounded;
+    if (grad_dtype_ == DType::kBF16) {
+      bytes = static_cast<std::size_t>(n) * 2;
+      rounded = take_pooled(bytes);
+      backend_->round_to_bf16(static_cast<std::uint16_t*>(rounded.data()), grad_live_[u].f32(), n);
+      g = rounded.data();
+    }
+    backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, g, n, grad_dtype_);
     backend_->wait(Stream::kDeviceToHost, *backend_->record(Stream::kCompute));
-    backend_->copy_to_host_async(gshard(u), g, static_cast<std::size_t>(n) * sizeof(float), Stream::kDeviceToHost);
+    backend_->copy_to_host_async(gshard(u), g, bytes, Stream::kDeviceToHost);
     landed_[u] = backend_->record(Stream::kDeviceToHost);
     feed_->post_gradient(u, gshard(u));
     grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), landed_[u]});
+    if (rounded.data() != nullptr) grad_pool_[rounded.bytes()].push_back({std::move(rounded), landed_[u]});
     grad_view_.units[u] = nullptr;
   }
 
@@ -1464,6 +1492,9 @@ class Trainer {
                  {"param_wait_seconds", ps.wait_seconds}};
     j["wall_seconds"] = wall;
     j["backend"] = backend_->name();
+    // The one-GPU overlapped step (docs/gpu.md), and the dtype its gradients travel in.
+    j["gpu_pipeline"] = {{"enabled", gpu_pipeline_},
+                         {"gradient_dtype", gpu_pipeline_ ? kernels::cpu::dtype_name(grad_dtype_) : "fp32"}};
     j["last_checkpoint"] = r.last_checkpoint;
     j["deepspeed_config"] = o_.ds_resolved;
     write_file_atomic((fs::path(o_.output_dir) / "summary.json").string(), j.dump(2) + "\n");
@@ -1508,6 +1539,7 @@ class Trainer {
   std::unique_ptr<offload::StepFeed> feed_;
   std::vector<std::shared_ptr<Backend::Event>> landed_;  // unit u's gradient is in gpinned_[u]
   std::optional<DeviceBuffer> unit_sq_;                  // per-unit sums of squares (doubles)
+  DType grad_dtype_ = DType::kF32;                       // of gpinned_ (communication_data_type)
   // Optimizer steps applied to each unit's parameters, and how many the current step's gathers
   // need (stage 3: the next forward overlaps the end of a step).
   std::mutex unit_mu_;

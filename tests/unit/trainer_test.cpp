@@ -620,6 +620,24 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
       }
     }
   }
+  // communication_data_type bf16: the gradients come down as bf16 and are stepped as such. Close
+  // to the fp32-gradient run, not the same, and said in the summary.
+  const auto bf16_grads = [](Json& ds) {
+    ds["bf16"]["enabled"] = true;
+    ds["train_micro_batch_size_per_gpu"] = 4;
+    ds["gradient_accumulation_steps"] = 1;
+    ds["gradient_clipping"] = 1.0;
+    ds["communication_data_type"] = "bf16";
+  };
+  train_on_ranks(d.path() + "/bf16-grads", 1, 3, 6, "", bf16_grads, [](TrainOptions& o) { o.device = "cuda"; });
+  const auto want = losses(d.path() + "/pipe-bf16-clip1"), got = losses(d.path() + "/bf16-grads");
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-3 * want[i]) << "step " << i + 1;
+  const std::string state = "/checkpoints/step-00000006/optimizer_state.safetensors";
+  EXPECT_FALSE(file_bytes(d.path() + "/bf16-grads" + state) == file_bytes(d.path() + "/pipe-bf16-clip1" + state));
+  const Json sum = Json::parse(std::ifstream(d.path() + "/bf16-grads/summary.json"));
+  EXPECT_EQ(sum["gpu_pipeline"]["gradient_dtype"], "bf16");
+  EXPECT_EQ(sum["gpu_pipeline"]["enabled"], true);
   ::setenv("ZINF_GPU_OVERLAP", "yes", 1);
   EXPECT_THROW(train_on_ranks(d.path() + "/bad-env", 1, 3, 1, "", {}, [](TrainOptions& o) { o.device = "cuda"; }),
                std::exception);

@@ -76,9 +76,12 @@ class Backend {
   // once.
   virtual void copy_to_device_async(void* dst, const void* host_src, std::size_t bytes, Stream stream) = 0;
   virtual void copy_to_host_async(void* host_dst, const void* src, std::size_t bytes, Stream stream) = 0;
-  // out (one double, device memory) = sum of x[i]^2 over count fp32 elements, on the compute
-  // stream, in a fixed order (the same result run to run). Non-finite inputs give a non-finite sum.
-  virtual void sum_squares(double* out, const float* x, std::int64_t count) = 0;
+  // out (one double, device memory) = sum of x[i]^2 over count elements (fp32, or bf16), on the
+  // compute stream, in a fixed order (the same result run to run). Non-finite inputs give a
+  // non-finite sum.
+  virtual void sum_squares(double* out, const void* x, std::int64_t count, DType dtype = DType::kF32) = 0;
+  // dst (count bf16) = src rounded to nearest even, on the compute stream.
+  virtual void round_to_bf16(std::uint16_t* dst, const float* src, std::int64_t count) = 0;
 
   // ---- streams and events (the CPU backend completes every op before returning: no-ops there)
   class Event {

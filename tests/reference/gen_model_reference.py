@@ -9,14 +9,15 @@ For each tiny config it writes, into OUTPUT_DIR/<case>/:
   model.safetensors       random fp32 weights
   batch.safetensors       tokens and targets (batch, seq) int32, some targets -100 (ignored)
   ref.safetensors         loss, logits and the gradient of every parameter ("grad.<name>")
-  ref.json                10 AdamW steps: hyperparameters and the loss before each step and after
+  ref.json                AdamW steps (10, or --adam-steps): hyperparameters and the loss before
+                          each step and after
   model_bf16.safetensors  the same weights rounded to bf16 (stored as BF16)
   ref_bf16.safetensors    loss, logits and gradients in fp32 for the bf16-rounded weights
 Needs torch: Debian's python3-torch (/usr/bin/python3 on Debian 12) or any newer PyTorch; no
 transformers needed. With --device cuda the passes run on the GPU, in full fp32 (TF32 off): the
 reference for the CUDA backend on the GPU machine (PyTorch 2.11 there).
 
-Usage: gen_model_reference.py OUTPUT_DIR [--device cpu|cuda]
+Usage: gen_model_reference.py OUTPUT_DIR [--device cpu|cuda] [--adam-steps N]
 """
 import json
 import math
@@ -277,7 +278,7 @@ def run_case(out_dir, name, cfg, batch, seq, seed):
                      {n: p.detach().to(torch.bfloat16) for n, p in model.named_weights()})
     save_safetensors(os.path.join(d, "ref_bf16.safetensors"), dump_pass(model, inputs, targets))
 
-    # 10 AdamW steps from the fp32 weights on the same batch.
+    # AdamW steps from the fp32 weights on the same batch.
     with torch.no_grad():
         for n, p in model.named_weights():
             p.copy_(weights[n])
@@ -299,11 +300,23 @@ def run_case(out_dir, name, cfg, batch, seq, seed):
 def main():
     global DEVICE
     args = sys.argv[1:]
-    if len(args) == 3 and args[1] == "--device" and args[2] in ("cpu", "cuda"):
-        DEVICE = args[2]
-        args = args[:1]
-    if len(args) != 1:
+    out = [a for a in args if not a.startswith("--")][:1]
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--device" and i + 1 < len(args) and args[i + 1] in ("cpu", "cuda"):
+            DEVICE = args[i + 1]
+            i += 2
+        elif a == "--adam-steps" and i + 1 < len(args) and args[i + 1].isdigit() and int(args[i + 1]) > 0:
+            ADAM["steps"] = int(args[i + 1])
+            i += 2
+        elif not a.startswith("--") and [a] == out and i == args.index(a):
+            i += 1
+        else:
+            sys.exit(__doc__)
+    if len(out) != 1:
         sys.exit(__doc__)
+    args = out
     if DEVICE == "cuda":
         if not torch.cuda.is_available():
             sys.exit("gen_model_reference.py: --device cuda, but this PyTorch sees no GPU")

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -29,14 +30,49 @@ void check(cublasStatus_t s, const char* what) {
   if (s != CUBLAS_STATUS_SUCCESS) throw Error("cuBLASLt: {} failed: status {}", what, static_cast<int>(s));
 }
 
+// Every byte the backend allocates on the GPU, against the optional limit (--gpu-memory-limit).
+class MemoryBudget {
+ public:
+  explicit MemoryBudget(std::size_t limit) : limit_(limit) {}
+  void take(std::size_t bytes, const char* what) {
+    std::lock_guard lock(mu_);
+    if (limit_ > 0 && used_ + bytes > limit_) {
+      throw Error("GPU memory limit: {} needs {:.1f} MiB, but zinf already holds {:.2f} of its {:.2f} GiB "
+                  "(--gpu-memory-limit): lower the micro-batch or the sequence length, or "
+                  "stage3_max_live_parameters, or raise the limit",
+                  what, bytes / 1048576.0, used_ / 1073741824.0, limit_ / 1073741824.0);
+    }
+    used_ += bytes;
+    peak_ = std::max(peak_, used_);
+  }
+  void give(std::size_t bytes) noexcept {
+    std::lock_guard lock(mu_);
+    used_ -= std::min(bytes, used_);
+  }
+  std::size_t used() const {
+    std::lock_guard lock(mu_);
+    return used_;
+  }
+  std::size_t peak() const {
+    std::lock_guard lock(mu_);
+    return peak_;
+  }
+  std::size_t limit() const { return limit_; }
+
+ private:
+  mutable std::mutex mu_;
+  std::size_t limit_ = 0, used_ = 0, peak_ = 0;
+};
+
 // Device memory that grows to the largest request (contents are not kept across growth). Before
 // the old buffer is freed the stream that uses it is drained, so no queued work reads freed memory.
 class DeviceScratch {
  public:
   DeviceScratch() = default;
-  void bind(int device, cudaStream_t stream) {
+  void bind(int device, cudaStream_t stream, MemoryBudget* budget) {
     device_ = device;
     stream_ = stream;
+    budget_ = budget;
   }
   DeviceScratch(const DeviceScratch&) = delete;
   DeviceScratch& operator=(const DeviceScratch&) = delete;
@@ -49,12 +85,15 @@ class DeviceScratch {
       if (p_ != nullptr) {
         check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
         cudaFree(p_);
+        budget_->give(bytes_);
       }
       p_ = nullptr;
       bytes_ = 0;
+      budget_->take(bytes, "scratch");
       const cudaError_t e = cudaMalloc(&p_, bytes);
       if (e != cudaSuccess) {
         cudaGetLastError();
+        budget_->give(bytes);
         throw Error("CUDA backend: out of GPU memory allocating {:.1f} MiB of scratch", bytes / 1048576.0);
       }
       bytes_ = bytes;
@@ -68,6 +107,7 @@ class DeviceScratch {
   std::size_t bytes_ = 0;
   int device_ = 0;
   cudaStream_t stream_ = nullptr;
+  MemoryBudget* budget_ = nullptr;
 };
 
 class CudaEvent final : public Backend::Event {
@@ -90,7 +130,7 @@ class CudaEvent final : public Backend::Event {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(const CudaBackendOptions& o) : o_(o) {
+  explicit CudaBackend(const CudaBackendOptions& o) : o_(o), budget_(o.memory_limit) {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess || count == 0) {
@@ -106,8 +146,9 @@ class CudaBackend final : public Backend {
     for (cudaStream_t& s : streams_) check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cublasLtCreate(&lt_), "cublasLtCreate");
     workspace_bytes_ = 32u << 20;
+    budget_.take(workspace_bytes_, "the cuBLASLt workspace");
     check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLASLt workspace)");
-    for (DeviceScratch* d : {&bf16_[0], &bf16_[1], &partial_, &attn_, &ce_, &logits_, &sq_}) d->bind(o.device, compute());
+    for (DeviceScratch* d : {&bf16_[0], &bf16_[1], &partial_, &attn_, &ce_, &logits_, &sq_}) d->bind(o.device, compute(), &budget_);
   }
   ~CudaBackend() override {
     cudaSetDevice(o_.device);
@@ -130,9 +171,11 @@ class CudaBackend final : public Backend {
   void* allocate(std::size_t bytes) override {
     current();
     void* p = nullptr;
+    budget_.take(bytes, "a buffer");
     const cudaError_t e = cudaMalloc(&p, std::max<std::size_t>(bytes, 1));
     if (e != cudaSuccess) {
       cudaGetLastError();
+      budget_.give(bytes);
       std::size_t free_b = 0, total = 0;
       cudaMemGetInfo(&free_b, &total);
       throw Error("CUDA backend: out of GPU memory allocating {:.1f} MiB ({:.1f} of {:.1f} GiB free)", bytes / 1048576.0,
@@ -141,10 +184,31 @@ class CudaBackend final : public Backend {
     return p;
   }
   // Queued work on the compute stream may still read the buffer: drain it first.
-  void deallocate(void* p, std::size_t) noexcept override {
+  void deallocate(void* p, std::size_t bytes) noexcept override {
     cudaSetDevice(o_.device);
     cudaStreamSynchronize(compute());
     cudaFree(p);
+    budget_.give(bytes);
+  }
+  std::size_t memory_in_use() const override { return budget_.used(); }
+  std::size_t memory_peak() const override { return budget_.peak(); }
+  std::size_t memory_limit() const override { return budget_.limit(); }
+  // The scratch members' largest requests for a step of shape s (see the ops below).
+  std::size_t scratch_bound(const StepShape& s) const override {
+    const std::int64_t n = s.rows, vc = vocab_chunk(n, s.vocab);
+    const std::int64_t widest_in = std::max({s.hidden, s.q_dim, s.intermediate});
+    const std::int64_t widest_out = std::max({s.hidden, s.qkv_dim, 2 * s.intermediate});
+    std::size_t b = workspace_bytes_;
+    if (s.bf16) {
+      b += static_cast<std::size_t>(n * std::max(widest_in, widest_out)) * 2;  // operand slot 0
+      b += static_cast<std::size_t>(n * std::max(widest_in, vc)) * 2;          // operand slot 1
+    }
+    b += static_cast<std::size_t>(kc::rmsnorm_partial_floats(n, widest_out)) * 4;
+    const kc::AttentionDims d{s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, 0.0f, s.bf16};
+    b += static_cast<std::size_t>(kc::attention_scratch_floats(d)) * 4;
+    b += static_cast<std::size_t>(3 * n) * 4 + static_cast<std::size_t>(n * vc) * 4;
+    b += static_cast<std::size_t>(kc::sum_squares_partial_doubles()) * 8;
+    return b;
   }
   void upload(void* dst, const void* src, std::size_t bytes) override {
     if (bytes == 0) return;
@@ -443,6 +507,7 @@ class CudaBackend final : public Backend {
   void* workspace_ = nullptr;
   std::size_t workspace_bytes_ = 0;
   std::map<PlanKey, Plan> plans_;
+  MemoryBudget budget_;  // before the scratch: they give back to it
   DeviceScratch bf16_[2], partial_, attn_, ce_, logits_, sq_;
 };
 

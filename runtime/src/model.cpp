@@ -197,6 +197,19 @@ void Model::set_batch(std::span<const std::int32_t> tokens, std::span<const std:
   buf_->host_targets.assign(targets.begin(), targets.end());
 }
 
+std::size_t Model::activation_bytes_for(const ModelConfig& c, std::int64_t batch, std::int64_t seq,
+                                        const ModelOptions& options) {
+  // Mirrors set_batch's and LayerActs' allocations (a test checks they agree).
+  const std::int64_t n = batch * seq, h = c.hidden_size, i = c.intermediate_size;
+  const std::int64_t layer = 3 * n * h + 2 * n + n * c.qkv_dim() + n * c.q_dim() + n * c.num_heads + 3 * n * i;
+  const std::int64_t kept = options.checkpoint_activations ? 1 : c.num_layers;
+  std::vector<float> cos, sin;
+  rope_tables(c, seq, cos, sin);
+  const std::int64_t floats = 2 * n + static_cast<std::int64_t>(cos.size() + sin.size()) + (c.num_layers + 1) * n * h +
+                              kept * layer + 3 * n * h + 3 * n + n * c.q_dim() + n * c.qkv_dim() + 3 * n * i;
+  return static_cast<std::size_t>(floats) * sizeof(float);
+}
+
 std::size_t Model::activation_bytes() const {
   if (!buf_) return 0;
   std::size_t total = 0;

@@ -307,11 +307,30 @@ class OverlappedStep {
   std::exception_ptr error_;
 };
 
+CudaBackendOptions cuda_options(const TrainOptions& o) {
+  CudaBackendOptions c;
+  c.device = o.gpu;
+  c.memory_limit = static_cast<std::size_t>(o.gpu_memory_limit);
+  return c;
+}
+
+// What a run allocates on the GPU, by kind (bytes), from the config and the shapes.
+struct GpuPlan {
+  std::uint64_t params = 0, grads = 0, activations = 0, scratch = 0, other = 0;
+  std::uint64_t total() const { return params + grads + activations + scratch + other; }
+  std::string describe() const {
+    const auto g = [](std::uint64_t b) { return static_cast<double>(b) / (1u << 30); };
+    return fmt::format("parameters {:.2f} GiB, gradient buffers {:.2f} GiB, activations {:.2f} GiB, scratch {:.2f} GiB, "
+                       "other {:.2f} GiB: {:.2f} GiB",
+                       g(params), g(grads), g(activations), g(scratch), g(other), g(total()));
+  }
+};
+
 class Trainer {
  public:
   explicit Trainer(const TrainOptions& o)
       : o_(o),
-        backend_(o.device == "cuda" ? make_cuda_backend(CudaBackendOptions{o.gpu}) : make_cpu_backend()),
+        backend_(o.device == "cuda" ? make_cuda_backend(cuda_options(o)) : make_cpu_backend()),
         param_dtype_(o.ds.bf16.enabled ? DType::kBF16 : DType::kF32),
         model_(o.model, *backend_, ModelOptions{param_dtype_, true}),
         layout_(model_.layout()),
@@ -338,11 +357,6 @@ class Trainer {
     sharded_ = world_ > 1 && stage_ >= 1;
     partition_grads_ = stage_ >= 2;
     stage3_ = stage_ == 3;
-    // Stages 0-2 keep the whole compute copy of the parameters; stage 3 gathers each unit when it is
-    // used (the coordinator). Stages 0-1 accumulate whole gradients; 2-3 reduce each unit's gradient
-    // as its backward finishes and keep only this rank's shard.
-    if (!stage3_) params_.emplace(*backend_, layout_, param_dtype_);
-    if (!partition_grads_) full_grads_.emplace(*backend_, layout_, DType::kF32);
     grad_view_.dtype = DType::kF32;
     grad_view_.units.assign(layout_.units.size(), nullptr);
     grad_live_.resize(layout_.units.size());
@@ -415,6 +429,79 @@ class Trainer {
                                                     }
                                                   });
     }
+    // A GPU run is planned before its large allocations, and refused when it cannot fit the limit.
+    if (!host_backend_) {
+      gpu_plan_ = plan_gpu_memory();
+      spdlog::info("GPU memory plan: {}{}", gpu_plan_.describe(),
+                   o.gpu_memory_limit > 0 ? fmt::format(" of the {:.2f} GiB limit", o.gpu_memory_limit / 1073741824.0) : "");
+      if (o.gpu_memory_limit > 0 && gpu_plan_.total() > o.gpu_memory_limit) {
+        throw Error("this run does not fit --gpu-memory-limit {:.2f} GiB: it needs {} (micro-batch {} x {} tokens). Lower "
+                    "the micro-batch or the sequence length{}, or raise the limit",
+                    o.gpu_memory_limit / 1073741824.0, gpu_plan_.describe(), micro_, o.seq_len,
+                    stage3_ ? ", or stage3_max_live_parameters" : ", or use ZeRO stage 3 (parameters gathered per layer)");
+      }
+    }
+    // Stages 0-2 keep the whole compute copy of the parameters; stage 3 gathers each unit when it is
+    // used (the coordinator). Stages 0-1 accumulate whole gradients; 2-3 reduce each unit's gradient
+    // as its backward finishes and keep only this rank's shard.
+    if (!stage3_) params_.emplace(*backend_, layout_, param_dtype_);
+    if (!partition_grads_) full_grads_.emplace(*backend_, layout_, DType::kF32);
+  }
+
+  // What this run allocates on the GPU: see GpuPlan. Upper bounds from the budgets: stage 3 holds
+  // at most the live budget plus one unit plus the persistent units; gradient buffers as the
+  // reduction path keeps them; activations as the model sizes them; the backend's scratch bound.
+  GpuPlan plan_gpu_memory() const {
+    GpuPlan p;
+    const std::uint64_t pb = kernels::cpu::dtype_bytes(param_dtype_);
+    std::uint64_t total = 0, largest = 0, persistent = 0;
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      const auto n = static_cast<std::uint64_t>(layout_.units[u].numel);
+      total += n;
+      largest = std::max(largest, n);
+      if (stage3_ && coord_->persistent(u)) persistent += n;
+    }
+    if (stage3_) {
+      const auto live = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.max_live_parameters, 0));
+      p.params = (std::min(live, total - persistent) + largest + persistent) * pb;
+    } else {
+      p.params = total * pb;
+    }
+    if (!partition_grads_) {
+      p.grads = total * 4;
+    } else {
+      // Gradient buffers are pooled by size. Per size: the pipeline keeps one in use plus up to
+      // kGradBuffersInFlight being copied down (and as many bf16 copies); the bucketed path keeps
+      // a bucket's worth plus the one in use and a tied embedding's.
+      std::map<std::uint64_t, std::uint64_t> sizes;  // elements -> units of that size
+      for (const auto& u : layout_.units) ++sizes[static_cast<std::uint64_t>(u.numel)];
+      const auto bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
+      for (const auto& [n, count] : sizes) {
+        if (gpu_pipeline_) {
+          p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * (4 + (grad_dtype_ == DType::kBF16 ? 2 : 0));
+        } else {
+          p.grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;
+        }
+      }
+    }
+    p.activations = Model::activation_bytes_for(o_.model, micro_, o_.seq_len, model_.options());
+    const ModelConfig& c = o_.model;
+    StepShape sh;
+    sh.rows = micro_ * o_.seq_len;
+    sh.batch = micro_;
+    sh.seq = o_.seq_len;
+    sh.hidden = c.hidden_size;
+    sh.q_dim = c.q_dim();
+    sh.qkv_dim = c.qkv_dim();
+    sh.intermediate = c.intermediate_size;
+    sh.vocab = c.vocab_size;
+    sh.heads = c.num_heads;
+    sh.kv_heads = c.num_kv_heads;
+    sh.head_dim = c.head_dim;
+    sh.bf16 = param_dtype_ == DType::kBF16;
+    p.scratch = backend_->scratch_bound(sh);
+    p.other = layout_.units.size() * sizeof(double) + (1u << 20);  // norms, tokens, small buffers
+    return p;
   }
 
   ~Trainer() {
@@ -1492,6 +1579,16 @@ class Trainer {
                  {"param_wait_seconds", ps.wait_seconds}};
     j["wall_seconds"] = wall;
     j["backend"] = backend_->name();
+    if (!host_backend_) {
+      j["gpu_memory"] = {{"limit_bytes", backend_->memory_limit()},
+                         {"planned_bytes", gpu_plan_.total()},
+                         {"peak_bytes", backend_->memory_peak()},
+                         {"planned", {{"parameters", gpu_plan_.params},
+                                      {"gradient_buffers", gpu_plan_.grads},
+                                      {"activations", gpu_plan_.activations},
+                                      {"scratch", gpu_plan_.scratch},
+                                      {"other", gpu_plan_.other}}}};
+    }
     // The one-GPU overlapped step (docs/gpu.md), and the dtype its gradients travel in.
     j["gpu_pipeline"] = {{"enabled", gpu_pipeline_},
                          {"gradient_dtype", gpu_pipeline_ ? kernels::cpu::dtype_name(grad_dtype_) : "fp32"}};
@@ -1549,6 +1646,7 @@ class Trainer {
   std::string unit_error_;
   std::size_t tail_ = 0;                    // see start_pipeline_step
   std::optional<OverlappedStep> inflight_;  // the GPU pipeline's step still running
+  GpuPlan gpu_plan_;
   std::vector<std::size_t> bucket_;
   std::int64_t bucket_elems_ = 0;
   std::uint64_t buckets_reduced_ = 0;

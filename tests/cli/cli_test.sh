@@ -262,6 +262,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
   expect 1 'no usable GPU|not in this build' -- "$ZINF" bench model --model "$DATA/../../configs/models/tiny-byte.json" --backend cuda --steps 1
 fi
 expect 2 'device' -- "$ZINF" train --device tpu --max-steps 1
+expect 1 'gpu-memory-limit: caps GPU memory, so it needs --device cuda' -- "$ZINF" train --gpu-memory-limit 24GiB --max-steps 1 --output-dir "$TMP/train/gml"
+expect 1 "gpu-memory-limit: '24Q': unknown unit" -- "$ZINF" train --device cuda --gpu-memory-limit 24Q --max-steps 1 --output-dir "$TMP/train/gml"
 
 # A rank killed mid-training ends the whole job within seconds, naming it.
 "$ZINF" launch --nproc 2 --grace 2 -- "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/dpkill" > "$TMP/train/dpkill.log" 2>&1 &

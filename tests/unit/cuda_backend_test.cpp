@@ -466,6 +466,29 @@ TEST(CudaBackend, CopyStreamsAndSumOfSquares) {
   EXPECT_FALSE(std::isfinite(again));
 }
 
+TEST(CudaBackend, AMemoryLimitCountsEveryAllocation) {
+  SKIP_WITHOUT_GPU();
+  CudaBackendOptions o;
+  o.memory_limit = 64u << 20;
+  auto g = make_cuda_backend(o);
+  const std::size_t base = g->memory_in_use();  // the cuBLASLt workspace
+  EXPECT_GT(base, 0u);
+  EXPECT_EQ(g->memory_limit(), o.memory_limit);
+  {
+    DeviceBuffer a(*g, 16u << 20);
+    EXPECT_EQ(g->memory_in_use(), base + (16u << 20));
+    try {
+      DeviceBuffer b(*g, 48u << 20);
+      ADD_FAILURE() << "an allocation past the limit succeeded";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("GPU memory limit"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(g->memory_in_use(), base + (16u << 20));  // the refused one left nothing counted
+  }
+  EXPECT_EQ(g->memory_in_use(), base);
+  EXPECT_EQ(g->memory_peak(), base + (16u << 20));
+}
+
 TEST(CudaBackend, WithoutAGpuTheErrorSaysWhy) {
   const std::string why = gpu_missing();
   if (why.empty()) GTEST_SKIP() << "a GPU is here; the error path needs its absence";

@@ -119,6 +119,26 @@ TEST(ModelConfig, ConfigJsonRoundTrips) {
   EXPECT_TRUE(b.tie_word_embeddings);
 }
 
+TEST(Model, ActivationBytesForAgreesWithWhatSetBatchAllocates) {
+  // The GPU memory plan uses activation_bytes_for before any batch exists.
+  auto be = make_cpu_backend();
+  auto gqa = tiny();
+  gqa["num_key_value_heads"] = 1;
+  gqa["intermediate_size"] = 40;
+  for (const auto& [name, doc] : {std::pair{"tiny", tiny()}, std::pair{"gqa", gqa}}) {
+    const ModelConfig c = parse_model_config(doc, name);
+    for (const bool checkpoint : {true, false}) {
+      for (const auto& [batch, seq] : {std::pair{1, 8}, std::pair{3, 5}}) {
+        Model m(c, *be, ModelOptions{DType::kF32, checkpoint});
+        std::vector<std::int32_t> tokens(static_cast<std::size_t>(batch * seq), 1), targets(tokens.size(), 2);
+        m.set_batch(tokens, targets, batch, seq);
+        EXPECT_EQ(m.activation_bytes(), Model::activation_bytes_for(c, batch, seq, ModelOptions{DType::kF32, checkpoint}))
+            << name << " checkpoint " << checkpoint << " batch " << batch << " seq " << seq;
+      }
+    }
+  }
+}
+
 TEST(Model, InitialisationIsDeterministicAndFollowsTheScheme) {
   const ModelConfig c = parse_model_config(tiny(), "t");
   const ModelLayout l = make_layout(c);

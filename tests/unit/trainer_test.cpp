@@ -644,6 +644,49 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   ::unsetenv("ZINF_GPU_OVERLAP");
 }
 
+TEST(Trainer, TheGpuMemoryLimitIsPlannedHeldAndRefusedWithTheNumbers) {
+  // --gpu-memory-limit: the plan (an upper bound) is checked at start-up; the backend counts every
+  // allocation against the limit; the peak stays within both. Stages 3 (pipeline) and 0.
+  const kernels::GpuQuery q = kernels::query_gpus();
+  if (q.gpus.empty()) GTEST_SKIP() << "no GPU here: " << (q.built_with_cuda ? q.problem : std::string("built without CUDA"));
+  ScratchDir d;
+  for (const int stage : {3, 0}) {
+    const auto tweak = [&](Json& ds) {
+      ds["bf16"]["enabled"] = true;
+      ds["train_micro_batch_size_per_gpu"] = 4;
+      ds["gradient_accumulation_steps"] = 1;
+      ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
+    };
+    const std::string free = fmt::format("{}/free-s{}", d.path(), stage);
+    train_on_ranks(free, 1, stage, 2, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
+    const Json g = Json::parse(std::ifstream(free + "/summary.json"))["gpu_memory"];
+    const auto planned = g["planned_bytes"].get<std::uint64_t>(), peak = g["peak_bytes"].get<std::uint64_t>();
+    EXPECT_EQ(g["limit_bytes"].get<std::uint64_t>(), 0u);
+    EXPECT_GT(peak, 0u);
+    EXPECT_LE(peak, planned) << "stage " << stage << ": the plan is an upper bound";
+    // Limited to the plan: trains, within it.
+    const std::string capped = fmt::format("{}/capped-s{}", d.path(), stage);
+    train_on_ranks(capped, 1, stage, 2, "", tweak, [&](TrainOptions& o) {
+      o.device = "cuda";
+      o.gpu_memory_limit = planned;
+    });
+    const Json c = Json::parse(std::ifstream(capped + "/summary.json"))["gpu_memory"];
+    EXPECT_LE(c["peak_bytes"].get<std::uint64_t>(), planned);
+    EXPECT_EQ(losses(capped), losses(free));
+    // Below the plan: refused at start-up, with the plan in the message.
+    try {
+      train_on_ranks(d.path() + "/small", 1, stage, 2, "", tweak, [&](TrainOptions& o) {
+        o.device = "cuda";
+        o.gpu_memory_limit = planned - 1;
+      });
+      ADD_FAILURE() << "a limit below the plan was accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("does not fit --gpu-memory-limit"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("activations"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Trainer, ShardedResumeIsBitIdenticalAndReshardsToOtherRanks) {
   ScratchDir d;
   train_on_ranks(d.path() + "/straight", 2, 2, 8);

@@ -43,6 +43,7 @@ struct TrainCliOptions {
   std::int64_t seq_len = 0;
   std::uint64_t seed = 42;
   std::string device = "cpu";
+  std::string gpu_memory_limit;
   std::int64_t eval_every = 0;
   double eval_fraction = 0.05;
   std::int64_t save_every = 0;
@@ -207,6 +208,12 @@ int run_train(TrainCliOptions o) {
   t.comm = comm.get();
   t.terminal = t.terminal && ranks.rank == 0;
   t.device = o.device;
+  if (!o.gpu_memory_limit.empty()) {
+    if (o.device != "cuda") {
+      throw CLI::ValidationError("--gpu-memory-limit", "caps GPU memory, so it needs --device cuda");
+    }
+    t.gpu_memory_limit = parse_size(o.gpu_memory_limit, "--gpu-memory-limit");
+  }
   t.gpu = ranks.local_rank;  // one GPU per local rank
 
   const runtime::TrainResult r = runtime::train(t);
@@ -338,6 +345,9 @@ void add_train_commands(CLI::App& app, Action& action) {
   cmd->add_option("--save-every", o->save_every, "checkpoint every N steps (default: at the end)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--no-save", o->no_save, "write no checkpoint, not even at the end (benchmarks)");
+  cmd->add_option("--gpu-memory-limit", o->gpu_memory_limit,
+                  "cap what zinf allocates on the GPU, e.g. 24GiB, to train as on a smaller card; a run that "
+                  "cannot fit is refused at start-up with its plan (--device cuda)");
   cmd->add_option("--keep-last", o->keep_last, "keep only the N newest checkpoints (default: all)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--output-dir", o->output_dir, "where outputs go (default output/<model>-<time>)");

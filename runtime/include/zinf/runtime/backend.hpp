@@ -47,6 +47,14 @@ struct AttentionShape {
 
 enum class Stream { kCompute, kHostToDevice, kDeviceToHost, kCollective };
 
+// The shape of one training step, for a backend's bound on the scratch its ops take.
+struct StepShape {
+  std::int64_t rows = 0, batch = 0, seq = 0;  // rows = batch x seq
+  std::int64_t hidden = 0, q_dim = 0, qkv_dim = 0, intermediate = 0, vocab = 0;
+  std::int64_t heads = 0, kv_heads = 0, head_dim = 0;
+  bool bf16 = false;  // bf16 weights (mixed-precision products)
+};
+
 // Where the time goes per op (filled while profiling is on).
 struct OpProfile {
   struct Entry {
@@ -82,6 +90,15 @@ class Backend {
   virtual void sum_squares(double* out, const void* x, std::int64_t count, DType dtype = DType::kF32) = 0;
   // dst (count bf16) = src rounded to nearest even, on the compute stream.
   virtual void round_to_bf16(std::uint16_t* dst, const float* src, std::int64_t count) = 0;
+
+  // Device memory this backend holds now, the most it has held, and its limit (0: none); 0 for
+  // host backends, whose memory is the host's.
+  virtual std::size_t memory_in_use() const { return 0; }
+  virtual std::size_t memory_peak() const { return 0; }
+  virtual std::size_t memory_limit() const { return 0; }
+  // An upper bound on the scratch the ops of one training step of this shape take inside the
+  // backend (beyond the buffers callers allocate), fixed workspaces included; 0 for host backends.
+  virtual std::size_t scratch_bound(const StepShape&) const { return 0; }
 
   // ---- streams and events (the CPU backend completes every op before returning: no-ops there)
   class Event {
@@ -244,6 +261,9 @@ std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options = {})
 struct CudaBackendOptions {
   int device = 0;
   std::size_t head_chunk_bytes = 256u << 20;  // logits per vocabulary chunk
+  // Caps every allocation of this backend (--gpu-memory-limit; 0: none). Going past it is an error
+  // naming what asked and how much is in use. The CUDA context itself is not counted.
+  std::size_t memory_limit = 0;
 };
 std::unique_ptr<Backend> make_cuda_backend(const CudaBackendOptions& options = {});
 

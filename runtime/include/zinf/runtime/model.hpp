@@ -88,6 +88,9 @@ class Model {
 
   // Bytes of activations and scratch held for the current batch shape.
   std::size_t activation_bytes() const;
+  // The same for a batch shape, before any is set (the GPU memory plan).
+  static std::size_t activation_bytes_for(const ModelConfig& config, std::int64_t batch, std::int64_t seq,
+                                          const ModelOptions& options);
 
  private:
   struct LayerActs;

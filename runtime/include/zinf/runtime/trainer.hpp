@@ -52,6 +52,9 @@ struct TrainOptions {
   // or NVMe; parameters go up and gradients come down each step, synchronously for now).
   std::string device = "cpu";
   int gpu = 0;
+  // Caps what zinf allocates on the GPU (bytes; 0: no cap): the run is planned against it at
+  // start-up and refused with the numbers when it cannot fit (--gpu-memory-limit).
+  std::uint64_t gpu_memory_limit = 0;
   // Test hook: sees each step's accumulated (loss-scaled) fp32 gradients before the norm, e.g. to
   // inject an overflow. Step numbers are 1-based.
   std::function<void(std::int64_t step, const std::vector<void*>& grad_units)> after_backward;

@@ -221,7 +221,8 @@ void ParamCoordinator::invalidate() {
   for (std::size_t u = 0; u < units_.size(); ++u) {
     if (units_[u].state == State::kResident) {
       ZINF_ASSERT(persistent_[u], "coordinator: invalidate() inside a pass");
-      units_[u].state = State::kEmpty;  // the buffer stays for the next gather
+      units_[u].state = State::kEmpty;  // the buffer stays for the next gather, after compute has read it
+      units_[u].reuse_after = backend_.record(Stream::kCompute);
       view_.units[u] = nullptr;
     }
   }

@@ -80,22 +80,8 @@ class CpuBackend final : public Backend {
     tbb::parallel_for(std::int64_t{0}, count, std::int64_t{1} << 16, [&](std::int64_t i) { dst[i] = kernels::f32_to_bf16(src[i]); });
   }
   void sum_squares(double* out, const void* data, std::int64_t count, DType dtype) override {
-    const auto value = [&](std::int64_t i) -> double {
-      return dtype == DType::kBF16 ? kernels::bf16_to_f32(static_cast<const std::uint16_t*>(data)[i])
-                                   : static_cast<const float*>(data)[i];
-    };
-    // Fixed blocks summed in order: deterministic whatever the thread count.
-    constexpr std::int64_t kBlock = 1 << 16;
-    const std::int64_t blocks = (count + kBlock - 1) / kBlock;
-    std::vector<double> part(static_cast<std::size_t>(blocks));
-    tbb::parallel_for(std::int64_t{0}, blocks, [&](std::int64_t b) {
-      double s = 0;
-      for (std::int64_t i = b * kBlock, e = std::min(count, i + kBlock); i < e; ++i) s += value(i) * value(i);
-      part[static_cast<std::size_t>(b)] = s;
-    });
-    double s = 0;
-    for (const double v : part) s += v;
-    *out = s;
+    // The optimizer's gradient statistics: fixed chunks, so the same result on any thread count.
+    *out = kernels::cpu::grad_stats(data, dtype, static_cast<std::size_t>(count)).sum_sq;
   }
 
   std::unique_ptr<Event> record(Stream) override { return std::make_unique<CpuEvent>(); }

@@ -23,6 +23,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -384,7 +385,9 @@ class Trainer {
     if (!overlap.empty() && overlap != "0" && overlap != "1") {
       throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1 (0 turns the GPU pipeline off; unset or 1 leaves it on)", overlap);
     }
-    gpu_pipeline_ = !host_backend_ && partition_grads_ && world_ == 1 && gas_ == 1 && !fp16_ && overlap != "0";
+    // (The after_backward test hook may change gradients before the step: no pipeline with it.)
+    gpu_pipeline_ = !host_backend_ && partition_grads_ && world_ == 1 && gas_ == 1 && !fp16_ && overlap != "0" &&
+                    !o.after_backward;
     // communication_data_type bf16 (DeepSpeed's gradient communication dtype): the pipeline's
     // gradients are rounded to bf16 on the GPU and travel, and are stepped, as bf16.
     if (o.ds.communication_data_type && *o.ds.communication_data_type != config::Dtype::kFp32) {
@@ -510,6 +513,13 @@ class Trainer {
     fail_units("training stopped");
     inflight_.reset();
     coord_.reset();
+    // Copies still running (an error mid-backward) finish before their buffers go; the pinned
+    // gradient shards go back to the host memory of offload_, which outlives them here.
+    try {
+      backend_->synchronize();
+    } catch (...) {
+    }
+    gpinned_.clear();
     worker_scratch_.ahead.reset();
   }
   Trainer(const Trainer&) = delete;
@@ -618,9 +628,8 @@ class Trainer {
         if (gpu_pipeline_ && !step_started) {
           // Every unit was gathered, so the previous step has updated them all: it is finishing.
           const auto tj = Clock::now();
-          const offload::StepStats prev = finish_inflight();
+          finish_inflight();
           tm.optimizer += seconds_since(tj);
-          tm.offload_io += prev.read_wait_seconds + prev.write_wait_seconds;
           start_pipeline_step(lr, clipping);
           step_started = true;
         }
@@ -728,22 +737,22 @@ class Trainer {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
         spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
       } else {
-        offload::StepStats ss;
         if (inflight_) {
           if (clipping) feed_->post_grad_scale(static_cast<float>(grad_scale));
-          // Stage 3 leaves the step running: the next forward's gathers wait for each unit's
-          // update (refresh_params drops the gathered copies). Stage 2 keeps every unit on the GPU
-          // and uploads them all after the step.
-          if (!stage3_) ss = finish_inflight();
+          // Stage 3 with bf16 parameters leaves the step running: the next forward's gathers wait
+          // for each unit's bf16 shard (refresh_params drops the gathered copies). An fp32 gather
+          // reads the master, whose NVMe write-back the step does not report per unit, and stage 2
+          // keeps every unit on the GPU and uploads them all after the step: both join here.
+          if (!stage3_ || param_dtype_ != DType::kBF16) finish_inflight();
         } else {
           offload::StepInputs in = step_inputs(lr, grad_scale);
           in.grad_dtype = DType::kF32;
           in.gradient = [this](std::size_t u) -> const void* {
             return have_shards() ? static_cast<const void*>(gshard(u)) : static_cast<const void*>(host_grad(u));
           };
-          ss = offload_->stepper().step(in);
+          const offload::StepStats ss = offload_->stepper().step(in);
+          joined_io_ += ss.read_wait_seconds + ss.write_wait_seconds;
         }
-        tm.offload_io += ss.read_wait_seconds + ss.write_wait_seconds;
         refresh_params();
         ++st_.applied;
       }
@@ -758,12 +767,12 @@ class Trainer {
       last_loss = loss;
       double eval_loss = std::nan("");
       if ((o_.eval_every > 0 && st_.step % o_.eval_every == 0) || st_.step == total_steps_) {
-        finish_inflight();
         eval_loss = evaluate();
         last_eval = eval_loss;
         if (!st_.have_eval || eval_loss < st_.best_eval) st_.best_eval = eval_loss;
         st_.have_eval = true;
       }
+      tm.offload_io += std::exchange(joined_io_, 0.0);  // the I/O waits of the steps joined so far
       const double step_s = seconds_since(t0);
       const CoordinatorStats cs = step_param_stats();
       const double tps = static_cast<double>(step_tokens) / step_s;
@@ -923,7 +932,8 @@ class Trainer {
     s.ahead.reset();
     s.ahead_unit = ParamCoordinator::kNone;
     if (!read_ahead) lease = offload_->store().fetch(u);
-    if (next != ParamCoordinator::kNone && offload_->store().param_tier(next) == offload::Tier::kNvme) {
+    // The read-ahead only of a unit the step in flight has finished (the store's rule).
+    if (next != ParamCoordinator::kNone && offload_->store().param_tier(next) == offload::Tier::kNvme && unit_ready(next)) {
       s.ahead = offload_->store().try_fetch(next);
       if (s.ahead) s.ahead_unit = next;
     }
@@ -1034,12 +1044,12 @@ class Trainer {
   void start_pipeline_step(double lr, bool clipping) {
     feed_->reset();
     offload::StepInputs in = step_inputs(lr, 1.0);
-    in.gradient = [this](std::size_t u) -> const void* {
-      const void* g = feed_->gradient(u);
-      landed_[u]->synchronize();
+    in.feed_from(*feed_);
+    in.gradient = [this, from_feed = std::move(in.gradient)](std::size_t u) -> const void* {
+      const void* g = from_feed(u);
+      landed_[u]->synchronize();  // posted when its copy was queued: wait for the copy itself
       return g;
     };
-    in.grad_scale = [this] { return feed_->grad_scale(); };
     in.unit_done = [this](std::size_t u) { unit_stepped(u); };
     const std::size_t n = layout_.units.size();
     const std::size_t tail = clipping ? n - 1 : tail_;
@@ -1049,13 +1059,17 @@ class Trainer {
     inflight_.emplace(offload_->stepper(), *feed_, std::move(in), [this](const std::string& why) { fail_units(why); });
   }
   // Waits for the step in flight (if any) and returns its statistics; its errors come out here.
+  // A step joined outside the training loop's own join (evaluation, checkpoint, end) adds its I/O
+  // wait to the next metrics row (joined_io_).
   offload::StepStats finish_inflight() {
     if (!inflight_) return {};
     struct Clear {
       std::optional<OverlappedStep>& s;
       ~Clear() { s.reset(); }
     } clear{inflight_};
-    return inflight_->join();
+    const offload::StepStats ss = inflight_->join();
+    joined_io_ += ss.read_wait_seconds + ss.write_wait_seconds;
+    return ss;
   }
   void unit_stepped(std::size_t u) {
     std::lock_guard lock(unit_mu_);
@@ -1066,6 +1080,11 @@ class Trainer {
     std::lock_guard lock(unit_mu_);
     if (unit_error_.empty()) unit_error_ = why;
     unit_cv_.notify_all();
+  }
+  // Whether every step begun before this one has updated unit u (without waiting).
+  bool unit_ready(std::size_t u) {
+    std::lock_guard lock(unit_mu_);
+    return unit_steps_.empty() || unit_steps_[u] >= steps_needed_;
   }
   // Before unit u's parameters are read: every step begun before this one has updated them.
   void wait_unit(std::size_t u) {
@@ -1647,6 +1666,7 @@ class Trainer {
   std::size_t tail_ = 0;                    // see start_pipeline_step
   std::optional<OverlappedStep> inflight_;  // the GPU pipeline's step still running
   GpuPlan gpu_plan_;
+  double joined_io_ = 0;  // see finish_inflight
   std::vector<std::size_t> bucket_;
   std::int64_t bucket_elems_ = 0;
   std::uint64_t buckets_reduced_ = 0;

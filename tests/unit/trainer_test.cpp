@@ -620,6 +620,30 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
       }
     }
   }
+  // Parameters and optimizer state on NVMe: the read-ahead of the next unit's shard must wait for
+  // the step in flight to finish it. Bit-identical to the synchronous path.
+  const auto nvme = [&](const std::string& swap) {
+    return [swap](Json& ds) {
+      ds["bf16"]["enabled"] = true;
+      ds["train_micro_batch_size_per_gpu"] = 4;
+      ds["gradient_accumulation_steps"] = 1;
+      ds["gradient_clipping"] = 0.0;
+      ds["zero_optimization"] = {{"stage", 3},
+                                 {"sub_group_size", 4096},
+                                 {"stage3_param_persistence_threshold", 0},
+                                 {"offload_optimizer", {{"device", "nvme"}, {"nvme_path", swap}, {"buffer_count", 2}}},
+                                 {"offload_param", {{"device", "nvme"}, {"nvme_path", swap}, {"max_in_cpu", 0},
+                                                    {"buffer_count", 8}}}};
+    };
+  };
+  ::setenv("ZINF_GPU_OVERLAP", "0", 1);
+  train_on_ranks(d.path() + "/nvme-sync", 1, 3, 5, "", nvme(d.sub("swap-sync")), [](TrainOptions& o) { o.device = "cuda"; });
+  ::unsetenv("ZINF_GPU_OVERLAP");
+  train_on_ranks(d.path() + "/nvme-pipe", 1, 3, 5, "", nvme(d.sub("swap-pipe")), [](TrainOptions& o) { o.device = "cuda"; });
+  EXPECT_EQ(losses(d.path() + "/nvme-pipe"), losses(d.path() + "/nvme-sync"));
+  const std::string nvme_state = "/checkpoints/step-00000005/optimizer_state.safetensors";
+  EXPECT_TRUE(file_bytes(d.path() + "/nvme-sync" + nvme_state) == file_bytes(d.path() + "/nvme-pipe" + nvme_state));
+
   // communication_data_type bf16: the gradients come down as bf16 and are stepped as such. Close
   // to the fp32-gradient run, not the same, and said in the summary.
   const auto bf16_grads = [](Json& ds) {

@@ -596,10 +596,6 @@ class Trainer {
       const bool clipping = o_.ds.gradient_clipping > 0;
       bool step_started = false;
       if (gpu_pipeline_) {
-        {
-          std::lock_guard lock(unit_mu_);
-          steps_needed_ = st_.applied;
-        }
         if (!inflight_) {
           start_pipeline_step(lr, clipping);
           step_started = true;
@@ -755,6 +751,12 @@ class Trainer {
         }
         refresh_params();
         ++st_.applied;
+        {
+          // From now on every gather (the coordinator's prefetch for the next step starts at its
+          // begin()) waits for this step's update of its unit.
+          std::lock_guard lock(unit_mu_);
+          steps_needed_ = st_.applied;
+        }
       }
       if (fp16_) scaler_.update(overflow);
       tm.optimizer += seconds_since(to);

@@ -751,7 +751,7 @@ class Trainer {
         }
         refresh_params();
         ++st_.applied;
-        {
+        if (gpu_pipeline_) {
           // From now on every gather (the coordinator's prefetch for the next step starts at its
           // begin()) waits for this step's update of its unit.
           std::lock_guard lock(unit_mu_);
@@ -1084,12 +1084,15 @@ class Trainer {
     unit_cv_.notify_all();
   }
   // Whether every step begun before this one has updated unit u (without waiting).
+  // (Only the GPU pipeline steps units on another thread; elsewhere every unit is always ready.)
   bool unit_ready(std::size_t u) {
+    if (!gpu_pipeline_) return true;
     std::lock_guard lock(unit_mu_);
     return unit_steps_.empty() || unit_steps_[u] >= steps_needed_;
   }
   // Before unit u's parameters are read: every step begun before this one has updated them.
   void wait_unit(std::size_t u) {
+    if (!gpu_pipeline_) return;
     std::unique_lock lock(unit_mu_);
     if (unit_steps_.empty()) return;
     unit_cv_.wait(lock, [&] { return unit_steps_[u] >= steps_needed_ || !unit_error_.empty(); });

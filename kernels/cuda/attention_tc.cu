@@ -115,12 +115,33 @@ __device__ __forceinline__ void load_rows(bf16* dst, const bf16* src) {
   }
 }
 
+// Key/value tile j of a query tile's loop (tiles 0 .. last) is in buffer j & 1 once this returns;
+// tile j + 1's copies are started first, into the other buffer (free since the loop's trailing
+// barrier).
+template <int HD>
+__device__ __forceinline__ void kv_tile_ready(bf16* ks, bf16* vs, const bf16* kg, const bf16* vg, i64 j, i64 last) {
+  constexpr int S = HD + kPad;
+  if (j < last) {
+    const int nb = static_cast<int>((j + 1) & 1);
+    load_rows<HD, kRows>(ks + nb * kRows * S, kg + (j + 1) * kRows * HD);
+    load_rows<HD, kRows>(vs + nb * kRows * S, vg + (j + 1) * kRows * HD);
+  }
+  cp_commit();
+  cp_wait_one();
+  __syncthreads();
+}
+
+template <int N>
+__device__ __forceinline__ void zero_tiles(float (&a)[N][4]) {
+#pragma unroll
+  for (int t = 0; t < N; ++t) a[t][0] = a[t][1] = a[t][2] = a[t][3] = 0.0f;
+}
+
 // acc (16 x N per warp, N / 8 tiles) = A rows (row0 .. +16 of a) times B^T, B stored [n][k] (HD wide).
 template <int HD, int N>
 __device__ __forceinline__ void rows_times_t(float (&acc)[N / 8][4], const bf16* a, int row0, const bf16* b, int lane) {
   constexpr int S = HD + kPad;
-#pragma unroll
-  for (int t = 0; t < N / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+  zero_tiles(acc);
 #pragma unroll
   for (int kk = 0; kk < HD / 16; ++kk) {
     u32 fa[4];
@@ -214,18 +235,10 @@ __global__ void __launch_bounds__(kThreads) fa_forward_k(float* out, float* lse,
   const int row0 = warp * 16;
   const float sl2 = g.scale * kLog2e;
   float o[HD / 8][4];
-#pragma unroll
-  for (int t = 0; t < HD / 8; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.0f;
+  zero_tiles(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   for (i64 j = 0; j <= qt; ++j) {
-    if (j < qt) {
-      const int nb = static_cast<int>((j + 1) & 1);
-      load_rows<HD, kRows>(ks + nb * kRows * S, kg + (j + 1) * kRows * HD);
-      load_rows<HD, kRows>(vs + nb * kRows * S, vg + (j + 1) * kRows * HD);
-    }
-    cp_commit();
-    cp_wait_one();
-    __syncthreads();
+    kv_tile_ready<HD>(ks, vs, kg, vg, j, qt);
     const bf16* kt = ks + (j & 1) * kRows * S;
     const bf16* vt = vs + (j & 1) * kRows * S;
     float s[kRows / 8][4];
@@ -319,17 +332,9 @@ __global__ void __launch_bounds__(kThreads) fa_dq_k(float* dqkv, const bf16* pk,
     drow[r] = t < g.seq ? dd[bh * g.seq + t] : 0.0f;
   }
   float dq[HD / 8][4];
-#pragma unroll
-  for (int t = 0; t < HD / 8; ++t) dq[t][0] = dq[t][1] = dq[t][2] = dq[t][3] = 0.0f;
+  zero_tiles(dq);
   for (i64 j = 0; j <= qt; ++j) {
-    if (j < qt) {
-      const int nb = static_cast<int>((j + 1) & 1);
-      load_rows<HD, kRows>(ks + nb * kRows * S, kg + (j + 1) * kRows * HD);
-      load_rows<HD, kRows>(vs + nb * kRows * S, vg + (j + 1) * kRows * HD);
-    }
-    cp_commit();
-    cp_wait_one();
-    __syncthreads();
+    kv_tile_ready<HD>(ks, vs, kg, vg, j, qt);
     const bf16* kt = ks + (j & 1) * kRows * S;
     const bf16* vt = vs + (j & 1) * kRows * S;
     float s[kRows / 8][4], dp[kRows / 8][4];
@@ -395,11 +400,8 @@ __global__ void __launch_bounds__(kThreads) fa_dkv_k(float* dqkv, const bf16* pk
   const int row0 = warp * 16;
   const float sl2 = g.scale * kLog2e;
   float dk[HD / 8][4], dv[HD / 8][4];
-#pragma unroll
-  for (int t = 0; t < HD / 8; ++t) {
-    dk[t][0] = dk[t][1] = dk[t][2] = dk[t][3] = 0.0f;
-    dv[t][0] = dv[t][1] = dv[t][2] = dv[t][3] = 0.0f;
-  }
+  zero_tiles(dk);
+  zero_tiles(dv);
   for (i64 it = 0; it < total; ++it) {
     const int cur = static_cast<int>(it & 1);
     if (it + 1 < total) fetch(it + 1, cur ^ 1);

@@ -49,7 +49,8 @@ struct TrainOptions {
   // each checkpoint.
   Communicator* comm = nullptr;
   // Where the model computes: "cpu", or "cuda" on GPU `gpu` (the optimizer state stays on the host
-  // or NVMe; parameters go up and gradients come down each step, synchronously for now).
+  // or NVMe; parameters go up and gradients come down each step: overlapped with compute and the
+  // CPU optimizer on one GPU at stage 2-3, docs/gpu.md).
   std::string device = "cpu";
   int gpu = 0;
   // Caps what zinf allocates on the GPU (bytes; 0: no cap): the run is planned against it at

@@ -124,12 +124,9 @@ Isa active_isa() {
 
 Exec::Exec() : isa(active_isa()) {}
 
-void adam_step(const AdamConfig& c, const AdamTensors& t, const Exec& exec) {
-  if (t.n == 0) return;
-  require(t.param && t.grad && t.exp_avg && t.exp_avg_sq, "adam_step", "param, grad, exp_avg or exp_avg_sq");
-  check_state_dtype(t.state_dtype, "adam_step");
+AdamScalars adam_scalars(const AdamConfig& c) {
   if (c.step < 1) throw Error("adam_step: step must be >= 1 (it is {})", c.step);
-  detail::AdamArgs a{};
+  AdamScalars a{};
   a.beta1 = static_cast<float>(c.beta1);
   a.beta2 = static_cast<float>(c.beta2);
   a.one_minus_beta1 = static_cast<float>(1.0 - c.beta1);
@@ -142,6 +139,14 @@ void adam_step(const AdamConfig& c, const AdamTensors& t, const Exec& exec) {
   a.decay = c.adam_w_mode ? static_cast<float>(1.0 - c.lr * c.weight_decay) : 1.0f;
   a.l2 = c.adam_w_mode ? 0.0f : static_cast<float>(c.weight_decay);
   a.grad_scale = c.grad_scale;
+  return a;
+}
+
+void adam_step(const AdamConfig& c, const AdamTensors& t, const Exec& exec) {
+  if (t.n == 0) return;
+  require(t.param && t.grad && t.exp_avg && t.exp_avg_sq, "adam_step", "param, grad, exp_avg or exp_avg_sq");
+  check_state_dtype(t.state_dtype, "adam_step");
+  const detail::AdamArgs a = adam_scalars(c);
   const auto fn = table_for(exec).adam[static_cast<int>(t.grad_dtype)][static_cast<int>(t.state_dtype)]
                                      [out_index(t.param_out, t.out_dtype)];
   run_chunks(t.n, exec, [&](std::size_t, std::size_t b, std::size_t e) { fn(a, t, b, e); });

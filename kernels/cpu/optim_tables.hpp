@@ -7,16 +7,8 @@
 
 namespace zinf::kernels::cpu::detail {
 
-// Float scalars the kernels use, derived in double from the configs (as PyTorch derives them
-// from Python floats) and rounded once.
-struct AdamArgs {
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
-  float step_size;      // lr / (1 - beta1^step)
-  float inv_bc2_sqrt;   // 1 / sqrt(1 - beta2^step)
-  float decay;          // AdamW: 1 - lr * wd; else 1
-  float l2;             // Adam (L2): wd; else 0
-  float grad_scale;
-};
+// Float scalars the kernels use (public as AdamScalars: the GPU's Adam uses the same).
+using AdamArgs = AdamScalars;
 
 struct AdagradArgs {
   float clr;  // lr / (1 + (step - 1) * lr_decay)

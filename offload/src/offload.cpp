@@ -62,10 +62,7 @@ OffloadSettings offload_settings(const config::DeepSpeedConfig& c) {
       if (s.optimizer_paths.empty()) throw Error("offload_optimizer.nvme_path is empty: give the NVMe directory");
       s.store.nvme_ratio = o.ratio;
     } else if (o.device == OffloadDevice::kCpu && o.ratio < 1.0) {
-      s.notes.push_back(fmt::format(
-          "offload_optimizer.ratio {} with device cpu: partial offload would keep {:.0f}% of the optimizer state on "
-          "the GPU, which zinf does not do yet; all of it stays in host memory",
-          o.ratio, 100.0 * (1.0 - o.ratio)));
+      s.gpu_optimizer_fraction = 1.0 - o.ratio;
     }
     if (o.fast_init) s.notes.push_back("offload_optimizer.fast_init has no effect: zinf initializes swap state in one pass");
   }

@@ -19,6 +19,7 @@ ParamCoordinator::ParamCoordinator(Backend& backend, const ModelLayout& layout, 
   }
   const std::size_t n = layout.units.size();
   units_.resize(n);
+  adopted_.assign(n, false);
   view_.dtype = dtype;
   view_.units.assign(n, nullptr);
   for (const UnitLayout& u : layout.units) {
@@ -167,7 +168,7 @@ const UnitBuffers& ParamCoordinator::acquire(std::size_t use) {
     if (unit.state == State::kEmpty) {
       if (!persistent_[u]) ++stats_.misses;
       request(u, lock);
-    } else if (!persistent_[u]) {
+    } else if (!kept(u)) {
       ++stats_.hits;
     }
     if (unit.prefetched) {
@@ -177,6 +178,7 @@ const UnitBuffers& ParamCoordinator::acquire(std::size_t use) {
   }
   prefetch_from(use + 1, lock);
   for (const std::size_t u : uses_[use]) {
+    if (adopted_[u]) continue;  // view_ points at the caller's buffer
     wait_resident(u, lock);
     view_.units[u] = units_[u].buffer.data();
   }
@@ -187,7 +189,7 @@ void ParamCoordinator::release(std::size_t use) {
   std::unique_lock lock(mu_);
   ZINF_ASSERT(use < uses_.size(), "coordinator: use {} of a pass of {}", use, uses_.size());
   for (const std::size_t u : uses_[use]) {
-    if (persistent_[u] || units_[u].state != State::kResident) continue;
+    if (kept(u) || units_[u].state != State::kResident) continue;
     std::size_t next = uses_.size();
     for (std::size_t j = use + 1; j < uses_.size() && next == uses_.size(); ++j) {
       if (std::find(uses_[j].begin(), uses_[j].end(), u) != uses_[j].end()) next = j;
@@ -208,7 +210,7 @@ void ParamCoordinator::end() {
   if (error_) std::rethrow_exception(error_);
   for (std::size_t u = 0; u < units_.size(); ++u) {
     units_[u].prefetched = false;
-    if (!persistent_[u] && units_[u].state == State::kResident) free_unit(u);
+    if (!kept(u) && units_[u].state == State::kResident) free_unit(u);
   }
   ahead_ = 0;
   uses_.clear();
@@ -219,7 +221,7 @@ void ParamCoordinator::invalidate() {
   wait_idle(lock);
   if (error_) std::rethrow_exception(error_);
   for (std::size_t u = 0; u < units_.size(); ++u) {
-    if (units_[u].state == State::kResident) {
+    if (units_[u].state == State::kResident && !adopted_[u]) {
       ZINF_ASSERT(persistent_[u], "coordinator: invalidate() inside a pass");
       units_[u].state = State::kEmpty;  // the buffer stays for the next gather, after compute has read it
       units_[u].reuse_after = backend_.record(Stream::kCompute);
@@ -228,11 +230,27 @@ void ParamCoordinator::invalidate() {
   }
 }
 
+void ParamCoordinator::adopt(std::size_t u, void* buffer) {
+  std::unique_lock lock(mu_);
+  ZINF_ASSERT(u < units_.size() && buffer != nullptr, "coordinator: adopt({}) of {} units", u, units_.size());
+  ZINF_ASSERT(uses_.empty() && units_[u].state == State::kEmpty, "coordinator: adopt() after unit {} was gathered", u);
+  if (persistent_[u]) {
+    persistent_[u] = false;
+    stats_.persistent_elements -= numel_[u];
+  }
+  adopted_[u] = true;
+  stats_.adopted_elements += numel_[u];
+  units_[u].state = State::kResident;
+  units_[u].buffer = DeviceBuffer();
+  view_.units[u] = buffer;
+}
+
 CoordinatorStats ParamCoordinator::take_stats() {
   std::lock_guard lock(mu_);
   CoordinatorStats s = stats_;
   stats_ = {};
   stats_.persistent_elements = s.persistent_elements;
+  stats_.adopted_elements = s.adopted_elements;
   stats_.live_high_water = live_;
   stats_.ahead_high_water = ahead_;
   return s;

@@ -79,6 +79,11 @@ class CpuBackend final : public Backend {
   void round_to_bf16(std::uint16_t* dst, const float* src, std::int64_t count) override {
     tbb::parallel_for(std::int64_t{0}, count, std::int64_t{1} << 16, [&](std::int64_t i) { dst[i] = kernels::f32_to_bf16(src[i]); });
   }
+  void adam_step(const kernels::cpu::AdamConfig& config, const kernels::cpu::AdamTensors& t) override {
+    kernels::cpu::Exec exec;
+    exec.native_bf16 = false;  // the rounding every backend agrees on
+    kernels::cpu::adam_step(config, t, exec);
+  }
   void sum_squares(double* out, const void* data, std::int64_t count, DType dtype) override {
     // The optimizer's gradient statistics: fixed chunks, so the same result on any thread count.
     *out = kernels::cpu::grad_stats(data, dtype, static_cast<std::size_t>(count)).sum_sq;

@@ -240,6 +240,24 @@ class CudaBackend final : public Backend {
     kc::sum_squares(out, static_cast<double*>(sq_.get(kc::sum_squares_partial_doubles() * sizeof(double))), x,
                     dtype == DType::kBF16, count, compute());
   }
+  void adam_step(const kernels::cpu::AdamConfig& config, const kernels::cpu::AdamTensors& t) override {
+    if (t.n == 0) return;
+    if (t.state_dtype != DType::kF32 || (t.grad_dtype != DType::kF32 && t.grad_dtype != DType::kBF16) ||
+        (t.param_out != nullptr && t.out_dtype != DType::kF32 && t.out_dtype != DType::kBF16)) {
+      throw Error("CUDA adam_step: state {}, gradient {}, parameters out {}: the GPU step takes fp32 state, fp32 or bf16 "
+                  "gradients and bf16 or fp32 parameters",
+                  kernels::cpu::dtype_name(t.state_dtype), kernels::cpu::dtype_name(t.grad_dtype),
+                  kernels::cpu::dtype_name(t.out_dtype));
+    }
+    if (t.param == nullptr || t.grad == nullptr || t.exp_avg == nullptr || t.exp_avg_sq == nullptr) {
+      throw Error("CUDA adam_step: a null parameter, gradient or moment pointer for {} elements", t.n);
+    }
+    OpTimer timer(*this, "adam_step");
+    current();
+    kc::adam_step(kernels::cpu::adam_scalars(config), t.param, static_cast<float*>(t.exp_avg), static_cast<float*>(t.exp_avg_sq),
+                  t.grad, t.grad_dtype == DType::kBF16, t.param_out, t.out_dtype == DType::kBF16,
+                  static_cast<std::int64_t>(t.n), compute());
+  }
   void round_to_bf16(std::uint16_t* dst, const float* src, std::int64_t count) override {
     OpTimer t(*this, "round_to_bf16");
     kc::to_bf16(dst, src, count, compute());

@@ -318,12 +318,15 @@ CudaBackendOptions cuda_options(const TrainOptions& o) {
 // What a run allocates on the GPU, by kind (bytes), from the config and the shapes.
 struct GpuPlan {
   std::uint64_t params = 0, grads = 0, activations = 0, scratch = 0, other = 0;
-  std::uint64_t total() const { return params + grads + activations + scratch + other; }
+  std::uint64_t optimizer = 0;  // the GPU's share of the optimizer: fp32 state and held gradients
+  std::uint64_t total() const { return params + grads + activations + scratch + other + optimizer; }
   std::string describe() const {
     const auto g = [](std::uint64_t b) { return static_cast<double>(b) / (1u << 30); };
     return fmt::format("parameters {:.2f} GiB, gradient buffers {:.2f} GiB, activations {:.2f} GiB, scratch {:.2f} GiB, "
-                       "other {:.2f} GiB: {:.2f} GiB",
-                       g(params), g(grads), g(activations), g(scratch), g(other), g(total()));
+                       "{}other {:.2f} GiB: {:.2f} GiB",
+                       g(params), g(grads), g(activations), g(scratch),
+                       optimizer > 0 ? fmt::format("optimizer share {:.2f} GiB, ", g(optimizer)) : std::string(), g(other),
+                       g(total()));
   }
 };
 
@@ -400,8 +403,46 @@ class Trainer {
                      *o.ds.communication_data_type == config::Dtype::kBf16 ? "bf16" : "fp16");
       }
     }
+    // offload_optimizer.ratio < 1 with device cpu (DeepSpeed's partial offload): the first units in
+    // forward order, the fraction 1 - ratio of the parameters (to the nearest unit), keep their
+    // optimizer state on the GPU and are stepped there once the gradient norm is known; the CPU
+    // steps the rest as usual. The next forward starts on the GPU's units while the CPU finishes.
+    on_gpu_.assign(layout_.units.size(), 0);
+    if (settings.gpu_optimizer_fraction > 0.0) {
+      const double ratio = 1.0 - settings.gpu_optimizer_fraction;
+      if (gpu_pipeline_ && stage3_) {
+        const double want = settings.gpu_optimizer_fraction * static_cast<double>(layout_.total_numel());
+        double got = 0;
+        for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+          const auto n = static_cast<double>(layout_.units[u].numel);
+          if (got + n / 2 > want) break;
+          on_gpu_[u] = 1;
+          got += n;
+          ++gpu_units_;
+        }
+        gpu_opt_elems_ = static_cast<std::uint64_t>(got);
+        if (gpu_units_ == 0) {
+          spdlog::info("offload_optimizer.ratio {}: {:.1f}% of the parameters is less than half of the first unit ({}): "
+                       "the whole optimizer state stays in host memory",
+                       ratio, 100.0 * settings.gpu_optimizer_fraction, layout_.units[0].name);
+        } else {
+          spdlog::info("offload_optimizer.ratio {}: the optimizer state of {} unit(s), {} to {} ({:.1f}% of the "
+                       "parameters), lives on the GPU and is stepped there; the rest in host memory",
+                       ratio, gpu_units_, layout_.units[0].name, layout_.units[gpu_units_ - 1].name,
+                       100.0 * got / static_cast<double>(layout_.total_numel()));
+        }
+      } else {
+        spdlog::info("offload_optimizer.ratio {} with device cpu: a GPU share of the optimizer state needs the one-GPU "
+                     "pipeline at ZeRO stage 3 (docs/gpu.md); this run keeps all of it in host memory",
+                     ratio);
+      }
+    }
     if (gpu_pipeline_) {
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+        if (on_gpu_[u]) {
+          gpinned_.emplace_back();  // its gradient stays on the GPU
+          continue;
+        }
         gpinned_.push_back(offload_->memory().allocate(offload::Purpose::kGradients,
                                                        static_cast<std::uint64_t>(shard_[u]) * kernels::cpu::dtype_bytes(grad_dtype_),
                                                        "gradient of " + layout_.units[u].name));
@@ -449,6 +490,17 @@ class Trainer {
     // as its backward finishes and keep only this rank's shard.
     if (!stage3_) params_.emplace(*backend_, layout_, param_dtype_);
     if (!partition_grads_) full_grads_.emplace(*backend_, layout_, DType::kF32);
+    // The GPU's share of the optimizer: each unit's state, and its compute copy, which the
+    // coordinator uses in place of gathers (filled by upload_gpu_state()).
+    gpu_state_.resize(layout_.units.size());
+    gpu_param_.resize(layout_.units.size());
+    gpu_grad_.resize(layout_.units.size());
+    for (std::size_t u = 0; u < gpu_units_; ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      gpu_state_[u] = DeviceBuffer(*backend_, 3 * n * sizeof(float));
+      gpu_param_[u] = DeviceBuffer(*backend_, n * kernels::cpu::dtype_bytes(param_dtype_));
+      coord_->adopt(u, gpu_param_[u].data());
+    }
   }
 
   // What this run allocates on the GPU: see GpuPlan. Upper bounds from the budgets: stage 3 holds
@@ -460,15 +512,21 @@ class Trainer {
     std::uint64_t total = 0, largest = 0, persistent = 0;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       const auto n = static_cast<std::uint64_t>(layout_.units[u].numel);
+      if (on_gpu_[u]) {
+        // Its compute copy, fp32 master and moments, and its gradient held until the step.
+        p.params += n * pb;
+        p.optimizer += n * (12 + kernels::cpu::dtype_bytes(grad_dtype_));
+        continue;
+      }
       total += n;
       largest = std::max(largest, n);
       if (stage3_ && coord_->persistent(u)) persistent += n;
     }
     if (stage3_) {
       const auto live = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.max_live_parameters, 0));
-      p.params = (std::min(live, total - persistent) + largest + persistent) * pb;
+      p.params += (std::min(live, total - persistent) + largest + persistent) * pb;
     } else {
-      p.params = total * pb;
+      p.params += total * pb;
     }
     if (!partition_grads_) {
       p.grads = total * 4;
@@ -549,6 +607,7 @@ class Trainer {
     } else {
       initialise();
     }
+    upload_gpu_state();
     if (world_ > 1) comm_->barrier(kSlowWait);  // every rank has its state, however long loading took
     std::unique_ptr<MetricsCsv> csv;
     if (rank_ == 0) {
@@ -650,9 +709,10 @@ class Trainer {
               if (u == 0) {
                 // The last gradient: the units not yet stepped are next step's tail, stepped in
                 // forward order so that the next forward can follow them.
+                // (The GPU's units, 0 to gpu_units_ - 1, are stepped after the norm, before them.)
                 std::lock_guard lock(unit_mu_);
-                std::size_t left = 0;
-                for (const auto v : unit_steps_) left += v <= st_.applied ? 1 : 0;
+                std::size_t left = gpu_units_;
+                for (std::size_t v = gpu_units_; v < unit_steps_.size(); ++v) left += unit_steps_[v] <= st_.applied ? 1 : 0;
                 tail_ = std::min(left > 0 ? left - 1 : 0, layout_.units.size() - 1);
               }
             } else {
@@ -733,8 +793,9 @@ class Trainer {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
         spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
       } else {
-        if (inflight_) {
-          if (clipping) feed_->post_grad_scale(static_cast<float>(grad_scale));
+        if (gpu_pipeline_) {
+          if (clipping && inflight_) feed_->post_grad_scale(static_cast<float>(grad_scale));
+          step_gpu_units(lr, grad_scale);
           // Stage 3 with bf16 parameters leaves the step running: the next forward's gathers wait
           // for each unit's bf16 shard (refresh_params drops the gathered copies). An fp32 gather
           // reads the master, whose NVMe write-back the step does not report per unit, and stage 2
@@ -1055,11 +1116,72 @@ class Trainer {
     in.unit_done = [this](std::size_t u) { unit_stepped(u); };
     const std::size_t n = layout_.units.size();
     const std::size_t tail = clipping ? n - 1 : tail_;
-    for (std::size_t u = n; u-- > tail + 1;) in.order.push_back(u);
-    for (std::size_t u = 0; u <= tail; ++u) in.order.push_back(u);
+    for (std::size_t u = n; u-- > tail + 1;) {
+      if (!on_gpu_[u]) in.order.push_back(u);
+    }
+    for (std::size_t u = 0; u <= tail; ++u) {
+      if (!on_gpu_[u]) in.order.push_back(u);
+    }
+    if (in.order.empty()) return;  // every unit's state is on the GPU: step_gpu_units() does it all
     if (!clipping) feed_->post_grad_scale(static_cast<float>(1.0 / static_cast<double>(gas_ * world_)));
     inflight_.emplace(offload_->stepper(), *feed_, std::move(in), [this](const std::string& why) { fail_units(why); });
   }
+  // The GPU's share of the step, once the gradient scale is known: each unit's Adam step on the
+  // compute stream (the CPU kernels' arithmetic, so the same result as stepping it on the host),
+  // writing its compute copy in place; the held gradients go back to the pool.
+  void step_gpu_units(double lr, double grad_scale) {
+    if (gpu_units_ == 0) return;
+    const offload::StepInputs in = step_inputs(lr, grad_scale);
+    for (std::size_t u = 0; u < gpu_units_; ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      kernels::cpu::AdamTensors t;
+      float* state = gpu_state_[u].f32();
+      t.param = state;
+      t.exp_avg = state + n;
+      t.exp_avg_sq = state + 2 * n;
+      t.state_dtype = DType::kF32;
+      t.grad = gpu_grad_[u].data();
+      t.grad_dtype = grad_dtype_;
+      t.param_out = gpu_param_[u].data();
+      t.out_dtype = param_dtype_;
+      t.n = n;
+      backend_->adam_step(in.adam, t);
+      grad_pool_[gpu_grad_[u].bytes()].push_back({std::move(gpu_grad_[u]), nullptr});
+      unit_stepped(u);
+    }
+  }
+  // The GPU's units' state from the store (after initialise() or a checkpoint load), and their
+  // compute copy as a gather would give it.
+  void upload_gpu_state() {
+    std::vector<float> st;
+    std::vector<std::uint16_t> bf;
+    for (std::size_t u = 0; u < gpu_units_; ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      st.resize(3 * n);
+      offload_->store().read_state(u, std::span<float>(st.data(), n), std::span<float>(st.data() + n, n),
+                                   std::span<float>(st.data() + 2 * n, n));
+      backend_->upload(gpu_state_[u].data(), st.data(), 3 * n * sizeof(float));
+      if (param_dtype_ == DType::kBF16) {
+        bf.resize(n);
+        offload_->store().fetch(u).copy_to(bf);
+        backend_->upload(gpu_param_[u].data(), bf.data(), n * 2);
+      } else {
+        backend_->upload(gpu_param_[u].data(), st.data(), n * sizeof(float));
+      }
+    }
+  }
+  // ... and back into the store, which checkpoints read (after the steps queued so far).
+  void gpu_state_to_store() {
+    std::vector<float> st;
+    for (std::size_t u = 0; u < gpu_units_; ++u) {
+      const auto n = static_cast<std::size_t>(layout_.units[u].numel);
+      st.resize(3 * n);
+      backend_->download(st.data(), gpu_state_[u].data(), 3 * n * sizeof(float));
+      offload_->store().set_state(u, std::span<const float>(st.data(), n), std::span<const float>(st.data() + n, n),
+                                  std::span<const float>(st.data() + 2 * n, n));
+    }
+  }
+
   // Waits for the step in flight (if any) and returns its statistics; its errors come out here.
   // A step joined outside the training loop's own join (evaluation, checkpoint, end) adds its I/O
   // wait to the next metrics row (joined_io_).
@@ -1108,6 +1230,19 @@ class Trainer {
   // of the rounded values, which the optimizer steps with.
   void land_gradient(std::size_t u) {
     const auto n = layout_.units[u].numel;
+    if (on_gpu_[u]) {
+      // The GPU's share: the gradient stays for step_gpu_units(), rounded first like the others.
+      if (grad_dtype_ == DType::kBF16) {
+        gpu_grad_[u] = take_pooled(static_cast<std::size_t>(n) * 2);
+        backend_->round_to_bf16(static_cast<std::uint16_t*>(gpu_grad_[u].data()), grad_live_[u].f32(), n);
+        grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), nullptr});  // compute-ordered
+      } else {
+        gpu_grad_[u] = std::move(grad_live_[u]);
+      }
+      backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, gpu_grad_[u].data(), n, grad_dtype_);
+      grad_view_.units[u] = nullptr;
+      return;
+    }
     const void* g = grad_live_[u].data();
     std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
     DeviceBuffer rounded;
@@ -1266,6 +1401,7 @@ class Trainer {
 
   std::string save_checkpoint() {
     finish_inflight();  // the GPU pipeline's step in flight completes first
+    gpu_state_to_store();  // and the GPU's share of the state is copied into the store
     const fs::path root = fs::path(o_.output_dir) / "checkpoints";
     const std::string name = step_dir_name(st_.step);
     const fs::path final_dir = root / name;
@@ -1611,11 +1747,14 @@ class Trainer {
                                       {"gradient_buffers", gpu_plan_.grads},
                                       {"activations", gpu_plan_.activations},
                                       {"scratch", gpu_plan_.scratch},
+                                      {"optimizer_share", gpu_plan_.optimizer},
                                       {"other", gpu_plan_.other}}}};
     }
     // The one-GPU overlapped step (docs/gpu.md), and the dtype its gradients travel in.
     j["gpu_pipeline"] = {{"enabled", gpu_pipeline_},
-                         {"gradient_dtype", gpu_pipeline_ ? kernels::cpu::dtype_name(grad_dtype_) : "fp32"}};
+                         {"gradient_dtype", gpu_pipeline_ ? kernels::cpu::dtype_name(grad_dtype_) : "fp32"},
+                         {"gpu_optimizer_units", gpu_units_},
+                         {"gpu_optimizer_elements", gpu_opt_elems_}};
     j["last_checkpoint"] = r.last_checkpoint;
     j["deepspeed_config"] = o_.ds_resolved;
     write_file_atomic((fs::path(o_.output_dir) / "summary.json").string(), j.dump(2) + "\n");
@@ -1661,6 +1800,14 @@ class Trainer {
   std::vector<std::shared_ptr<Backend::Event>> landed_;  // unit u's gradient is in gpinned_[u]
   std::optional<DeviceBuffer> unit_sq_;                  // per-unit sums of squares (doubles)
   DType grad_dtype_ = DType::kF32;                       // of gpinned_ (communication_data_type)
+  // The GPU's share of the optimizer (offload_optimizer.ratio < 1 with device cpu): units 0 to
+  // gpu_units_ - 1 (see the constructor).
+  std::vector<char> on_gpu_;
+  std::size_t gpu_units_ = 0;
+  std::uint64_t gpu_opt_elems_ = 0;
+  std::vector<DeviceBuffer> gpu_state_;  // [master | exp_avg | exp_avg_sq], fp32
+  std::vector<DeviceBuffer> gpu_param_;  // the compute copy (adopted by the coordinator)
+  std::vector<DeviceBuffer> gpu_grad_;   // the step's gradient, held until the norm is known
   // Optimizer steps applied to each unit's parameters, and how many the current step's gathers
   // need (stage 3: the next forward overlaps the end of a step).
   std::mutex unit_mu_;

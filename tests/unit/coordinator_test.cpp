@@ -197,6 +197,53 @@ TEST(Coordinator, ReuseDistanceAndPersistenceKeepWhatTheyShould) {
   }
 }
 
+TEST(Coordinator, AnAdoptedUnitIsTheCallersNeverGatheredNorCounted) {
+  // The GPU's share of the optimizer holds units 0 and 3 itself (adopt): every use sees the
+  // caller's buffer, written by the caller between passes; they are never gathered, freed or
+  // invalidated, and the budgets count only the other units.
+  auto backend = make_cpu_backend();
+  const ModelLayout l = layout_of({1000, 1000, 1000, 10});
+  Recorder rec;
+  CoordinatorOptions o;
+  o.max_live = 1000;
+  o.persistence_threshold = 10;  // unit 3 would be persistent: adopting takes it over
+  ParamCoordinator c(*backend, l, DType::kF32, o, rec.gather(l));
+  std::vector<float> mine0(1000, 0.0f), mine3(10, 3.0f);
+  c.adopt(0, mine0.data());
+  c.adopt(3, mine3.data());
+  EXPECT_TRUE(c.adopted(0) && c.adopted(3));
+  EXPECT_FALSE(c.persistent(3));
+  for (int version = 0; version < 3; ++version) {
+    rec.version = version;
+    std::fill(mine0.begin(), mine0.end(), static_cast<float>(1000 * version));
+    std::fill(mine3.begin(), mine3.end(), static_cast<float>(3 + 1000 * version));
+    const auto uses = ParamCoordinator::training_schedule(4, 1, self, self);
+    c.begin(uses);
+    for (std::size_t i = 0; i < uses.size(); ++i) {
+      const UnitBuffers& v = c.acquire(i);
+      const std::size_t u = uses[i][0];
+      if (u == 0) {
+        EXPECT_EQ(v.units[0], mine0.data());
+      }
+      if (u == 3) {
+        EXPECT_EQ(v.units[3], mine3.data());
+      }
+      EXPECT_EQ(static_cast<const float*>(v.units[u])[0], static_cast<float>(u + 1000 * version)) << "use " << i;
+      EXPECT_LE(c.live_elements(), 2000) << "only units 1 and 2 count";
+      c.release(i);
+    }
+    c.end();
+    const CoordinatorStats s = c.take_stats();
+    EXPECT_EQ(s.adopted_elements, 1010);
+    EXPECT_EQ(s.persistent_elements, 0);
+    EXPECT_EQ(s.hits + s.misses, 4u) << "units 1 and 2, twice each";
+    c.invalidate();
+  }
+  EXPECT_EQ(std::count(rec.order.begin(), rec.order.end(), 0u), 0);
+  EXPECT_EQ(std::count(rec.order.begin(), rec.order.end(), 3u), 0);
+  EXPECT_EQ(c.live_elements(), 0);
+}
+
 TEST(Coordinator, AFailedGatherIsAnErrorAtTheUseThatNeedsIt) {
   auto backend = make_cpu_backend();
   const ModelLayout l = layout_of({100, 100, 100});

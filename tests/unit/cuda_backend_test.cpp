@@ -466,6 +466,125 @@ TEST(CudaBackend, CopyStreamsAndSumOfSquares) {
   EXPECT_FALSE(std::isfinite(again));
 }
 
+// Runs one Adam step on `b` from the same starting point and returns (master, exp_avg, exp_avg_sq,
+// bf16-or-fp32 parameters out) as raw words.
+struct AdamResult {
+  std::vector<std::uint32_t> master, m, v;
+  std::vector<std::uint16_t> out16;
+  std::vector<std::uint32_t> out32;
+};
+AdamResult adam_on(Backend& b, const kernels::cpu::AdamConfig& c, const std::vector<float>& p0, const std::vector<float>& m0,
+                   const std::vector<float>& v0, const std::vector<float>& g32, DType grad_dtype, DType out_dtype, bool out) {
+  const std::size_t n = p0.size();
+  std::vector<std::uint16_t> g16(n);
+  for (std::size_t i = 0; i < n; ++i) g16[i] = kernels::f32_to_bf16(g32[i]);
+  DeviceBuffer dp(b, n * 4), dm(b, n * 4), dv(b, n * 4), dg(b, n * 4), dout(b, n * 4);
+  b.upload(dp.data(), p0.data(), n * 4);
+  b.upload(dm.data(), m0.data(), n * 4);
+  b.upload(dv.data(), v0.data(), n * 4);
+  if (grad_dtype == DType::kBF16) {
+    b.upload(dg.data(), g16.data(), n * 2);
+  } else {
+    b.upload(dg.data(), g32.data(), n * 4);
+  }
+  kernels::cpu::AdamTensors t;
+  t.param = dp.f32();
+  t.exp_avg = dm.data();
+  t.exp_avg_sq = dv.data();
+  t.grad = dg.data();
+  t.grad_dtype = grad_dtype;
+  t.param_out = out ? dout.data() : nullptr;
+  t.out_dtype = out_dtype;
+  t.n = n;
+  b.adam_step(c, t);
+  const auto words = [&](const DeviceBuffer& buf) {
+    std::vector<std::uint32_t> w(n);
+    b.download(w.data(), buf.data(), n * 4);
+    return w;
+  };
+  AdamResult r{words(dp), words(dm), words(dv), {}, {}};
+  if (out && out_dtype == DType::kBF16) {
+    std::vector<std::uint16_t> h(n);
+    b.download(h.data(), dout.data(), n * 2);
+    r.out16 = std::move(h);
+  } else if (out) {
+    r.out32 = words(dout);
+  }
+  return r;
+}
+
+TEST(CudaBackend, AdamStepAgreesWithTheCpuKernelBitForBit) {
+  // The GPU's share of the optimizer must step a unit exactly as the host would: the same fp32
+  // master and moments, the same rounded parameters. Random state over many magnitudes (moments
+  // from earlier steps, gradients from 1e-8 to 1e2, a few exact bf16 ties), AdamW and Adam (L2),
+  // with and without bias correction, scaled gradients, fp32 and bf16 gradients and outputs.
+  SKIP_WITHOUT_GPU();
+  Pair pair;
+  const std::size_t n = 1'000'003;
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> expo(-8.0f, 2.0f);
+  std::vector<float> p0 = random_floats(n, 31, 0.05f), m0(n), v0(n), g(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    g[i] = (rng() & 1 ? 1.0f : -1.0f) * std::pow(10.0f, expo(rng));
+    m0[i] = 0.1f * g[i] * static_cast<float>(rng() % 7);
+    v0[i] = 0.01f * g[i] * g[i] * static_cast<float>(rng() % 5);
+  }
+  for (std::size_t i = 0; i < n; i += 997) p0[i] = std::ldexp(1.0f + 1.0f / 256.0f, -static_cast<int>(i % 20));  // ties
+  struct Case {
+    kernels::cpu::AdamConfig c;
+    DType grad, out;
+    bool has_out;
+  };
+  std::vector<Case> cases;
+  kernels::cpu::AdamConfig adamw;
+  adamw.lr = 3e-4;
+  adamw.weight_decay = 0.1;
+  adamw.step = 7;
+  adamw.grad_scale = 0.37f;
+  kernels::cpu::AdamConfig adam = adamw;
+  adam.adam_w_mode = false;
+  adam.step = 1;
+  adam.grad_scale = 1.0f;
+  kernels::cpu::AdamConfig plain = adamw;
+  plain.bias_correction = false;
+  plain.weight_decay = 0.0;
+  plain.eps = 1e-6;
+  for (const auto& c : {adamw, adam, plain}) {
+    cases.push_back({c, DType::kF32, DType::kBF16, true});
+    cases.push_back({c, DType::kBF16, DType::kBF16, true});
+    cases.push_back({c, DType::kF32, DType::kF32, true});
+  }
+  cases.push_back({adamw, DType::kBF16, DType::kBF16, false});
+  for (std::size_t k = 0; k < cases.size(); ++k) {
+    const Case& cs = cases[k];
+    const AdamResult want = adam_on(pair.cpu(), cs.c, p0, m0, v0, g, cs.grad, cs.out, cs.has_out);
+    const AdamResult got = adam_on(pair.gpu(), cs.c, p0, m0, v0, g, cs.grad, cs.out, cs.has_out);
+    std::size_t bad = 0, first = n;
+    for (std::size_t i = 0; i < n; ++i) {
+      const bool same = got.master[i] == want.master[i] && got.m[i] == want.m[i] && got.v[i] == want.v[i] &&
+                        (got.out16.empty() || got.out16[i] == want.out16[i]) &&
+                        (got.out32.empty() || got.out32[i] == want.out32[i]);
+      if (!same) {
+        ++bad;
+        if (first == n) first = i;
+      }
+    }
+    EXPECT_EQ(bad, 0u) << "case " << k << ": " << bad << " elements differ, the first at " << first;
+    EXPECT_NE(got.master, std::vector<std::uint32_t>(reinterpret_cast<const std::uint32_t*>(p0.data()),
+                                                     reinterpret_cast<const std::uint32_t*>(p0.data()) + n))
+        << "case " << k << ": the step changed nothing";
+  }
+  // What the GPU step cannot take is refused.
+  DeviceBuffer x(pair.gpu(), 64);
+  kernels::cpu::AdamTensors t;
+  t.param = x.f32();
+  t.exp_avg = t.exp_avg_sq = x.data();
+  t.grad = x.data();
+  t.state_dtype = DType::kBF16;
+  t.n = 4;
+  EXPECT_THROW(pair.gpu().adam_step(adamw, t), Error);
+}
+
 TEST(CudaBackend, AMemoryLimitCountsEveryAllocation) {
   SKIP_WITHOUT_GPU();
   CudaBackendOptions o;

@@ -687,13 +687,19 @@ TEST(OffloadSettings, MapsTheConfig) {
   EXPECT_FALSE(s.notes.empty()) << "pin_memory differs between the sections";
 }
 
-TEST(OffloadSettings, CpuOffloadWithRatioIsNotedAndKeepsStateOnTheHost) {
+TEST(OffloadSettings, CpuOffloadWithRatioAsksForAGpuShareOfTheState) {
   const auto c = parse(R"({"train_batch_size": 8, "zero_optimization": {"stage": 3,
       "offload_optimizer": {"device": "cpu", "ratio": 0.4}}})");
   const OffloadSettings s = offload_settings(c);
-  EXPECT_DOUBLE_EQ(s.store.nvme_ratio, 0.0);
-  ASSERT_EQ(s.notes.size(), 1u);
-  EXPECT_NE(s.notes[0].find("60% of the optimizer state on the GPU"), std::string::npos) << s.notes[0];
+  EXPECT_DOUBLE_EQ(s.store.nvme_ratio, 0.0);  // nothing on NVMe
+  EXPECT_NEAR(s.gpu_optimizer_fraction, 0.6, 1e-12);
+  EXPECT_TRUE(s.notes.empty());
+  // With device nvme the ratio is the NVMe fraction, and nothing goes to the GPU.
+  const auto n = parse(R"({"train_batch_size": 8, "zero_optimization": {"stage": 3,
+      "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp", "ratio": 0.4}}})");
+  const OffloadSettings sn = offload_settings(n);
+  EXPECT_DOUBLE_EQ(sn.store.nvme_ratio, 0.4);
+  EXPECT_DOUBLE_EQ(sn.gpu_optimizer_fraction, 0.0);
 }
 
 TEST(OffloadSettings, EnvironmentSwitchesAreChecked) {

@@ -668,6 +668,76 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   ::unsetenv("ZINF_GPU_OVERLAP");
 }
 
+TEST(Trainer, TheGpuShareOfTheOptimizerStepsExactlyLikeTheHost) {
+  // offload_optimizer.ratio < 1 with device cpu: the first units' optimizer state lives on the GPU
+  // and is stepped there with the CPU kernels' arithmetic. Against the synchronous path, which
+  // steps everything on the host: bit-identical losses and saved optimizer state (the GPU's share
+  // is copied back for the checkpoint), across a resume, for half the state on the GPU and for
+  // all of it; with clipping, within the norm's last bits; with bf16 gradients, identical to the
+  // pipeline without a GPU share.
+  const kernels::GpuQuery q = kernels::query_gpus();
+  if (q.gpus.empty()) GTEST_SKIP() << "no GPU here: " << (q.built_with_cuda ? q.problem : std::string("built without CUDA"));
+  ScratchDir d;
+  const auto cuda = [](TrainOptions& o) { o.device = "cuda"; };
+  const auto config = [](bool bf16, double clip, double ratio, bool bf16_grads) {
+    return [=](Json& ds) {
+      ds["bf16"]["enabled"] = bf16;
+      ds["train_micro_batch_size_per_gpu"] = 4;
+      ds["gradient_accumulation_steps"] = 1;
+      ds["gradient_clipping"] = clip;
+      ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
+      ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
+      ds["zero_optimization"]["offload_optimizer"]["ratio"] = ratio;
+      if (bf16_grads) ds["communication_data_type"] = "bf16";
+    };
+  };
+  const std::string f6 = "/checkpoints/step-00000006/optimizer_state.safetensors";
+  for (const bool bf16 : {true, false}) {
+    for (const double ratio : {0.5, 0.0}) {
+      const std::string tag = fmt::format("{}-r{}", bf16 ? "bf16" : "fp32", ratio);
+      ::setenv("ZINF_GPU_OVERLAP", "0", 1);
+      train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", config(bf16, 0.0, ratio, false), cuda);
+      ::unsetenv("ZINF_GPU_OVERLAP");
+      train_on_ranks(d.path() + "/share-" + tag, 1, 3, 6, "", config(bf16, 0.0, ratio, false), cuda);
+      const auto want = losses(d.path() + "/sync-" + tag);
+      ASSERT_EQ(want.size(), 6u) << tag;
+      EXPECT_EQ(losses(d.path() + "/share-" + tag), want) << tag;
+      EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + f6) == file_bytes(d.path() + "/share-" + tag + f6)) << tag;
+      const Json sum = Json::parse(std::ifstream(d.path() + "/share-" + tag + "/summary.json"));
+      const Json sync = Json::parse(std::ifstream(d.path() + "/sync-" + tag + "/summary.json"));
+      EXPECT_GT(sum["gpu_pipeline"]["gpu_optimizer_units"].get<int>(), 0) << tag;
+      EXPECT_EQ(sync["gpu_pipeline"]["gpu_optimizer_units"].get<int>(), 0) << tag << ": no pipeline, no GPU share";
+      if (ratio == 0.0) {
+        EXPECT_GE(sum["gpu_pipeline"]["gpu_optimizer_elements"].get<std::int64_t>(),
+                  sum["model"]["parameters"].get<std::int64_t>()) << tag << ": all of it (with the units' padding)";
+      }
+      const Json g = sum["gpu_memory"];
+      EXPECT_GT(g["planned"]["optimizer_share"].get<std::uint64_t>(), 0u) << tag;
+      EXPECT_LE(g["peak_bytes"].get<std::uint64_t>(), g["planned_bytes"].get<std::uint64_t>()) << tag;
+      if (bf16 && ratio == 0.5) {
+        // Stopped at step 3 and resumed: the GPU's share goes to the checkpoint and comes back.
+        train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 3, "", config(bf16, 0.0, ratio, false), cuda);
+        train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 6, "latest", config(bf16, 0.0, ratio, false), cuda);
+        EXPECT_EQ(losses(d.path() + "/resumed-" + tag), want) << tag;
+        EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + f6) == file_bytes(d.path() + "/resumed-" + tag + f6)) << tag;
+      }
+    }
+  }
+  // Clipping: every step waits for the norm, summed on the GPU here and on the host there.
+  ::setenv("ZINF_GPU_OVERLAP", "0", 1);
+  train_on_ranks(d.path() + "/sync-clip", 1, 3, 6, "", config(true, 1.0, 0.5, false), cuda);
+  ::unsetenv("ZINF_GPU_OVERLAP");
+  train_on_ranks(d.path() + "/share-clip", 1, 3, 6, "", config(true, 1.0, 0.5, false), cuda);
+  const auto want = losses(d.path() + "/sync-clip"), got = losses(d.path() + "/share-clip");
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * want[i]) << "step " << i + 1;
+  // bf16 gradients: the GPU's units step with the same rounded gradients as the host's would.
+  train_on_ranks(d.path() + "/bf16g-host", 1, 3, 6, "", config(true, 1.0, 1.0, true), cuda);
+  train_on_ranks(d.path() + "/bf16g-share", 1, 3, 6, "", config(true, 1.0, 0.5, true), cuda);
+  EXPECT_EQ(losses(d.path() + "/bf16g-share"), losses(d.path() + "/bf16g-host"));
+  EXPECT_TRUE(file_bytes(d.path() + "/bf16g-host" + f6) == file_bytes(d.path() + "/bf16g-share" + f6));
+}
+
 TEST(Trainer, TheGpuMemoryLimitIsPlannedHeldAndRefusedWithTheNumbers) {
   // --gpu-memory-limit: the plan (an upper bound) is checked at start-up; the backend counts every
   // allocation against the limit; the peak stays within both. Stages 3 (pipeline) and 0.

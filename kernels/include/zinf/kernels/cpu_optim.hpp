@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <string>
 
+#include "zinf/kernels/adam_scalars.hpp"
+
 namespace zinf::kernels::cpu {
 
 enum class Isa : std::uint8_t { kScalar, kAvx2, kAvx512 };
@@ -55,6 +57,10 @@ struct AdamConfig {
   std::int64_t step = 1;         // the step being taken, 1-based (PyTorch's state['step'] after += 1)
   float grad_scale = 1.0f;       // gradients are multiplied by this first (1/loss_scale x clip coef)
 };
+
+// The float scalars of one Adam step (adam_scalars.hpp), formed from the config.
+// Throws zinf::Error for step < 1.
+AdamScalars adam_scalars(const AdamConfig& config);
 
 // One contiguous shard. Pointers may alias nothing; each holds n elements of its dtype.
 struct AdamTensors {

@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "zinf/kernels/adam_scalars.hpp"
+
 namespace zinf::kernels::cuda {
 
 // out (n, h) = table (v, h)[tokens]
@@ -91,5 +93,14 @@ void ce_finish(float* lse, float* loss, const float* m, const float* s, const fl
 // logits (n, vc) become d(scale * loss) / d logits: scale * (softmax - onehot), 0 for ignored rows.
 void ce_chunk_backward(float* logits, const float* lse, const std::int32_t* targets, float scale, std::int64_t n,
                        std::int64_t v0, std::int64_t vc, cudaStream_t stream);
+
+// One Adam/AdamW step over n elements in device memory (kernels/cuda/optim.cu), the same operations
+// in the same order as the CPU kernels (cpu_optim.hpp: explicit fused multiply-adds, correctly
+// rounded division and square root, nothing contracted), so the fp32 state agrees with them bit for
+// bit. master, exp_avg, exp_avg_sq: fp32, updated in place. grad: fp32, or bf16 (grad_bf16).
+// param_out: null, or the updated parameter as bf16 (round to nearest even, as the CPU's exact
+// path: subnormals kept) or fp32 (out_bf16 false).
+void adam_step(const AdamScalars& a, float* master, float* exp_avg, float* exp_avg_sq, const void* grad, bool grad_bf16,
+               void* param_out, bool out_bf16, std::int64_t n, cudaStream_t stream);
 
 }  // namespace zinf::kernels::cuda

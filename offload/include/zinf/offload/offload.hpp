@@ -30,6 +30,10 @@ struct OffloadSettings {
   StoreOptions store;
   io::EngineOptions aio;
   StepperOptions stepper;
+  // offload_optimizer.ratio < 1 with device cpu (DeepSpeed's partial offload): the fraction of the
+  // optimizer state to keep on the GPU, 1 - ratio. The trainer honours it where it can (the one-GPU
+  // pipeline at stage 3) and says so otherwise; the store still holds the whole state.
+  double gpu_optimizer_fraction = 0.0;
   // Config keys accepted but not acted on, and why (one line each, for the log).
   std::vector<std::string> notes;
 };

@@ -90,6 +90,11 @@ class Backend {
   virtual void sum_squares(double* out, const void* x, std::int64_t count, DType dtype = DType::kF32) = 0;
   // dst (count bf16) = src rounded to nearest even, on the compute stream.
   virtual void round_to_bf16(std::uint16_t* dst, const float* src, std::int64_t count) = 0;
+  // One Adam/AdamW step over t.n elements of this backend's memory, on the compute stream, with the
+  // CPU optimizer's arithmetic (kernels::cpu::adam_step: the fp32 state agrees bit for bit, and bf16
+  // parameters are rounded as its exact path rounds them). t.state_dtype fp32; t.grad_dtype fp32 or
+  // bf16; t.param_out null or t.out_dtype bf16 / fp32. Throws zinf::Error for other combinations.
+  virtual void adam_step(const kernels::cpu::AdamConfig& config, const kernels::cpu::AdamTensors& t) = 0;
 
   // Device memory this backend holds now, the most it has held, and its limit (0: none); 0 for
   // host backends, whose memory is the host's.

@@ -53,6 +53,7 @@ struct CoordinatorStats {
   std::int64_t live_high_water = 0;   // most gathered elements at once (in flight included; persistent excluded)
   std::int64_t ahead_high_water = 0;  // most elements prefetched ahead of their use
   std::int64_t persistent_elements = 0;  // elements of the persistent units (kept gathered)
+  std::int64_t adopted_elements = 0;     // elements of the units whose parameters the caller holds (adopt())
   std::uint64_t hits = 0;    // non-persistent unit reads whose gather had started before they were needed
   std::uint64_t misses = 0;  // ... that had to start a gather on demand
   std::uint64_t gathers = 0;               // units gathered (persistent ones included)
@@ -83,6 +84,11 @@ class ParamCoordinator {
   void end();
   // The weights changed (an optimizer step): persistent units are gathered again at their next use.
   void invalidate();
+  // Unit `unit`'s parameters live at `buffer` (device memory the caller owns and keeps current: the
+  // GPU's share of the optimizer steps them in place). The unit is never gathered, freed or
+  // invalidated, and counts against no budget. Call before the first pass.
+  void adopt(std::size_t unit, void* buffer);
+  bool adopted(std::size_t unit) const { return adopted_[unit]; }
 
   CoordinatorStats take_stats();
   bool persistent(std::size_t unit) const { return persistent_[unit]; }
@@ -118,7 +124,9 @@ class ParamCoordinator {
   void wait_resident(std::size_t unit, std::unique_lock<std::mutex>& lock);
   void wait_idle(std::unique_lock<std::mutex>& lock);
   void worker();
-  std::int64_t counted(std::size_t unit) const { return persistent_[unit] ? 0 : numel_[unit]; }
+  // Units gathered once and kept (persistent), or held by the caller (adopted).
+  bool kept(std::size_t unit) const { return persistent_[unit] || adopted_[unit]; }
+  std::int64_t counted(std::size_t unit) const { return kept(unit) ? 0 : numel_[unit]; }
   void note_live();
 
   Backend& backend_;
@@ -128,6 +136,7 @@ class ParamCoordinator {
   Gather gather_;
   std::vector<std::int64_t> numel_;
   std::vector<bool> persistent_;
+  std::vector<bool> adopted_;
   std::int64_t largest_ = 0;
 
   std::vector<std::vector<std::size_t>> uses_;

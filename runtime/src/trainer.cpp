@@ -909,23 +909,30 @@ class Trainer {
 
  private:
   void initialise() {
-    // The fp32 master is made in host memory whatever the compute backend.
-    auto host = make_cpu_backend();
-    UnitStorage master(*host, layout_, DType::kF32);
-    if (!o_.init_weights.empty()) {
-      load_weights(o_.init_weights, o_.model, layout_, *host, master.view());
-      spdlog::info("weights from {}", o_.init_weights);
-    } else {
-      init_parameters(o_.model, layout_, o_.seed, *host, master.view());
-    }
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+    // The fp32 master is made in host memory whatever the compute backend: from a checkpoint, the
+    // whole model at once; a fresh initialisation a unit at a time (host memory for one unit, not
+    // 4 bytes per parameter of the model, beyond the store).
+    const auto put = [this](std::size_t u, const float* full) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-      const auto* full = static_cast<const float*>(master.view().units[u]);
       if (sharded_) {
         const std::vector<float> mine = my_shard(full, u);
         offload_->store().set_state(u, mine);
       } else {
         offload_->store().set_state(u, std::span<const float>(full, n));
+      }
+    };
+    if (!o_.init_weights.empty()) {
+      auto host = make_cpu_backend();
+      UnitStorage master(*host, layout_, DType::kF32);
+      load_weights(o_.init_weights, o_.model, layout_, *host, master.view());
+      spdlog::info("weights from {}", o_.init_weights);
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) put(u, static_cast<const float*>(master.view().units[u]));
+    } else {
+      std::vector<float> unit;
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+        unit.resize(static_cast<std::size_t>(layout_.units[u].numel));
+        init_unit(o_.model, layout_.units[u], o_.seed, unit);
+        put(u, unit.data());
       }
     }
     st_.seed = o_.seed;

@@ -5,6 +5,7 @@
 #include <oneapi/tbb/parallel_for.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -89,21 +90,29 @@ void to_f32(const io::StTensor& t, std::span<const std::byte> src, float* dst) {
 
 }  // namespace
 
+void init_unit(const ModelConfig& config, const UnitLayout& unit, std::uint64_t seed, std::span<float> out) {
+  ZINF_ASSERT(out.size() == static_cast<std::size_t>(unit.numel), "init_unit: {} holds {} elements, not {}", unit.name,
+              unit.numel, out.size());
+  std::fill(out.begin(), out.end(), 0.0f);  // padding, biases
+  for (const TensorSpec& t : unit.tensors) {
+    float* dst = out.data() + t.offset;
+    if (is_norm(t.role)) {
+      std::fill(dst, dst + t.numel(), 1.0f);
+    } else if (!is_bias(t.role)) {
+      normal_fill(dst, t.numel(), splitmix64(seed) ^ name_hash(t.name), config.initializer_range);
+    }
+  }
+}
+
 void init_parameters(const ModelConfig& config, const ModelLayout& layout, std::uint64_t seed, Backend& backend,
                      const UnitBuffers& params) {
   std::vector<float> tmp;
   for (std::size_t u = 0; u < layout.units.size(); ++u) {
     const UnitLayout& unit = layout.units[u];
+    tmp.resize(static_cast<std::size_t>(unit.numel));
+    init_unit(config, unit, seed, tmp);
     HostUnit host(unit.numel, params.dtype);
-    for (const TensorSpec& t : unit.tensors) {
-      tmp.assign(static_cast<std::size_t>(t.numel()), 0.0f);
-      if (is_norm(t.role)) {
-        std::fill(tmp.begin(), tmp.end(), 1.0f);
-      } else if (!is_bias(t.role)) {
-        normal_fill(tmp.data(), t.numel(), splitmix64(seed) ^ name_hash(t.name), config.initializer_range);
-      }
-      host.put(t.offset, tmp.data(), t.numel());
-    }
+    host.put(0, tmp.data(), unit.numel);
     backend.upload(params.units[u], host.bytes.data(), host.bytes.size());
   }
 }

@@ -4,6 +4,7 @@
 // goes straight into transformers and back.
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,9 @@ namespace zinf::runtime {
 // thread count or the dtype (bf16 units get the fp32 draw rounded).
 void init_parameters(const ModelConfig& config, const ModelLayout& layout, std::uint64_t seed, Backend& backend,
                      const UnitBuffers& params);
+// The same for one unit, as fp32 in host memory (out: the unit's numel elements, padding zero), so a
+// large model is initialised a unit at a time.
+void init_unit(const ModelConfig& config, const UnitLayout& unit, std::uint64_t seed, std::span<float> out);
 
 // Loads every tensor of the layout from a checkpoint (a .safetensors file, an index, or a directory
 // holding either), converting F32/BF16/F16 to the units' dtype. Throws zinf::Error listing missing

@@ -4,7 +4,9 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdlib>
 #include <fstream>
 #include <limits>
 #include <sstream>
@@ -116,6 +118,28 @@ std::uint64_t available_memory_bytes() {
   return std::numeric_limits<std::uint64_t>::max();
 }
 
+std::uint64_t total_memory_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  std::uint64_t value = 0;
+  std::string unit;
+  while (in >> key >> value) {
+    std::getline(in, unit);
+    if (key == "MemTotal:") return value * 1024;
+  }
+  return 0;
+}
+
+std::uint64_t host_memory_reserve_bytes() {
+  if (const char* env = std::getenv("ZINF_HOST_RESERVE_BYTES"); env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const unsigned long long v = std::strtoull(env, &end, 10);
+    if (end == env || *end != '\0') throw Error("ZINF_HOST_RESERVE_BYTES='{}' is not a byte count", env);
+    return v;
+  }
+  return std::max<std::uint64_t>(4ull << 30, total_memory_bytes() / 20);
+}
+
 // ---------------------------------------------------------------------------------------------
 
 HostBuffer::~HostBuffer() { release(); }
@@ -212,11 +236,16 @@ void HostMemory::preflight(const HostMemoryPlan& plan) const {
     throw Error("{} of page-locked host memory is needed ({}) but the memlock limit is {}: {}", gib(total),
                 plan_text(all), gib(memlock_limit_bytes()), kMemlockFix);
   }
+  // What must stay free beside the plan: the rest of the process (CUDA's context and page-locked
+  // mappings, data, a unit staged at start-up) and the OS. A plan that leaves less is refused
+  // here rather than killed by the kernel's out-of-memory handler halfway through start-up.
   const std::uint64_t avail = available_memory_bytes();
-  if (plan.total() > avail) {
-    throw Error("host memory plan needs {} more ({}) but only {} is available on this machine. Move optimizer state "
-                "to NVMe (offload_optimizer.device: nvme, or a larger offload_optimizer.ratio), or use more ranks",
-                gib(plan.total()), plan_text(plan.bytes), gib(avail));
+  const std::uint64_t reserve = host_memory_reserve_bytes();
+  if (plan.total() + reserve > avail) {
+    throw Error("host memory plan needs {} more ({}) and {} must stay free for the process and the OS, but only {} is "
+                "available on this machine. Move optimizer state to NVMe (offload_optimizer.device: nvme, or a larger "
+                "offload_optimizer.ratio), use bf16 gradients (communication_data_type), or use more ranks",
+                gib(plan.total()), plan_text(plan.bytes), gib(reserve), gib(avail));
   }
 }
 

@@ -150,6 +150,7 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
   plan.add(Purpose::kOptimizerState, host_state_bytes);
   plan.add(Purpose::kParameters, host_param_bytes);
   plan.add(Purpose::kStaging, opt_staging_each * opt_buffers + param_staging_each * param_buffers);
+  plan.add(Purpose::kGradients, options_.caller_gradient_bytes);
   memory_.preflight(plan);
 
   // Swap space: all or nothing, per store (a store shared by both gets one batch).

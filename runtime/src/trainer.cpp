@@ -378,7 +378,6 @@ class Trainer {
       shard_.push_back(sharded_ ? shard_size(u.numel, world_) : u.numel);
       units.push_back({u.name, static_cast<std::uint64_t>(shard_.back())});
     }
-    offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
     // The GPU pipeline (one GPU, stages 2-3, no gradient accumulation, no fp16 loss scaling):
     // each unit's gradient is copied down into page-locked memory as its backward finishes, its
     // sum of squares computed on the GPU, and the optimizer step runs on its own thread, stepping
@@ -437,6 +436,16 @@ class Trainer {
                      ratio);
       }
     }
+    // The store, with the gradient shards allocated right after it in its preflight: the
+    // pipeline's page-locked ones, or the host shards of stages 1-3.
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      if (gpu_pipeline_ && !on_gpu_[u]) {
+        settings.store.caller_gradient_bytes += static_cast<std::uint64_t>(shard_[u]) * kernels::cpu::dtype_bytes(grad_dtype_);
+      } else if (!gpu_pipeline_ && (sharded_ || partition_grads_)) {
+        settings.store.caller_gradient_bytes += static_cast<std::uint64_t>(shard_[u]) * sizeof(float);
+      }
+    }
+    offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
     if (gpu_pipeline_) {
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
         if (on_gpu_[u]) {

@@ -77,6 +77,43 @@ TEST(HostMemory, PinsWithCudaWhenAGpuIsVisible) {
   EXPECT_EQ(mem.used(), 0u);
 }
 
+TEST(HostMemory, APlanThatLeavesTooLittleFreeIsRefused) {
+  // The preflight keeps 5% of the machine (at least 4 GiB) free for the rest of the process and the
+  // OS: a plan that fits MemAvailable but leaves less is refused, with the numbers, before
+  // anything is allocated (not killed by the OOM handler later).
+  const std::uint64_t reserve = host_memory_reserve_bytes();
+  EXPECT_GE(reserve, 4ull << 30);
+  EXPECT_GE(reserve, total_memory_bytes() / 20);
+  const std::uint64_t avail = available_memory_bytes();
+  ASSERT_GT(avail, reserve / 2);
+  HostMemory mem(0, PinMode::kPageable);
+  HostMemoryPlan plan;
+  plan.add(Purpose::kOptimizerState, avail - reserve / 2);
+  EXPECT_IO_ERROR(mem.preflight(plan), "must stay free", "optimizer state");
+  EXPECT_EQ(mem.used(), 0u);
+  HostMemoryPlan small;
+  small.add(Purpose::kOptimizerState, 1u << 20);
+  EXPECT_NO_THROW(mem.preflight(small));
+  ::setenv("ZINF_HOST_RESERVE_BYTES", "12345", 1);
+  EXPECT_EQ(host_memory_reserve_bytes(), 12345u);
+  ::setenv("ZINF_HOST_RESERVE_BYTES", "lots", 1);
+  EXPECT_IO_ERROR(host_memory_reserve_bytes(), "ZINF_HOST_RESERVE_BYTES='lots'");
+  ::unsetenv("ZINF_HOST_RESERVE_BYTES");
+}
+
+TEST(PartitionStore, TheCallersGradientShardsAreInTheStoresPreflight) {
+  // The trainer's page-locked gradient shards are allocated after the store: the store's
+  // preflight counts them, so a run that cannot hold both is refused before either is allocated.
+  const std::vector<UnitSpec> units = {{"a", 1u << 20}};
+  HostMemory fits(20u << 20, PinMode::kPageable);  // state 12 MiB + parameters 2 MiB + 4 MiB
+  StoreOptions o;
+  o.caller_gradient_bytes = 4u << 20;
+  EXPECT_NO_THROW(PartitionStore(units, o, fits, nullptr));
+  HostMemory tight(16u << 20, PinMode::kPageable);
+  EXPECT_IO_ERROR(PartitionStore(units, o, tight, nullptr), "exceeds the budget", "gradients 4.00 MiB");
+  EXPECT_EQ(tight.used(), 0u);
+}
+
 TEST(HostMemory, MemlockLimitIsReportedBeforeAnythingIsAllocated) {
   const int rc = io::testing::run_unprivileged([] {
     struct rlimit rl {1u << 20, 1u << 20};

@@ -97,5 +97,9 @@ class HostMemory {
 std::uint64_t memlock_limit_bytes();  // UINT64_MAX when unlimited
 bool can_lock_unlimited();            // CAP_IPC_LOCK (root, or granted)
 std::uint64_t available_memory_bytes();  // MemAvailable from /proc/meminfo
+std::uint64_t total_memory_bytes();      // MemTotal (0 when unknown)
+// What the preflight keeps free beside a plan: 5% of the machine's memory, at least 4 GiB
+// (ZINF_HOST_RESERVE_BYTES overrides it; a value that is not a byte count is an error).
+std::uint64_t host_memory_reserve_bytes();
 
 }  // namespace zinf::offload

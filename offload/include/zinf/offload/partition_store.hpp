@@ -54,6 +54,10 @@ struct StoreOptions {
   std::uint64_t max_in_cpu = 1'000'000'000;     // elements of bf16 shards kept in host memory
   unsigned param_buffers = 5;                   // offload_param.buffer_count
   std::uint64_t param_buffer_elems = 100'000'000;  // offload_param.buffer_size, elements
+  // Gradient shards the caller allocates right after the store (the trainer's: page-locked from
+  // the same HostMemory in the GPU pipeline, plain host vectors otherwise): counted in the store's
+  // preflight, so a run that cannot hold both is refused before anything is allocated.
+  std::uint64_t caller_gradient_bytes = 0;
 };
 
 enum class Tier : std::uint8_t { kHost, kNvme };

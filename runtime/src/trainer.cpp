@@ -436,9 +436,18 @@ class Trainer {
                      ratio);
       }
     }
+    // bf16 gradients of bf16 parameters land in the unit's own bf16 parameter shard in the
+    // store (page-locked host memory), which the optimizer step then overwrites element by element
+    // with the new parameters: no separate gradient shards, 2 bytes per parameter less host
+    // memory. Safe because nothing reads a unit's shard between its gradient landing and its
+    // step: backward has read it already, and every later gather waits for the unit's update.
+    // (Parameters on NVMe come through staging buffers: those units keep their own shards.)
+    grads_in_params_ = gpu_pipeline_ && stage3_ && grad_dtype_ == DType::kBF16 && param_dtype_ == DType::kBF16 &&
+                       !settings.store.params_on_nvme;
     // The store, with the gradient shards allocated right after it in its preflight: the
     // pipeline's page-locked ones, or the host shards of stages 1-3.
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      if (grads_in_params_) continue;
       if (gpu_pipeline_ && !on_gpu_[u]) {
         settings.store.caller_gradient_bytes += static_cast<std::uint64_t>(shard_[u]) * kernels::cpu::dtype_bytes(grad_dtype_);
       } else if (!gpu_pipeline_ && (sharded_ || partition_grads_)) {
@@ -448,8 +457,8 @@ class Trainer {
     offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
     if (gpu_pipeline_) {
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-        if (on_gpu_[u]) {
-          gpinned_.emplace_back();  // its gradient stays on the GPU
+        if (on_gpu_[u] || grads_in_params_) {
+          gpinned_.emplace_back();  // its gradient stays on the GPU, or lands in its parameter shard
           continue;
         }
         gpinned_.push_back(offload_->memory().allocate(offload::Purpose::kGradients,
@@ -1096,7 +1105,10 @@ class Trainer {
 
   // This rank's summed gradient shard of unit u (stages 1-3, or the GPU pipeline's page-locked one).
   // (bf16 when the pipeline's gradients travel as bf16: see grad_dtype_.)
-  float* gshard(std::size_t u) { return gpu_pipeline_ ? gpinned_[u].as<float>() : gshard_[u].data(); }
+  float* gshard(std::size_t u) {
+    if (grads_in_params_) return reinterpret_cast<float*>(offload_->store().host_params(u));
+    return gpu_pipeline_ ? gpinned_[u].as<float>() : gshard_[u].data();
+  }
   bool have_shards() const { return gpu_pipeline_ || !gshard_.empty(); }
 
   // The optimizer step's inputs for this step (the gradient source is the caller's).
@@ -1769,6 +1781,7 @@ class Trainer {
     // The one-GPU overlapped step (docs/gpu.md), and the dtype its gradients travel in.
     j["gpu_pipeline"] = {{"enabled", gpu_pipeline_},
                          {"gradient_dtype", gpu_pipeline_ ? kernels::cpu::dtype_name(grad_dtype_) : "fp32"},
+                         {"gradients_in_parameter_shards", grads_in_params_},
                          {"gpu_optimizer_units", gpu_units_},
                          {"gpu_optimizer_elements", gpu_opt_elems_}};
     j["last_checkpoint"] = r.last_checkpoint;
@@ -1816,6 +1829,7 @@ class Trainer {
   std::vector<std::shared_ptr<Backend::Event>> landed_;  // unit u's gradient is in gpinned_[u]
   std::optional<DeviceBuffer> unit_sq_;                  // per-unit sums of squares (doubles)
   DType grad_dtype_ = DType::kF32;                       // of gpinned_ (communication_data_type)
+  bool grads_in_params_ = false;  // bf16 gradients land in the store's bf16 parameter shards (constructor)
   // The GPU's share of the optimizer (offload_optimizer.ratio < 1 with device cpu): units 0 to
   // gpu_units_ - 1 (see the constructor).
   std::vector<char> on_gpu_;

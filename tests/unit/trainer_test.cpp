@@ -662,6 +662,37 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   const Json sum = Json::parse(std::ifstream(d.path() + "/bf16-grads/summary.json"));
   EXPECT_EQ(sum["gpu_pipeline"]["gradient_dtype"], "bf16");
   EXPECT_EQ(sum["gpu_pipeline"]["enabled"], true);
+  EXPECT_EQ(sum["gpu_pipeline"]["gradients_in_parameter_shards"], true);
+  // bf16 gradients land in the bf16 parameter shards they are about to replace. Against parameters
+  // on NVMe (own gradient shards: the staging buffers are not theirs), the same bits, and across a
+  // resume.
+  const auto landing = [&](const std::string& swap) {
+    return [swap](Json& ds) {
+      ds["bf16"]["enabled"] = true;
+      ds["train_micro_batch_size_per_gpu"] = 4;
+      ds["gradient_accumulation_steps"] = 1;
+      ds["gradient_clipping"] = 0.0;
+      ds["communication_data_type"] = "bf16";
+      ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
+      ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
+      if (!swap.empty()) {
+        ds["zero_optimization"]["offload_param"] = {{"device", "nvme"}, {"nvme_path", swap}, {"max_in_cpu", 0},
+                                                    {"buffer_count", 8}};
+      }
+    };
+  };
+  train_on_ranks(d.path() + "/land-own", 1, 3, 6, "", landing(d.sub("swap-land")), [](TrainOptions& o) { o.device = "cuda"; });
+  train_on_ranks(d.path() + "/land-in-params", 1, 3, 6, "", landing(""), [](TrainOptions& o) { o.device = "cuda"; });
+  train_on_ranks(d.path() + "/land-resumed", 1, 3, 3, "", landing(""), [](TrainOptions& o) { o.device = "cuda"; });
+  train_on_ranks(d.path() + "/land-resumed", 1, 3, 6, "latest", landing(""), [](TrainOptions& o) { o.device = "cuda"; });
+  const auto own = losses(d.path() + "/land-own");
+  ASSERT_EQ(own.size(), 6u);
+  EXPECT_EQ(losses(d.path() + "/land-in-params"), own);
+  EXPECT_EQ(losses(d.path() + "/land-resumed"), own);
+  EXPECT_TRUE(file_bytes(d.path() + "/land-own" + state) == file_bytes(d.path() + "/land-in-params" + state));
+  EXPECT_TRUE(file_bytes(d.path() + "/land-own" + state) == file_bytes(d.path() + "/land-resumed" + state));
+  EXPECT_EQ(Json::parse(std::ifstream(d.path() + "/land-own/summary.json"))["gpu_pipeline"]["gradients_in_parameter_shards"],
+            false);
   ::setenv("ZINF_GPU_OVERLAP", "yes", 1);
   EXPECT_THROW(train_on_ranks(d.path() + "/bad-env", 1, 3, 1, "", {}, [](TrainOptions& o) { o.device = "cuda"; }),
                std::exception);

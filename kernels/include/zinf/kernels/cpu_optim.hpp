@@ -62,7 +62,9 @@ struct AdamConfig {
 // Throws zinf::Error for step < 1.
 AdamScalars adam_scalars(const AdamConfig& config);
 
-// One contiguous shard. Pointers may alias nothing; each holds n elements of its dtype.
+// One contiguous shard; each pointer holds n elements of its dtype. Pointers may alias nothing,
+// with one exception: param_out may be grad itself when both are 16-bit of the same width (each
+// element is read before it is written; the trainer lands bf16 gradients in the parameter shard).
 struct AdamTensors {
   float* param = nullptr;             // (n) fp32 master weights, updated in place
   const void* grad = nullptr;         // (n) grad_dtype

@@ -106,35 +106,29 @@ bool can_lock_unlimited() {
   return ::geteuid() == 0;
 }
 
-std::uint64_t available_memory_bytes() {
+namespace {
+// A /proc/meminfo field in bytes, or `missing` when it is not there.
+std::uint64_t meminfo_bytes(const std::string& field, std::uint64_t missing) {
   std::ifstream in("/proc/meminfo");
   std::string key;
   std::uint64_t value = 0;
   std::string unit;
   while (in >> key >> value) {
     std::getline(in, unit);
-    if (key == "MemAvailable:") return value * 1024;
+    if (key == field) return value * 1024;
   }
-  return std::numeric_limits<std::uint64_t>::max();
+  return missing;
 }
+}  // namespace
 
-std::uint64_t total_memory_bytes() {
-  std::ifstream in("/proc/meminfo");
-  std::string key;
-  std::uint64_t value = 0;
-  std::string unit;
-  while (in >> key >> value) {
-    std::getline(in, unit);
-    if (key == "MemTotal:") return value * 1024;
-  }
-  return 0;
-}
+std::uint64_t available_memory_bytes() { return meminfo_bytes("MemAvailable:", std::numeric_limits<std::uint64_t>::max()); }
+std::uint64_t total_memory_bytes() { return meminfo_bytes("MemTotal:", 0); }
 
 std::uint64_t host_memory_reserve_bytes() {
   if (const char* env = std::getenv("ZINF_HOST_RESERVE_BYTES"); env != nullptr && *env != '\0') {
     char* end = nullptr;
     const unsigned long long v = std::strtoull(env, &end, 10);
-    if (end == env || *end != '\0') throw Error("ZINF_HOST_RESERVE_BYTES='{}' is not a byte count", env);
+    if (end == env || *end != '\0' || env[0] < '0' || env[0] > '9') throw Error("ZINF_HOST_RESERVE_BYTES='{}' is not a byte count", env);
     return v;
   }
   return std::max<std::uint64_t>(4ull << 30, total_memory_bytes() / 20);

@@ -127,8 +127,9 @@ std::uint64_t total_memory_bytes() { return meminfo_bytes("MemTotal:", 0); }
 std::uint64_t host_memory_reserve_bytes() {
   if (const char* env = std::getenv("ZINF_HOST_RESERVE_BYTES"); env != nullptr && *env != '\0') {
     char* end = nullptr;
+    errno = 0;
     const unsigned long long v = std::strtoull(env, &end, 10);
-    if (end == env || *end != '\0' || env[0] < '0' || env[0] > '9') throw Error("ZINF_HOST_RESERVE_BYTES='{}' is not a byte count", env);
+    if (end == env || *end != '\0' || env[0] < '0' || env[0] > '9' || errno == ERANGE) throw Error("ZINF_HOST_RESERVE_BYTES='{}' is not a byte count", env);
     return v;
   }
   return std::max<std::uint64_t>(4ull << 30, total_memory_bytes() / 20);
@@ -235,11 +236,13 @@ void HostMemory::preflight(const HostMemoryPlan& plan) const {
   // here rather than killed by the kernel's out-of-memory handler halfway through start-up.
   const std::uint64_t avail = available_memory_bytes();
   const std::uint64_t reserve = host_memory_reserve_bytes();
-  if (plan.total() + reserve > avail) {
-    throw Error("host memory plan needs {} more ({}) and {} must stay free for the process and the OS, but only {} is "
-                "available on this machine. Move optimizer state to NVMe (offload_optimizer.device: nvme, or a larger "
-                "offload_optimizer.ratio), use bf16 gradients (communication_data_type), or use more ranks",
-                gib(plan.total()), plan_text(plan.bytes), gib(reserve), gib(avail));
+  const std::uint64_t need = plan.total() + plan.pageable;
+  if (need > avail - std::min(reserve, avail)) {
+    throw Error("host memory plan needs {} more ({}{}) and {} must stay free for the process and the OS, but only {} "
+                "is available on this machine. Move optimizer state to NVMe (offload_optimizer.device: nvme, or a "
+                "larger offload_optimizer.ratio), use bf16 gradients (communication_data_type), or use more ranks",
+                gib(need), plan_text(plan.bytes), plan.pageable > 0 ? fmt::format(", pageable {}", gib(plan.pageable)) : "",
+                gib(reserve), gib(avail));
   }
 }
 

@@ -96,7 +96,8 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
     if (n == 0) throw Error("unit '{}' has no elements", units_[u].name);
     total_elems_ += n;
     // Parameters: whole units in host memory up to max_in_cpu elements, the rest on NVMe.
-    if (options_.params_on_nvme && host_param_elems + n > options_.max_in_cpu) {
+    const bool on_gpu = u < options_.gpu_units.size() && options_.gpu_units[u] != 0;
+    if (options_.params_on_nvme && (on_gpu || host_param_elems + n > options_.max_in_cpu)) {
       unit_param_tier_[u] = Tier::kNvme;
       nvme_param_elems_ += n;
       const std::uint64_t needed = (n + slice_elems_ - 1) / slice_elems_;
@@ -151,6 +152,7 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
   plan.add(Purpose::kParameters, host_param_bytes);
   plan.add(Purpose::kStaging, opt_staging_each * opt_buffers + param_staging_each * param_buffers);
   plan.add(Purpose::kGradients, options_.caller_gradient_bytes);
+  plan.pageable += options_.caller_pageable_bytes;
   memory_.preflight(plan);
 
   // Swap space: all or nothing, per store (a store shared by both gets one batch).

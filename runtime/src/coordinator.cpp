@@ -22,15 +22,9 @@ ParamCoordinator::ParamCoordinator(Backend& backend, const ModelLayout& layout, 
   adopted_.assign(n, false);
   view_.dtype = dtype;
   view_.units.assign(n, nullptr);
-  for (const UnitLayout& u : layout.units) {
-    numel_.push_back(u.numel);
-    // Small units stay gathered, in unit order while their total stays within the model-wide cap.
-    const bool keep = u.numel <= o_.persistence_threshold &&
-                      stats_.persistent_elements + u.numel <= o_.model_persistence_threshold;
-    persistent_.push_back(keep);
-    if (keep) stats_.persistent_elements += u.numel;
-    largest_ = std::max(largest_, u.numel);
-  }
+  for (const UnitLayout& u : layout.units) numel_.push_back(u.numel);
+  persistent_.assign(n, false);
+  plan_units();
   thread_ = std::thread([this] { worker(); });
 }
 
@@ -230,15 +224,30 @@ void ParamCoordinator::invalidate() {
   }
 }
 
+void ParamCoordinator::plan_units() {
+  // Small units stay gathered, in unit order while their total stays within the model-wide cap;
+  // the largest gathered unit bounds the buffers kept for reuse. Adopted units take part in neither.
+  stats_.persistent_elements = 0;
+  largest_ = 0;
+  for (std::size_t u = 0; u < numel_.size(); ++u) {
+    if (adopted_[u]) {
+      persistent_[u] = false;
+      continue;
+    }
+    const bool keep = numel_[u] <= o_.persistence_threshold &&
+                      stats_.persistent_elements + numel_[u] <= o_.model_persistence_threshold;
+    persistent_[u] = keep;
+    if (keep) stats_.persistent_elements += numel_[u];
+    largest_ = std::max(largest_, numel_[u]);
+  }
+}
+
 void ParamCoordinator::adopt(std::size_t u, void* buffer) {
   std::unique_lock lock(mu_);
   ZINF_ASSERT(u < units_.size() && buffer != nullptr, "coordinator: adopt({}) of {} units", u, units_.size());
   ZINF_ASSERT(uses_.empty() && units_[u].state == State::kEmpty, "coordinator: adopt() after unit {} was gathered", u);
-  if (persistent_[u]) {
-    persistent_[u] = false;
-    stats_.persistent_elements -= numel_[u];
-  }
   adopted_[u] = true;
+  plan_units();
   stats_.adopted_elements += numel_[u];
   units_[u].state = State::kResident;
   units_[u].buffer = DeviceBuffer();

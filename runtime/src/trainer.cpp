@@ -443,7 +443,7 @@ class Trainer {
     // step: backward has read it already, and every later gather waits for the unit's update.
     // (Parameters on NVMe come through staging buffers: those units keep their own shards.)
     grads_in_params_ = gpu_pipeline_ && stage3_ && grad_dtype_ == DType::kBF16 && param_dtype_ == DType::kBF16 &&
-                       !settings.store.params_on_nvme;
+                       !settings.store.params_on_nvme && gpu_units_ < layout_.units.size();
     // The store, with the gradient shards allocated right after it in its preflight: the
     // pipeline's page-locked ones, or the host shards of stages 1-3.
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
@@ -451,9 +451,10 @@ class Trainer {
       if (gpu_pipeline_ && !on_gpu_[u]) {
         settings.store.caller_gradient_bytes += static_cast<std::uint64_t>(shard_[u]) * kernels::cpu::dtype_bytes(grad_dtype_);
       } else if (!gpu_pipeline_ && (sharded_ || partition_grads_)) {
-        settings.store.caller_gradient_bytes += static_cast<std::uint64_t>(shard_[u]) * sizeof(float);
+        settings.store.caller_pageable_bytes += static_cast<std::uint64_t>(shard_[u]) * sizeof(float);
       }
     }
+    settings.store.gpu_units = on_gpu_;
     offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
     if (gpu_pipeline_) {
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
@@ -1155,8 +1156,11 @@ class Trainer {
     inflight_.emplace(offload_->stepper(), *feed_, std::move(in), [this](const std::string& why) { fail_units(why); });
   }
   // The GPU's share of the step, once the gradient scale is known: each unit's Adam step on the
-  // compute stream (the CPU kernels' arithmetic, so the same result as stepping it on the host),
-  // writing its compute copy in place; the held gradients go back to the pool.
+  // compute stream (the CPU kernels' arithmetic: the same fp32 state as stepping it on the host,
+  // and the same bf16 parameters except that fp32 subnormals are rounded, as the host's exact mode
+  // does, where AVX512-BF16 hosts flush them to zero), writing its compute copy in place; the held
+  // gradients go back to the pool. The kernels are only queued here: their time shows in the next
+  // forward, not in the step's optimizer time.
   void step_gpu_units(double lr, double grad_scale) {
     if (gpu_units_ == 0) return;
     const offload::StepInputs in = step_inputs(lr, grad_scale);
@@ -1376,6 +1380,7 @@ class Trainer {
     t.live_high_water = std::max(t.live_high_water, s.live_high_water);
     t.ahead_high_water = std::max(t.ahead_high_water, s.ahead_high_water);
     t.persistent_elements = s.persistent_elements;
+    t.adopted_elements = s.adopted_elements;
     t.hits += s.hits;
     t.misses += s.misses;
     t.gathers += s.gathers;
@@ -1759,6 +1764,7 @@ class Trainer {
                  {"live_params_high_water", ps.live_high_water},
                  {"prefetch_ahead_high_water", ps.ahead_high_water},
                  {"persistent_params", ps.persistent_elements},
+                 {"gpu_resident_params", ps.adopted_elements},
                  {"largest_unit", largest_unit()},
                  {"prefetch_hits", ps.hits},
                  {"prefetch_misses", ps.misses},

@@ -81,6 +81,7 @@ TEST(HostMemory, APlanThatLeavesTooLittleFreeIsRefused) {
   // The preflight keeps 5% of the machine (at least 4 GiB) free for the rest of the process and the
   // OS: a plan that fits MemAvailable but leaves less is refused, with the numbers, before
   // anything is allocated (not killed by the OOM handler later).
+  ::unsetenv("ZINF_HOST_RESERVE_BYTES");
   const std::uint64_t reserve = host_memory_reserve_bytes();
   EXPECT_GE(reserve, 4ull << 30);
   EXPECT_GE(reserve, total_memory_bytes() / 20);
@@ -98,6 +99,16 @@ TEST(HostMemory, APlanThatLeavesTooLittleFreeIsRefused) {
   EXPECT_EQ(host_memory_reserve_bytes(), 12345u);
   ::setenv("ZINF_HOST_RESERVE_BYTES", "lots", 1);
   EXPECT_IO_ERROR(host_memory_reserve_bytes(), "ZINF_HOST_RESERVE_BYTES='lots'");
+  ::setenv("ZINF_HOST_RESERVE_BYTES", "99999999999999999999999", 1);
+  EXPECT_IO_ERROR(host_memory_reserve_bytes(), "is not a byte count");
+  // Pageable memory counts against what is available, not against the budget.
+  HostMemory budgeted(1u << 20, PinMode::kPageable);
+  HostMemoryPlan pageable;
+  pageable.pageable = 64u << 20;
+  ::setenv("ZINF_HOST_RESERVE_BYTES", "0", 1);
+  EXPECT_NO_THROW(budgeted.preflight(pageable));
+  pageable.pageable = avail + 1;
+  EXPECT_IO_ERROR(budgeted.preflight(pageable), "pageable");
   ::unsetenv("ZINF_HOST_RESERVE_BYTES");
 }
 
@@ -398,6 +409,35 @@ TEST(OptimizerStep, BadInputsAreClearErrors) {
   // Validation happens before anything is touched: the stepper still works.
   in.order = {};
   EXPECT_NO_THROW(stepper.step(in));
+}
+
+TEST(PartitionStore, TheGpusUnitsLeaveMaxInCpuToTheOthers) {
+  // With parameters on NVMe, max_in_cpu goes to units in order; units whose compute copy lives on
+  // the GPU (the GPU's share of the optimizer) skip it, so the units the CPU steps get it.
+  StoreOptions o;
+  o.params_on_nvme = true;
+  o.slice_elems = 8192;
+  o.param_buffers = 16;
+  const auto tiers = [&](std::uint64_t max_in_cpu, std::vector<char> gpu_units) {
+    NvmeScratch nv(test_engine());
+    o.max_in_cpu = max_in_cpu;
+    o.gpu_units = std::move(gpu_units);
+    PartitionStore store(kUnits, o, nv.mem, nullptr, &nv.swap);
+    std::vector<Tier> t;
+    for (std::size_t u = 0; u < kUnits.size(); ++u) t.push_back(store.param_tier(u));
+    if (store.param_tier(0) == Tier::kNvme) {
+      // Its parameters still come back through the staging buffers (the trainer's upload at start).
+      store.set_state(0, init_values(kUnits[0].numel, 0));
+      std::vector<std::uint16_t> bf(kUnits[0].numel);
+      store.fetch(0).copy_to(bf);
+      EXPECT_EQ(bf[7], kernels::f32_to_bf16(init_values(kUnits[0].numel, 0)[7]));
+    }
+    return t;
+  };
+  using T = std::vector<Tier>;
+  EXPECT_EQ(tiers(kUnits[1].numel + kUnits[2].numel, {}), (T{Tier::kNvme, Tier::kHost, Tier::kHost}));
+  EXPECT_EQ(tiers(kUnits[0].numel, {}), (T{Tier::kHost, Tier::kNvme, Tier::kNvme}));
+  EXPECT_EQ(tiers(kUnits[0].numel, {1, 0, 0}), (T{Tier::kNvme, Tier::kHost, Tier::kHost}));
 }
 
 TEST(OptimizerStep, AFailedGradientSourceStopsTheStepAndLaterSteps) {

@@ -28,8 +28,11 @@ PinMode default_pin_mode(bool pin_memory);
 
 struct HostMemoryPlan {
   std::array<std::uint64_t, kPurposeCount> bytes{};
+  // Ordinary (pageable) memory the caller allocates outside HostMemory: counted only against the
+  // memory the machine has available, not the budget or the memlock limit.
+  std::uint64_t pageable = 0;
   void add(Purpose p, std::uint64_t b) { bytes[static_cast<std::size_t>(p)] += b; }
-  std::uint64_t total() const;
+  std::uint64_t total() const;  // of `bytes`
 };
 
 // Owns one allocation; 4 KiB-aligned (2 MiB for large ones, with transparent huge pages asked for).

@@ -57,7 +57,11 @@ struct StoreOptions {
   // Gradient shards the caller allocates right after the store (the trainer's: page-locked from
   // the same HostMemory in the GPU pipeline, plain host vectors otherwise): counted in the store's
   // preflight, so a run that cannot hold both is refused before anything is allocated.
-  std::uint64_t caller_gradient_bytes = 0;
+  std::uint64_t caller_gradient_bytes = 0;   // page-locked, from the same HostMemory
+  std::uint64_t caller_pageable_bytes = 0;   // ordinary heap memory
+  // Units whose compute copy lives on the GPU (the GPU's share of the optimizer): with parameters
+  // on NVMe they go to NVMe without using max_in_cpu, which the units the CPU steps need more.
+  std::vector<char> gpu_units;
 };
 
 enum class Tier : std::uint8_t { kHost, kNvme };

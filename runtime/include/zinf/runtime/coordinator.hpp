@@ -128,6 +128,7 @@ class ParamCoordinator {
   bool kept(std::size_t unit) const { return persistent_[unit] || adopted_[unit]; }
   std::int64_t counted(std::size_t unit) const { return kept(unit) ? 0 : numel_[unit]; }
   void note_live();
+  void plan_units();  // persistent_ and largest_ from the sizes, the options and adopted_
 
   Backend& backend_;
   const ModelLayout& layout_;

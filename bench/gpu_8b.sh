@@ -8,6 +8,8 @@
 # Prints tokens/s, model TFLOP/s and MFU against the GPU's bf16 GEMM peak, measured in the same
 # invocation (PyTorch matmuls; needs python3 with PyTorch and CUDA).
 #   bench/gpu_8b.sh [ZINF] [OUT_DIR] [HOST_STEPS] [NVME_STEPS] [NVME_DIR] [NVME_RATIO]
+# MICRO_BATCHES (default "4 2"): the micro-batches to try, in order, until one fits the cap;
+# RUNS (default "host nvme"): which runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 zinf=${1:-build/tools/zinf}
@@ -60,8 +62,8 @@ json.dump(c, open(f"{out}/nvme.json", "w"), indent=2)
 PY
 
 run() {  # name config steps
-  local name=$1 cfg=$2 steps=$3 mb=4
-  for mb in 4 2; do
+  local name=$1 cfg=$2 steps=$3 mb
+  for mb in ${MICRO_BATCHES:-4 2}; do
     rm -rf "$out/zinf-$name"
     echo "== zinf 8B, $name, micro-batch $mb"
     "$zinf" train --device cuda --model configs/models/bench-8b.json --data "$out/tokens.u16" --data-dtype uint16 \
@@ -75,8 +77,9 @@ run() {  # name config steps
   done
   return 1
 }
-run host "$out/host.json" "$host_steps"
-run nvme "$out/nvme.json" "$nvme_steps"
+for r in ${RUNS:-host nvme}; do
+  if [ "$r" = host ]; then run host "$out/host.json" "$host_steps"; else run nvme "$out/nvme.json" "$nvme_steps"; fi
+done
 rm -rf "$nvme_dir"
 
 python3 - "$out" <<'PY'

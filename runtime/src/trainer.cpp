@@ -558,7 +558,13 @@ class Trainer {
       const auto bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
       for (const auto& [n, count] : sizes) {
         if (gpu_pipeline_) {
-          p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * (4 + (grad_dtype_ == DType::kBF16 ? 2 : 0));
+          if (grad_dtype_ == DType::kBF16) {
+            // fp32 buffers are free as soon as they are rounded (one in use, one spare); the bf16
+            // copies are the ones in flight.
+            p.grads += std::min<std::uint64_t>(count, 2) * n * 4 + std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * 2;
+          } else {
+            p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * 4;
+          }
         } else {
           p.grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;
         }
@@ -1289,8 +1295,11 @@ class Trainer {
     backend_->copy_to_host_async(gshard(u), g, bytes, Stream::kDeviceToHost);
     landed_[u] = backend_->record(Stream::kDeviceToHost);
     feed_->post_gradient(u, gshard(u));
-    grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), landed_[u]});
-    if (rounded.data() != nullptr) grad_pool_[rounded.bytes()].push_back({std::move(rounded), landed_[u]});
+    // The copy-down reads the bf16 copy when there is one: the fp32 buffer is free for the next
+    // unit at once (the rounding that read it is on the compute stream, where it is reused).
+    const bool rounded_copy = rounded.data() != nullptr;
+    grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), rounded_copy ? nullptr : landed_[u]});
+    if (rounded_copy) grad_pool_[rounded.bytes()].push_back({std::move(rounded), landed_[u]});
     grad_view_.units[u] = nullptr;
   }
 

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <set>
 #include <sstream>
 #include <thread>
@@ -399,6 +400,15 @@ void train_on_ranks(const std::string& out, int w, int stage, std::int64_t steps
   if (!all.empty()) throw Error("{}", all);
 }
 
+// The GPU pipeline's conditions (one GPU: micro-batch 4, no gradient accumulation), with bf16 or
+// fp32 weights and, when given, a clipping threshold.
+void one_gpu_pipeline(Json& ds, bool bf16, std::optional<double> clip) {
+  ds["bf16"]["enabled"] = bf16;
+  ds["train_micro_batch_size_per_gpu"] = 4;
+  ds["gradient_accumulation_steps"] = 1;
+  if (clip) ds["gradient_clipping"] = *clip;
+}
+
 std::vector<double> losses(const std::string& out) {
   const auto rows = read_csv(out + "/training_metrics.csv");
   std::vector<double> l;
@@ -592,10 +602,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   for (const bool bf16 : {true, false}) {
     for (const double clip : {0.0, 1.0}) {
       const auto tweak = [&](Json& ds) {
-        ds["bf16"]["enabled"] = bf16;
-        ds["train_micro_batch_size_per_gpu"] = 4;
-        ds["gradient_accumulation_steps"] = 1;
-        ds["gradient_clipping"] = clip;
+        one_gpu_pipeline(ds, bf16, clip);
         ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
       };
@@ -624,10 +631,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   // the step in flight to finish it. Bit-identical to the synchronous path.
   const auto nvme = [&](const std::string& swap) {
     return [swap](Json& ds) {
-      ds["bf16"]["enabled"] = true;
-      ds["train_micro_batch_size_per_gpu"] = 4;
-      ds["gradient_accumulation_steps"] = 1;
-      ds["gradient_clipping"] = 0.0;
+      one_gpu_pipeline(ds, true, 0.0);
       ds["zero_optimization"] = {{"stage", 3},
                                  {"sub_group_size", 4096},
                                  {"stage3_param_persistence_threshold", 0},
@@ -647,10 +651,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   // communication_data_type bf16: the gradients come down as bf16 and are stepped as such. Close
   // to the fp32-gradient run, not the same, and said in the summary.
   const auto bf16_grads = [](Json& ds) {
-    ds["bf16"]["enabled"] = true;
-    ds["train_micro_batch_size_per_gpu"] = 4;
-    ds["gradient_accumulation_steps"] = 1;
-    ds["gradient_clipping"] = 1.0;
+    one_gpu_pipeline(ds, true, 1.0);
     ds["communication_data_type"] = "bf16";
   };
   train_on_ranks(d.path() + "/bf16-grads", 1, 3, 6, "", bf16_grads, [](TrainOptions& o) { o.device = "cuda"; });
@@ -668,10 +669,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   // resume.
   const auto landing = [&](const std::string& swap) {
     return [swap](Json& ds) {
-      ds["bf16"]["enabled"] = true;
-      ds["train_micro_batch_size_per_gpu"] = 4;
-      ds["gradient_accumulation_steps"] = 1;
-      ds["gradient_clipping"] = 0.0;
+      one_gpu_pipeline(ds, true, 0.0);
       ds["communication_data_type"] = "bf16";
       ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
       ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
@@ -712,10 +710,7 @@ TEST(Trainer, TheGpuShareOfTheOptimizerStepsExactlyLikeTheHost) {
   const auto cuda = [](TrainOptions& o) { o.device = "cuda"; };
   const auto config = [](bool bf16, double clip, double ratio, bool bf16_grads) {
     return [=](Json& ds) {
-      ds["bf16"]["enabled"] = bf16;
-      ds["train_micro_batch_size_per_gpu"] = 4;
-      ds["gradient_accumulation_steps"] = 1;
-      ds["gradient_clipping"] = clip;
+      one_gpu_pipeline(ds, bf16, clip);
       ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
       ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
       ds["zero_optimization"]["offload_optimizer"]["ratio"] = ratio;
@@ -780,9 +775,7 @@ TEST(Trainer, TheGpuMemoryLimitIsPlannedHeldAndRefusedWithTheNumbers) {
     const bool bf16_grads = variant == 4;
     const int stage = bf16_grads ? 3 : variant;
     const auto tweak = [&](Json& ds) {
-      ds["bf16"]["enabled"] = true;
-      ds["train_micro_batch_size_per_gpu"] = 4;
-      ds["gradient_accumulation_steps"] = 1;
+      one_gpu_pipeline(ds, true, std::nullopt);
       ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
       if (bf16_grads) ds["communication_data_type"] = "bf16";
     };

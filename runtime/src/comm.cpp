@@ -7,6 +7,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -37,6 +38,23 @@
 
 namespace zinf::runtime {
 namespace {
+
+// Gloo writes to its sockets with writev: a write to a peer that has gone (its process died)
+// would raise SIGPIPE, whose default action ends this process without a word. Ignored (unless
+// the program installed a handler of its own), the write fails with EPIPE and Gloo throws, so the
+// collective reports the lost peer.
+void ignore_sigpipe() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction old{};
+    if (::sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) {
+      struct sigaction ign{};
+      ign.sa_handler = SIG_IGN;
+      sigemptyset(&ign.sa_mask);
+      ::sigaction(SIGPIPE, &ign, nullptr);
+    }
+  });
+}
 
 using Clock = std::chrono::steady_clock;
 
@@ -298,6 +316,7 @@ class GlooCommunicator final : public Communicator {
                    std::chrono::milliseconds timeout, std::unique_ptr<StoreServer> server,
                    std::shared_ptr<void> keep_alive)
       : server_(std::move(server)), keep_alive_(std::move(keep_alive)), store_(&store), timeout_(timeout) {
+    ignore_sigpipe();
     try {
       gloo::transport::tcp::attr attr;
       attr.hostname = bind;

@@ -617,9 +617,23 @@ class Trainer {
                   o_.output_dir);
     }
     std::string resumed_from;
+    // Every rank loads its own piece; they agree before going on, so that a rank whose piece is
+    // missing or damaged stops all of them with its reason (the others name it), instead of
+    // leaving them in the next collective with a peer that has gone.
+    std::string load_error;
+    try {
+      if (resumed) {
+        resumed_from = resolve_checkpoint(o_.output_dir, o_.resume);
+        load_checkpoint(resumed_from);
+      } else {
+        initialise();
+      }
+    } catch (const std::exception& e) {
+      if (world_ == 1) throw;
+      load_error = e.what();
+    }
+    if (world_ > 1) agree_or_throw(load_error, resumed ? "resume" : "initialise its state");
     if (resumed) {
-      resumed_from = resolve_checkpoint(o_.output_dir, o_.resume);
-      load_checkpoint(resumed_from);
       if (st_.step >= total_steps_) {
         spdlog::info("the checkpoint is at step {}, at or past the {} steps asked for: nothing to train", st_.step,
                      total_steps_);
@@ -629,8 +643,6 @@ class Trainer {
         result.last_checkpoint = resumed_from;
         return result;
       }
-    } else {
-      initialise();
     }
     upload_gpu_state();
     if (world_ > 1) comm_->barrier(kSlowWait);  // every rank has its state, however long loading took
@@ -896,6 +908,21 @@ class Trainer {
     result.stopped_early = stopped;
     if (rank_ == 0) write_summary(result, seconds_since(run_start), first_step);
     return result;
+  }
+
+  // Collective: throws on every rank when any rank's `error` is not empty; a rank without an error
+  // of its own names the ranks that failed (each of which reports its own reason).
+  void agree_or_throw(const std::string& error, const char* what) {
+    const float mine = error.empty() ? 0.0f : 1.0f;
+    std::vector<float> all(static_cast<std::size_t>(world_));
+    comm_->all_gather(std::span<const float>(&mine, 1), all);
+    std::string bad;
+    for (int r = 0; r < world_; ++r) {
+      if (all[static_cast<std::size_t>(r)] != 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+    }
+    if (bad.empty()) return;
+    if (!error.empty()) throw Error("{}", error);
+    throw Error("rank {}: rank(s) {} could not {} (see their errors); every rank stops", rank_, bad, what);
   }
 
   // Whether any rank was asked to stop (all ranks stop after the same step).

@@ -179,6 +179,30 @@ TEST(Comm, ARankThatNeverArrivesIsAnErrorNotAHang) {
   EXPECT_THROW(make_gloo_communicator(info, o), Error);
 }
 
+// A rank whose peer has gone (its process died, or its thread's communicator was destroyed) gets
+// an error from its next collectives: never a SIGPIPE that kills the process without a word.
+TEST(Comm, APeerThatLeftIsAnErrorNotASignal) {
+  GlooOptions o;
+  o.timeout = std::chrono::seconds(5);
+  std::unique_ptr<Communicator> c0, c1;
+  std::thread t([&] { c1 = make_gloo_communicator_in_process(1, 2, "peer-left", o); });
+  c0 = make_gloo_communicator_in_process(0, 2, "peer-left", o);
+  t.join();
+  c1.reset();  // rank 1 leaves
+  int errors = 0;
+  std::string last;
+  for (int i = 0; i < 8; ++i) {
+    std::vector<float> big(1 << 18, 1.0f);
+    try {
+      c0->all_reduce_sum(big);
+    } catch (const std::exception& e) {
+      ++errors;
+      last = e.what();
+    }
+  }
+  EXPECT_EQ(errors, 8) << last;
+}
+
 class EnvGuard {
  public:
   explicit EnvGuard(std::vector<std::pair<const char*, const char*>> vars) {

@@ -841,10 +841,13 @@ TEST(Trainer, ShardedResumeIsBitIdenticalAndReshardsToOtherRanks) {
   EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 2, 10, "latest",
                                  [](Json& ds) { ds["gradient_accumulation_steps"] = 2; }),
                   "global batch of 4 samples", "this run's is 8");
-  // A missing piece is named, by the ranks that need it.
+  // A missing piece is named, by the ranks that need it; the others stop with them, naming them
+  // (no rank goes on to wait in a collective for a peer that has gone).
   fs::remove(d.path() + "/split/checkpoints/step-00000008/checksums.rank00001-of-00002.json");
-  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 2, 2, 10, "latest"), "lacks rank 1's piece");
-  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 3, 10, "latest"), "lacks rank 1's piece");
+  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 2, 2, 10, "latest"), "rank 1: checkpoint",
+                  "lacks rank 1's piece", "rank 0: rank 0: rank(s) 1 could not resume");
+  EXPECT_IO_ERROR(train_on_ranks(d.path() + "/split", 4, 3, 10, "latest"), "lacks rank 1's piece",
+                  "rank 0: rank 0: rank(s) 2, 3 could not resume");
 }
 
 TEST(Trainer, KeepLastAndInterruptedSavesLeaveAUsableCheckpoint) {

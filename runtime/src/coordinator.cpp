@@ -23,6 +23,14 @@ ParamCoordinator::ParamCoordinator(Backend& backend, const ModelLayout& layout, 
   view_.dtype = dtype;
   view_.units.assign(n, nullptr);
   for (const UnitLayout& u : layout.units) numel_.push_back(u.numel);
+  if (!o_.gather_elements.empty()) {
+    ZINF_ASSERT(o_.gather_elements.size() == n, "coordinator: gather_elements for {} of {} units",
+                o_.gather_elements.size(), n);
+    for (std::size_t u = 0; u < n; ++u) {
+      ZINF_ASSERT(o_.gather_elements[u] >= numel_[u], "coordinator: unit {} gathers fewer elements than it has", u);
+      numel_[u] = o_.gather_elements[u];
+    }
+  }
   persistent_.assign(n, false);
   plan_units();
   thread_ = std::thread([this] { worker(); });
@@ -105,7 +113,7 @@ void ParamCoordinator::request(std::size_t u, std::unique_lock<std::mutex>&) {
   ++in_flight_;
   ++stats_.gathers;
   stats_.gathered_elements += static_cast<std::uint64_t>(numel_[u]);
-  queue_.push_back(u);
+  queue_.push_back(Item{u, {}});
   note_live();
   cv_.notify_all();
 }
@@ -275,14 +283,36 @@ std::int64_t ParamCoordinator::cached_elements() const {
   return cached_;
 }
 
+void ParamCoordinator::post(std::function<void(bool run)> task) {
+  {
+    std::lock_guard lock(mu_);
+    queue_.push_back(Item{kNone, std::move(task)});
+  }
+  cv_.notify_all();
+}
+
 void ParamCoordinator::worker() {
   std::unique_lock lock(mu_);
   for (;;) {
     cv_.wait(lock, [&] { return stop_ || !queue_.empty(); });
     if (stop_) return;
-    const std::size_t u = queue_.front();
+    Item item = std::move(queue_.front());
     queue_.pop_front();
-    const std::size_t next = queue_.empty() ? kNone : queue_.front();
+    if (item.task) {
+      const bool run = !error_;
+      lock.unlock();
+      item.task(run);
+      lock.lock();
+      continue;
+    }
+    const std::size_t u = item.unit;
+    std::size_t next = kNone;
+    for (const Item& later : queue_) {
+      if (!later.task) {
+        next = later.unit;
+        break;
+      }
+    }
     if (error_) {  // after a failure nothing more is gathered; waiters see the error
       --in_flight_;
       cv_.notify_all();

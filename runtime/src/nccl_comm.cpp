@@ -171,7 +171,19 @@ class NcclCommunicator final : public Communicator {
     }
     timeout_ = saved;
   }
-  std::unique_ptr<Communicator> split(const std::string& name) override {
+  std::unique_ptr<Communicator> split(const std::string& name) override { return split_nccl(name); }
+
+  // Any element type, device pointers (DeviceCollectives).
+  void all_gather_typed(const void* in, void* out, std::size_t count, ncclDataType_t type) {
+    if (count == 0) return;
+    run("all-gather", [&] { return api_.all_gather(in, out, count, type, comm_, stream_); });
+  }
+  void reduce_scatter_typed(const void* in, void* out, std::size_t count, ncclDataType_t type) {
+    if (count == 0) return;
+    run("reduce-scatter", [&] { return api_.reduce_scatter(in, out, count, type, ncclSum, comm_, stream_); });
+  }
+
+  std::unique_ptr<NcclCommunicator> split_nccl(const std::string& name) {
     auto child = std::make_unique<NcclCommunicator>(rank_, size_, device_, timeout_);
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 0;
@@ -248,6 +260,36 @@ class NcclCommunicator final : public Communicator {
   float* scalar_ = nullptr;
 };
 
+ncclDataType_t nccl_type(kernels::cpu::DType t) {
+  switch (t) {
+    case kernels::cpu::DType::kF32: return ncclFloat32;
+    case kernels::cpu::DType::kBF16: return ncclBfloat16;
+    case kernels::cpu::DType::kF16: return ncclFloat16;
+  }
+  throw Error("NCCL: unknown element type");
+}
+
+class NcclDeviceCollectives final : public DeviceCollectives {
+ public:
+  explicit NcclDeviceCollectives(std::unique_ptr<NcclCommunicator> c) : c_(std::move(c)) {}
+  int rank() const override { return c_->rank(); }
+  int size() const override { return c_->size(); }
+  void all_gather(const void* in, void* out, std::size_t count, kernels::cpu::DType dtype) override {
+    c_->all_gather_typed(in, out, count, nccl_type(dtype));
+  }
+  void reduce_scatter_sum(const void* in, void* out, std::size_t count, kernels::cpu::DType dtype) override {
+    c_->reduce_scatter_typed(in, out, count, nccl_type(dtype));
+  }
+  std::unique_ptr<DeviceCollectives> split(const std::string& name) override {
+    return std::make_unique<NcclDeviceCollectives>(c_->split_nccl(name));
+  }
+
+ private:
+  std::unique_ptr<NcclCommunicator> c_;
+};
+
+std::unique_ptr<NcclCommunicator> join_nccl(Communicator& bootstrap, int device, const NcclOptions& options);
+
 }  // namespace
 
 bool nccl_usable(std::string* why) {
@@ -276,6 +318,15 @@ std::string nccl_version() {
 }
 
 std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device, const NcclOptions& options) {
+  return join_nccl(bootstrap, device, options);
+}
+
+std::unique_ptr<DeviceCollectives> make_nccl_collectives(Communicator& bootstrap, int device, const NcclOptions& options) {
+  return std::make_unique<NcclDeviceCollectives>(join_nccl(bootstrap, device, options));
+}
+
+namespace {
+std::unique_ptr<NcclCommunicator> join_nccl(Communicator& bootstrap, int device, const NcclOptions& options) {
   // Every rank checks what it can, then the ranks agree before any of them calls into NCCL: a
   // rank that cannot take part makes all of them fail at once, each naming the ranks and why.
   std::string why;
@@ -314,6 +365,7 @@ std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, in
   c->init(id);
   return c;
 }
+}  // namespace
 
 DeviceFloats::DeviceFloats(std::size_t count) : count_(count) {
   if (count > 0) cuda_check(cudaMalloc(reinterpret_cast<void**>(&data_), count * sizeof(float)), "cudaMalloc");

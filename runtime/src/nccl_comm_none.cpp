@@ -16,6 +16,9 @@ std::string nccl_version() { return ""; }
 std::unique_ptr<Communicator> make_nccl_communicator(Communicator&, int, const NcclOptions&) {
   throw Error("NCCL ranks: {}", kNoCuda);
 }
+std::unique_ptr<DeviceCollectives> make_nccl_collectives(Communicator&, int, const NcclOptions&) {
+  throw Error("NCCL ranks: {}", kNoCuda);
+}
 DeviceFloats::DeviceFloats(std::size_t) { throw Error("device memory: {}", kNoCuda); }
 DeviceFloats::~DeviceFloats() = default;
 void DeviceFloats::upload(const float*, std::size_t, std::size_t) { throw Error("device memory: {}", kNoCuda); }

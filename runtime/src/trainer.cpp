@@ -19,6 +19,7 @@
 #include <iostream>
 #include <map>
 #include <condition_variable>
+#include <deque>
 #include <functional>
 #include <mutex>
 #include <optional>
@@ -40,6 +41,7 @@
 #include "zinf/runtime/lr_schedule.hpp"
 #include "zinf/runtime/loss_scaler.hpp"
 #include "zinf/runtime/model.hpp"
+#include "zinf/runtime/nccl_comm.hpp"
 #include "zinf/runtime/weights.hpp"
 
 namespace zinf::runtime {
@@ -308,6 +310,34 @@ class OverlappedStep {
   std::exception_ptr error_;
 };
 
+// A reduce-scatter posted to the gather thread: done, with an error or without.
+struct ReduceTicket {
+  void finish(std::string error) {
+    {
+      std::lock_guard lock(mu);
+      error_ = std::move(error);
+      done_ = true;
+    }
+    cv.notify_all();
+  }
+  bool done() {
+    std::lock_guard lock(mu);
+    return done_;
+  }
+  // Waits (the collective itself is bounded by the communicator's timeout); the error, or "".
+  std::string wait() {
+    std::unique_lock lock(mu);
+    cv.wait(lock, [&] { return done_; });
+    return error_;
+  }
+
+ private:
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done_ = false;
+  std::string error_;
+};
+
 CudaBackendOptions cuda_options(const TrainOptions& o) {
   CudaBackendOptions c;
   c.device = o.gpu;
@@ -378,18 +408,22 @@ class Trainer {
       shard_.push_back(sharded_ ? shard_size(u.numel, world_) : u.numel);
       units.push_back({u.name, static_cast<std::uint64_t>(shard_.back())});
     }
-    // The GPU pipeline (one GPU, stages 2-3, no gradient accumulation, no fp16 loss scaling):
-    // each unit's gradient is copied down into page-locked memory as its backward finishes, its
-    // sum of squares computed on the GPU, and the optimizer step runs on its own thread, stepping
-    // each unit as its gradient lands. ZINF_GPU_OVERLAP=0 turns it off (the synchronous path).
+    // The GPU pipeline (one GPU at stages 2-3, or several at stage 3; no gradient accumulation, no
+    // fp16 loss scaling): each unit's gradient is copied down into page-locked memory as its
+    // backward finishes (with several GPUs, this rank's shard of it, reduce-scattered over NCCL
+    // first), its sum of squares computed on the GPU, and the optimizer step runs on its own
+    // thread, stepping each unit as its gradient lands. With several GPUs each gather uploads this
+    // rank's shard and all-gathers the unit over NCCL. ZINF_GPU_OVERLAP=0 turns it off (the
+    // synchronous path, whose collectives run on the host over Gloo).
     const char* overlap_env = std::getenv("ZINF_GPU_OVERLAP");
     const std::string overlap = overlap_env != nullptr ? overlap_env : "";
     if (!overlap.empty() && overlap != "0" && overlap != "1") {
       throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1 (0 turns the GPU pipeline off; unset or 1 leaves it on)", overlap);
     }
     // (The after_backward test hook may change gradients before the step: no pipeline with it.)
-    gpu_pipeline_ = !host_backend_ && partition_grads_ && world_ == 1 && gas_ == 1 && !fp16_ && overlap != "0" &&
-                    !o.after_backward;
+    gpu_pipeline_ = !host_backend_ && partition_grads_ && (world_ == 1 || stage3_) && gas_ == 1 && !fp16_ &&
+                    overlap != "0" && !o.after_backward;
+    if (gpu_pipeline_ && world_ > 1) join_gpu_ranks();
     // communication_data_type bf16 (DeepSpeed's gradient communication dtype): the pipeline's
     // gradients are rounded to bf16 on the GPU and travel, and are stepped, as bf16.
     if (o.ds.communication_data_type && *o.ds.communication_data_type != config::Dtype::kFp32) {
@@ -409,7 +443,7 @@ class Trainer {
     on_gpu_.assign(layout_.units.size(), 0);
     if (settings.gpu_optimizer_fraction > 0.0) {
       const double ratio = 1.0 - settings.gpu_optimizer_fraction;
-      if (gpu_pipeline_ && stage3_) {
+      if (gpu_pipeline_ && stage3_ && world_ == 1) {
         const double want = settings.gpu_optimizer_fraction * static_cast<double>(layout_.total_numel());
         double got = 0;
         for (std::size_t u = 0; u < layout_.units.size(); ++u) {
@@ -432,7 +466,7 @@ class Trainer {
         }
       } else {
         spdlog::info("offload_optimizer.ratio {} with device cpu: a GPU share of the optimizer state needs the one-GPU "
-                     "pipeline at ZeRO stage 3 (docs/gpu.md); this run keeps all of it in host memory",
+                     "pipeline at ZeRO stage 3 (one GPU, docs/gpu.md); this run keeps all of it in host memory",
                      ratio);
       }
     }
@@ -481,7 +515,10 @@ class Trainer {
       gather_comm_ = comm_->split("stage3-gather");
       const auto& z = o.ds.zero;
       CoordinatorOptions co{z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
-                            z.param_persistence_threshold, z.model_persistence_threshold};
+                            z.param_persistence_threshold, z.model_persistence_threshold, {}};
+      if (nccl_) {
+        for (std::size_t u = 0; u < layout_.units.size(); ++u) co.gather_elements.push_back(gather_elements(u));
+      }
       coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, param_dtype_, co,
                                                   [this](std::size_t u, void* dst, std::size_t next) {
                                                     try {
@@ -522,6 +559,45 @@ class Trainer {
     }
   }
 
+  // Several GPUs in the pipeline: the ranks join an NCCL communicator (bootstrapped over comm_)
+  // for the gradients' reduce-scatters and split a channel off it for the prefetch thread's
+  // all-gathers. The ranks first agree that every one of them can use NCCL; where any cannot, all
+  // take the synchronous path (collectives on the host, over Gloo) and say why.
+  void join_gpu_ranks() {
+    std::string why;
+    const float mine = nccl_usable(&why) ? 1.0f : 0.0f;
+    std::vector<float> all(static_cast<std::size_t>(world_));
+    comm_->all_gather(std::span<const float>(&mine, 1), all);
+    std::string bad;
+    for (int r = 0; r < world_; ++r) {
+      if (all[static_cast<std::size_t>(r)] == 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+    }
+    if (!bad.empty()) {
+      spdlog::warn("NCCL cannot be used by rank(s) {}{}: the GPUs' collectives run on the host over Gloo (the "
+                   "synchronous path, much slower); install NCCL 2.18 or later, or point ZINF_NCCL_LIBRARY at it",
+                   bad, mine == 0.0f ? fmt::format(" (here: {})", why) : std::string());
+      gpu_pipeline_ = false;
+      return;
+    }
+    try {
+      nccl_ = make_nccl_collectives(*comm_, o_.gpu);
+    } catch (const Error& e) {
+      throw Error("{} (with several GPUs each rank needs a GPU of its own: zinf launch gives rank r GPU LOCAL_RANK; "
+                  "ZINF_GPU_OVERLAP=0 takes the synchronous path, over the host)",
+                  e.what());
+    }
+    if (rank_ == 0) {
+      spdlog::info("{} GPUs: each unit's parameters are all-gathered, and its gradient reduce-scattered, over NCCL {} "
+                   "(GPU to GPU); each rank copies down and steps its own shard",
+                   world_, nccl_version());
+    }
+  }
+  // The elements a gather of unit u writes: with several GPUs in the pipeline the unit padded to
+  // W shards (an in-place all-gather); its gradient buffer is as long, so it reduce-scatters in place.
+  std::int64_t gather_elements(std::size_t u) const {
+    return nccl_ ? shard_[u] * world_ : layout_.units[u].numel;
+  }
+
   // What this run allocates on the GPU: see GpuPlan. Upper bounds from the budgets: stage 3 holds
   // at most the live budget plus one unit plus the persistent units; gradient buffers as the
   // reduction path keeps them; activations as the model sizes them; the backend's scratch bound.
@@ -530,7 +606,7 @@ class Trainer {
     const std::uint64_t pb = kernels::cpu::dtype_bytes(param_dtype_);
     std::uint64_t total = 0, largest = 0, persistent = 0;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const auto n = static_cast<std::uint64_t>(layout_.units[u].numel);
+      const auto n = static_cast<std::uint64_t>(stage3_ ? gather_elements(u) : layout_.units[u].numel);
       if (on_gpu_[u]) {
         // Its compute copy, fp32 master and moments, and its gradient held until the step.
         p.params += n * pb;
@@ -557,7 +633,19 @@ class Trainer {
       for (const auto& u : layout_.units) ++sizes[static_cast<std::uint64_t>(u.numel)];
       const auto bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
       for (const auto& [n, count] : sizes) {
-        if (gpu_pipeline_) {
+        if (nccl_) {
+          // Several GPUs: the padded fp32 buffers of the reductions in flight, the one in use and a
+          // tied embedding's; this rank's fp32 shards (as many as reductions in flight, and those
+          // being copied down); the bf16 shards copied down, as for one GPU.
+          const std::uint64_t sh = (n + static_cast<std::uint64_t>(world_) - 1) / static_cast<std::uint64_t>(world_);
+          const std::uint64_t rif = kReductionsInFlight + 1;
+          p.grads += std::min<std::uint64_t>(count, rif + 2) * sh * static_cast<std::uint64_t>(world_) * 4;
+          if (grad_dtype_ == DType::kBF16) {
+            p.grads += std::min<std::uint64_t>(count, rif + 1) * sh * 4 + std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * sh * 2;
+          } else {
+            p.grads += std::min<std::uint64_t>(count, rif + kGradBuffersInFlight) * sh * 4;
+          }
+        } else if (gpu_pipeline_) {
           if (grad_dtype_ == DType::kBF16) {
             // fp32 buffers are free as soon as they are rounded (one in use, one spare); the bf16
             // copies are the ones in flight.
@@ -1024,6 +1112,32 @@ class Trainer {
       return;
     }
     wait_unit(u);  // the GPU pipeline's step may still be updating it
+    if (nccl_) {
+      // Several GPUs: this rank's shard goes up into its place in the padded buffer, then the
+      // ranks all-gather the unit in place over NCCL (after the upload, and so after the compute
+      // the upload's stream was ordered behind).
+      const auto sh = static_cast<std::size_t>(shard_[u]);
+      const std::size_t pb = kernels::cpu::dtype_bytes(param_dtype_);
+      std::byte* mine = static_cast<std::byte*>(device_dst) + static_cast<std::size_t>(rank_) * sh * pb;
+      if (param_dtype_ == DType::kBF16) {
+        offload::ParamLease lease = take_lease(u, s, next);
+        lease.wait();
+        for (const auto& piece : lease.pieces()) {
+          backend_->copy_to_device_async(mine + static_cast<std::size_t>(piece.begin) * 2, piece.data,
+                                         static_cast<std::size_t>(piece.count) * 2, Stream::kHostToDevice);
+        }
+        backend_->record(Stream::kHostToDevice)->synchronize();
+      } else {
+        s.in.resize(sh);
+        s.m.resize(sh);
+        s.v.resize(sh);
+        offload_->store().read_state(u, s.in, s.m, s.v);
+        backend_->copy_to_device_async(mine, s.in.data(), sh * sizeof(float), Stream::kHostToDevice);
+        backend_->record(Stream::kHostToDevice)->synchronize();
+      }
+      nccl_->all_gather(mine, device_dst, sh, param_dtype_);
+      return;
+    }
     // A GPU: up on the host-to-device stream, which the caller has ordered after any compute
     // still reading the buffer. bf16 shards not split across ranks go straight from the store
     // (page-locked host memory, or the NVMe staging buffers); anything else is gathered on the
@@ -1104,7 +1218,8 @@ class Trainer {
   // from earlier units of the same size).
   void take_grad_buffer(std::size_t u) {
     if (grad_live_[u].data() != nullptr) return;
-    const auto bytes = static_cast<std::size_t>(layout_.units[u].numel) * sizeof(float);
+    // (Padded to W shards with several GPUs in the pipeline: the padding stays zero.)
+    const auto bytes = static_cast<std::size_t>(nccl_ ? gather_elements(u) : layout_.units[u].numel) * sizeof(float);
     grad_live_[u] = take_pooled(bytes);
     backend_->fill_zero(grad_live_[u].data(), bytes);
     grad_view_.units[u] = grad_live_[u].data();
@@ -1113,6 +1228,16 @@ class Trainer {
   // A device buffer of `bytes` from the gradient pool (or a new one), safe to write on the compute
   // stream.
   DeviceBuffer take_pooled(std::size_t bytes) {
+    std::shared_ptr<Backend::Event> busy;
+    DeviceBuffer b = take_pooled_for_collective(bytes, busy);
+    if (busy) backend_->wait(Stream::kCompute, *busy);  // a buffer still being copied down
+    return b;
+  }
+  // The same, for a writer outside the compute stream: `busy` is the copy-down still reading the
+  // buffer, if any, which the writer waits for (as for compute-stream reads: a record() on the
+  // compute stream after this call covers them).
+  DeviceBuffer take_pooled_for_collective(std::size_t bytes, std::shared_ptr<Backend::Event>& busy) {
+    busy.reset();
     auto it = grad_pool_.find(bytes);
     // A pooled buffer whose copy-down has finished; one still being copied is taken only while
     // the pool holds kGradBuffersInFlight of them (compute then waits for its copy), so the
@@ -1131,8 +1256,7 @@ class Trainer {
     }
     if (list == nullptr) return DeviceBuffer(*backend_, bytes);
     DeviceBuffer b = std::move((*list)[pick].buffer);
-    // A buffer still being copied down: compute waits for that copy before writing it.
-    if ((*list)[pick].free_after) backend_->wait(Stream::kCompute, *(*list)[pick].free_after);
+    if ((*list)[pick].free_after && !(*list)[pick].free_after->ready()) busy = (*list)[pick].free_after;
     list->erase(list->begin() + static_cast<std::ptrdiff_t>(pick));
     return b;
   }
@@ -1308,16 +1432,71 @@ class Trainer {
       grad_view_.units[u] = nullptr;
       return;
     }
+    if (nccl_) {
+      post_reduction(u);
+      return;
+    }
+    land_shard(u, n);
+  }
+
+  // Several GPUs: unit u's gradient (its padded buffer: W equal shards) is summed over the ranks
+  // into this rank's shard by a reduce-scatter, which the gather thread runs in schedule order
+  // once the unit's backward is done on the GPU. The compute thread goes on with the next unit;
+  // finished reductions land in order (land_shard) as it passes here, at most
+  // kReductionsInFlight behind, and all of them after the last unit.
+  void post_reduction(std::size_t u) {
+    const auto count = static_cast<std::size_t>(shard_[u]);
+    Reduction r;
+    r.unit = u;
+    r.full = std::move(grad_live_[u]);
+    grad_view_.units[u] = nullptr;
+    std::shared_ptr<Backend::Event> shard_busy;
+    r.shard = take_pooled_for_collective(count * sizeof(float), shard_busy);
+    r.ticket = std::make_shared<ReduceTicket>();
+    // The unit's backward, and every compute-stream read of the shard buffer queued before it.
+    std::shared_ptr<Backend::Event> computed = backend_->record(Stream::kCompute);
+    coord_->post([c = nccl_.get(), t = r.ticket, computed, shard_busy, in = r.full.data(), out = r.shard.data(), count,
+                  name = layout_.units[u].name](bool run) {
+      std::string error;
+      try {
+        if (!run) throw Error("a gather before it failed");
+        computed->synchronize();
+        if (shard_busy) shard_busy->synchronize();  // its last copy-down
+        c->reduce_scatter_sum(in, out, count, DType::kF32);
+      } catch (const std::exception& e) {
+        error = fmt::format("reduce-scatter of {}'s gradient: {}", name, e.what());
+      }
+      t->finish(std::move(error));
+    });
+    reducing_.push_back(std::move(r));
+    while (!reducing_.empty() && (reducing_.front().ticket->done() || reducing_.size() > kReductionsInFlight || u == 0)) {
+      finish_reduction();
+    }
+  }
+  // The oldest reduction posted: waits for it, then lands this rank's shard.
+  void finish_reduction() {
+    Reduction r = std::move(reducing_.front());
+    reducing_.pop_front();
+    const std::string error = r.ticket->wait();
+    if (!error.empty()) throw Error("rank {}: {}", rank_, error);
+    grad_pool_[r.full.bytes()].push_back({std::move(r.full), nullptr});  // the collective has read it
+    grad_live_[r.unit] = std::move(r.shard);
+    land_shard(r.unit, shard_[r.unit]);
+  }
+  // Unit u's gradient (`count` elements in grad_live_[u]: the unit, or this rank's summed shard)
+  // comes down: rounded to bf16 first when gradients travel as bf16; its sum of squares computed
+  // on the compute stream; the copy on the copy-down stream; the optimizer thread told.
+  void land_shard(std::size_t u, std::int64_t count) {
     const void* g = grad_live_[u].data();
-    std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
+    std::size_t bytes = static_cast<std::size_t>(count) * sizeof(float);
     DeviceBuffer rounded;
     if (grad_dtype_ == DType::kBF16) {
-      bytes = static_cast<std::size_t>(n) * 2;
+      bytes = static_cast<std::size_t>(count) * 2;
       rounded = take_pooled(bytes);
-      backend_->round_to_bf16(static_cast<std::uint16_t*>(rounded.data()), grad_live_[u].f32(), n);
+      backend_->round_to_bf16(static_cast<std::uint16_t*>(rounded.data()), grad_live_[u].f32(), count);
       g = rounded.data();
     }
-    backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, g, n, grad_dtype_);
+    backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, g, count, grad_dtype_);
     backend_->wait(Stream::kDeviceToHost, *backend_->record(Stream::kCompute));
     backend_->copy_to_host_async(gshard(u), g, bytes, Stream::kDeviceToHost);
     landed_[u] = backend_->record(Stream::kDeviceToHost);
@@ -1825,7 +2004,9 @@ class Trainer {
                          {"gradient_dtype", gpu_pipeline_ ? kernels::cpu::dtype_name(grad_dtype_) : "fp32"},
                          {"gradients_in_parameter_shards", grads_in_params_},
                          {"gpu_optimizer_units", gpu_units_},
-                         {"gpu_optimizer_elements", gpu_opt_elems_}};
+                         {"gpu_optimizer_elements", gpu_opt_elems_},
+                         {"gpus", gpu_pipeline_ ? world_ : 1},
+                         {"gpu_collectives", nccl_ ? "nccl" : "none"}};
     j["last_checkpoint"] = r.last_checkpoint;
     j["deepspeed_config"] = o_.ds_resolved;
     write_file_atomic((fs::path(o_.output_dir) / "summary.json").string(), j.dump(2) + "\n");
@@ -1859,6 +2040,8 @@ class Trainer {
   UnitBuffers grad_view_;                  // stages 2-3: the gradient buffers of the units in backward
   std::vector<DeviceBuffer> grad_live_;
   static constexpr std::size_t kGradBuffersInFlight = 3;
+  // Several GPUs: reduce-scatters posted but not yet landed, at most (the compute thread then waits).
+  static constexpr std::size_t kReductionsInFlight = 2;
   struct PooledGrad {
     DeviceBuffer buffer;
     std::shared_ptr<Backend::Event> free_after;  // the copy-down still reading it
@@ -1866,6 +2049,17 @@ class Trainer {
   std::map<std::size_t, std::vector<PooledGrad>> grad_pool_;
   // The GPU pipeline (see the constructor).
   bool gpu_pipeline_ = false;
+  // Several GPUs in the pipeline: NCCL, for the all-gathers of parameters and the reduce-scatters
+  // of gradients, all issued by the coordinator's gather thread in schedule order (post()), so
+  // every rank issues them in the same order (NCCL's rule) and none waits on another's.
+  std::unique_ptr<DeviceCollectives> nccl_;
+  // Reduce-scatters posted and not yet landed, oldest first (see post_reduction).
+  struct Reduction {
+    std::size_t unit = 0;
+    DeviceBuffer full, shard;
+    std::shared_ptr<ReduceTicket> ticket;
+  };
+  std::deque<Reduction> reducing_;
   std::vector<offload::HostBuffer> gpinned_;              // page-locked gradient shards
   std::unique_ptr<offload::StepFeed> feed_;
   std::vector<std::shared_ptr<Backend::Event>> landed_;  // unit u's gradient is in gpinned_[u]

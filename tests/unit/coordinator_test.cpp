@@ -116,6 +116,41 @@ TEST(Coordinator, BudgetsHoldOverRandomSizesAndBudgets) {
   }
 }
 
+TEST(Coordinator, PaddedGathersGetBuffersOfTheirSizeAndCountInTheBudgets) {
+  // Several GPUs gather a unit in place as W equal shards: the buffer holds the padded length,
+  // which the gather writes to its end, and the budgets count the padded elements.
+  auto backend = make_cpu_backend();
+  const ModelLayout l = layout_of({1001, 64, 777, 1001});
+  CoordinatorOptions o;
+  o.max_live = 1100;
+  o.prefetch_bucket = 800;
+  o.persistence_threshold = 0;
+  o.gather_elements = {1004, 64, 780, 1004};  // 4 shards each
+  std::mutex mu;
+  std::vector<float> last(l.units.size());
+  ParamCoordinator c(*backend, l, DType::kF32, o, [&](std::size_t u, void* dst, std::size_t) {
+    auto* f = static_cast<float*>(dst);
+    const auto n = static_cast<std::size_t>(o.gather_elements[u]);
+    std::fill(f, f + n, static_cast<float>(u + 1));  // to the padded end: within the buffer
+    std::lock_guard lock(mu);
+    last[u] = f[n - 1];
+  });
+  const auto uses = ParamCoordinator::training_schedule(l.units.size(), 2, self, self);
+  c.begin(uses);
+  for (std::size_t i = 0; i < uses.size(); ++i) {
+    const UnitBuffers& v = c.acquire(i);
+    for (const std::size_t u : uses[i]) EXPECT_EQ(static_cast<const float*>(v.units[u])[l.units[u].numel - 1], u + 1.0f);
+    EXPECT_LE(c.live_elements(), o.max_live + 1004) << "use " << i;
+    c.release(i);
+  }
+  c.end();
+  const CoordinatorStats s = c.take_stats();
+  EXPECT_EQ(s.gathered_elements % 2, 0u);  // padded counts: 1004, 64, 780 (the numels are odd)
+  EXPECT_LE(s.live_high_water, o.max_live + 1004);
+  EXPECT_GT(s.live_high_water, 1001);  // a padded unit and another at once: counted padded
+  for (std::size_t u = 0; u < last.size(); ++u) EXPECT_EQ(last[u], u + 1.0f);
+}
+
 TEST(Coordinator, GathersFollowTheScheduleWhateverTheTiming) {
   // Every rank must request the same gathers in the same order: the order may depend only on the
   // schedule and the sizes, never on how long gathers take.
@@ -262,8 +297,10 @@ TEST(Coordinator, AFailedGatherIsAnErrorAtTheUseThatNeedsIt) {
       },
       "checksum mismatch");
   EXPECT_IO_ERROR(c.end(), "checksum mismatch");
-  EXPECT_IO_ERROR(ParamCoordinator(*backend, l, DType::kF32, CoordinatorOptions{-1, 0, 0, 0}, nullptr),
-                    "must not be negative");
+  CoordinatorOptions negative;
+  negative.max_live = -1;
+  negative.prefetch_bucket = negative.max_reuse_distance = negative.persistence_threshold = 0;
+  EXPECT_IO_ERROR(ParamCoordinator(*backend, l, DType::kF32, negative, nullptr), "must not be negative");
 }
 
 }  // namespace

@@ -113,6 +113,65 @@ TEST(Nccl, CollectivesOnEveryVisibleGpu) {
   });
 }
 
+TEST(Nccl, DeviceCollectivesOfBf16AndFp32InPlace) {
+  // The trainer's pipeline with several GPUs: a bf16 all-gather in place (this rank's shard at
+  // its offset of the padded buffer, odd shard lengths) and an fp32 reduce-scatter of a padded
+  // buffer into this rank's shard.
+  std::string why;
+  const int ranks = gpu_ranks(why);
+  if (ranks == 0) GTEST_SKIP() << "no NCCL ranks here: " << why;
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(static_cast<std::size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        auto boot = make_gloo_communicator_in_process(r, ranks, "nccl-device");
+        auto c = make_nccl_collectives(*boot, r);
+        const int w = c->size();
+        const std::size_t sh = 100'001;  // odd: bf16 shards at odd element offsets
+        DeviceFloats buf((sh * static_cast<std::size_t>(w) + 1) / 2);  // bf16 storage, 2 per float slot
+        std::vector<std::uint16_t> mine(sh);
+        for (std::size_t i = 0; i < sh; ++i) mine[i] = static_cast<std::uint16_t>(0x3f80 + (r * 7 + i) % 97);
+        std::vector<std::uint16_t> all(sh * static_cast<std::size_t>(w), 0);
+        std::memcpy(all.data() + static_cast<std::size_t>(r) * sh, mine.data(), sh * 2);
+        std::vector<float> slots(buf.size(), 0.0f);
+        std::memcpy(slots.data(), all.data(), all.size() * 2);
+        buf.upload(slots.data(), slots.size());
+        auto* base = reinterpret_cast<std::uint16_t*>(buf.data());
+        c->all_gather(base + static_cast<std::size_t>(r) * sh, base, sh, kernels::cpu::DType::kBF16);
+        buf.download(slots.data(), slots.size());
+        std::memcpy(all.data(), slots.data(), all.size() * 2);
+        for (int q = 0; q < w; ++q) {
+          for (std::size_t i = 0; i < sh; i += 1009) {
+            if (all[static_cast<std::size_t>(q) * sh + i] != static_cast<std::uint16_t>(0x3f80 + (q * 7 + i) % 97)) {
+              throw Error("all-gather: rank {} element {} is wrong", q, i);
+            }
+          }
+        }
+        // fp32 reduce-scatter: small integers, exact.
+        std::vector<float> full(sh * static_cast<std::size_t>(w));
+        for (std::size_t i = 0; i < full.size(); ++i) full[i] = static_cast<float>((i % 1000) + static_cast<std::size_t>(r));
+        DeviceFloats df(full.size()), ds(sh);
+        df.upload(full.data(), full.size());
+        auto split = c->split("second");
+        split->reduce_scatter_sum(df.data(), ds.data(), sh, kernels::cpu::DType::kF32);
+        std::vector<float> got(sh);
+        ds.download(got.data(), sh);
+        for (std::size_t i = 0; i < sh; i += 997) {
+          const std::size_t gi = static_cast<std::size_t>(r) * sh + i;
+          if (got[i] != static_cast<float>(w * static_cast<int>(gi % 1000) + w * (w - 1) / 2)) {
+            throw Error("reduce-scatter: element {} is {}", i, got[i]);
+          }
+        }
+      } catch (const std::exception& e) {
+        errors[static_cast<std::size_t>(r)] = e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < ranks; ++r) EXPECT_EQ(errors[static_cast<std::size_t>(r)], "") << "rank " << r;
+}
+
 TEST(Nccl, ARankThatStopsIsATimeoutNotAHang) {
   std::string why;
   const int w = gpu_ranks(why);

@@ -29,6 +29,7 @@
 #include "zinf/runtime/lr_schedule.hpp"
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/model_config.hpp"
+#include "zinf/runtime/nccl_comm.hpp"
 #include "zinf/runtime/weights.hpp"
 #include "zinf/runtime/backend.hpp"
 #include "zinf/runtime/trainer.hpp"
@@ -695,6 +696,80 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   EXPECT_THROW(train_on_ranks(d.path() + "/bad-env", 1, 3, 1, "", {}, [](TrainOptions& o) { o.device = "cuda"; }),
                std::exception);
   ::unsetenv("ZINF_GPU_OVERLAP");
+}
+
+TEST(Trainer, TheGpuPipelineOnTwoGpusStepsExactlyLikeTheSynchronousPath) {
+  // Two GPUs at stage 3: each unit's parameters all-gathered and its gradient reduce-scattered
+  // over NCCL, GPU to GPU, each rank copying down and stepping its own shard, against the
+  // synchronous path (host collectives over Gloo). A sum of two gradients is the same either way:
+  // without clipping the runs are bit-identical (the losses, and both ranks' saved state), also
+  // across a resume; with clipping the norm is summed on the GPU, within rounding. A tight live
+  // budget makes the coordinator reuse buffers; the memory plan bounds the peak.
+  const kernels::GpuQuery q = kernels::query_gpus();
+  std::string why;
+  if (q.gpus.size() < 2 || !nccl_usable(&why)) {
+    GTEST_SKIP() << "needs 2 GPUs and NCCL: "
+                 << (q.gpus.size() < 2 ? fmt::format("{} GPU(s) visible{}", q.gpus.size(), q.problem.empty() ? "" : ": " + q.problem)
+                                       : why);
+  }
+  ScratchDir d;
+  const auto cuda2 = [](TrainOptions& o) {
+    o.device = "cuda";
+    o.gpu = o.comm->rank();
+  };
+  const auto state = [](int rank, int step) {
+    return fmt::format("/checkpoints/step-{:08d}/optimizer_state.rank{:05d}-of-00002.safetensors", step, rank);
+  };
+  for (const bool bf16 : {true, false}) {
+    for (const double clip : {0.0, 1.0}) {
+      const auto tweak = [&](Json& ds) {
+        one_gpu_pipeline(ds, bf16, clip);
+        ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
+      };
+      const std::string tag = fmt::format("{}-clip{}", bf16 ? "bf16" : "fp32", clip);
+      ::setenv("ZINF_GPU_OVERLAP", "0", 1);
+      train_on_ranks(d.path() + "/sync-" + tag, 2, 3, 6, "", tweak, cuda2);
+      ::unsetenv("ZINF_GPU_OVERLAP");
+      train_on_ranks(d.path() + "/pipe-" + tag, 2, 3, 6, "", tweak, cuda2);
+      const auto want = losses(d.path() + "/sync-" + tag), got = losses(d.path() + "/pipe-" + tag);
+      ASSERT_EQ(got.size(), 6u) << tag;
+      const Json s = Json::parse(std::ifstream(d.path() + "/pipe-" + tag + "/summary.json"));
+      EXPECT_EQ(s["gpu_pipeline"]["enabled"], true) << tag;
+      EXPECT_EQ(s["gpu_pipeline"]["gpus"], 2) << tag;
+      EXPECT_EQ(s["gpu_pipeline"]["gpu_collectives"], "nccl") << tag;
+      EXPECT_LE(s["gpu_memory"]["peak_bytes"].get<std::uint64_t>(), s["gpu_memory"]["planned_bytes"].get<std::uint64_t>()) << tag;
+      EXPECT_EQ(Json::parse(std::ifstream(d.path() + "/sync-" + tag + "/summary.json"))["gpu_pipeline"]["gpu_collectives"], "none");
+      if (clip == 0.0) {
+        EXPECT_EQ(got, want) << tag;
+        for (int r = 0; r < 2; ++r) {
+          EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + state(r, 6)) == file_bytes(d.path() + "/pipe-" + tag + state(r, 6)))
+              << tag << " rank " << r;
+        }
+        train_on_ranks(d.path() + "/resumed-" + tag, 2, 3, 3, "", tweak, cuda2);
+        train_on_ranks(d.path() + "/resumed-" + tag, 2, 3, 6, "latest", tweak, cuda2);
+        EXPECT_EQ(losses(d.path() + "/resumed-" + tag), want) << tag;
+        for (int r = 0; r < 2; ++r) {
+          EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + state(r, 6)) == file_bytes(d.path() + "/resumed-" + tag + state(r, 6)))
+              << tag << " rank " << r;
+        }
+      } else {
+        for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * want[i]) << tag << " step " << i + 1;
+      }
+    }
+  }
+  // bf16 gradients (reduced in fp32, this rank's shard rounded, landing in its parameter shard):
+  // close to the fp32-gradient run.
+  train_on_ranks(d.path() + "/bf16-grads", 2, 3, 6, "", [](Json& ds) {
+    one_gpu_pipeline(ds, true, 0.0);
+    ds["communication_data_type"] = "bf16";
+  }, cuda2);
+  const auto want = losses(d.path() + "/pipe-bf16-clip0"), got = losses(d.path() + "/bf16-grads");
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-3 * want[i]) << "step " << i + 1;
+  const Json sum = Json::parse(std::ifstream(d.path() + "/bf16-grads/summary.json"));
+  EXPECT_EQ(sum["gpu_pipeline"]["gradient_dtype"], "bf16");
+  EXPECT_EQ(sum["gpu_pipeline"]["gradients_in_parameter_shards"], true);
 }
 
 TEST(Trainer, TheGpuShareOfTheOptimizerStepsExactlyLikeTheHost) {

@@ -46,6 +46,10 @@ struct CoordinatorOptions {
   std::int64_t max_reuse_distance = 1'000'000'000;  // stage3_max_reuse_distance
   std::int64_t persistence_threshold = 100'000;    // stage3_param_persistence_threshold
   std::int64_t model_persistence_threshold = INT64_MAX;  // stage3_model_persistence_threshold: all persistent units together
+  // Per unit, the elements a gather writes (at least the unit's numel: an in-place all-gather of
+  // W equal shards writes the unit padded to W x shard). Empty: each unit's numel. Buffers and
+  // budgets count these.
+  std::vector<std::int64_t> gather_elements;
 };
 
 // Counters since the last take_stats().
@@ -88,6 +92,12 @@ class ParamCoordinator {
   // GPU's share of the optimizer steps them in place). The unit is never gathered, freed or
   // invalidated, and counts against no budget. Call before the first pass.
   void adopt(std::size_t unit, void* buffer);
+  // Runs `task` on the gather thread after every gather requested so far and before any requested
+  // later: with several GPUs the trainer's reduce-scatters go through here, so that every rank
+  // issues its collectives (all-gathers and reduce-scatters) in the same order, on one thread.
+  // run is false when an earlier gather failed (the task is only told). The task must not throw.
+  // Tasks still queued when the coordinator is destroyed are dropped.
+  void post(std::function<void(bool run)> task);
   bool adopted(std::size_t unit) const { return adopted_[unit]; }
 
   CoordinatorStats take_stats();
@@ -146,7 +156,11 @@ class ParamCoordinator {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Unit> units_;
-  std::deque<std::size_t> queue_;
+  struct Item {
+    std::size_t unit = kNone;            // a gather of this unit, or
+    std::function<void(bool)> task;      // a posted task
+  };
+  std::deque<Item> queue_;
   std::size_t in_flight_ = 0;  // requested, not yet resident
   std::exception_ptr error_;
   bool stop_ = false;

@@ -13,6 +13,7 @@
 #include <string>
 #include <utility>
 
+#include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/runtime/comm.hpp"
 
 namespace zinf::runtime {
@@ -32,6 +33,28 @@ std::string nccl_version();
 // NCCL unique id travels over `bootstrap`. Collective. Throws zinf::Error naming what is missing
 // (no CUDA build, no GPU, no NCCL library) or what failed.
 std::unique_ptr<Communicator> make_nccl_communicator(Communicator& bootstrap, int device, const NcclOptions& options = {});
+
+// Collectives on device memory of any element type: the trainer's GPU pipeline with several
+// GPUs (stage-3 all-gathers of bf16 or fp32 parameter shards, reduce-scatters of gradients). Each
+// call returns when its result is in place, and is watched like the Communicator's (a peer that
+// never arrives is an error after the timeout). One thread at a time per object: split() gives
+// another thread a channel of its own.
+class DeviceCollectives {
+ public:
+  virtual ~DeviceCollectives() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  // out (count x size() elements) = every rank's `in` (count elements), in rank order. In place
+  // when in == out + rank() * count (in elements).
+  virtual void all_gather(const void* in, void* out, std::size_t count, kernels::cpu::DType dtype) = 0;
+  // out (count elements) = the sum over ranks of their in[rank() * count, (rank() + 1) * count).
+  virtual void reduce_scatter_sum(const void* in, void* out, std::size_t count, kernels::cpu::DType dtype) = 0;
+  virtual std::unique_ptr<DeviceCollectives> split(const std::string& name) = 0;
+};
+
+// As make_nccl_communicator(), for device collectives of any element type.
+std::unique_ptr<DeviceCollectives> make_nccl_collectives(Communicator& bootstrap, int device,
+                                                         const NcclOptions& options = {});
 
 // Device memory for tests and benchmarks (cudaMalloc / cudaFree), with copies to and from the host.
 class DeviceFloats {

@@ -283,7 +283,7 @@ std::int64_t ParamCoordinator::cached_elements() const {
   return cached_;
 }
 
-void ParamCoordinator::post(std::function<void(bool run)> task) {
+void ParamCoordinator::post(Task task) {
   {
     std::lock_guard lock(mu_);
     queue_.push_back(Item{kNone, std::move(task)});
@@ -299,9 +299,9 @@ void ParamCoordinator::worker() {
     Item item = std::move(queue_.front());
     queue_.pop_front();
     if (item.task) {
-      const bool run = !error_;
+      const std::exception_ptr failed = error_;
       lock.unlock();
-      item.task(run);
+      item.task(failed);
       lock.lock();
       continue;
     }

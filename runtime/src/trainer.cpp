@@ -512,7 +512,7 @@ class Trainer {
     if (stage3_) {
       // The prefetch thread gathers on a channel of its own, so its all-gathers never interleave
       // with the compute thread's reductions.
-      gather_comm_ = comm_->split("stage3-gather");
+      if (!nccl_) gather_comm_ = comm_->split("stage3-gather");
       const auto& z = o.ds.zero;
       CoordinatorOptions co{z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
                             z.param_persistence_threshold, z.model_persistence_threshold, {}};
@@ -522,7 +522,7 @@ class Trainer {
       coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, param_dtype_, co,
                                                   [this](std::size_t u, void* dst, std::size_t next) {
                                                     try {
-                                                      gather_unit(u, dst, *gather_comm_, worker_scratch_, next);
+                                                      gather_unit(u, dst, gather_comm_ ? *gather_comm_ : *comm_, worker_scratch_, next);  // (NCCL: unused)
                                                     } catch (...) {
                                                       worker_scratch_.ahead.reset();  // its buffers go back
                                                       throw;
@@ -560,8 +560,7 @@ class Trainer {
   }
 
   // Several GPUs in the pipeline: the ranks join an NCCL communicator (bootstrapped over comm_)
-  // for the gradients' reduce-scatters and split a channel off it for the prefetch thread's
-  // all-gathers. The ranks first agree that every one of them can use NCCL; where any cannot, all
+  // for the gather thread's all-gathers and reduce-scatters. The ranks first agree that every one of them can use NCCL; where any cannot, all
   // take the synchronous path (collectives on the host, over Gloo) and say why.
   void join_gpu_ranks() {
     std::string why;
@@ -579,8 +578,12 @@ class Trainer {
       gpu_pipeline_ = false;
       return;
     }
+    // A collective waits for the other ranks' computation and optimizer step too (a gather
+    // waits for its unit's update): 10 minutes unless ZINF_COMM_TIMEOUT says otherwise.
+    NcclOptions no;
+    if (std::getenv("ZINF_COMM_TIMEOUT") == nullptr) no.timeout = std::chrono::minutes(10);
     try {
-      nccl_ = make_nccl_collectives(*comm_, o_.gpu);
+      nccl_ = make_nccl_collectives(*comm_, o_.gpu, no);
     } catch (const Error& e) {
       throw Error("{} (with several GPUs each rank needs a GPU of its own: zinf launch gives rank r GPU LOCAL_RANK; "
                   "ZINF_GPU_OVERLAP=0 takes the synchronous path, over the host)",
@@ -593,7 +596,8 @@ class Trainer {
     }
   }
   // The elements a gather of unit u writes: with several GPUs in the pipeline the unit padded to
-  // W shards (an in-place all-gather); its gradient buffer is as long, so it reduce-scatters in place.
+  // W shards (an in-place all-gather); its gradient buffer is as long (W equal shards for the
+  // reduce-scatter, into a buffer of its own).
   std::int64_t gather_elements(std::size_t u) const {
     return nccl_ ? shard_[u] * world_ : layout_.units[u].numel;
   }
@@ -1456,15 +1460,17 @@ class Trainer {
     // The unit's backward, and every compute-stream read of the shard buffer queued before it.
     std::shared_ptr<Backend::Event> computed = backend_->record(Stream::kCompute);
     coord_->post([c = nccl_.get(), t = r.ticket, computed, shard_busy, in = r.full.data(), out = r.shard.data(), count,
-                  name = layout_.units[u].name](bool run) {
+                  name = layout_.units[u].name](const std::exception_ptr& failed) {
       std::string error;
       try {
-        if (!run) throw Error("a gather before it failed");
+        if (failed) std::rethrow_exception(failed);  // a gather before it failed: its reason
         computed->synchronize();
         if (shard_busy) shard_busy->synchronize();  // its last copy-down
         c->reduce_scatter_sum(in, out, count, DType::kF32);
       } catch (const std::exception& e) {
         error = fmt::format("reduce-scatter of {}'s gradient: {}", name, e.what());
+      } catch (...) {
+        error = fmt::format("reduce-scatter of {}'s gradient failed", name);
       }
       t->finish(std::move(error));
     });

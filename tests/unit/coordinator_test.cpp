@@ -128,12 +128,14 @@ TEST(Coordinator, PaddedGathersGetBuffersOfTheirSizeAndCountInTheBudgets) {
   o.gather_elements = {1004, 64, 780, 1004};  // 4 shards each
   std::mutex mu;
   std::vector<float> last(l.units.size());
+  std::uint64_t padded_sum = 0;
   ParamCoordinator c(*backend, l, DType::kF32, o, [&](std::size_t u, void* dst, std::size_t) {
     auto* f = static_cast<float*>(dst);
     const auto n = static_cast<std::size_t>(o.gather_elements[u]);
     std::fill(f, f + n, static_cast<float>(u + 1));  // to the padded end: within the buffer
     std::lock_guard lock(mu);
     last[u] = f[n - 1];
+    padded_sum += n;
   });
   const auto uses = ParamCoordinator::training_schedule(l.units.size(), 2, self, self);
   c.begin(uses);
@@ -145,10 +147,91 @@ TEST(Coordinator, PaddedGathersGetBuffersOfTheirSizeAndCountInTheBudgets) {
   }
   c.end();
   const CoordinatorStats s = c.take_stats();
-  EXPECT_EQ(s.gathered_elements % 2, 0u);  // padded counts: 1004, 64, 780 (the numels are odd)
+  EXPECT_EQ(s.gathered_elements, padded_sum);  // counted padded
+  EXPECT_GT(s.gathers, 4u);
   EXPECT_LE(s.live_high_water, o.max_live + 1004);
-  EXPECT_GT(s.live_high_water, 1001);  // a padded unit and another at once: counted padded
   for (std::size_t u = 0; u < last.size(); ++u) EXPECT_EQ(last[u], u + 1.0f);
+}
+
+TEST(Coordinator, PostedTasksRunInOrderWithTheGathersAndHearOfAFailure) {
+  // Several GPUs: the trainer's reduce-scatters are posted between the gathers the compute thread
+  // requested; the gather thread runs both in that order (every rank the same), and a task after
+  // a failed gather is told the gather's error.
+  auto backend = make_cpu_backend();
+  const ModelLayout l = layout_of({500, 500, 500, 500});
+  CoordinatorOptions o;
+  o.max_live = 10000;
+  o.prefetch_bucket = 0;  // gathers only on demand: the order below is exact
+  o.persistence_threshold = 0;
+  std::mutex mu;
+  std::vector<std::string> order;
+  bool fail = false;
+  ParamCoordinator c(*backend, l, DType::kF32, o, [&](std::size_t u, void* dst, std::size_t) {
+    std::lock_guard lock(mu);
+    order.push_back(fmt::format("g{}", u));
+    if (fail && u == 2) throw Error("disk gone");
+    std::fill(static_cast<float*>(dst), static_cast<float*>(dst) + 500, 1.0f);
+  });
+  std::vector<std::string> heard;
+  const auto task = [&](const std::string& name) {
+    return [&, name](const std::exception_ptr& failed) {
+      std::lock_guard lock(mu);
+      order.push_back(name);
+      if (failed) {
+        try {
+          std::rethrow_exception(failed);
+        } catch (const std::exception& e) {
+          heard.push_back(name + ": " + e.what());
+        }
+      }
+    };
+  };
+  const auto uses = ParamCoordinator::forward_schedule(4, self);
+  c.begin(uses);
+  for (std::size_t i = 0; i < uses.size(); ++i) {
+    c.acquire(i);
+    c.release(i);
+    c.post(task(fmt::format("t{}", i)));
+  }
+  c.end();
+  // end() waits for the gathers; the last task may still be running: wait for it.
+  for (int k = 0; k < 2000; ++k) {
+    {
+      std::lock_guard lock(mu);
+      if (order.size() == 8) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  {
+    std::lock_guard lock(mu);
+    EXPECT_EQ(order, (std::vector<std::string>{"g0", "t0", "g1", "t1", "g2", "t2", "g3", "t3"}));
+    EXPECT_TRUE(heard.empty());
+    order.clear();
+  }
+  // A failed gather: the task posted after it hears why; the pass reports the error.
+  {
+    std::lock_guard lock(mu);
+    fail = true;
+  }
+  c.invalidate();
+  c.begin(uses);
+  c.acquire(0);
+  c.release(0);
+  c.acquire(1);
+  c.release(1);
+  EXPECT_IO_ERROR(c.acquire(2), "disk gone");
+  c.post(task("after"));
+  for (int k = 0; k < 2000; ++k) {
+    {
+      std::lock_guard lock(mu);
+      if (!heard.empty()) break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  std::lock_guard lock(mu);
+  ASSERT_EQ(heard.size(), 1u);
+  EXPECT_NE(heard[0].find("after: "), std::string::npos) << heard[0];
+  EXPECT_NE(heard[0].find("disk gone"), std::string::npos) << heard[0];
 }
 
 TEST(Coordinator, GathersFollowTheScheduleWhateverTheTiming) {

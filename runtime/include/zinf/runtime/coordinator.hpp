@@ -16,7 +16,8 @@
 //
 // Gathers run on one prefetch thread, in the order they were requested. Every decision depends
 // only on the schedule and the unit sizes, never on timing, so every rank requests the same
-// gathers in the same order and the gathers' collectives (all-gathers on their own channel) match.
+// gathers in the same order and the gathers' collectives (all-gathers on their own channel, or,
+// with several GPUs, NCCL collectives interleaved with the tasks of post()) match.
 //
 // Bounds (tested): gathered non-persistent elements never exceed max_live plus the elements of the
 // use being computed; elements prefetched ahead of their use never exceed the bucket. Freed
@@ -67,7 +68,7 @@ struct CoordinatorStats {
 
 class ParamCoordinator {
  public:
-  // Fills `dst` (the unit's numel elements of the coordinator's dtype) with the unit's current
+  // Fills `dst` (the unit's numel elements of the coordinator's dtype, or its gather_elements) with the unit's current
   // parameters; runs on the prefetch thread. `next` is the unit gathered after this one (kNone
   // when none is queued yet), so slow reads of it may start early. May throw; the error reaches
   // the acquire() that needs the unit (and every later one).
@@ -95,9 +96,10 @@ class ParamCoordinator {
   // Runs `task` on the gather thread after every gather requested so far and before any requested
   // later: with several GPUs the trainer's reduce-scatters go through here, so that every rank
   // issues its collectives (all-gathers and reduce-scatters) in the same order, on one thread.
-  // run is false when an earlier gather failed (the task is only told). The task must not throw.
-  // Tasks still queued when the coordinator is destroyed are dropped.
-  void post(std::function<void(bool run)> task);
+  // `failed` is null, or the error of an earlier gather (the task is then only told why). The
+  // task must not throw. Tasks still queued when the coordinator is destroyed are dropped.
+  using Task = std::function<void(const std::exception_ptr& failed)>;
+  void post(Task task);
   bool adopted(std::size_t unit) const { return adopted_[unit]; }
 
   CoordinatorStats take_stats();
@@ -158,7 +160,7 @@ class ParamCoordinator {
   std::vector<Unit> units_;
   struct Item {
     std::size_t unit = kNone;            // a gather of this unit, or
-    std::function<void(bool)> task;      // a posted task
+    Task task;                           // a posted task
   };
   std::deque<Item> queue_;
   std::size_t in_flight_ = 0;  // requested, not yet resident

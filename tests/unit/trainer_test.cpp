@@ -410,6 +410,13 @@ void one_gpu_pipeline(Json& ds, bool bf16, std::optional<double> clip) {
   if (clip) ds["gradient_clipping"] = *clip;
 }
 
+// ... with a tight live budget and no persistent units, so the coordinator reuses its buffers.
+void tight_gpu_pipeline(Json& ds, bool bf16, std::optional<double> clip) {
+  one_gpu_pipeline(ds, bf16, clip);
+  ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
+  ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
+}
+
 std::vector<double> losses(const std::string& out) {
   const auto rows = read_csv(out + "/training_metrics.csv");
   std::vector<double> l;
@@ -602,11 +609,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   ScratchDir d;
   for (const bool bf16 : {true, false}) {
     for (const double clip : {0.0, 1.0}) {
-      const auto tweak = [&](Json& ds) {
-        one_gpu_pipeline(ds, bf16, clip);
-        ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
-      };
+      const auto tweak = [&](Json& ds) { tight_gpu_pipeline(ds, bf16, clip); };
       const std::string tag = fmt::format("{}-clip{}", bf16 ? "bf16" : "fp32", clip);
       ::setenv("ZINF_GPU_OVERLAP", "0", 1);
       train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
@@ -722,11 +725,7 @@ TEST(Trainer, TheGpuPipelineOnTwoGpusStepsExactlyLikeTheSynchronousPath) {
   };
   for (const bool bf16 : {true, false}) {
     for (const double clip : {0.0, 1.0}) {
-      const auto tweak = [&](Json& ds) {
-        one_gpu_pipeline(ds, bf16, clip);
-        ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
-      };
+      const auto tweak = [&](Json& ds) { tight_gpu_pipeline(ds, bf16, clip); };
       const std::string tag = fmt::format("{}-clip{}", bf16 ? "bf16" : "fp32", clip);
       ::setenv("ZINF_GPU_OVERLAP", "0", 1);
       train_on_ranks(d.path() + "/sync-" + tag, 2, 3, 6, "", tweak, cuda2);
@@ -774,11 +773,7 @@ TEST(Trainer, TheGpuPipelineOnTwoGpusStepsExactlyLikeTheSynchronousPath) {
   // shards, so the padded gathers and reductions are exercised; a sum of three may be added in
   // another order than the host's, so within rounding.
   if (q.gpus.size() >= 3) {
-    const auto tweak = [](Json& ds) {
-      one_gpu_pipeline(ds, true, 0.0);
-      ds["zero_optimization"]["stage3_max_live_parameters"] = 20000;
-      ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0;
-    };
+    const auto tweak = [](Json& ds) { tight_gpu_pipeline(ds, true, 0.0); };
     ::setenv("ZINF_GPU_OVERLAP", "0", 1);
     train_on_ranks(d.path() + "/sync-w3", 3, 3, 6, "", tweak, cuda2);
     ::unsetenv("ZINF_GPU_OVERLAP");

@@ -49,7 +49,17 @@ done
 runs="noclip:0:deepspeed_zero3_cpuoffload clip:1.0:deepspeed_zero3_cpuoffload
       bf16grads:0:$out/zero3_cpuoffload_bf16grads.json ratio0.7:0:$out/zero3_cpuoffload_ratio0.7.json
       ratio0.5:0:$out/zero3_cpuoffload_ratio0.5.json ratio0.7clip:1.0:$out/zero3_cpuoffload_ratio0.7.json"
-for run in ${ZINF_RUNS:-$runs}; do
+# ZINF_RUNS picks some of them by name ("noclip ratio0.5") or gives NAME:CLIP:CONFIG specs.
+selected=()
+for want in ${ZINF_RUNS:-}; do
+  if [[ $want == *:* ]]; then selected+=("$want"); continue; fi
+  spec=""
+  for run in $runs; do [[ ${run%%:*} == "$want" ]] && spec=$run; done
+  [[ -n $spec ]] || { echo "ZINF_RUNS: no run named '$want' (known: $(for r in $runs; do printf '%s ' "${r%%:*}"; done))" >&2; exit 2; }
+  selected+=("$spec")
+done
+[[ ${#selected[@]} -gt 0 ]] || read -r -a selected <<< "$(echo $runs)"
+for run in "${selected[@]}"; do
   IFS=: read -r name clip ds <<< "$run"
   rm -rf "$out/zinf-$name"
   "$zinf" train --device cuda --model configs/models/bench-3.1b.json --data "$out/tokens.u16" --data-dtype uint16 \

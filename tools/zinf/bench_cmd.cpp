@@ -510,11 +510,12 @@ config::DeepSpeedConfig load_bench_config(const std::string& path) {
 
 void add_bench_commands(CLI::App& app, Action& action) {
   auto* bench = app.add_subcommand("bench", "Benchmarks: storage (io), CPU optimizers (adam), the offloaded optimizer step (offload), the model (model), "
-                                   "collectives between ranks (comm)");
+                                   "collectives between ranks (comm), PCIe (pcie), host memory (mem), GEMM peak (gemm), all of them (all)");
   bench->require_subcommand(1);
   add_bench_adam_command(*bench, action);
   add_bench_offload_command(*bench, action);
   add_bench_model_command(*bench, action);
+  add_bench_suite_commands(*bench, action);
   add_launch_commands(app, *bench, action);
   auto io_opts = std::make_shared<BenchIoOptions>();
   auto* io_cmd = bench->add_subcommand(

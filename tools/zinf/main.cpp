@@ -68,6 +68,7 @@ int main(int argc, char** argv) {
   zinf::tools::add_config_commands(app, action);
   zinf::tools::add_bench_commands(app, action);
   zinf::tools::add_train_commands(app, action);
+  zinf::tools::add_plan_command(app, action);
 
   try {
     app.parse(argc, argv);

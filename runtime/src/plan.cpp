@@ -1,0 +1,473 @@
+// `zinf plan`: see plan.hpp.
+#include "zinf/runtime/plan.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "zinf/common/error.hpp"
+#include "zinf/runtime/model.hpp"
+#include "zinf/runtime/trainer.hpp"
+
+namespace zinf::runtime {
+namespace {
+
+using nlohmann::json;
+using config::OffloadDevice;
+
+constexpr double kGB = 1e9;
+constexpr std::uint64_t kGradBuffersInFlight = 3;  // as the trainer's pipeline
+constexpr std::uint64_t kReductionsInFlight = 2;
+
+std::string gib(std::uint64_t b) { return fmt::format("{:.2f} GiB", static_cast<double>(b) / (1ull << 30)); }
+
+const json* find(const json& j, std::initializer_list<const char*> path) {
+  const json* p = &j;
+  for (const char* k : path) {
+    if (!p->is_object() || !p->contains(k)) return nullptr;
+    p = &(*p)[k];
+  }
+  return p;
+}
+
+double positive(const json* v) { return v != nullptr && v->is_number() && v->get<double>() > 0 ? v->get<double>() : 0.0; }
+
+}  // namespace
+
+MachineRates::MachineRates() {
+  for (const char* k : {"h2d_GBps", "d2h_GBps", "both_GBps", "host_mem_GBps", "adam_params_per_s", "nvme_read_GBps",
+                        "nvme_write_GBps", "gpu_model_tflops", "gemm_peak_tflops", "nvlink_GBps", "cpu_model_tflops"}) {
+    source[k] = "default";
+  }
+}
+
+MachineRates MachineRates::from_report(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error("--bench {}: cannot read the file (write one with `zinf bench all --json > FILE`)", path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json r;
+  try {
+    r = json::parse(ss.str());
+  } catch (const std::exception& e) {
+    throw Error("--bench {}: not JSON ({}); give the output of `zinf bench all --json`", path, e.what());
+  }
+  if (!r.is_object()) throw Error("--bench {}: not a zinf bench report (a JSON object is expected)", path);
+  MachineRates m;
+  int taken = 0;
+  const std::string src = fmt::format("measured ({})", path);
+  const auto take = [&](double& field, const char* name, double v) {
+    if (v > 0) {
+      field = v;
+      m.source[name] = src;
+      ++taken;
+    }
+  };
+  take(m.h2d_GBps, "h2d_GBps", positive(find(r, {"pcie", "best", "zinf", "pinned", "h2d"})));
+  take(m.d2h_GBps, "d2h_GBps", positive(find(r, {"pcie", "best", "zinf", "pinned", "d2h"})));
+  take(m.both_GBps, "both_GBps", positive(find(r, {"pcie", "best", "zinf", "pinned", "both"})));
+  double triad = positive(find(r, {"mem", "triad_GBps"}));
+  if (triad == 0) triad = positive(find(r, {"adam", "stream_triad_GBps"}));
+  if (triad == 0) triad = positive(find(r, {"stream_triad_GBps"}));
+  take(m.host_mem_GBps, "host_mem_GBps", triad);
+  const json* kernels = find(r, {"adam", "kernels"});
+  if (kernels == nullptr) kernels = find(r, {"kernels"});
+  if (kernels != nullptr && kernels->is_array()) {
+    // The host step with bf16 gradients in (28 bytes per parameter), or with fp32 ones scaled to it.
+    double best = 0;
+    for (const auto& k : *kernels) {
+      const std::string name = k.value("kernel", "");
+      const double pps = k.value("params_per_s", 0.0);
+      if (name == "host_step_adamw_bf16") best = std::max(best, pps);
+      if (name == "host_step_adamw_fp32") best = std::max(best, pps * 30.0 / 28.0);
+    }
+    take(m.adam_params_per_s, "adam_params_per_s", best);
+  }
+  const json* io = find(r, {"io"});
+  if (io == nullptr && r.contains("points")) io = &r;
+  if (io != nullptr) {
+    take(m.nvme_read_GBps, "nvme_read_GBps", positive(find(*io, {"best", "read_GBps"})));
+    take(m.nvme_write_GBps, "nvme_write_GBps", positive(find(*io, {"best", "write_GBps"})));
+  }
+  take(m.gemm_peak_tflops, "gemm_peak_tflops", positive(find(r, {"gemm", "peak_tflops"})));
+  if (const json* st = find(r, {"step"}); st != nullptr) {
+    const bool cuda = st->value("backend", std::string()).rfind("cuda", 0) == 0;
+    take(cuda ? m.gpu_model_tflops : m.cpu_model_tflops, cuda ? "gpu_model_tflops" : "cpu_model_tflops",
+         positive(find(*st, {"model_tflops"})));
+  }
+  if (m.source["gpu_model_tflops"] == "default" && m.gemm_peak_tflops > 0) {
+    // zinf's resident step reached 39% of the measured GEMM peak on an H200 (bench/results/gpu.md).
+    m.gpu_model_tflops = 0.39 * m.gemm_peak_tflops;
+    m.source["gpu_model_tflops"] = src + ", 0.39 x the GEMM peak";
+  }
+  take(m.nvlink_GBps, "nvlink_GBps", positive(find(r, {"comm", "busbw_GBps"})));
+  if (taken == 0) {
+    throw Error("--bench {}: no figure zinf plan can use (expected the output of `zinf bench all --json`, or of "
+                "`zinf bench pcie|mem|adam|io|gemm --json`)",
+                path);
+  }
+  return m;
+}
+
+json MachineRates::to_json() const {
+  json j = {{"h2d_GBps", h2d_GBps},
+            {"d2h_GBps", d2h_GBps},
+            {"both_GBps", both_GBps},
+            {"host_mem_GBps", host_mem_GBps},
+            {"adam_params_per_s", adam_params_per_s},
+            {"nvme_read_GBps", nvme_read_GBps},
+            {"nvme_write_GBps", nvme_write_GBps},
+            {"gpu_model_tflops", gpu_model_tflops},
+            {"gemm_peak_tflops", gemm_peak_tflops},
+            {"nvlink_GBps", nvlink_GBps},
+            {"cpu_model_tflops", cpu_model_tflops}};
+  j["source"] = source;
+  return j;
+}
+
+std::uint64_t TierPlan::total() const {
+  std::uint64_t t = 0;
+  for (const auto& i : items) t += i.bytes;
+  return t;
+}
+
+std::string TierPlan::verdict() const {
+  if (total() == 0) return "unused";
+  if (capacity == 0) return "unknown";
+  return total() <= capacity ? "fits" : "does not fit";
+}
+
+bool Plan::fits() const {
+  return std::none_of(tiers.begin(), tiers.end(), [](const TierPlan& t) { return t.verdict() == "does not fit"; });
+}
+
+Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
+  const ModelConfig& c = in.model;
+  const config::DeepSpeedConfig& ds = in.ds;
+  const config::ZeroConfig& z = ds.zero;
+  if (in.gpus < 1) throw Error("--gpus must be at least 1, not {}", in.gpus);
+  if (in.micro_batch < 1 || in.seq_len < 1 || in.grad_accum < 1) {
+    throw Error("micro-batch, sequence length and gradient accumulation must be at least 1");
+  }
+  if (in.device != "cuda" && in.device != "cpu") throw Error("--device must be cuda or cpu, not '{}'", in.device);
+  Plan p;
+  p.rates = rates;
+  const bool gpu = in.device == "cuda";
+  const std::uint64_t W = static_cast<std::uint64_t>(in.gpus);
+  const int stage = z.stage;
+  const bool stage3 = stage == 3, partition_grads = stage >= 2, sharded = W > 1 && stage >= 1;
+  const bool fp16 = ds.fp16.enabled, bf16 = ds.bf16.enabled;
+  const std::uint64_t pb = bf16 ? 2 : 4;  // compute copy of a parameter (fp16 runs keep fp32 copies)
+  const ModelLayout layout = make_layout(c);
+  const std::size_t U = layout.units.size();
+  std::vector<std::uint64_t> numel(U), shard(U);
+  std::uint64_t E = 0, largest = 0;
+  for (std::size_t u = 0; u < U; ++u) {
+    numel[u] = static_cast<std::uint64_t>(layout.units[u].numel);
+    shard[u] = sharded ? (numel[u] + W - 1) / W : numel[u];
+    E += numel[u];
+    largest = std::max(largest, numel[u]);
+  }
+  std::uint64_t S = 0;  // this rank's elements
+  for (auto s : shard) S += s;
+
+  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && in.grad_accum == 1 && !fp16;
+  const bool nccl = p.pipeline && W > 1;
+  const bool bf16_grads = p.pipeline && ds.communication_data_type && *ds.communication_data_type == config::Dtype::kBf16;
+  const std::uint64_t gbytes = bf16_grads ? 2 : 4;
+  // The GPU's share of the optimizer: offload_optimizer.ratio < 1 with device cpu, one GPU, stage 3.
+  std::vector<bool> on_gpu(U, false);
+  std::uint64_t gpu_share = 0;
+  if (z.offload_optimizer && z.offload_optimizer->device == OffloadDevice::kCpu && z.offload_optimizer->ratio < 1.0) {
+    if (p.pipeline && stage3 && W == 1) {
+      const double want = (1.0 - z.offload_optimizer->ratio) * static_cast<double>(E);
+      for (std::size_t u = 0; u < U; ++u) {
+        if (static_cast<double>(gpu_share) + 0.5 * static_cast<double>(numel[u]) > want) break;
+        on_gpu[u] = true;
+        gpu_share += numel[u];
+      }
+    } else {
+      p.notes.push_back("offload_optimizer.ratio < 1 with device cpu needs the one-GPU pipeline at stage 3: all "
+                        "optimizer state is planned on the host");
+    }
+  }
+
+  // ---- GPU (per GPU): the trainer's plan_gpu_memory.
+  TierPlan g{"gpu", {}, in.gpu_mem};
+  if (gpu) {
+    std::uint64_t params = 0, optimizer = 0, total = 0, big = 0, persistent = 0;
+    for (std::size_t u = 0; u < U; ++u) {
+      const std::uint64_t n = stage3 ? (nccl ? shard[u] * W : numel[u]) : numel[u];
+      if (on_gpu[u]) {
+        params += n * pb;
+        optimizer += n * (12 + gbytes);
+        continue;
+      }
+      total += n;
+      big = std::max(big, n);
+      if (stage3 && static_cast<std::int64_t>(numel[u]) <= z.param_persistence_threshold) persistent += n;
+    }
+    if (stage3) {
+      const auto live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
+      params += (std::min(live, total - persistent) + big + persistent) * pb;
+    } else {
+      params += total * pb;
+    }
+    std::uint64_t grads = 0;
+    if (!partition_grads) {
+      grads = total * 4;
+    } else {
+      std::map<std::uint64_t, std::uint64_t> sizes;
+      for (std::size_t u = 0; u < U; ++u) ++sizes[numel[u]];
+      const auto bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(z.reduce_bucket_size, 0));
+      for (const auto& [n, count] : sizes) {
+        if (nccl) {
+          const std::uint64_t sh = (n + W - 1) / W, rif = kReductionsInFlight + 1;
+          grads += std::min<std::uint64_t>(count, rif + 2) * sh * W * 4;
+          grads += bf16_grads ? std::min<std::uint64_t>(count, rif + 1) * sh * 4 +
+                                    std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * sh * 2
+                              : std::min<std::uint64_t>(count, rif + kGradBuffersInFlight) * sh * 4;
+        } else if (p.pipeline) {
+          grads += bf16_grads ? std::min<std::uint64_t>(count, 2) * n * 4 +
+                                    std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * 2
+                              : std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * 4;
+        } else {
+          grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;
+        }
+      }
+    }
+    ModelOptions mo;
+    mo.param_dtype = bf16 ? kernels::cpu::DType::kBF16 : kernels::cpu::DType::kF32;
+    mo.checkpoint_activations = true;
+    const std::uint64_t acts = Model::activation_bytes_for(c, in.micro_batch, in.seq_len, mo);
+    // The CUDA backend's scratch bound (cuda_backend.cpp): cuBLASLt workspace, bf16 operand slots,
+    // the LM head's vocabulary chunk, attention's packed operands, small partials.
+    const std::uint64_t rows = static_cast<std::uint64_t>(in.micro_batch * in.seq_len);
+    const std::uint64_t vchunk = std::clamp<std::uint64_t>((256ull << 20) / 4 / std::max<std::uint64_t>(rows, 1) / 64 * 64,
+                                                           std::min<std::uint64_t>(64, static_cast<std::uint64_t>(c.vocab_size)),
+                                                           static_cast<std::uint64_t>(c.vocab_size));
+    const std::uint64_t widest_in = static_cast<std::uint64_t>(std::max({c.hidden_size, c.q_dim(), c.intermediate_size}));
+    const std::uint64_t widest_out = static_cast<std::uint64_t>(std::max({c.hidden_size, c.qkv_dim(), 2 * c.intermediate_size}));
+    std::uint64_t scratch = 32ull << 20;
+    if (bf16) scratch += rows * std::max(widest_in, widest_out) * 2 + rows * std::max(widest_in, vchunk) * 2;
+    scratch += (rows + 63) / 64 * widest_out * 4;                                        // norm partials
+    scratch += rows * static_cast<std::uint64_t>(c.qkv_dim() + c.q_dim()) * 2 + rows * 4;  // attention
+    scratch += 3 * rows * 4 + rows * vchunk * 4;
+    g.items = {{"parameters (live budget + one unit)", params},
+               {"gradient buffers", grads},
+               {"activations (checkpointed)", acts},
+               {"scratch", scratch}};
+    if (optimizer > 0) g.items.push_back({"optimizer share (offload_optimizer.ratio)", optimizer});
+    g.items.push_back({"other", U * 8 + (1u << 20)});
+    p.notes.push_back("GPU bytes are zinf's own allocations; the CUDA context and NCCL take about 0.5-1 GiB more");
+  }
+  p.tiers.push_back(g);
+
+  // ---- Host (all ranks on this machine): the partition store's plan, per rank, times the ranks.
+  const bool pin = !((z.offload_optimizer && !z.offload_optimizer->pin_memory) || (z.offload_param && !z.offload_param->pin_memory));
+  const bool opt_nvme = z.optimizer_device() == OffloadDevice::kNvme && z.offload_optimizer->ratio > 0.0;
+  const double nvme_ratio = opt_nvme ? std::min(1.0, z.offload_optimizer->ratio) : 0.0;
+  const bool params_nvme = z.param_device() == OffloadDevice::kNvme;
+  const std::uint64_t slice_cfg = static_cast<std::uint64_t>(std::max<std::int64_t>(z.sub_group_size, 1));
+  std::uint64_t slice = slice_cfg;
+  if (params_nvme) slice = std::min(slice, static_cast<std::uint64_t>(std::max<std::int64_t>(z.offload_param->buffer_size, 1)));
+  std::uint64_t host_state = 0, host_params = 0, nvme_state = 0, nvme_params = 0, largest_staged = 0, largest_pslice = 0;
+  std::uint64_t host_param_elems = 0;
+  for (std::size_t u = 0; u < U; ++u) {
+    const std::uint64_t n = shard[u];
+    const bool p_nvme = params_nvme && (on_gpu[u] || host_param_elems + n > static_cast<std::uint64_t>(
+                                                                               std::max<std::int64_t>(z.offload_param->max_in_cpu, 0)));
+    if (p_nvme) {
+      nvme_params += n * 2;
+      largest_pslice = std::max(largest_pslice, std::min(n, slice));
+    } else {
+      host_param_elems += n;
+      host_params += n * 2;
+    }
+    const std::uint64_t on_nvme = static_cast<std::uint64_t>(std::floor(nvme_ratio * static_cast<double>(n)));
+    nvme_state += on_nvme * 12;
+    host_state += (n - on_nvme) * 12;
+    if (on_nvme > 0 || p_nvme) largest_staged = std::max(largest_staged, std::min(n, slice));
+  }
+  const std::uint64_t opt_buffers = opt_nvme || params_nvme ? static_cast<std::uint64_t>(z.offload_optimizer ? z.offload_optimizer->buffer_count : 4) : 0;
+  const std::uint64_t param_buffers = params_nvme ? static_cast<std::uint64_t>(z.offload_param->buffer_count) : 0;
+  const std::uint64_t staging = (largest_staged > 0 ? opt_buffers * largest_staged * 14 : 0) + param_buffers * largest_pslice * 2;
+  // Gradients: the pipeline's page-locked shards (none when bf16 gradients land in the bf16
+  // parameter shards), or the synchronous path's pageable fp32 shards.
+  const bool grads_in_params = p.pipeline && stage3 && bf16_grads && bf16 && !params_nvme && gpu_share < E;
+  std::uint64_t pinned_grads = 0, pageable = 0;
+  for (std::size_t u = 0; u < U; ++u) {
+    if (grads_in_params || on_gpu[u]) continue;
+    if (p.pipeline) pinned_grads += shard[u] * gbytes;
+    else if (sharded || partition_grads) pageable += shard[u] * 4;
+  }
+  TierPlan hp{"host_pinned", {}, 0};
+  TierPlan hpage{"host_pageable", {}, 0};
+  std::vector<PlanItem> host = {{"optimizer state (fp32 master, m, v)", host_state * W},
+                                {"parameters (bf16)", host_params * W},
+                                {"gradient shards", pinned_grads * W},
+                                {"NVMe staging buffers", staging * W}};
+  (pin ? hp : hpage).items = host;
+  if (!gpu) {
+    // The CPU backend holds the model, its gradients and activations in ordinary memory.
+    ModelOptions mo;
+    mo.param_dtype = bf16 ? kernels::cpu::DType::kBF16 : kernels::cpu::DType::kF32;
+    mo.checkpoint_activations = true;
+    hpage.items.push_back({"CPU backend: parameters + gradients", E * (pb + 4) * W});
+    hpage.items.push_back({"CPU backend: activations", Model::activation_bytes_for(c, in.micro_batch, in.seq_len, mo) * W});
+  }
+  if (pageable > 0) hpage.items.push_back({"gradient shards (synchronous path)", pageable * W});
+  // One capacity for both host tiers: the pinned tier is judged against it, the pageable one
+  // against what the pinned one leaves.
+  hp.capacity = in.host_mem;
+  hpage.capacity = in.host_mem > hp.total() ? in.host_mem - hp.total() : (in.host_mem > 0 ? 1 : 0);
+  p.tiers.push_back(hp);
+  p.tiers.push_back(hpage);
+  TierPlan nv{"nvme", {}, in.nvme};
+  if (nvme_state > 0) nv.items.push_back({"optimizer state (offload_optimizer.ratio)", nvme_state * W});
+  if (nvme_params > 0) nv.items.push_back({"parameters (offload_param nvme)", nvme_params * W});
+  p.tiers.push_back(nv);
+
+  // ---- Step time (per rank; every rank does the same).
+  const double tokens = static_cast<double>(in.micro_batch * in.seq_len * in.grad_accum);
+  p.tokens_per_step = tokens;
+  const double flops = training_flops_per_token(c, in.seq_len) * tokens;
+  const double compute_s = flops / ((gpu ? rates.gpu_model_tflops : rates.cpu_model_tflops) * 1e12);
+  p.parts.push_back({"compute", compute_s,
+                     fmt::format("{:.1f} model TFLOP at {:.0f} TFLOP/s", flops / 1e12,
+                                 gpu ? rates.gpu_model_tflops : rates.cpu_model_tflops)});
+  const double host_elems = static_cast<double>(S - (W == 1 ? gpu_share : 0));
+  double h2d = 0, d2h = 0;
+  if (gpu) {
+    // Stage 3 gathers each unit for forward, recomputation and backward, except what the live
+    // budget still holds at the turn; each rank uploads its own shard (NCCL gathers the rest).
+    double gathered = static_cast<double>(E);
+    if (stage3) {
+      const double live = static_cast<double>(std::max<std::int64_t>(z.max_live_parameters, 0));
+      gathered = 3.0 * static_cast<double>(E - gpu_share) - std::min(live, static_cast<double>(E - gpu_share)) * 0.7;
+    }
+    h2d = gathered * static_cast<double>(pb) / static_cast<double>(nccl ? W : 1) * static_cast<double>(in.grad_accum);
+    d2h = (static_cast<double>(S) - static_cast<double>(W == 1 ? gpu_share : 0)) * static_cast<double>(gbytes);
+    if (!p.pipeline && !partition_grads) d2h = static_cast<double>(E) * 4;
+    const double pcie_s = std::max({h2d / (rates.h2d_GBps * kGB), d2h / (rates.d2h_GBps * kGB),
+                                    (h2d + d2h) / (rates.both_GBps * kGB)});
+    p.parts.push_back({"pcie", pcie_s, fmt::format("{:.1f} GB up, {:.1f} GB down", h2d / kGB, d2h / kGB)});
+  }
+  // The host: the optimizer step of this rank's host elements (all ranks share the cores, so the
+  // machine's rate divides among them) plus the copies' trips through host memory.
+  const double adam_rate = rates.adam_params_per_s * (gbytes == 4 ? 28.0 / 30.0 : 1.0) / static_cast<double>(W);
+  const double host_s = host_elems / adam_rate + (h2d + d2h) * static_cast<double>(W) / (rates.host_mem_GBps * kGB);
+  p.parts.push_back({"host", host_s,
+                     fmt::format("AdamW on {:.2f}G elements at {:.2f} Gparam/s per rank, plus {:.1f} GB of copies "
+                                 "through host memory at {:.0f} GB/s",
+                                 host_elems / 1e9, adam_rate / 1e9, (h2d + d2h) * static_cast<double>(W) / kGB,
+                                 rates.host_mem_GBps)});
+  if (nvme_state + nvme_params > 0) {
+    // Every step reads and writes the state on NVMe, and reads parameters there (forward and
+    // backward), for all ranks on the machine's drive(s).
+    const double rd = static_cast<double>(nvme_state * W) + 3.0 * static_cast<double>(nvme_params * W);
+    const double wr = static_cast<double>(nvme_state * W) + static_cast<double>(nvme_params * W);
+    const double s = rd / (rates.nvme_read_GBps * kGB) + wr / (rates.nvme_write_GBps * kGB);
+    p.parts.push_back({"nvme", s, fmt::format("{:.1f} GB read, {:.1f} GB written", rd / kGB, wr / kGB)});
+  }
+  if (W > 1) {
+    const double wf = static_cast<double>(W - 1) / static_cast<double>(W);
+    const double bytes = nccl || stage3 ? (3.0 * static_cast<double>(E) * static_cast<double>(pb) + static_cast<double>(E) * 4) * wf
+                                        : 2.0 * static_cast<double>(E) * 4 * wf;
+    const double bw = nccl ? rates.nvlink_GBps : std::min(rates.host_mem_GBps / 4, 10.0);
+    p.parts.push_back({"gpu_collectives", bytes / (bw * kGB),
+                       fmt::format("{:.1f} GB per rank over {}", bytes / kGB, nccl ? "NCCL" : "the host (Gloo)")});
+  }
+  double sum = 0, mx = 0;
+  for (const auto& part : p.parts) {
+    sum += part.seconds;
+    if (part.seconds > mx) {
+      mx = part.seconds;
+      p.bound = part.name;
+    }
+  }
+  p.lower_s = mx;
+  p.upper_s = sum;
+  const bool clip = ds.gradient_clipping > 0;
+  if (p.pipeline && !clip) {
+    // Gradients land and are stepped during backward, and the next forward follows the step.
+    p.predicted_s = mx;
+  } else if (p.pipeline) {
+    // Clipping: the step waits for the norm after backward; the next forward overlaps it.
+    const double fwd = 0.25 * compute_s, rest = std::max(mx, compute_s) - fwd;
+    double other = 0;
+    for (const auto& part : p.parts) {
+      if (part.name != "compute") other = std::max(other, part.seconds);
+    }
+    p.predicted_s = std::max(mx, rest + std::max(fwd, other));
+    if (other > fwd) p.bound = "host";
+    p.notes.push_back("gradient clipping: the optimizer waits for the global norm after backward");
+  } else {
+    p.predicted_s = sum;
+    p.notes.push_back(gpu ? "the synchronous path (gradient accumulation, fp16, or several GPUs below stage 3): the "
+                            "parts run one after another"
+                          : "the CPU backend: the parts run one after another");
+  }
+  return p;
+}
+
+json Plan::to_json() const {
+  json j;
+  json ts = json::object();
+  for (const auto& t : tiers) {
+    json items = json::object();
+    for (const auto& i : t.items) items[i.what] = i.bytes;
+    ts[t.name] = {{"bytes", t.total()}, {"capacity", t.capacity}, {"fits", t.verdict()}, {"items", items}};
+  }
+  j["tiers"] = ts;
+  j["fits"] = fits();
+  json pj = json::object();
+  for (const auto& p : parts) pj[p.name] = {{"seconds", p.seconds}, {"detail", p.detail}};
+  j["step"] = {{"pipeline", pipeline},
+               {"parts", pj},
+               {"lower_s", lower_s},
+               {"upper_s", upper_s},
+               {"predicted_s", predicted_s},
+               {"bound", bound},
+               {"tokens_per_step_per_rank", tokens_per_step},
+               {"tokens_per_s_per_rank", predicted_s > 0 ? tokens_per_step / predicted_s : 0.0}};
+  j["rates"] = rates.to_json();
+  j["notes"] = notes;
+  return j;
+}
+
+std::string Plan::text() const {
+  std::string s = "memory per tier:\n";
+  for (const auto& t : tiers) {
+    if (t.total() == 0) {
+      s += fmt::format("  {:<14} unused\n", t.name);
+      continue;
+    }
+    s += fmt::format("  {:<14} {:>12}   {}{}\n", t.name, gib(t.total()), t.verdict(),
+                     t.capacity > 0 ? fmt::format(" (capacity {})", gib(t.capacity)) : std::string());
+    for (const auto& i : t.items) {
+      if (i.bytes > 0) s += fmt::format("      {:<40} {:>12}\n", i.what, gib(i.bytes));
+    }
+  }
+  s += fmt::format("overall: {}\n\nstep ({}):\n", fits() ? "fits" : "DOES NOT FIT",
+                   pipeline ? "overlapped pipeline" : "synchronous");
+  for (const auto& p : parts) s += fmt::format("  {:<16} {:8.3f} s   {}\n", p.name, p.seconds, p.detail);
+  s += fmt::format("predicted {:.3f} s per step ({:.0f} tokens/s per rank), bound by {}; bounds {:.3f} s (all "
+                   "overlapped) to {:.3f} s (none)\n",
+                   predicted_s, predicted_s > 0 ? tokens_per_step / predicted_s : 0.0, bound, lower_s, upper_s);
+  bool defaults = false;
+  for (const auto& [k, v] : rates.source) defaults = defaults || v == "default";
+  if (defaults) {
+    s += "rates marked default are not measured on this machine: pass --bench REPORT.json (zinf bench all --json)\n";
+    for (const auto& [k, v] : rates.source) {
+      if (v == "default") s += fmt::format("  default: {}\n", k);
+    }
+  }
+  for (const auto& n : notes) s += fmt::format("note: {}\n", n);
+  return s;
+}
+
+}  // namespace zinf::runtime

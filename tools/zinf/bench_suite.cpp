@@ -1,0 +1,435 @@
+// `zinf bench pcie`, `zinf bench gemm`, `zinf bench mem` and `zinf bench all` (every sub-bench,
+// one report: a table, one JSON object, and PNG plots).
+#include <fmt/format.h>
+#include <oneapi/tbb/parallel_for.h>
+#include <oneapi/tbb/task_arena.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include "commands.hpp"
+#include "zinf/common/error.hpp"
+#include "zinf/kernels/cpu_features.hpp"
+#include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/kernels/device_info.hpp"
+#include "zinf/runtime/gpu_bench.hpp"
+
+namespace zinf::tools {
+namespace {
+
+namespace fs = std::filesystem;
+namespace kc = kernels::cpu;
+using config::Json;
+using Clock = std::chrono::steady_clock;
+
+std::string size_text(std::uint64_t b) {
+  if (b >= (1ull << 30) && b % (1ull << 30) == 0) return fmt::format("{}G", b >> 30);
+  if (b >= (1ull << 20) && b % (1ull << 20) == 0) return fmt::format("{}M", b >> 20);
+  if (b >= (1ull << 10) && b % (1ull << 10) == 0) return fmt::format("{}K", b >> 10);
+  return fmt::format("{}", b);
+}
+
+// ---- pcie
+
+struct PcieCli {
+  int device = 0;
+  std::vector<std::string> sizes_text;
+  int repeat = 3;
+  bool json = false;
+};
+
+Json pcie_json(const runtime::PcieResult& r) {
+  Json rows = Json::array();
+  for (const auto& x : r.rows) {
+    rows.push_back({{"path", x.path}, {"memory", x.memory}, {"direction", x.direction}, {"bytes", x.bytes}, {"GBps", x.gbps}});
+  }
+  Json best;
+  for (const char* path : {"cuda", "zinf"}) {
+    for (const char* mem : {"pinned", "pageable"}) {
+      if (std::string(path) == "zinf" && std::string(mem) == "pageable") continue;
+      for (const char* dir : {"h2d", "d2h", "both"}) best[path][mem][dir] = r.best(path, mem, dir);
+    }
+  }
+  Json frac;
+  for (const char* dir : {"h2d", "d2h", "both"}) {
+    const double c = r.best("cuda", "pinned", dir);
+    frac[dir] = c > 0 ? r.best("zinf", "pinned", dir) / c : 0.0;
+  }
+  return {{"gpu", r.gpu}, {"rows", rows}, {"best", best}, {"zinf_fraction_of_cuda", frac}};
+}
+
+int run_pcie(const PcieCli& c) {
+  runtime::PcieOptions o;
+  o.device = c.device;
+  o.repeat = c.repeat;
+  for (const auto& s : c.sizes_text) o.sizes.push_back(parse_size(s, "--sizes"));
+  const runtime::PcieResult r = runtime::bench_pcie(o);
+  if (c.json) {
+    Json j = pcie_json(r);
+    j["date"] = utc_timestamp();
+    std::cout << j.dump(2) << "\n";
+    return 0;
+  }
+  std::cout << fmt::format("zinf bench pcie: {} (GB/s = 1e9 bytes/s; \"both\" counts both directions)\n\n", r.gpu);
+  std::cout << fmt::format("{:>8}  {:>12} {:>12} {:>12}  {:>12} {:>12} {:>12}  {:>10} {:>10} {:>10}\n", "size",
+                           "cuda h2d", "cuda d2h", "cuda both", "zinf h2d", "zinf d2h", "zinf both", "pageable h2d",
+                           "d2h", "both");
+  std::vector<std::uint64_t> sizes;
+  for (const auto& x : r.rows) {
+    if (std::find(sizes.begin(), sizes.end(), x.bytes) == sizes.end()) sizes.push_back(x.bytes);
+  }
+  for (auto n : sizes) {
+    const auto at = [&](const char* path, const char* mem, const char* dir) {
+      for (const auto& x : r.rows) {
+        if (x.bytes == n && x.path == path && x.memory == mem && x.direction == dir) return x.gbps;
+      }
+      return 0.0;
+    };
+    std::cout << fmt::format("{:>8}  {:>12.1f} {:>12.1f} {:>12.1f}  {:>12.1f} {:>12.1f} {:>12.1f}  {:>10.1f} {:>10.1f} {:>10.1f}\n",
+                             size_text(n), at("cuda", "pinned", "h2d"), at("cuda", "pinned", "d2h"),
+                             at("cuda", "pinned", "both"), at("zinf", "pinned", "h2d"), at("zinf", "pinned", "d2h"),
+                             at("zinf", "pinned", "both"), at("cuda", "pageable", "h2d"), at("cuda", "pageable", "d2h"),
+                             at("cuda", "pageable", "both"));
+  }
+  std::cout << "\nzinf's path (pinned HostMemory, the CUDA backend's copy streams) against the best cudaMemcpyAsync:";
+  for (const char* dir : {"h2d", "d2h", "both"}) {
+    const double cu = r.best("cuda", "pinned", dir), z = r.best("zinf", "pinned", dir);
+    std::cout << fmt::format(" {} {:.1f}/{:.1f} GB/s ({:.0f}%)", dir, z, cu, cu > 0 ? 100 * z / cu : 0.0);
+  }
+  std::cout << "\n";
+  return 0;
+}
+
+// ---- gemm
+
+struct GemmCli {
+  int device = 0;
+  std::vector<std::string> shapes_text;
+  int repeat = 5;
+  bool json = false;
+};
+
+int run_gemm(const GemmCli& c) {
+  std::vector<runtime::GemmRow> shapes;
+  for (const auto& s : c.shapes_text) {
+    runtime::GemmRow r;
+    char x1 = 0, x2 = 0;
+    std::istringstream in(s);
+    if (!(in >> r.m >> x1 >> r.n >> x2 >> r.k) || x1 != 'x' || x2 != 'x' || !in.eof() || r.m < 1 || r.n < 1 || r.k < 1) {
+      throw CLI::ValidationError("--shapes", fmt::format("'{}' is not MxNxK (example: 8192x8192x8192)", s));
+    }
+    shapes.push_back(r);
+  }
+  const runtime::GemmResult r = runtime::bench_gemm(c.device, shapes, c.repeat);
+  if (c.json) {
+    Json rows = Json::array();
+    for (const auto& x : r.rows) rows.push_back({{"m", x.m}, {"n", x.n}, {"k", x.k}, {"tflops", x.tflops}});
+    std::cout << Json{{"gpu", r.gpu}, {"dtype", "bf16, fp32 accumulation"}, {"rows", rows}, {"peak_tflops", r.peak_tflops},
+                      {"date", utc_timestamp()}}
+                     .dump(2)
+              << "\n";
+    return 0;
+  }
+  std::cout << fmt::format("zinf bench gemm: {} (cuBLASLt, bf16 in and out, fp32 accumulation)\n\n", r.gpu);
+  for (const auto& x : r.rows) std::cout << fmt::format("  {:>6} x {:>6} x {:>6}   {:8.1f} TFLOP/s\n", x.m, x.n, x.k, x.tflops);
+  std::cout << fmt::format("\npeak {:.1f} TFLOP/s\n", r.peak_tflops);
+  return 0;
+}
+
+// ---- mem (STREAM copy and triad)
+
+struct MemCli {
+  std::string size_text = "1G";
+  unsigned threads = 0;
+  int repeat = 5;
+  bool json = false;
+};
+
+int run_mem(const MemCli& c) {
+  const std::uint64_t bytes = parse_size(c.size_text, "--size");
+  const std::size_t n = std::max<std::size_t>(1 << 20, bytes / 4);
+  const unsigned threads = c.threads > 0 ? c.threads : std::max(1u, std::thread::hardware_concurrency());
+  tbb::task_arena arena(static_cast<int>(threads));
+  std::unique_ptr<float[]> a(new float[n]), b(new float[n]), d(new float[n]);
+  arena.execute([&] {
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n), [&](const auto& r) {
+      for (std::size_t i = r.begin(); i < r.end(); ++i) a[i] = 1.0f, b[i] = 2.0f, d[i] = 0.5f;
+    });
+  });
+  kc::Isa isa = kc::Isa::kScalar;
+  for (kc::Isa i : {kc::Isa::kAvx512, kc::Isa::kAvx2}) {
+    if (kc::isa_supported(i)) {
+      isa = i;
+      break;
+    }
+  }
+  kc::Exec exec(isa, &arena);
+  const auto best = [&](double bytes_per_elem, const std::function<void()>& fn) {
+    fn();
+    double b_s = 0;
+    for (int r = 0; r < c.repeat; ++r) {
+      const auto t0 = Clock::now();
+      fn();
+      b_s = std::max(b_s, static_cast<double>(n) * bytes_per_elem / std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    return b_s / 1e9;
+  };
+  const double copy = best(8, [&] { kc::convert(b.get(), kc::DType::kF32, a.get(), kc::DType::kF32, n, exec); });
+  const double triad = best(12, [&] { kc::stream_triad(a.get(), b.get(), d.get(), 0.5f, n, exec); });
+  if (c.json) {
+    std::cout << Json{{"copy_GBps", copy}, {"triad_GBps", triad}, {"threads", threads}, {"array_bytes", n * 4},
+                      {"isa", kc::isa_name(isa)}, {"cpu", kernels::describe(kernels::cpu_features())},
+                      {"date", utc_timestamp()}}
+                     .dump(2)
+              << "\n";
+    return 0;
+  }
+  std::cout << fmt::format("zinf bench mem: STREAM over 3 arrays of {}, {} threads, {} code, best of {}\n"
+                           "  copy  {:8.1f} GB/s\n  triad {:8.1f} GB/s\n",
+                           size_text(n * 4), threads, kc::isa_name(isa), c.repeat, copy, triad);
+  return 0;
+}
+
+// ---- all
+
+struct AllCli {
+  std::string path;
+  std::string report;
+  std::string model;
+  std::string io_size = "4G";
+  bool io_sweep = false;
+  bool json = false;
+  std::vector<std::string> skip;
+};
+
+std::string self_exe() {
+  std::error_code ec;
+  const fs::path p = fs::read_symlink("/proc/self/exe", ec);
+  return ec ? std::string("zinf") : p.string();
+}
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return q + "'";
+}
+
+// Runs `zinf bench ARGS --json` as a child; its JSON, or why there is none.
+Json run_child(const std::string& name, const std::string& args, const std::string& log) {
+  const std::string cmd = fmt::format("{} bench {} --json 2>>{}", quote(self_exe()), args, quote(log));
+  const auto t0 = Clock::now();
+  std::FILE* f = ::popen(cmd.c_str(), "r");
+  if (f == nullptr) return {{"status", fmt::format("failed: cannot start `{}`", cmd)}};
+  std::string out;
+  char buf[4096];
+  std::size_t got = 0;
+  while ((got = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, got);
+  const int rc = ::pclose(f);
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (rc != 0) {
+    return {{"status", fmt::format("failed (exit {}): see {} for `zinf bench {}`", WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, log, args)},
+            {"seconds", secs}};
+  }
+  try {
+    Json j = Json::parse(out);
+    j["status"] = "ok";
+    j["seconds"] = secs;
+    j["command"] = fmt::format("zinf bench {} --json", args);
+    return j;
+  } catch (const std::exception&) {
+    return {{"status", fmt::format("failed: `zinf bench {}` printed no JSON", name)}};
+  }
+}
+
+std::string python_for_plots() {
+  if (const char* p = std::getenv("ZINF_PYTHON"); p != nullptr && *p != '\0') return p;
+  return fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
+}
+
+std::string report_text(const Json& r) {
+  std::string s = fmt::format("zinf bench all: {} ({} cores), {}\n\n", r["machine"].value("cpu", ""),
+                              r["machine"].value("cores", 0), r.value("date", ""));
+  const auto status = [&](const char* k) { return r.contains(k) ? r[k].value("status", "missing") : std::string("missing"); };
+  s += fmt::format("{:<8} {:<9} {}\n", "bench", "status", "figures");
+  const auto line = [&](const char* k, const std::string& figures) {
+    const std::string st = status(k);
+    s += fmt::format("{:<8} {:<9} {}\n", k, st == "ok" ? "ok" : st.substr(0, st.find(':')),
+                     st == "ok" ? figures : st.substr(std::min(st.size(), st.find(':') == std::string::npos ? st.size() : st.find(':') + 2)));
+  };
+  if (status("pcie") == "ok") {
+    const Json& b = r["pcie"]["best"];
+    const Json& f = r["pcie"]["zinf_fraction_of_cuda"];
+    line("pcie", fmt::format("pinned H2D {:.1f}, D2H {:.1f}, both {:.1f} GB/s (zinf's path: {:.0f}%, {:.0f}%, {:.0f}% of "
+                             "cudaMemcpyAsync); pageable H2D {:.1f}, D2H {:.1f} GB/s",
+                             b["zinf"]["pinned"]["h2d"].get<double>(), b["zinf"]["pinned"]["d2h"].get<double>(),
+                             b["zinf"]["pinned"]["both"].get<double>(), 100 * f["h2d"].get<double>(),
+                             100 * f["d2h"].get<double>(), 100 * f["both"].get<double>(),
+                             b["cuda"]["pageable"]["h2d"].get<double>(), b["cuda"]["pageable"]["d2h"].get<double>()));
+  } else {
+    line("pcie", "");
+  }
+  line("mem", status("mem") == "ok" ? fmt::format("STREAM copy {:.1f}, triad {:.1f} GB/s", r["mem"]["copy_GBps"].get<double>(),
+                                                  r["mem"]["triad_GBps"].get<double>())
+                                    : "");
+  if (status("io") == "ok") {
+    const Json& b = r["io"]["best"];
+    line("io", fmt::format("read {:.2f}, write {:.2f} GB/s (block {}, queue depth {}, {} ring(s))", b.value("read_GBps", 0.0),
+                           b.value("write_GBps", 0.0), size_text(b.value("block_size", 0ull)), b.value("queue_depth", 0),
+                           b.value("intra_op_parallelism", 0)));
+  } else {
+    line("io", "");
+  }
+  if (status("adam") == "ok") {
+    double best = 0;
+    std::string isa;
+    for (const auto& k : r["adam"]["kernels"]) {
+      if (k.value("kernel", "") == "host_step_adamw_bf16" && k.value("params_per_s", 0.0) > best) {
+        best = k.value("params_per_s", 0.0);
+        isa = k.value("isa", "");
+      }
+    }
+    line("adam", fmt::format("host AdamW step {:.2f} Gparam/s ({}, bf16 gradients in, bf16 parameters out)", best / 1e9, isa));
+  } else {
+    line("adam", "");
+  }
+  line("gemm", status("gemm") == "ok" ? fmt::format("bf16 peak {:.1f} TFLOP/s", r["gemm"]["peak_tflops"].get<double>()) : "");
+  line("step", status("step") == "ok"
+                   ? fmt::format("{}: {:.3f} s per step, {:.0f} tokens/s, {:.1f} model TFLOP/s", r["step"].value("model", ""),
+                                 r["step"].value("step_seconds_median", 0.0), r["step"].value("tokens_per_s", 0.0),
+                                 r["step"].value("model_tflops", 0.0))
+                   : "");
+  return s;
+}
+
+int run_all(const AllCli& c) {
+  const bool skip_any = !c.skip.empty();
+  const auto skipped = [&](const char* k) { return skip_any && std::find(c.skip.begin(), c.skip.end(), k) != c.skip.end(); };
+  std::string log = "/dev/null";
+  if (!c.report.empty()) {
+    fs::create_directories(c.report);
+    log = (fs::path(c.report) / "bench.log").string();
+    std::ofstream(log, std::ios::trunc) << "";
+  }
+  const auto gq = kernels::query_gpus();
+  const bool gpu = !gq.gpus.empty();
+  const std::string no_gpu = fmt::format("skipped: no GPU ({})", gq.problem);
+  Json r;
+  r["zinf_bench_report"] = 1;
+  r["date"] = utc_timestamp();
+  r["machine"] = machine_json(c.path.empty() ? "." : c.path);
+  if (gpu) r["machine"]["gpu"] = gq.gpus.front().name;
+  const bool progress = ::isatty(STDERR_FILENO) != 0;
+  const auto run = [&](const char* key, const std::string& args, bool needs_gpu) {
+    if (skipped(key)) {
+      r[key] = {{"status", "skipped: --skip"}};
+    } else if (needs_gpu && !gpu) {
+      r[key] = {{"status", no_gpu}};
+    } else {
+      if (progress) std::cerr << fmt::format("  zinf bench {} ...\n", args);
+      r[key] = run_child(key, args, log);
+    }
+  };
+  run("pcie", "pcie", true);
+  run("mem", "mem", false);
+  if (c.path.empty()) {
+    r["io"] = {{"status", "skipped: no --path (give a directory on the NVMe drive to measure it)"}};
+  } else {
+    run("io", fmt::format("io --path {} --size {}{}", quote(c.path), c.io_size, c.io_sweep ? " --sweep" : ""), false);
+  }
+  run("adam", "adam --params 64M --repeat 3", false);
+  run("gemm", "gemm", true);
+  std::string model = c.model;
+  if (model.empty()) {
+    const fs::path dflt = fs::path(ZINF_SOURCE_DIR) / "configs" / "models" / "bench-3.1b.json";
+    if (fs::exists(dflt)) model = dflt.string();
+  }
+  if (model.empty()) {
+    r["step"] = {{"status", "skipped: no --model (a Hugging Face config.json for the synthetic step)"}};
+  } else {
+    run("step", fmt::format("model --backend cuda --model {} --batch 4 --seq 2048 --steps 3 --warmup 1", quote(model)), true);
+  }
+  const std::string text = report_text(r);
+  if (!c.report.empty()) {
+    std::ofstream(fs::path(c.report) / "report.json") << r.dump(2) << "\n";
+    std::ofstream(fs::path(c.report) / "report.txt") << text;
+    std::string script = (fs::path(ZINF_SOURCE_DIR) / "tools" / "plot_bench.py").string();
+    if (const char* p = std::getenv("ZINF_BENCH_PLOT_SCRIPT"); p != nullptr && *p != '\0') script = p;
+    std::string plots;
+    if (!fs::exists(script)) {
+      plots = fmt::format("plots not drawn: {} is missing (set ZINF_BENCH_PLOT_SCRIPT)", script);
+    } else {
+      const std::string cmd = fmt::format("{} {} {} >> {} 2>&1", quote(python_for_plots()), quote(script), quote(c.report), quote(log));
+      plots = std::system(cmd.c_str()) == 0
+                  ? fmt::format("plots: {}/*.png", c.report)
+                  : fmt::format("plots not drawn (python3 with matplotlib is needed; see {}): rerun `{} {} {}`", log,
+                                python_for_plots(), script, c.report);
+    }
+    if (!c.json) std::cout << text << fmt::format("\nreport: {}/report.json, report.txt; {}\n", c.report, plots);
+  } else if (!c.json) {
+    std::cout << text;
+  }
+  if (c.json) std::cout << r.dump(2) << "\n";
+  return 0;
+}
+
+}  // namespace
+
+void add_bench_suite_commands(CLI::App& bench, Action& action) {
+  auto pc = std::make_shared<PcieCli>();
+  auto* p = bench.add_subcommand("pcie", "Host <-> GPU copies over sizes: pinned, pageable, both directions; zinf's path "
+                                         "against cudaMemcpyAsync");
+  p->add_option("--device", pc->device, "GPU (default 0)")->check(CLI::NonNegativeNumber);
+  p->add_option("--sizes", pc->sizes_text, "transfer sizes (default 64K,256K,1M,4M,16M,64M,256M)")->delimiter(',');
+  p->add_option("--repeat", pc->repeat, "timed rounds per point, best kept (default 3)")->check(CLI::Range(1, 100));
+  p->add_flag("--json", pc->json, "print one JSON object");
+  p->callback([pc, &action] {
+    for (const auto& s : pc->sizes_text) (void)parse_size(s, "--sizes");
+    action = [pc] { return run_pcie(*pc); };
+  });
+
+  auto gc = std::make_shared<GemmCli>();
+  auto* g = bench.add_subcommand("gemm", "bf16 GEMM rate of cuBLASLt (the GPU's peak for MFU)");
+  g->add_option("--device", gc->device, "GPU (default 0)")->check(CLI::NonNegativeNumber);
+  g->add_option("--shapes", gc->shapes_text, "MxNxK shapes (default: square 4K/8K/16K and an 8B layer's products)")
+      ->delimiter(',');
+  g->add_option("--repeat", gc->repeat, "timed rounds per shape, best kept (default 5)")->check(CLI::Range(1, 100));
+  g->add_flag("--json", gc->json, "print one JSON object");
+  g->callback([gc, &action] { action = [gc] { return run_gemm(*gc); }; });
+
+  auto mc = std::make_shared<MemCli>();
+  auto* m = bench.add_subcommand("mem", "Host memory bandwidth: STREAM copy and triad with all cores");
+  m->add_option("--size", mc->size_text, "bytes per array (default 1G)");
+  m->add_option("--threads", mc->threads, "threads (default: all cores)")->check(CLI::Range(1u, 4096u));
+  m->add_option("--repeat", mc->repeat, "timed runs, best kept (default 5)")->check(CLI::Range(1, 100));
+  m->add_flag("--json", mc->json, "print one JSON object");
+  m->callback([mc, &action] {
+    (void)parse_size(mc->size_text, "--size");
+    action = [mc] { return run_mem(*mc); };
+  });
+
+  auto ac = std::make_shared<AllCli>();
+  auto* a = bench.add_subcommand("all", "Every sub-bench (pcie, mem, io, adam, gemm, step) in one report: a table, JSON, plots");
+  a->add_option("--path", ac->path, "a directory on the NVMe drive for the io bench (without it, io is skipped)");
+  a->add_option("--report", ac->report, "write report.json, report.txt, bench.log and PNG plots into this directory");
+  a->add_option("--model", ac->model, "model config for the synthetic GPU step (default configs/models/bench-3.1b.json)");
+  a->add_option("--io-size", ac->io_size, "test file size for the io bench (default 4G)");
+  a->add_flag("--io-sweep", ac->io_sweep, "sweep the aio settings (what `zinf tune` needs for its aio block)");
+  a->add_option("--skip", ac->skip, "sub-benches to leave out: pcie,mem,io,adam,gemm,step")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"pcie", "mem", "io", "adam", "gemm", "step"}));
+  a->add_flag("--json", ac->json, "print the report as one JSON object");
+  a->callback([ac, &action] {
+    (void)parse_size(ac->io_size, "--io-size");
+    action = [ac] { return run_all(*ac); };
+  });
+}
+
+}  // namespace zinf::tools

@@ -1,0 +1,174 @@
+// `zinf plan`: will a run fit this machine, per memory tier, and how fast will a step be.
+// See runtime/include/zinf/runtime/plan.hpp and docs/plan.md.
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <memory>
+
+#include "commands.hpp"
+#include "zinf/common/error.hpp"
+#include "zinf/configs/presets.hpp"
+#include "zinf/runtime/model_config.hpp"
+#include "zinf/runtime/plan.hpp"
+
+namespace zinf::tools {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct PlanOptions {
+  std::string model;
+  std::string deepspeed = "deepspeed_zero3_cpuoffload";
+  std::string device = "cuda";
+  int gpus = 1;
+  std::string gpu_mem, host_mem, nvme;
+  std::int64_t seq_len = 2048;
+  std::string bench;
+  bool fp32 = false;
+  bool suggest = false;
+  bool json_out = false;
+  config::TrainingArgs args;
+};
+
+std::uint64_t host_ram() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), size = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && size > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(size) : 0;
+}
+
+// The plan for one config (file or preset), with "auto" filled from the arguments.
+runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, const std::string& deepspeed,
+                       const runtime::MachineRates& rates) {
+  config::TrainingArgs args = o.args;
+  args.hidden_size = model.hidden_size;
+  args.world_size = o.gpus;
+  if (!args.bf16 && !args.fp16 && !o.fp32) args.bf16 = true;
+  const ResolvedConfig rc = resolve_and_parse(config::load_document(deepspeed), args);
+  runtime::PlanInputs in;
+  in.model = model;
+  in.ds = rc.parsed.config;
+  in.device = o.device;
+  in.gpus = o.gpus;
+  in.micro_batch = rc.parsed.config.batch.micro_batch_per_gpu.value_or(1);
+  in.grad_accum = rc.parsed.config.batch.gradient_accumulation_steps.value_or(1);
+  in.seq_len = o.seq_len;
+  in.gpu_mem = o.gpu_mem.empty() ? 0 : parse_size(o.gpu_mem, "--gpu-mem");
+  in.host_mem = o.host_mem.empty() ? host_ram() : parse_size(o.host_mem, "--host-mem");
+  in.nvme = o.nvme.empty() ? 0 : parse_size(o.nvme, "--nvme");
+  return runtime::make_plan(in, rates);
+}
+
+int run_plan(const PlanOptions& o) {
+  std::error_code ec;
+  const std::string model_source = fs::is_directory(o.model, ec) ? (fs::path(o.model) / "config.json").string() : o.model;
+  const runtime::ModelConfig model = runtime::load_model_config(model_source);
+  if (o.seq_len > model.max_position_embeddings) {
+    throw Error("--seq-len {} is longer than the model's max_position_embeddings ({})", o.seq_len,
+                model.max_position_embeddings);
+  }
+  const runtime::MachineRates rates = o.bench.empty() ? runtime::MachineRates{} : runtime::MachineRates::from_report(o.bench);
+  if (!o.suggest) {
+    const runtime::Plan p = plan_for(o, model, o.deepspeed, rates);
+    if (o.json_out) {
+      json j = p.to_json();
+      j["model"] = {{"source", model_source}, {"summary", model.summary()}};
+      j["deepspeed"] = o.deepspeed;
+      j["gpus"] = o.gpus;
+      std::cout << j.dump(2) << "\n";
+    } else {
+      std::cout << fmt::format("zinf plan: {} ({}), config {}, {} {}(s), seq {}\n\n", model_source, model.summary(),
+                               o.deepspeed, o.gpus, o.device == "cuda" ? "GPU" : "CPU rank", o.seq_len)
+                << p.text();
+    }
+    return p.fits() ? 0 : 3;
+  }
+  // --suggest: every built-in preset, fastest predicted first; the first that fits is the pick.
+  struct Candidate {
+    std::string name;
+    runtime::Plan plan;
+    std::string error;
+  };
+  std::vector<Candidate> cands;
+  for (const auto& pr : config::presets()) {
+    Candidate c{std::string(pr.name), {}, {}};
+    try {
+      c.plan = plan_for(o, model, c.name, rates);
+    } catch (const Error& e) {
+      c.error = e.what();
+    }
+    cands.push_back(std::move(c));
+  }
+  std::stable_sort(cands.begin(), cands.end(), [](const Candidate& a, const Candidate& b) {
+    const bool fa = a.error.empty() && a.plan.fits(), fb = b.error.empty() && b.plan.fits();
+    if (fa != fb) return fa;
+    return a.plan.predicted_s < b.plan.predicted_s;
+  });
+  const Candidate* pick = !cands.empty() && cands.front().error.empty() && cands.front().plan.fits() ? &cands.front() : nullptr;
+  if (o.json_out) {
+    json all = json::array();
+    for (const auto& c : cands) {
+      json j = c.error.empty() ? c.plan.to_json() : json{{"error", c.error}};
+      j["preset"] = c.name;
+      all.push_back(j);
+    }
+    std::cout << json{{"suggestion", pick ? json(pick->name) : json(nullptr)}, {"candidates", all}}.dump(2) << "\n";
+  } else {
+    std::cout << fmt::format("zinf plan --suggest: {} ({}), {} {}(s), seq {}\n\n", model_source, model.summary(), o.gpus,
+                             o.device == "cuda" ? "GPU" : "CPU rank", o.seq_len);
+    std::cout << fmt::format("{:<34} {:>10} {:>10} {:>11} {:>9} {:>10}  {}\n", "preset", "GPU GiB", "host GiB",
+                             "NVMe GiB", "s/step", "bound", "fits");
+    for (const auto& c : cands) {
+      if (!c.error.empty()) {
+        std::cout << fmt::format("{:<34} not usable: {}\n", c.name, c.error.substr(0, c.error.find('\n')));
+        continue;
+      }
+      const auto& t = c.plan.tiers;
+      std::cout << fmt::format("{:<34} {:>10.2f} {:>10.2f} {:>11.2f} {:>9.3f} {:>10}  {}\n", c.name,
+                               t[0].total() / 1073741824.0, (t[1].total() + t[2].total()) / 1073741824.0,
+                               t[3].total() / 1073741824.0, c.plan.predicted_s, c.plan.bound,
+                               c.plan.fits() ? "yes" : "no");
+    }
+    if (pick) {
+      std::cout << fmt::format("\nsuggested: {} (the fastest that fits)\n  zinf train --deepspeed {} ...\n\n", pick->name,
+                               pick->name)
+                << pick->plan.text();
+    } else {
+      std::cout << "\nno preset fits: lower --micro-batch or --seq-len, add GPUs, host memory or NVMe (--nvme SIZE), "
+                   "or offload to NVMe with a config of your own\n";
+    }
+  }
+  return pick ? 0 : 3;
+}
+
+}  // namespace
+
+void add_plan_command(CLI::App& app, Action& action) {
+  auto o = std::make_shared<PlanOptions>();
+  auto* cmd = app.add_subcommand("plan", "Will a run fit (bytes per memory tier) and how fast will a step be (and what bounds it)");
+  cmd->add_option("--model", o->model, "Hugging Face config.json (or a directory holding one)")->required();
+  cmd->add_option("--deepspeed", o->deepspeed, "DeepSpeed config file or preset (default deepspeed_zero3_cpuoffload)");
+  cmd->add_option("--device", o->device, "cuda (default) or cpu")->check(CLI::IsMember({"cuda", "cpu"}));
+  cmd->add_option("--gpus", o->gpus, "GPUs (ranks) on this machine (default 1)")->check(CLI::Range(1, 1024));
+  cmd->add_option("--gpu-mem", o->gpu_mem, "memory per GPU, e.g. 24G, 80G (default: not judged)");
+  cmd->add_option("--host-mem", o->host_mem, "host RAM for all ranks (default: this machine's)");
+  cmd->add_option("--nvme", o->nvme, "free NVMe space (default: not judged)");
+  cmd->add_option("--seq-len", o->seq_len, "tokens per sequence (default 2048)")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 22));
+  cmd->add_option("--bench", o->bench, "a `zinf bench all --json` report of this machine (default rates otherwise, marked)");
+  cmd->add_flag("--fp32", o->fp32, "fp32 parameters (default bf16 unless --fp16)");
+  cmd->add_flag("--suggest", o->suggest, "rank every built-in preset and pick the fastest that fits");
+  cmd->add_flag("--json", o->json_out, "print one JSON object");
+  add_training_args(*cmd, o->args);
+  cmd->callback([o, &action] {
+    if (!o->gpu_mem.empty()) (void)parse_size(o->gpu_mem, "--gpu-mem");
+    if (!o->host_mem.empty()) (void)parse_size(o->host_mem, "--host-mem");
+    if (!o->nvme.empty()) (void)parse_size(o->nvme, "--nvme");
+    if (o->fp32 && (o->args.bf16 || o->args.fp16)) throw CLI::ValidationError("--fp32", "cannot be given with --bf16 or --fp16");
+    action = [o] { return run_plan(*o); };
+  });
+}
+
+}  // namespace zinf::tools

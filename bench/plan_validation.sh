@@ -15,7 +15,8 @@ steps=${STEPS:-8}
 mkdir -p "$out" "$io_dir"
 
 echo "== zinf bench all"
-"$zinf" bench all --path "$io_dir" --io-size 8G --report "$out/bench" > "$out/bench.txt" 2>&1 || { tail -20 "$out/bench.txt"; exit 1; }
+ZINF_BENCH_PLOT_SCRIPT=$PWD/tools/plot_bench.py ZINF_PYTHON=$(command -v python3) \
+  "$zinf" bench all --path "$io_dir" --io-size 8G --model configs/models/bench-3.1b.json --report "$out/bench" > "$out/bench.txt" 2>&1 || { tail -20 "$out/bench.txt"; exit 1; }
 cat "$out/bench.txt"
 rm -rf "$io_dir"
 

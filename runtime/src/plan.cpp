@@ -359,7 +359,8 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   // The host: the optimizer step of this rank's host elements (all ranks share the cores, so the
   // machine's rate divides among them) plus the copies' trips through host memory.
   const double adam_rate = rates.adam_params_per_s * (gbytes == 4 ? 28.0 / 30.0 : 1.0) / static_cast<double>(W);
-  const double host_s = host_elems / adam_rate + (h2d + d2h) * static_cast<double>(W) / (rates.host_mem_GBps * kGB);
+  const double adam_s = host_elems / adam_rate;
+  const double host_s = adam_s + (h2d + d2h) * static_cast<double>(W) / (rates.host_mem_GBps * kGB);
   p.parts.push_back({"host", host_s,
                      fmt::format("AdamW on {:.2f}G elements at {:.2f} Gparam/s per rank, plus {:.1f} GB of copies "
                                  "through host memory at {:.0f} GB/s",
@@ -396,15 +397,21 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     // Gradients land and are stepped during backward, and the next forward follows the step.
     p.predicted_s = mx;
   } else if (p.pipeline) {
-    // Clipping: the step waits for the norm after backward; the next forward overlaps it.
-    const double fwd = 0.25 * compute_s, rest = std::max(mx, compute_s) - fwd;
-    double other = 0;
+    // Clipping: the step waits for the global norm after backward, so backward (with the
+    // gradients' copies) runs alone, then the optimizer overlaps the next forward (with its
+    // uploads): forward is a quarter of a checkpointed step's products.
+    const double fwd = 0.25 * compute_s, bwd = compute_s - fwd;
+    const double fwd_up = gpu ? (stage3 ? static_cast<double>(E - gpu_share) : 0.0) * static_cast<double>(pb) : 0.0;
+    const double step_s = adam_s + fwd_up / (rates.host_mem_GBps * kGB);
+    double nvme_s = 0;
     for (const auto& part : p.parts) {
-      if (part.name != "compute") other = std::max(other, part.seconds);
+      if (part.name == "nvme") nvme_s = part.seconds;
     }
-    p.predicted_s = std::max(mx, rest + std::max(fwd, other));
-    if (other > fwd) p.bound = "host";
-    p.notes.push_back("gradient clipping: the optimizer waits for the global norm after backward");
+    const double tail = std::max({fwd, step_s, nvme_s});
+    p.predicted_s = std::max(mx, bwd + tail);
+    p.bound = tail == fwd ? "compute" : (tail == nvme_s ? "nvme" : "host");
+    p.notes.push_back("gradient clipping: the optimizer waits for the global norm after backward (it then overlaps "
+                      "the next forward)");
   } else {
     p.predicted_s = sum;
     p.notes.push_back(gpu ? "the synchronous path (gradient accumulation, fp16, or several GPUs below stage 3): the "

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -71,6 +72,9 @@ const char* const kRecordedRuns[] = {
     "gpu-scaling-2026-11-22/x4/scale/zinf-g1",  "gpu-scaling-2026-11-22/x4/scale/zinf-g2",
     "gpu-scaling-2026-11-22/x4/scale/zinf-g4",  "gpu-scaling-2026-11-22/x2/scale/zinf-g2",
     "train-2026-11-21/h200-host",
+    "plan-validation-2026-12-01/run-3b-noclip",    "plan-validation-2026-12-01/run-3b-clip",
+    "plan-validation-2026-12-01/run-3b-bf16grads", "plan-validation-2026-12-01/run-3b-ratio0.5",
+    "plan-validation-2026-12-01/run-8b-cap24",
 };
 
 TEST(Plan, MemoryPerTierMatchesTheRecordedRuns) {
@@ -97,7 +101,58 @@ TEST(Plan, MemoryPerTierMatchesTheRecordedRuns) {
     EXPECT_LE(gpu / peak, 1.16);
     EXPECT_TRUE(p.pipeline);
   }
-  EXPECT_EQ(gpu_runs, 6);
+  EXPECT_EQ(gpu_runs, 11);
+}
+
+double median_step_seconds(const fs::path& csv, int warmup) {
+  std::ifstream in(csv);
+  std::string line;
+  std::getline(in, line);
+  int col = -1, i = 0;
+  std::stringstream hs(line);
+  for (std::string h; std::getline(hs, h, ','); ++i) {
+    if (h == "step_s") col = i;
+  }
+  EXPECT_GE(col, 0) << csv;
+  std::vector<double> v;
+  for (int row = 0; std::getline(in, line); ++row) {
+    if (row < warmup) continue;
+    std::stringstream ls(line);
+    std::string cell;
+    for (int c = 0; std::getline(ls, cell, ',') && c <= col; ++c) {
+      if (c == col) v.push_back(std::stod(cell));
+    }
+  }
+  EXPECT_FALSE(v.empty()) << csv;
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// bench/plan_validation.sh on an H200: `zinf bench all` and five training runs in one invocation.
+// The plan made from each run's config with that report's rates predicts its median step time
+// within 25% (the bar; they were within 11%), and names the bound the run's breakdown shows.
+TEST(Plan, PredictsTheStepTimeOfRunsOnTheMeasuredMachine) {
+  const fs::path dir = source_dir() / "bench" / "results" / "raw" / "plan-validation-2026-12-01";
+  if (!fs::exists(dir)) GTEST_SKIP() << dir << " is missing: set ZINF_SOURCE_DIR to a zinf checkout";
+  const MachineRates rates = MachineRates::from_report((dir / "bench" / "report.json").string());
+  EXPECT_EQ(rates.source.at("h2d_GBps").rfind("measured", 0), 0u);
+  EXPECT_EQ(rates.source.at("adam_params_per_s").rfind("measured", 0), 0u);
+  EXPECT_EQ(rates.source.at("gpu_model_tflops").rfind("measured", 0), 0u);
+  const std::pair<const char*, const char*> runs[] = {{"run-3b-noclip", "host"},
+                                                      {"run-3b-clip", "host"},
+                                                      {"run-3b-bf16grads", "host"},
+                                                      {"run-3b-ratio0.5", "compute"},
+                                                      {"run-8b-cap24", "host"}};
+  for (const auto& [run, bound] : runs) {
+    SCOPED_TRACE(run);
+    const json s = read_json(dir / run / "summary.json");
+    const Plan p = make_plan(inputs_from_summary(s), rates);
+    const double measured = median_step_seconds(dir / run / "training_metrics.csv", 2);
+    EXPECT_NEAR(p.predicted_s / measured, 1.0, 0.25) << p.text();
+    EXPECT_EQ(p.bound, bound) << p.text();
+    EXPECT_LE(p.lower_s, p.predicted_s);
+    EXPECT_GE(p.upper_s, p.predicted_s);
+  }
 }
 
 PlanInputs bench_3b(const std::string& preset_json_overrides = "{}") {

@@ -465,13 +465,22 @@ std::string Plan::text() const {
   s += fmt::format("predicted {:.3f} s per step ({:.0f} tokens/s per rank), bound by {}; bounds {:.3f} s (all "
                    "overlapped) to {:.3f} s (none)\n",
                    predicted_s, predicted_s > 0 ? tokens_per_step / predicted_s : 0.0, bound, lower_s, upper_s);
-  bool defaults = false;
-  for (const auto& [k, v] : rates.source) defaults = defaults || v == "default";
-  if (defaults) {
-    s += "rates marked default are not measured on this machine: pass --bench REPORT.json (zinf bench all --json)\n";
-    for (const auto& [k, v] : rates.source) {
-      if (v == "default") s += fmt::format("  default: {}\n", k);
-    }
+  // The rates this prediction used that were not measured.
+  std::vector<std::string> used;
+  for (const auto& part : parts) {
+    if (part.name == "compute") used.push_back(tiers[0].total() > 0 ? "gpu_model_tflops" : "cpu_model_tflops");
+    if (part.name == "pcie") used.insert(used.end(), {"h2d_GBps", "d2h_GBps", "both_GBps"});
+    if (part.name == "host") used.insert(used.end(), {"adam_params_per_s", "host_mem_GBps"});
+    if (part.name == "nvme") used.insert(used.end(), {"nvme_read_GBps", "nvme_write_GBps"});
+    if (part.name == "gpu_collectives") used.push_back("nvlink_GBps");
+  }
+  std::string defaults;
+  for (const auto& k : used) {
+    const auto it = rates.source.find(k);
+    if (it != rates.source.end() && it->second == "default") defaults += (defaults.empty() ? "" : ", ") + k;
+  }
+  if (!defaults.empty()) {
+    s += fmt::format("default rates (not measured here; pass --bench REPORT.json from `zinf bench all`): {}\n", defaults);
   }
   for (const auto& n : notes) s += fmt::format("note: {}\n", n);
   return s;

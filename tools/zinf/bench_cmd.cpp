@@ -538,8 +538,10 @@ void add_bench_commands(CLI::App& app, Action& action) {
     action = [io_opts] { return run_bench_io(*io_opts); };
   });
 
-  auto* tune = app.add_subcommand("tune", "Tune settings from measurements: nvme");
-  tune->require_subcommand(1);
+  auto* tune = app.add_subcommand("tune", "Tune a config to this machine: from a `zinf bench all` report (--report, -o), "
+                                           "or the aio block alone from a drive sweep (nvme)");
+  tune->require_subcommand(0, 1);
+  add_tune_config_options(*tune, action);
   auto tune_opts = std::make_shared<BenchIoOptions>();
   auto* nvme = tune->add_subcommand("nvme", "Sweep the drive at --path and write the best aio block into a config");
   add_common(*nvme, *tune_opts);

@@ -325,7 +325,11 @@ int run_all(const AllCli& c) {
   r["zinf_bench_report"] = 1;
   r["date"] = utc_timestamp();
   r["machine"] = machine_json(c.path.empty() ? "." : c.path);
-  if (gpu) r["machine"]["gpu"] = gq.gpus.front().name;
+  if (gpu) {
+    r["machine"]["gpu"] = gq.gpus.front().name;
+    r["machine"]["gpu_memory_bytes"] = gq.gpus.front().total_memory;
+    r["machine"]["gpus"] = gq.gpus.size();
+  }
   const bool progress = ::isatty(STDERR_FILENO) != 0;
   const auto run = [&](const char* key, const std::string& args, bool needs_gpu) {
     if (skipped(key)) {

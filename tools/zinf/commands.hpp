@@ -22,6 +22,7 @@ void add_bench_offload_command(CLI::App& bench, Action& action);  // bench offlo
 void add_bench_model_command(CLI::App& bench, Action& action);    // bench model
 void add_bench_suite_commands(CLI::App& bench, Action& action);   // bench pcie, gemm, mem, all
 void add_plan_command(CLI::App& app, Action& action);              // plan
+void add_tune_config_options(CLI::App& tune, Action& action);     // tune --report
 void add_train_commands(CLI::App& app, Action& action);
 void add_launch_commands(CLI::App& app, CLI::App& bench, Action& action);  // launch, bench comm          // train, data tokenize
 

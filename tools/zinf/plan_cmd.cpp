@@ -7,9 +7,12 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <optional>
+#include <sstream>
 
 #include "commands.hpp"
 #include "zinf/common/error.hpp"
+#include "zinf/common/fs.hpp"
 #include "zinf/configs/presets.hpp"
 #include "zinf/runtime/model_config.hpp"
 #include "zinf/runtime/plan.hpp"
@@ -40,13 +43,13 @@ std::uint64_t host_ram() {
 }
 
 // The plan for one config (file or preset), with "auto" filled from the arguments.
-runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, const std::string& deepspeed,
+runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, const config::LoadedDocument& doc,
                        const runtime::MachineRates& rates) {
   config::TrainingArgs args = o.args;
   args.hidden_size = model.hidden_size;
   args.world_size = o.gpus;
   if (!args.bf16 && !args.fp16 && !o.fp32) args.bf16 = true;
-  const ResolvedConfig rc = resolve_and_parse(config::load_document(deepspeed), args);
+  const ResolvedConfig rc = resolve_and_parse(doc, args);
   runtime::PlanInputs in;
   in.model = model;
   in.ds = rc.parsed.config;
@@ -71,7 +74,7 @@ int run_plan(const PlanOptions& o) {
   }
   const runtime::MachineRates rates = o.bench.empty() ? runtime::MachineRates{} : runtime::MachineRates::from_report(o.bench);
   if (!o.suggest) {
-    const runtime::Plan p = plan_for(o, model, o.deepspeed, rates);
+    const runtime::Plan p = plan_for(o, model, config::load_document(o.deepspeed), rates);
     if (o.json_out) {
       json j = p.to_json();
       j["model"] = {{"source", model_source}, {"summary", model.summary()}};
@@ -95,7 +98,7 @@ int run_plan(const PlanOptions& o) {
   for (const auto& pr : config::presets()) {
     Candidate c{std::string(pr.name), {}, {}};
     try {
-      c.plan = plan_for(o, model, c.name, rates);
+      c.plan = plan_for(o, model, config::load_document(c.name), rates);
     } catch (const Error& e) {
       c.error = e.what();
     }
@@ -143,7 +146,200 @@ int run_plan(const PlanOptions& o) {
   return pick ? 0 : 3;
 }
 
+
+// ---- zinf tune --report: a config tuned to the machine (and, with --model, to the model).
+
+struct TuneOptions {
+  PlanOptions plan;  // model, gpus, gpu/host memory, seq len, micro-batch (args), bench = the report
+  std::string base;
+  std::string output;
+  std::string nvme_path;
+};
+
+json read_report(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw Error("--report {}: cannot read the file (write one with `zinf bench all --report DIR`)", path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  try {
+    return json::parse(ss.str());
+  } catch (const std::exception& e) {
+    throw Error("--report {}: not JSON ({})", path, e.what());
+  }
+}
+
+int run_tune(const TuneOptions& t) {
+  if (t.output.empty()) throw Error("zinf tune: give -o FILE (the tuned config to write), or a subcommand (nvme)");
+  if (t.plan.bench.empty()) throw Error("zinf tune: give --report REPORT.json (from `zinf bench all --report DIR`)");
+  const json report = read_report(t.plan.bench);
+  const runtime::MachineRates rates = runtime::MachineRates::from_report(t.plan.bench);
+  const std::string base = !t.base.empty() ? t.base : (t.nvme_path.empty() ? "deepspeed_zero3_cpuoffload" : "deepspeed_zero3_nvme");
+  config::LoadedDocument doc = config::load_document(base);
+  config::Json& cfg = doc.json;
+  std::vector<std::string> why;
+  const auto gib = [](std::uint64_t b) { return fmt::format("{:.1f} GiB", static_cast<double>(b) / (1ull << 30)); };
+
+  // The aio block: the io bench's settings (its sweep's best when it swept).
+  const json io = report.value("io", json::object());
+  if (io.value("status", "") == "ok" && io.contains("best") && io["best"].contains("block_size")) {
+    const json& b = io["best"];
+    cfg["aio"] = {{"block_size", b["block_size"]},
+                  {"queue_depth", b.value("queue_depth", 8)},
+                  {"intra_op_parallelism", b.value("intra_op_parallelism", 1)},
+                  {"single_submit", b.value("single_submit", false)},
+                  {"overlap_events", b.value("overlap_events", true)}};
+    why.push_back(fmt::format("aio: block {}, queue depth {}, {} ring(s) from the io bench ({}{})",
+                              b["block_size"].get<std::uint64_t>(), b.value("queue_depth", 8), b.value("intra_op_parallelism", 1),
+                              io.contains("best_read") ? "its sweep's best" : "measured, not swept",
+                              io.contains("best_read") ? "" : "; `zinf bench all --io-sweep --path DIR` searches the settings"));
+  } else {
+    why.push_back("aio: kept (the report has no io bench: `zinf bench all --path DIR` measures the drive)");
+  }
+  if (!t.nvme_path.empty()) {
+    auto& z = cfg["zero_optimization"];
+    if (z.contains("offload_optimizer") && z["offload_optimizer"].value("device", "") == "nvme") z["offload_optimizer"]["nvme_path"] = t.nvme_path;
+    if (z.contains("offload_param") && z["offload_param"].value("device", "") == "nvme") z["offload_param"]["nvme_path"] = t.nvme_path;
+  }
+
+  std::optional<runtime::Plan> chosen;
+  if (!t.plan.model.empty()) {
+    std::error_code ec;
+    const std::string src = fs::is_directory(t.plan.model, ec) ? (fs::path(t.plan.model) / "config.json").string() : t.plan.model;
+    const runtime::ModelConfig model = runtime::load_model_config(src);
+    const runtime::ModelLayout layout = runtime::make_layout(model);
+    std::int64_t largest = 0, total = 0;
+    for (const auto& u : layout.units) {
+      largest = std::max(largest, u.numel);
+      total += u.numel;
+    }
+    const std::int64_t layer = model.num_layers > 0 ? layout.units[layout.layer_unit(0)].numel : largest;
+    PlanOptions po = t.plan;
+    if (po.gpu_mem.empty()) {
+      const auto g = report.value("machine", json::object()).value("gpu_memory_bytes", std::uint64_t{0});
+      if (g > 0) po.gpu_mem = std::to_string(g);
+    }
+    if (po.gpu_mem.empty()) throw Error("zinf tune --model: give --gpu-mem (the report names no GPU memory)");
+    const std::uint64_t gpu_cap = parse_size(po.gpu_mem, "--gpu-mem");
+    po.gpu_mem = std::to_string(gpu_cap * 92 / 100);  // headroom: the CUDA context, NCCL, fragmentation
+    auto& z = cfg["zero_optimization"];
+    if (z.value("stage", 0) != 3) throw Error("zinf tune --model tunes ZeRO-3 configs; {} is stage {}", base, z.value("stage", 0));
+    // A parameter staging buffer must hold a whole unit; the prefetch bucket keeps one layer coming.
+    z["stage3_prefetch_bucket_size"] = layer;
+    why.push_back(fmt::format("stage3_prefetch_bucket_size {}: one layer, so the next one is always on its way", layer));
+    if (z.contains("offload_param") && z["offload_param"].value("device", "") == "nvme") {
+      z["offload_param"]["buffer_size"] = std::max<std::int64_t>(z["offload_param"].value("buffer_size", std::int64_t{100000000}), largest);
+      why.push_back(fmt::format("offload_param.buffer_size {}: holds the largest unit", z["offload_param"]["buffer_size"].get<std::int64_t>()));
+    }
+    if (z.contains("offload_optimizer") && z["offload_optimizer"].value("device", "") == "nvme") {
+      z["sub_group_size"] = std::min<std::int64_t>(100000000, largest);
+      why.push_back("sub_group_size 1e8 at most: NVMe staging buffers of bounded size");
+    }
+    // The live-parameter budget, and with one GPU a GPU share of the optimizer state (ratio): the
+    // fastest predicted step that fits the GPU, preferring less GPU memory on a tie.
+    const std::vector<double> lives = {static_cast<double>(total), 8e9, 4e9, 2e9, 1e9, 5e8, 2.5e8, 2.0 * static_cast<double>(layer)};
+    std::vector<double> ratios = {1.0};
+    const bool cpu_opt = z.contains("offload_optimizer") && z["offload_optimizer"].value("device", "") == "cpu";
+    if (cpu_opt && po.gpus == 1 && po.device == "cuda") ratios = {1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0};
+    struct Pick {
+      double live = 0, ratio = 1;
+      runtime::Plan plan;
+    };
+    const auto search = [&](const config::Json& base_cfg) {
+      std::optional<Pick> best;
+      config::Json trial = base_cfg;
+      for (double ratio : ratios) {
+        for (double live : lives) {
+          if (live > static_cast<double>(total) && live != lives.front()) continue;
+          trial["zero_optimization"]["stage3_max_live_parameters"] = live;
+          if (cpu_opt) trial["zero_optimization"]["offload_optimizer"]["ratio"] = ratio;
+          runtime::Plan p = plan_for(po, model, config::LoadedDocument{trial, doc.source, doc.chain}, rates);
+          if (p.tiers[0].verdict() == "does not fit") continue;  // a smaller live budget may fit
+          if (!best || p.predicted_s < best->plan.predicted_s * 0.98) best = Pick{live, ratio, p};
+          break;  // the largest live budget that fits, for this ratio
+        }
+      }
+      return best;
+    };
+    const auto host_fits = [](const runtime::Plan& p) {
+      return p.tiers[1].verdict() != "does not fit" && p.tiers[2].verdict() != "does not fit";
+    };
+    std::optional<Pick> best = search(cfg);
+    if ((!best || !host_fits(best->plan)) && !cfg.contains("communication_data_type")) {
+      // bf16 gradients land in the bf16 parameter shards: 4 bytes per parameter less host memory.
+      config::Json with_bf16 = cfg;
+      with_bf16["communication_data_type"] = "bf16";
+      std::optional<Pick> b = search(with_bf16);
+      if (b && host_fits(b->plan)) {
+        cfg = with_bf16;
+        best = b;
+        why.push_back("communication_data_type bf16: gradients come down and are stepped as bf16 (DeepSpeed's usual bf16 "
+                      "arithmetic), so that the host memory fits");
+      }
+    }
+    if (!best) {
+      throw Error("zinf tune: {} does not fit {} of GPU memory with any live budget down to two layers ({} elements); "
+                  "lower --micro-batch or --seq-len, or use more GPUs",
+                  model.summary(), gib(gpu_cap), 2 * layer);
+    }
+    auto& zc = cfg["zero_optimization"];
+    zc["stage3_max_live_parameters"] = best->live;
+    why.push_back(fmt::format("stage3_max_live_parameters {:.3g}: the largest that fits {} (92% of {})", best->live,
+                              gib(gpu_cap * 92 / 100), gib(gpu_cap)));
+    if (cpu_opt && best->ratio < 1.0) {
+      zc["offload_optimizer"]["ratio"] = best->ratio;
+      why.push_back(fmt::format("offload_optimizer.ratio {}: {:.0f}% of the optimizer state stepped on the GPU, the fastest "
+                                "predicted step that fits",
+                                best->ratio, 100 * (1 - best->ratio)));
+    }
+    chosen = best->plan;
+    if (!host_fits(*chosen)) {
+      why.push_back(fmt::format("WARNING: host memory does not fit ({} needed): offload to NVMe (--nvme-path DIR) or add memory",
+                                gib(chosen->tiers[1].total() + chosen->tiers[2].total())));
+    }
+  } else {
+    why.push_back("stage-3 budgets kept: give --model (and --gpu-mem) to size them for a model");
+  }
+  const std::string text = t.output.ends_with(".yaml") || t.output.ends_with(".yml") ? config::to_yaml_text(cfg)
+                                                                                     : config::to_json_text(cfg);
+  // Checked before it is written: the tuned config must parse like any other.
+  {
+    config::ParseOptions popts;
+    popts.allow_auto = true;
+    const auto parsed = config::parse_config(cfg, popts);
+    config::throw_if_errors(parsed.diagnostics, "the tuned config (a zinf bug: please report it)");
+  }
+  write_file_atomic(t.output, text);
+  std::cout << fmt::format("zinf tune: {} from {} and {}\n", t.output, base, t.plan.bench);
+  for (const auto& w : why) std::cout << "  " << w << "\n";
+  if (chosen) std::cout << "\n" << chosen->text();
+  return 0;
+}
+
 }  // namespace
+
+void add_tune_config_options(CLI::App& tune, Action& action) {
+  auto t = std::make_shared<TuneOptions>();
+  tune.add_option("--report", t->plan.bench, "a `zinf bench all --report DIR` report (DIR/report.json) of this machine");
+  tune.add_option("-o,--output", t->output, "the tuned config to write (.json, or .yaml)");
+  tune.add_option("--base", t->base, "config or preset to start from (default deepspeed_zero3_cpuoffload; "
+                                     "deepspeed_zero3_nvme with --nvme-path)");
+  tune.add_option("--nvme-path", t->nvme_path, "NVMe directory for offload (takes the NVMe preset as the base)");
+  tune.add_option("--model", t->plan.model, "size the stage-3 budgets and the GPU share for this model (config.json)");
+  tune.add_option("--gpus", t->plan.gpus, "GPUs (ranks) on this machine (default 1)")->check(CLI::Range(1, 1024));
+  tune.add_option("--gpu-mem", t->plan.gpu_mem, "memory per GPU (default: the report's GPU)");
+  tune.add_option("--host-mem", t->plan.host_mem, "host RAM (default: this machine's)");
+  tune.add_option("--seq-len", t->plan.seq_len, "tokens per sequence (default 2048)")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 22));
+  tune.add_option_function<std::int64_t>("--micro-batch", [t](const std::int64_t& v) { t->plan.args.micro_batch = v; },
+                                         "micro-batch per GPU the config is tuned for (default 4)")
+      ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 20));
+  tune.callback([t, &tune, &action] {
+    if (!tune.get_subcommands().empty()) return;  // `zinf tune nvme ...`
+    if (!t->plan.args.micro_batch) t->plan.args.micro_batch = 4;
+    t->plan.args.max_grad_norm = 0.0;  // the pipeline's unclipped step; clipping is a training choice
+    action = [t] { return run_tune(*t); };
+  });
+}
 
 void add_plan_command(CLI::App& app, Action& action) {
   auto o = std::make_shared<PlanOptions>();

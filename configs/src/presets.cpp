@@ -18,6 +18,12 @@ const std::map<std::string_view, std::string_view> kDescriptions{
     {"deepspeed_zero3", "ZeRO-3: parameters, gradients and optimizer state partitioned, on the GPU"},
     {"deepspeed_zero3_cpuoffload", "ZeRO-3 with parameters and optimizer state offloaded to pinned host memory"},
     {"deepspeed_zero3_nvme", "ZeRO-3 with parameters and optimizer state on NVMe (set nvme_path to your NVMe mount)"},
+    {"zinf_gpu24g_cpuoffload", "24 GB GPU, state in pinned host memory, bf16 gradients: up to 8B at 4 x 2048 with 128 GB of RAM, 13B with 192 GB"},
+    {"zinf_gpu24g_nvme", "24 GB GPU, optimizer state on NVMe (set nvme_path), parameters in host memory: up to 13B with 64 GB of RAM"},
+    {"zinf_gpu80g_cpuoffload", "80 GB GPU, state in pinned host memory, fp32 gradients, 4e9 live parameters: 8B with 160 GB of RAM, 13B with 256 GB"},
+    {"zinf_gpu80g_nvme", "80 GB GPU, optimizer state on NVMe (set nvme_path), bf16 gradients: 13B with 64 GB of RAM, 70B with 192 GB"},
+    {"zinf_gpu141g_cpuoffload", "141 GB GPU, half the optimizer state stepped on the GPU (ratio 0.5): up to 8B with 128 GB of RAM, at the GPU's speed"},
+    {"zinf_gpu141g_nvme", "141 GB GPU, optimizer state on NVMe (set nvme_path), 8e9 live parameters: 13B with 96 GB of RAM, 70B with 512 GB"},
 };
 
 }  // namespace

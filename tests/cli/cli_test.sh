@@ -302,5 +302,43 @@ else
 fi
 wait "$solo_pid1" 2>/dev/null
 
+
+# zinf plan, zinf tune, zinf bench mem / all / pcie (docs/plan.md).
+ROOT=$(cd "$DATA/../.." && pwd)
+M3=$ROOT/configs/models/bench-3.1b.json
+REPORT=$ROOT/bench/results/raw/plan-validation-2026-12-01/bench/report.json
+expect 0 'predicted 0\.9[0-9]+ s per step .*bound by host' -- \
+  "$ZINF" plan --model "$M3" --micro-batch 4 --max-grad-norm 0 --host-mem 128G --gpu-mem 24G --bench "$REPORT"
+expect 3 'gpu +10\.69 GiB +does not fit' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 8G --host-mem 128G
+expect 0 'host_pinned +52\.66 GiB +fits' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 24G --host-mem 128G
+expect 0 '"fits": true' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 24G --host-mem 128G --json
+expect 0 'suggested: zinf_gpu141g_cpuoffload' -- "$ZINF" plan --model "$M3" --micro-batch 4 --max-grad-norm 0 --gpu-mem 141G \
+  --host-mem 128G --bench "$REPORT" --suggest
+expect 3 'no preset fits' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 2G --host-mem 8G --suggest
+expect 0 'default rates \(not measured here' -- "$ZINF" plan --model "$M3" --micro-batch 4 --host-mem 128G
+expect 1 'no-such.json' -- "$ZINF" plan --model "$TMP/no-such.json"
+expect 1 'cannot read the file' -- "$ZINF" plan --model "$M3" --bench "$TMP/no-report.json"
+echo '{"x": 1}' > "$TMP/empty-report.json"
+expect 1 'no figure zinf plan can use' -- "$ZINF" plan --model "$M3" --bench "$TMP/empty-report.json"
+expect 2 'gpu-mem' -- "$ZINF" plan --model "$M3" --gpu-mem lots
+expect 2 'cannot be given with' -- "$ZINF" plan --model "$M3" --fp32 --bf16
+expect 0 'offload_optimizer.ratio 0.5' -- "$ZINF" tune --report "$REPORT" --model "$M3" --gpu-mem 141G --host-mem 128G \
+  -o "$TMP/tuned.json"
+expect 0 'OK' -- "$ZINF" config check "$TMP/tuned.json"
+expect 0 'communication_data_type bf16' -- "$ZINF" tune --report "$REPORT" --model "$ROOT/configs/models/bench-8b.json" \
+  --gpu-mem 24G --host-mem 128G -o "$TMP/tuned8b.yaml"
+expect 0 'OK' -- "$ZINF" config check "$TMP/tuned8b.yaml"
+expect 1 'give -o FILE' -- "$ZINF" tune --report "$REPORT"
+expect 1 'does not fit' -- "$ZINF" tune --report "$REPORT" --model "$M3" --gpu-mem 4G -o "$TMP/never.json"
+[[ -e "$TMP/never.json" ]] && { echo "FAIL: a refused tune wrote its file"; failed=$((failed + 1)); }
+expect 0 'zinf_gpu24g_cpuoffload +24 GB GPU' -- "$ZINF" config presets
+expect 0 'triad +[0-9.]+ GB/s' -- "$ZINF" bench mem --size 64M --repeat 2
+expect 0 'mem +ok +STREAM copy' -- "$ZINF" bench all --skip adam,io,step --report "$TMP/bench-all"
+[[ -s "$TMP/bench-all/report.json" && -s "$TMP/bench-all/report.txt" ]] || { echo "FAIL: bench all wrote no report"; failed=$((failed + 1)); }
+if [[ ! -e /dev/nvidiactl ]]; then  # no GPU here: the GPU benches say why
+  expect 1 'no usable GPU|built without CUDA' -- "$ZINF" bench pcie
+  expect 1 'no usable GPU|built without CUDA' -- "$ZINF" bench gemm
+fi
+
 echo "cli: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

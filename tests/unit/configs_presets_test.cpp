@@ -14,11 +14,14 @@ ParseResult parse_preset(const Preset& p) {
   return parse_config(parse_json(p.json_text, std::string(p.name)), o);
 }
 
-TEST(Presets, TheCommonDeepSpeedSetIsThere) {
+TEST(Presets, TheCommonDeepSpeedSetAndZinfsMachinePresetsAreThere) {
   const std::vector<std::string> expected{"deepspeed_zero0",         "deepspeed_zero1",
                                           "deepspeed_zero2",         "deepspeed_zero2_offload",
                                           "deepspeed_zero3",         "deepspeed_zero3_cpuoffload",
-                                          "deepspeed_zero3_nvme"};
+                                          "deepspeed_zero3_nvme",    "zinf_gpu141g_cpuoffload",
+                                          "zinf_gpu141g_nvme",       "zinf_gpu24g_cpuoffload",
+                                          "zinf_gpu24g_nvme",        "zinf_gpu80g_cpuoffload",
+                                          "zinf_gpu80g_nvme"};
   EXPECT_EQ(preset_names(), expected);
   for (const auto& p : presets()) EXPECT_FALSE(p.description.empty()) << p.name;
 }

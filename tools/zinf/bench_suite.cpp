@@ -350,15 +350,19 @@ int run_all(const AllCli& c) {
   }
   run("adam", "adam --params 64M --repeat 3", false);
   run("gemm", "gemm", true);
+  // The synthetic step: the 3.1B shape on the GPU; without one, a small model on the CPU backend
+  // (for `zinf plan --device cpu`).
   std::string model = c.model;
   if (model.empty()) {
-    const fs::path dflt = fs::path(ZINF_SOURCE_DIR) / "configs" / "models" / "bench-3.1b.json";
+    const fs::path dflt = fs::path(ZINF_SOURCE_DIR) / "configs" / "models" / (gpu ? "bench-3.1b.json" : "tiny-byte.json");
     if (fs::exists(dflt)) model = dflt.string();
   }
   if (model.empty()) {
     r["step"] = {{"status", "skipped: no --model (a Hugging Face config.json for the synthetic step)"}};
-  } else {
+  } else if (gpu) {
     run("step", fmt::format("model --backend cuda --model {} --batch 4 --seq 2048 --steps 3 --warmup 1", quote(model)), true);
+  } else {
+    run("step", fmt::format("model --backend cpu --model {} --batch 4 --seq 256 --steps 3 --warmup 1", quote(model)), false);
   }
   const std::string text = report_text(r);
   if (!c.report.empty()) {

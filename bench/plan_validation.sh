@@ -5,14 +5,16 @@
 # --gpu-memory-limit 24GiB (micro-batch 5, bf16 gradients). Then prints `zinf plan --bench` for each
 # next to what the run measured (tools/plan_check.py).
 #   bench/plan_validation.sh [ZINF] [OUT_DIR] [NVME_DIR]
+# (the io bench writes its test file in a new directory under NVME_DIR, removed afterwards)
 # Uses python3 (any) for the token file and the comparison. Needs a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 zinf=${1:-build/tools/zinf}
 out=${2:-output/plan-validation}
-io_dir=${3:-${TMPDIR:-/tmp}/zinf-plan-io}
+io_parent=${3:-${TMPDIR:-/tmp}}
 steps=${STEPS:-8}
-mkdir -p "$out" "$io_dir"
+mkdir -p "$out"
+io_dir=$(mktemp -d "$io_parent/zinf-plan-io.XXXXXX")
 
 echo "== zinf bench all"
 ZINF_BENCH_PLOT_SCRIPT=$PWD/tools/plot_bench.py ZINF_PYTHON=$(command -v python3) \
@@ -42,8 +44,9 @@ train() {  # name model micro clip config [extra...]
   rm -rf "$out/run-$name"
   "$zinf" train --device cuda --model "$model" --data "$out/tokens.u16" --data-dtype uint16 --deepspeed "$cfg" --bf16 \
     --micro-batch "$mb" --grad-accum 1 --seq-len 2048 --max-grad-norm "$clip" --max-steps "$steps" --eval-every 0 \
-    --no-save --output-dir "$out/run-$name" "$@" > "$out/run-$name.log" 2>&1 || { tail -5 "$out/run-$name.log"; return 0; }
+    --no-save --output-dir "$out/run-$name" "$@" > "$out/run-$name.log" 2>&1 || { tail -5 "$out/run-$name.log"; failed=1; }
 }
+failed=0
 train 3b-noclip configs/models/bench-3.1b.json 4 0 deepspeed_zero3_cpuoffload
 train 3b-clip configs/models/bench-3.1b.json 4 1.0 deepspeed_zero3_cpuoffload
 train 3b-bf16grads configs/models/bench-3.1b.json 4 0 "$out/bf16grads.json"
@@ -52,3 +55,6 @@ train 8b-cap24 configs/models/bench-8b.json 5 0 "$out/bf16grads.json" --gpu-memo
 rm -f "$out/tokens.u16"
 
 python3 tools/plan_check.py "$zinf" "$out/bench/report.json" "$out"/run-*/ | tee "$out/plan_check.txt"
+check=${PIPESTATUS[0]}
+[[ $failed -eq 0 ]] || { echo "plan_validation: a training run failed (see its log)"; exit 1; }
+exit "$check"

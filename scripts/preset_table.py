@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The table of docs/presets.md: `zinf plan` for every zinf_* preset and model shape, micro-batch 4
-x 2048, one GPU of the preset's size, with a bench report's rates. Standard library only.
+"""The preset table of docs/plan.md: `zinf plan` for every zinf_* preset and model shape, micro-batch
+4 x 2048 without clipping, one GPU of the preset's size (in GiB: 22.5, 79.6 and 140.4, what
+the cards report), with a bench report's rates. Standard library only.
     scripts/preset_table.py ZINF REPORT.json [HOST_MEM]
 """
 import json
@@ -12,8 +13,8 @@ host = sys.argv[3] if len(sys.argv) > 3 else "128G"
 models = [("1.1B", "configs/models/tinyllama-1.1b.json"), ("3.1B", "configs/models/bench-3.1b.json"),
           ("8B", "configs/models/bench-8b.json"), ("13B", "configs/models/bench-13b.json"),
           ("70B", "configs/models/bench-70b.json")]
-presets = [("zinf_gpu24g_cpuoffload", "24G"), ("zinf_gpu24g_nvme", "24G"), ("zinf_gpu80g_cpuoffload", "80G"),
-           ("zinf_gpu80g_nvme", "80G"), ("zinf_gpu141g_cpuoffload", "141G"), ("zinf_gpu141g_nvme", "141G")]
+presets = [("zinf_gpu24g_cpuoffload", "22.5G"), ("zinf_gpu24g_nvme", "22.5G"), ("zinf_gpu80g_cpuoffload", "79.6G"),
+           ("zinf_gpu80g_nvme", "79.6G"), ("zinf_gpu141g_cpuoffload", "140.4G"), ("zinf_gpu141g_nvme", "140.4G")]
 gib = lambda b: b / 2**30
 print(f"| preset | model | GPU GiB | pinned host GiB | NVMe GiB | fits ({host} RAM) | predicted s/step | bound |")
 print("|---|---|---|---|---|---|---|---|")

@@ -2,6 +2,8 @@
 """Compares `zinf plan` with runs that happened: for each `zinf train` output directory, the plan
 made from the run's own resolved config, model and batch (and a `zinf bench all` report of the
 machine) against the run's median step time and measured peak memory per tier.
+Exits 1 when a run is missing or failed, a prediction is off by more than 25%, the plan's GPU
+bytes differ from the trainer's own plan, or fall below the measured peak.
 Standard library only (any python3).
     tools/plan_check.py ZINF REPORT.json RUN_DIR [RUN_DIR ...]
 """
@@ -18,16 +20,17 @@ def main():
         sys.exit(__doc__)
     zinf, report, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
     rows = []
+    problems = []
     for run in runs:
         sp = os.path.join(run, "summary.json")
         mp = os.path.join(run, "training_metrics.csv")
         if not (os.path.exists(sp) and os.path.exists(mp)):
-            print(f"{run}: no summary.json / training_metrics.csv (the run failed?)")
+            problems.append(f"{run}: no summary.json / training_metrics.csv (the run failed?)")
             continue
         s = json.load(open(sp))
         metrics = list(csv.DictReader(open(mp)))[2:]  # two warm-up steps
         if not metrics:
-            print(f"{run}: fewer than 3 steps")
+            problems.append(f"{run}: fewer than 3 steps")
             continue
         steps = sorted(float(m["step_s"]) for m in metrics)
         measured = steps[len(steps) // 2]
@@ -41,7 +44,7 @@ def main():
                    str(s["data"]["seq_len"]), "--bench", report, "--json", "--device", s.get("backend", "cuda")]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode not in (0, 3):
-                print(f"{run}: zinf plan failed: {out.stderr.strip()}")
+                problems.append(f"{run}: zinf plan failed: {out.stderr.strip()}")
                 continue
             p = json.loads(out.stdout)
         gpu = s.get("gpu_memory", {})
@@ -59,6 +62,12 @@ def main():
             "host_error": plan_host / meas_host - 1 if meas_host else None,
         }
         rows.append(r)
+        if abs(r["step_error"]) > 0.25:
+            problems.append(f"{r['run']}: predicted {r['predicted_s']:.3f} s, measured {measured:.3f} s (more than 25% off)")
+        if gpu.get("planned_bytes") and abs(plan_gpu / gpu["planned_bytes"] - 1) > 0.005:
+            problems.append(f"{r['run']}: plan GPU bytes {plan_gpu} differ from the trainer's plan {gpu['planned_bytes']}")
+        if gpu.get("peak_bytes") and plan_gpu < gpu["peak_bytes"]:
+            problems.append(f"{r['run']}: plan GPU bytes {plan_gpu} below the measured peak {gpu['peak_bytes']}")
     print(f"{'run':<22} {'plan s':>8} {'meas s':>8} {'err':>7} {'bound':>8}   {'GPU plan':>9} {'GPU peak':>9} {'err':>7}"
           f"   {'host plan':>9} {'host meas':>9} {'err':>7}")
     g = lambda b: f"{b / 2**30:9.2f}" if b else f"{'-':>9}"
@@ -68,7 +77,11 @@ def main():
               f"{g(r['plan_gpu_bytes'])} {g(r['measured_gpu_peak_bytes'])} {e(r['gpu_error'])}   "
               f"{g(r['plan_host_pinned_bytes_per_rank'])} {g(r['measured_host_pinned_bytes'])} {e(r['host_error'])}")
     print("(GiB; GPU plan = zinf's own allocations, the upper bound --gpu-memory-limit enforces)")
-    json.dump(rows, open(os.path.join(os.path.dirname(os.path.abspath(runs[0].rstrip("/"))), "plan_check.json"), "w"), indent=2)
+    with open(os.path.join(os.path.dirname(os.path.abspath(runs[0].rstrip("/"))), "plan_check.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    for p in problems:
+        print("PROBLEM:", p)
+    sys.exit(1 if problems else 0)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,9 @@ PcieResult bench_pcie(const PcieOptions& o) {
   if (sizes.empty()) {
     for (std::uint64_t s = 64u << 10; s <= (256u << 20); s *= 4) sizes.push_back(s);
   }
+  for (const std::uint64_t n : sizes) {
+    if (n == 0) throw Error("pcie bench: a transfer size of 0 bytes (give sizes of at least one byte)");
+  }
   const std::uint64_t largest = *std::max_element(sizes.begin(), sizes.end());
 
   // The reference: cudaMemcpyAsync between cudaHostAlloc'd (or malloc'd) memory and the GPU, on
@@ -122,18 +125,20 @@ PcieResult bench_pcie(const PcieOptions& o) {
   auto z_up = host.allocate(offload::Purpose::kStaging, largest, "pcie bench upload");
   auto z_down = host.allocate(offload::Purpose::kStaging, largest, "pcie bench download");
   std::memset(z_up.data(), 1, largest);
-  void* zd_up = backend->allocate(largest);
-  void* zd_down = backend->allocate(largest);
   struct Free {
     Backend& b;
-    void* a;
-    void* c;
     std::size_t n;
+    void* a = nullptr;
+    void* c = nullptr;
     ~Free() {
-      b.deallocate(a, n);
-      b.deallocate(c, n);
+      if (a) b.deallocate(a, n);
+      if (c) b.deallocate(c, n);
     }
-  } free_device{*backend, zd_up, zd_down, largest};
+  } free_device{*backend, largest};
+  free_device.a = backend->allocate(largest);
+  free_device.c = backend->allocate(largest);
+  void* zd_up = free_device.a;
+  void* zd_down = free_device.c;
 
   for (const std::uint64_t n : sizes) {
     const int copies = static_cast<int>(std::max<std::uint64_t>(3, o.bytes_per_point / n));

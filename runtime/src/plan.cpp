@@ -44,18 +44,27 @@ MachineRates::MachineRates() {
   }
 }
 
-MachineRates MachineRates::from_report(const std::string& path) {
+MachineRates MachineRates::from_report(const std::string& path, const std::string& option) {
   std::ifstream in(path);
-  if (!in) throw Error("--bench {}: cannot read the file (write one with `zinf bench all --json > FILE`)", path);
+  if (!in) throw Error("{} {}: cannot read the file (write one with `zinf bench all --report DIR`: DIR/report.json)", option, path);
   std::stringstream ss;
   ss << in.rdbuf();
   json r;
   try {
     r = json::parse(ss.str());
   } catch (const std::exception& e) {
-    throw Error("--bench {}: not JSON ({}); give the output of `zinf bench all --json`", path, e.what());
+    throw Error("{} {}: not JSON ({}); give the output of `zinf bench all --json`", option, path, e.what());
   }
-  if (!r.is_object()) throw Error("--bench {}: not a zinf bench report (a JSON object is expected)", path);
+  if (!r.is_object()) throw Error("{} {}: not a zinf bench report (a JSON object is expected)", option, path);
+  try {
+    return from_report_json(r, path, option);
+  } catch (const json::exception& e) {
+    throw Error("{} {}: a figure has the wrong type ({}); give the unedited output of `zinf bench all --json`", option,
+                path, e.what());
+  }
+}
+
+MachineRates MachineRates::from_report_json(const nlohmann::json& r, const std::string& path, const std::string& option) {
   MachineRates m;
   int taken = 0;
   const std::string src = fmt::format("measured ({})", path);
@@ -66,12 +75,18 @@ MachineRates MachineRates::from_report(const std::string& path) {
       ++taken;
     }
   };
-  take(m.h2d_GBps, "h2d_GBps", positive(find(r, {"pcie", "best", "zinf", "pinned", "h2d"})));
-  take(m.d2h_GBps, "d2h_GBps", positive(find(r, {"pcie", "best", "zinf", "pinned", "d2h"})));
-  take(m.both_GBps, "both_GBps", positive(find(r, {"pcie", "best", "zinf", "pinned", "both"})));
+  // Sections of `zinf bench all`, or a sub-bench's own JSON (the same keys at the top level).
+  const json* pcie = find(r, {"pcie"});
+  if (pcie == nullptr && find(r, {"best", "zinf"}) != nullptr) pcie = &r;
+  if (pcie != nullptr) {
+    take(m.h2d_GBps, "h2d_GBps", positive(find(*pcie, {"best", "zinf", "pinned", "h2d"})));
+    take(m.d2h_GBps, "d2h_GBps", positive(find(*pcie, {"best", "zinf", "pinned", "d2h"})));
+    take(m.both_GBps, "both_GBps", positive(find(*pcie, {"best", "zinf", "pinned", "both"})));
+  }
   double triad = positive(find(r, {"mem", "triad_GBps"}));
   if (triad == 0) triad = positive(find(r, {"adam", "stream_triad_GBps"}));
   if (triad == 0) triad = positive(find(r, {"stream_triad_GBps"}));
+  if (triad == 0) triad = positive(find(r, {"triad_GBps"}));
   take(m.host_mem_GBps, "host_mem_GBps", triad);
   const json* kernels = find(r, {"adam", "kernels"});
   if (kernels == nullptr) kernels = find(r, {"kernels"});
@@ -79,6 +94,7 @@ MachineRates MachineRates::from_report(const std::string& path) {
     // The host step with bf16 gradients in (28 bytes per parameter), or with fp32 ones scaled to it.
     double best = 0;
     for (const auto& k : *kernels) {
+      if (!k.is_object()) continue;
       const std::string name = k.value("kernel", "");
       const double pps = k.value("params_per_s", 0.0);
       if (name == "host_step_adamw_bf16") best = std::max(best, pps);
@@ -88,12 +104,14 @@ MachineRates MachineRates::from_report(const std::string& path) {
   }
   const json* io = find(r, {"io"});
   if (io == nullptr && r.contains("points")) io = &r;
-  if (io != nullptr) {
+  if (io != nullptr && io->is_object()) {
     take(m.nvme_read_GBps, "nvme_read_GBps", positive(find(*io, {"best", "read_GBps"})));
     take(m.nvme_write_GBps, "nvme_write_GBps", positive(find(*io, {"best", "write_GBps"})));
   }
-  take(m.gemm_peak_tflops, "gemm_peak_tflops", positive(find(r, {"gemm", "peak_tflops"})));
-  if (const json* st = find(r, {"step"}); st != nullptr) {
+  double peak = positive(find(r, {"gemm", "peak_tflops"}));
+  if (peak == 0) peak = positive(find(r, {"peak_tflops"}));
+  take(m.gemm_peak_tflops, "gemm_peak_tflops", peak);
+  if (const json* st = find(r, {"step"}); st != nullptr && st->is_object()) {
     const bool cuda = st->value("backend", std::string()).rfind("cuda", 0) == 0;
     take(cuda ? m.gpu_model_tflops : m.cpu_model_tflops, cuda ? "gpu_model_tflops" : "cpu_model_tflops",
          positive(find(*st, {"model_tflops"})));
@@ -105,9 +123,9 @@ MachineRates MachineRates::from_report(const std::string& path) {
   }
   take(m.nvlink_GBps, "nvlink_GBps", positive(find(r, {"comm", "busbw_GBps"})));
   if (taken == 0) {
-    throw Error("--bench {}: no figure zinf plan can use (expected the output of `zinf bench all --json`, or of "
+    throw Error("{} {}: no figure zinf plan can use (expected the output of `zinf bench all --json`, or of "
                 "`zinf bench pcie|mem|adam|io|gemm --json`)",
-                path);
+                option, path);
   }
   return m;
 }
@@ -198,7 +216,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   // ---- GPU (per GPU): the trainer's plan_gpu_memory.
   TierPlan g{"gpu", {}, in.gpu_mem};
   if (gpu) {
-    std::uint64_t params = 0, optimizer = 0, total = 0, big = 0, persistent = 0;
+    std::uint64_t params = 0, optimizer = 0, total = 0, big = 0, persistent = 0, persistent_numel = 0;
     for (std::size_t u = 0; u < U; ++u) {
       const std::uint64_t n = stage3 ? (nccl ? shard[u] * W : numel[u]) : numel[u];
       if (on_gpu[u]) {
@@ -208,7 +226,12 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
       }
       total += n;
       big = std::max(big, n);
-      if (stage3 && static_cast<std::int64_t>(numel[u]) <= z.param_persistence_threshold) persistent += n;
+      // The coordinator's rule: small units persist, up to model_persistence_threshold in all.
+      if (stage3 && static_cast<std::int64_t>(numel[u]) <= z.param_persistence_threshold &&
+          static_cast<std::int64_t>(persistent_numel + numel[u]) <= z.model_persistence_threshold) {
+        persistent += n;
+        persistent_numel += numel[u];
+      }
     }
     if (stage3) {
       const auto live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
@@ -254,7 +277,15 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     std::uint64_t scratch = 32ull << 20;
     if (bf16) scratch += rows * std::max(widest_in, widest_out) * 2 + rows * std::max(widest_in, vchunk) * 2;
     scratch += (rows + 63) / 64 * widest_out * 4;                                        // norm partials
-    scratch += rows * static_cast<std::uint64_t>(c.qkv_dim() + c.q_dim()) * 2 + rows * 4;  // attention
+    // Attention: the row statistics, and for bf16 with head dim 64 or 128 (the flash kernels) the
+    // packed operands over sequences padded to 64.
+    const std::uint64_t heads = static_cast<std::uint64_t>(c.num_heads), kvh = static_cast<std::uint64_t>(c.num_kv_heads);
+    const std::uint64_t hd = static_cast<std::uint64_t>(c.head_dim);
+    const std::uint64_t b = static_cast<std::uint64_t>(in.micro_batch), pseq = (static_cast<std::uint64_t>(in.seq_len) + 63) / 64 * 64;
+    scratch += (b * heads * static_cast<std::uint64_t>(in.seq_len) + 3) / 4 * 4 * 4;
+    if (bf16 && (hd == 64 || hd == 128) && kvh > 0 && heads % kvh == 0) {
+      scratch += (((heads + 2 * kvh) * b * pseq * hd + heads * b * pseq * hd) / 2 + 64) * 4;
+    }
     scratch += 3 * rows * 4 + rows * vchunk * 4;
     g.items = {{"parameters (live budget + one unit)", params},
                {"gradient buffers", grads},
@@ -271,9 +302,11 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   const bool opt_nvme = z.optimizer_device() == OffloadDevice::kNvme && z.offload_optimizer->ratio > 0.0;
   const double nvme_ratio = opt_nvme ? std::min(1.0, z.offload_optimizer->ratio) : 0.0;
   const bool params_nvme = z.param_device() == OffloadDevice::kNvme;
-  const std::uint64_t slice_cfg = static_cast<std::uint64_t>(std::max<std::int64_t>(z.sub_group_size, 1));
-  std::uint64_t slice = slice_cfg;
+  if (z.sub_group_size < 1) throw Error("zero_optimization.sub_group_size must be at least 1, not {}", z.sub_group_size);
+  constexpr std::uint64_t kSliceAlign = 2048;  // offload::kSliceAlign
+  std::uint64_t slice = static_cast<std::uint64_t>(z.sub_group_size);
   if (params_nvme) slice = std::min(slice, static_cast<std::uint64_t>(std::max<std::int64_t>(z.offload_param->buffer_size, 1)));
+  slice = std::max(kSliceAlign, slice / kSliceAlign * kSliceAlign);
   std::uint64_t host_state = 0, host_params = 0, nvme_state = 0, nvme_params = 0, largest_staged = 0, largest_pslice = 0;
   std::uint64_t host_param_elems = 0;
   for (std::size_t u = 0; u < U; ++u) {
@@ -283,14 +316,26 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     if (p_nvme) {
       nvme_params += n * 2;
       largest_pslice = std::max(largest_pslice, std::min(n, slice));
+      const std::uint64_t needed = (n + slice - 1) / slice;
+      const auto buffers = static_cast<std::uint64_t>(std::max<std::int64_t>(z.offload_param->buffer_count, 1));
+      if (needed > buffers) {
+        throw Error("the parameters of unit '{}' ({} elements) need {} staging buffers of {} elements, but "
+                    "offload_param.buffer_count is {}: raise buffer_count to at least {} or buffer_size to at least {}",
+                    layout.units[u].name, n, needed, slice, buffers, needed, (n + buffers - 1) / buffers);
+      }
     } else {
       host_param_elems += n;
       host_params += n * 2;
     }
-    const std::uint64_t on_nvme = static_cast<std::uint64_t>(std::floor(nvme_ratio * static_cast<double>(n)));
+    const std::uint64_t on_nvme =
+        nvme_ratio >= 1.0 ? n
+                          : std::min<std::uint64_t>(n, static_cast<std::uint64_t>(std::floor(nvme_ratio * static_cast<double>(n))) /
+                                                           kSliceAlign * kSliceAlign);
     nvme_state += on_nvme * 12;
     host_state += (n - on_nvme) * 12;
-    if (on_nvme > 0 || p_nvme) largest_staged = std::max(largest_staged, std::min(n, slice));
+    // Staged slices: the NVMe part of the state, or the whole unit when its parameters are on NVMe.
+    if (p_nvme) largest_staged = std::max(largest_staged, std::min(n, slice));
+    else if (on_nvme > 0) largest_staged = std::max(largest_staged, std::min(on_nvme, slice));
   }
   const std::uint64_t opt_buffers = opt_nvme || params_nvme ? static_cast<std::uint64_t>(z.offload_optimizer ? z.offload_optimizer->buffer_count : 4) : 0;
   const std::uint64_t param_buffers = params_nvme ? static_cast<std::uint64_t>(z.offload_param->buffer_count) : 0;
@@ -320,10 +365,18 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     hpage.items.push_back({"CPU backend: activations", Model::activation_bytes_for(c, in.micro_batch, in.seq_len, mo) * W});
   }
   if (pageable > 0) hpage.items.push_back({"gradient shards (synchronous path)", pageable * W});
-  // One capacity for both host tiers: the pinned tier is judged against it, the pageable one
-  // against what the pinned one leaves.
-  hp.capacity = in.host_mem;
-  hpage.capacity = in.host_mem > hp.total() ? in.host_mem - hp.total() : (in.host_mem > 0 ? 1 : 0);
+  // One capacity for both host tiers, less what the trainer's preflight keeps free for the
+  // process and the OS (offload::host_memory_reserve_bytes: 5% of the memory, at least 4 GiB);
+  // the pinned tier is judged against it, the pageable one against what the pinned one leaves.
+  if (in.host_mem > 0) {
+    const std::uint64_t reserve = std::max<std::uint64_t>(4ull << 30, in.host_mem / 20);
+    const std::uint64_t usable = in.host_mem > reserve ? in.host_mem - reserve : 1;
+    hp.capacity = usable;
+    hpage.capacity = usable > hp.total() ? usable - hp.total() : 1;
+    p.notes.push_back(fmt::format("host memory: {} of {} counted usable ({} stays free for the process and the OS, as "
+                                  "the trainer's preflight requires)",
+                                  gib(usable), gib(in.host_mem), gib(reserve)));
+  }
   p.tiers.push_back(hp);
   p.tiers.push_back(hpage);
   TierPlan nv{"nvme", {}, in.nvme};
@@ -351,7 +404,8 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     }
     h2d = gathered * static_cast<double>(pb) / static_cast<double>(nccl ? W : 1) * static_cast<double>(in.grad_accum);
     d2h = (static_cast<double>(S) - static_cast<double>(W == 1 ? gpu_share : 0)) * static_cast<double>(gbytes);
-    if (!p.pipeline && !partition_grads) d2h = static_cast<double>(E) * 4;
+    // The synchronous path brings each unit's whole fp32 gradient down every micro-batch.
+    if (!p.pipeline) d2h = static_cast<double>(E) * 4 * static_cast<double>(in.grad_accum);
     const double pcie_s = std::max({h2d / (rates.h2d_GBps * kGB), d2h / (rates.d2h_GBps * kGB),
                                     (h2d + d2h) / (rates.both_GBps * kGB)});
     p.parts.push_back({"pcie", pcie_s, fmt::format("{:.1f} GB up, {:.1f} GB down", h2d / kGB, d2h / kGB)});
@@ -376,8 +430,9 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   }
   if (W > 1) {
     const double wf = static_cast<double>(W - 1) / static_cast<double>(W);
-    const double bytes = nccl || stage3 ? (3.0 * static_cast<double>(E) * static_cast<double>(pb) + static_cast<double>(E) * 4) * wf
-                                        : 2.0 * static_cast<double>(E) * 4 * wf;
+    const double gas = static_cast<double>(in.grad_accum);
+    const double bytes = nccl || stage3 ? (3.0 * static_cast<double>(E) * static_cast<double>(pb) + static_cast<double>(E) * 4) * wf * gas
+                                        : 2.0 * static_cast<double>(E) * 4 * wf * gas;
     const double bw = nccl ? rates.nvlink_GBps : std::min(rates.host_mem_GBps / 4, 10.0);
     p.parts.push_back({"gpu_collectives", bytes / (bw * kGB),
                        fmt::format("{:.1f} GB per rank over {}", bytes / kGB, nccl ? "NCCL" : "the host (Gloo)")});
@@ -409,7 +464,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     }
     const double tail = std::max({fwd, step_s, nvme_s});
     p.predicted_s = std::max(mx, bwd + tail);
-    p.bound = tail == fwd ? "compute" : (tail == nvme_s ? "nvme" : "host");
+    if (bwd + tail > mx) p.bound = tail == fwd ? "compute" : (tail == nvme_s ? "nvme" : "host");
     p.notes.push_back("gradient clipping: the optimizer waits for the global norm after backward (it then overlaps "
                       "the next forward)");
   } else {

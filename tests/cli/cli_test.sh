@@ -323,7 +323,20 @@ expect 1 'no figure zinf plan can use' -- "$ZINF" plan --model "$M3" --bench "$T
 expect 2 'gpu-mem' -- "$ZINF" plan --model "$M3" --gpu-mem lots
 expect 2 'cannot be given with' -- "$ZINF" plan --model "$M3" --fp32 --bf16
 expect 0 'offload_optimizer.ratio 0.5' -- "$ZINF" tune --report "$REPORT" --model "$M3" --gpu-mem 141G --host-mem 128G \
-  -o "$TMP/tuned.json"
+  --max-grad-norm 0 -o "$TMP/tuned.json"
+expect 0 '"gradient_clipping": 0' -- cat "$TMP/tuned.json"
+expect 0 'offload_optimizer.ratio 0\.1' -- "$ZINF" tune --report "$REPORT" --model "$M3" --gpu-mem 141G --host-mem 128G \
+  -o "$TMP/tuned-clip.json"
+expect 1 'more than .* usable here.*nothing was' -- "$ZINF" tune --report "$REPORT" --model "$ROOT/configs/models/bench-8b.json" \
+  --gpu-mem 24G --host-mem 64G -o "$TMP/never8b.json"
+[[ -e "$TMP/never8b.json" ]] && { echo "FAIL: a tune whose host memory does not fit wrote its file"; failed=$((failed + 1)); }
+expect 1 'give --gpu-mem' -- "$ZINF" plan --model "$M3" --suggest
+expect 1 'zinf bench gemm --json.*no figure|no figure' -- "$ZINF" plan --model "$M3" --bench "$TMP/empty-report.json"
+echo '{"best": {"zinf": {"pinned": {"h2d": 50, "d2h": 50, "both": 90}}}}' > "$TMP/pcie-only.json"
+expect 0 'predicted' -- "$ZINF" plan --model "$M3" --micro-batch 4 --host-mem 128G --bench "$TMP/pcie-only.json"
+echo '{"adam": {"kernels": [{"kernel": 5, "params_per_s": "fast"}]}}' > "$TMP/bad-type.json"
+expect 1 'wrong type' -- "$ZINF" plan --model "$M3" --bench "$TMP/bad-type.json"
+expect 2 'at least one byte' -- "$ZINF" bench pcie --sizes 0.5
 expect 0 'OK' -- "$ZINF" config check "$TMP/tuned.json"
 expect 0 'communication_data_type bf16' -- "$ZINF" tune --report "$REPORT" --model "$ROOT/configs/models/bench-8b.json" \
   --gpu-mem 24G --host-mem 128G -o "$TMP/tuned8b.yaml"

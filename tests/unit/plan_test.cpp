@@ -188,7 +188,8 @@ TEST(Plan, TiersFollowTheOffloadSettings) {
       "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme", "ratio": 0.5, "buffer_count": 4}}})"),
                               MachineRates{});
   EXPECT_NEAR(static_cast<double>(tier(nvme, "nvme").total()), 6 * E, 0.01 * E);
-  const double staging = 4.0 * 1e8 * 14;
+  // Staging: buffer_count slices of the largest NVMe part (half a layer, under sub_group_size).
+  const double staging = 4.0 * static_cast<double>(113252352 / 2 / 2048 * 2048) * 14;
   EXPECT_NEAR(static_cast<double>(tier(nvme, "host_pinned").total()), 12 * E + staging, 0.01 * E);
   bool has_nvme_part = false;
   for (const auto& part : nvme.parts) has_nvme_part = has_nvme_part || (part.name == "nvme" && part.seconds > 0);

@@ -476,7 +476,7 @@ std::uint64_t parse_size(const std::string& text, const std::string& option) {
   else if (unit == "t") mult = 1024.0 * 1024 * 1024 * 1024;
   else throw CLI::ValidationError(option, fmt::format("'{}': unknown unit '{}' (use K, M, G or T)", text, unit));
   const double bytes = value * mult;
-  if (!(bytes > 0) || bytes > 1e18) throw CLI::ValidationError(option, fmt::format("'{}' is not a positive size", text));
+  if (!(bytes >= 1) || bytes > 1e18) throw CLI::ValidationError(option, fmt::format("'{}' is not a size of at least one byte", text));
   return static_cast<std::uint64_t>(bytes);
 }
 

@@ -17,6 +17,7 @@
 
 #include "commands.hpp"
 #include "zinf/common/error.hpp"
+#include "zinf/common/fs.hpp"
 #include "zinf/kernels/cpu_features.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/kernels/device_info.hpp"
@@ -126,6 +127,12 @@ int run_gemm(const GemmCli& c) {
     if (!(in >> r.m >> x1 >> r.n >> x2 >> r.k) || x1 != 'x' || x2 != 'x' || !in.eof() || r.m < 1 || r.n < 1 || r.k < 1) {
       throw CLI::ValidationError("--shapes", fmt::format("'{}' is not MxNxK (example: 8192x8192x8192)", s));
     }
+    constexpr std::int64_t kMaxSide = 1 << 20, kMaxOperand = std::int64_t{1} << 33;  // elements
+    if (r.m > kMaxSide || r.n > kMaxSide || r.k > kMaxSide || r.m * r.k > kMaxOperand || r.k * r.n > kMaxOperand ||
+        r.m * r.n > kMaxOperand) {
+      throw CLI::ValidationError("--shapes", fmt::format("'{}' is too large (each side at most {}, each matrix at most "
+                                                         "{} elements)", s, kMaxSide, kMaxOperand));
+    }
     shapes.push_back(r);
   }
   const runtime::GemmResult r = runtime::bench_gemm(c.device, shapes, c.repeat);
@@ -222,9 +229,28 @@ std::string quote(const std::string& s) {
   return q + "'";
 }
 
-// Runs `zinf bench ARGS --json` as a child; its JSON, or why there is none.
+// The last non-empty line of a file (a failed child's error).
+std::string last_line(const std::string& path) {
+  std::ifstream in(path);
+  std::string line, last;
+  while (std::getline(in, line)) {
+    if (line.find_first_not_of(" \t\r") != std::string::npos) last = line;
+  }
+  return last;
+}
+
+// Runs `zinf bench ARGS --json` as a child; its JSON, or why there is none (the child's last
+// error line; its whole stderr is appended to `log` when there is one).
 Json run_child(const std::string& name, const std::string& args, const std::string& log) {
-  const std::string cmd = fmt::format("{} bench {} --json 2>>{}", quote(self_exe()), args, quote(log));
+  const std::string err = (fs::temp_directory_path() / fmt::format("zinf-bench-{}-{}.err", ::getpid(), name)).string();
+  struct Remove {
+    std::string p;
+    ~Remove() {
+      std::error_code ec;
+      fs::remove(p, ec);
+    }
+  } remove_err{err};
+  const std::string cmd = fmt::format("{} bench {} --json 2>{}", quote(self_exe()), args, quote(err));
   const auto t0 = Clock::now();
   std::FILE* f = ::popen(cmd.c_str(), "r");
   if (f == nullptr) return {{"status", fmt::format("failed: cannot start `{}`", cmd)}};
@@ -234,9 +260,14 @@ Json run_child(const std::string& name, const std::string& args, const std::stri
   while ((got = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, got);
   const int rc = ::pclose(f);
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (!log.empty()) {
+    std::ifstream e(err);
+    std::ofstream(log, std::ios::app) << fmt::format("== zinf bench {}\n", args) << e.rdbuf();
+  }
   if (rc != 0) {
-    return {{"status", fmt::format("failed (exit {}): see {} for `zinf bench {}`", WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, log, args)},
-            {"seconds", secs}};
+    std::string why = last_line(err);
+    if (why.empty()) why = WIFSIGNALED(rc) ? fmt::format("killed by signal {}", WTERMSIG(rc)) : "no message";
+    return {{"status", fmt::format("failed (exit {}): {}", WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, why)}, {"seconds", secs}};
   }
   try {
     Json j = Json::parse(out);
@@ -312,11 +343,14 @@ std::string report_text(const Json& r) {
 int run_all(const AllCli& c) {
   const bool skip_any = !c.skip.empty();
   const auto skipped = [&](const char* k) { return skip_any && std::find(c.skip.begin(), c.skip.end(), k) != c.skip.end(); };
-  std::string log = "/dev/null";
+  std::string log;
   if (!c.report.empty()) {
-    fs::create_directories(c.report);
+    std::error_code ec;
+    fs::create_directories(c.report, ec);
+    if (ec) throw Error("--report {}: cannot create the directory: {}", c.report, ec.message());
     log = (fs::path(c.report) / "bench.log").string();
-    std::ofstream(log, std::ios::trunc) << "";
+    std::ofstream out(log, std::ios::trunc);
+    if (!out) throw Error("--report {}: cannot write {} (is the directory writable?)", c.report, log);
   }
   const auto gq = kernels::query_gpus();
   const bool gpu = !gq.gpus.empty();
@@ -366,8 +400,8 @@ int run_all(const AllCli& c) {
   }
   const std::string text = report_text(r);
   if (!c.report.empty()) {
-    std::ofstream(fs::path(c.report) / "report.json") << r.dump(2) << "\n";
-    std::ofstream(fs::path(c.report) / "report.txt") << text;
+    write_file_atomic((fs::path(c.report) / "report.json").string(), r.dump(2) + "\n");
+    write_file_atomic((fs::path(c.report) / "report.txt").string(), text);
     std::string script = (fs::path(ZINF_SOURCE_DIR) / "tools" / "plot_bench.py").string();
     if (const char* p = std::getenv("ZINF_BENCH_PLOT_SCRIPT"); p != nullptr && *p != '\0') script = p;
     std::string plots;

@@ -14,6 +14,7 @@
 #include "zinf/common/error.hpp"
 #include "zinf/common/fs.hpp"
 #include "zinf/configs/presets.hpp"
+#include "zinf/kernels/device_info.hpp"
 #include "zinf/runtime/model_config.hpp"
 #include "zinf/runtime/plan.hpp"
 
@@ -55,8 +56,10 @@ runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, 
   in.ds = rc.parsed.config;
   in.device = o.device;
   in.gpus = o.gpus;
-  in.micro_batch = rc.parsed.config.batch.micro_batch_per_gpu.value_or(1);
-  in.grad_accum = rc.parsed.config.batch.gradient_accumulation_steps.value_or(1);
+  const config::BatchConfig& batch = rc.parsed.config.batch;
+  if (!batch.resolved) throw Error("{}: the batch sizes could not be derived (give --micro-batch)", doc.source);
+  in.micro_batch = batch.micro;
+  in.grad_accum = batch.gas;
   in.seq_len = o.seq_len;
   in.gpu_mem = o.gpu_mem.empty() ? 0 : parse_size(o.gpu_mem, "--gpu-mem");
   in.host_mem = o.host_mem.empty() ? host_ram() : parse_size(o.host_mem, "--host-mem");
@@ -89,6 +92,17 @@ int run_plan(const PlanOptions& o) {
     return p.fits() ? 0 : 3;
   }
   // --suggest: every built-in preset, fastest predicted first; the first that fits is the pick.
+  // Fitting must be judged: the GPU's memory is this machine's GPU's unless given.
+  PlanOptions so = o;
+  if (so.device == "cuda" && so.gpu_mem.empty()) {
+    const auto q = kernels::query_gpus();
+    if (q.gpus.empty()) {
+      throw Error("zinf plan --suggest: give --gpu-mem (the memory of the GPU to plan for); this machine has no usable GPU "
+                  "to take it from ({})",
+                  q.problem);
+    }
+    so.gpu_mem = std::to_string(q.gpus.front().total_memory);
+  }
   struct Candidate {
     std::string name;
     runtime::Plan plan;
@@ -98,7 +112,7 @@ int run_plan(const PlanOptions& o) {
   for (const auto& pr : config::presets()) {
     Candidate c{std::string(pr.name), {}, {}};
     try {
-      c.plan = plan_for(o, model, config::load_document(c.name), rates);
+      c.plan = plan_for(so, model, config::load_document(c.name), rates);
     } catch (const Error& e) {
       c.error = e.what();
     }
@@ -172,16 +186,21 @@ int run_tune(const TuneOptions& t) {
   if (t.output.empty()) throw Error("zinf tune: give -o FILE (the tuned config to write), or a subcommand (nvme)");
   if (t.plan.bench.empty()) throw Error("zinf tune: give --report REPORT.json (from `zinf bench all --report DIR`)");
   const json report = read_report(t.plan.bench);
-  const runtime::MachineRates rates = runtime::MachineRates::from_report(t.plan.bench);
+  const runtime::MachineRates rates = runtime::MachineRates::from_report(t.plan.bench, "--report");
   const std::string base = !t.base.empty() ? t.base : (t.nvme_path.empty() ? "deepspeed_zero3_cpuoffload" : "deepspeed_zero3_nvme");
   config::LoadedDocument doc = config::load_document(base);
   config::Json& cfg = doc.json;
+  if (!cfg.is_object() || !cfg.contains("zero_optimization") || !cfg["zero_optimization"].is_object()) {
+    throw Error("--base {}: has no zero_optimization section to tune", base);
+  }
   std::vector<std::string> why;
   const auto gib = [](std::uint64_t b) { return fmt::format("{:.1f} GiB", static_cast<double>(b) / (1ull << 30)); };
 
   // The aio block: the io bench's settings (its sweep's best when it swept).
-  const json io = report.value("io", json::object());
-  if (io.value("status", "") == "ok" && io.contains("best") && io["best"].contains("block_size")) {
+  const json io = report.contains("io") && report["io"].is_object() ? report["io"] : json::object();
+  const bool io_ok = io.value("status", "") == "ok" && io.contains("best") && io["best"].is_object() &&
+                     io["best"].contains("block_size") && io["best"]["block_size"].is_number_unsigned();
+  if (io_ok) {
     const json& b = io["best"];
     cfg["aio"] = {{"block_size", b["block_size"]},
                   {"queue_depth", b.value("queue_depth", 8)},
@@ -222,7 +241,14 @@ int run_tune(const TuneOptions& t) {
     const std::uint64_t gpu_cap = parse_size(po.gpu_mem, "--gpu-mem");
     po.gpu_mem = std::to_string(gpu_cap * 92 / 100);  // headroom: the CUDA context, NCCL, fragmentation
     auto& z = cfg["zero_optimization"];
-    if (z.value("stage", 0) != 3) throw Error("zinf tune --model tunes ZeRO-3 configs; {} is stage {}", base, z.value("stage", 0));
+    if (!z.contains("stage") || !z["stage"].is_number_integer() || z["stage"].get<int>() != 3) {
+      throw Error("zinf tune --model tunes ZeRO-3 configs: {} has zero_optimization.stage {}", base,
+                  z.contains("stage") ? z["stage"].dump() : std::string("unset"));
+    }
+    if (po.seq_len > model.max_position_embeddings) {
+      throw Error("--seq-len {} is longer than the model's max_position_embeddings ({})", po.seq_len,
+                  model.max_position_embeddings);
+    }
     // A parameter staging buffer must hold a whole unit; the prefetch bucket keeps one layer coming.
     z["stage3_prefetch_bucket_size"] = layer;
     why.push_back(fmt::format("stage3_prefetch_bucket_size {}: one layer, so the next one is always on its way", layer));
@@ -293,11 +319,17 @@ int run_tune(const TuneOptions& t) {
     }
     chosen = best->plan;
     if (!host_fits(*chosen)) {
-      why.push_back(fmt::format("WARNING: host memory does not fit ({} needed): offload to NVMe (--nvme-path DIR) or add memory",
-                                gib(chosen->tiers[1].total() + chosen->tiers[2].total())));
+      throw Error("zinf tune: {} needs {} of host memory, more than {} usable here, even with bf16 gradients; nothing was "
+                  "written. Offload the optimizer state to NVMe (--nvme-path DIR), or use a machine with more memory\n\n{}",
+                  model.summary(), gib(chosen->tiers[1].total() + chosen->tiers[2].total()), gib(chosen->tiers[1].capacity),
+                  chosen->text());
     }
   } else {
     why.push_back("stage-3 budgets kept: give --model (and --gpu-mem) to size them for a model");
+  }
+  if (t.plan.args.max_grad_norm) {
+    cfg["gradient_clipping"] = *t.plan.args.max_grad_norm;
+    why.push_back(fmt::format("gradient_clipping {} (--max-grad-norm)", *t.plan.args.max_grad_norm));
   }
   const std::string text = t.output.ends_with(".yaml") || t.output.ends_with(".yml") ? config::to_yaml_text(cfg)
                                                                                      : config::to_json_text(cfg);
@@ -330,13 +362,16 @@ void add_tune_config_options(CLI::App& tune, Action& action) {
   tune.add_option("--host-mem", t->plan.host_mem, "host RAM (default: this machine's)");
   tune.add_option("--seq-len", t->plan.seq_len, "tokens per sequence (default 2048)")
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 22));
+  tune.add_option_function<double>("--max-grad-norm", [t](const double& v) { t->plan.args.max_grad_norm = v; },
+                                   "gradient clipping the config is tuned for and written with (default: the base's; "
+                                   "\"auto\" is 1.0 as in zinf train)")
+      ->check(CLI::NonNegativeNumber);
   tune.add_option_function<std::int64_t>("--micro-batch", [t](const std::int64_t& v) { t->plan.args.micro_batch = v; },
                                          "micro-batch per GPU the config is tuned for (default 4)")
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 20));
   tune.callback([t, &tune, &action] {
     if (!tune.get_subcommands().empty()) return;  // `zinf tune nvme ...`
     if (!t->plan.args.micro_batch) t->plan.args.micro_batch = 4;
-    t->plan.args.max_grad_norm = 0.0;  // the pipeline's unclipped step; clipping is a training choice
     action = [t] { return run_tune(*t); };
   });
 }

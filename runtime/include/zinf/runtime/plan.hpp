@@ -35,7 +35,9 @@ struct MachineRates {
   MachineRates();  // every source "default"
   // Rates from a `zinf bench all --json` report (or a single sub-bench's JSON); what the report
   // does not hold keeps its default. Throws zinf::Error when the file is unreadable or not a report.
-  static MachineRates from_report(const std::string& path);
+  // `option` names the command-line option in errors (--bench, --report).
+  static MachineRates from_report(const std::string& path, const std::string& option = "--bench");
+  static MachineRates from_report_json(const nlohmann::json& report, const std::string& path, const std::string& option);
   nlohmann::json to_json() const;
 };
 

@@ -630,8 +630,9 @@ class Trainer {
     if (!partition_grads_) {
       p.grads = total * 4;
     } else {
-      // Gradient buffers are pooled by size. Per size: the pipeline keeps one in use plus up to
-      // kGradBuffersInFlight being copied down (and as many bf16 copies); the bucketed path keeps
+      // Gradient buffers are pooled by size. Per size: the pipeline keeps kGradBuffersInFlight,
+      // the one in use among them (with bf16 gradients: one fp32 and that many bf16 copies), with
+      // several GPUs more (below); the bucketed path keeps
       // a bucket's worth plus the one in use and a tied embedding's.
       std::map<std::uint64_t, std::uint64_t> sizes;  // elements -> units of that size
       for (const auto& u : layout_.units) ++sizes[static_cast<std::uint64_t>(u.numel)];
@@ -650,12 +651,15 @@ class Trainer {
             p.grads += std::min<std::uint64_t>(count, rif + kGradBuffersInFlight) * sh * 4;
           }
         } else if (gpu_pipeline_) {
+          // take_pooled_for_collective() allocates a new buffer only while fewer than
+          // kGradBuffersInFlight of a size are pooled, all still being copied down; the one in
+          // use is one of them. So a size never has more than kGradBuffersInFlight.
           if (grad_dtype_ == DType::kBF16) {
-            // fp32 buffers are free as soon as they are rounded (one in use, one spare); the bf16
-            // copies are the ones in flight.
-            p.grads += std::min<std::uint64_t>(count, 2) * n * 4 + std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * 2;
+            // fp32 buffers are free as soon as they are rounded (the rounding is on the compute
+            // stream, which reuses them): one per size; the bf16 copies are the ones in flight.
+            p.grads += std::min<std::uint64_t>(count, 1) * n * 4 + std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 2;
           } else {
-            p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * n * 4;
+            p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 4;
           }
         } else {
           p.grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;

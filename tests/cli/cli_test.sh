@@ -309,7 +309,7 @@ M3=$ROOT/configs/models/bench-3.1b.json
 REPORT=$ROOT/bench/results/raw/plan-validation-2026-12-01/bench/report.json
 expect 0 'predicted 0\.9[0-9]+ s per step .*bound by host' -- \
   "$ZINF" plan --model "$M3" --micro-batch 4 --max-grad-norm 0 --host-mem 128G --gpu-mem 24G --bench "$REPORT"
-expect 3 'gpu +10\.69 GiB +does not fit' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 8G --host-mem 128G
+expect 3 'gpu +10\.27 GiB +does not fit' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 8G --host-mem 128G
 expect 0 'host_pinned +52\.66 GiB +fits' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 24G --host-mem 128G
 expect 0 '"fits": true' -- "$ZINF" plan --model "$M3" --micro-batch 4 --gpu-mem 24G --host-mem 128G --json
 expect 0 'suggested: zinf_gpu141g_cpuoffload' -- "$ZINF" plan --model "$M3" --micro-batch 4 --max-grad-norm 0 --gpu-mem 141G \

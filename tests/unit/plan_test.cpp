@@ -65,23 +65,40 @@ const TierPlan& tier(const Plan& p, const std::string& name) {
   throw Error("no tier {}", name);
 }
 
-// Runs of the current memory layout (binaries of 989be02 and later): the CUDA issue's 3.1B shape on
-// one H200, with half of the optimizer state on the GPU, on 2 and 4 GPUs; and a CPU run.
-const char* const kRecordedRuns[] = {
-    "gpu-final-2026-12-01/zinf-noclip",         "gpu-final-2026-12-01/zinf-ratio0.5",
-    "gpu-scaling-2026-11-22/x4/scale/zinf-g1",  "gpu-scaling-2026-11-22/x4/scale/zinf-g2",
-    "gpu-scaling-2026-11-22/x4/scale/zinf-g4",  "gpu-scaling-2026-11-22/x2/scale/zinf-g2",
-    "train-2026-11-21/h200-host",
-    "plan-validation-2026-12-01/run-3b-noclip",    "plan-validation-2026-12-01/run-3b-clip",
-    "plan-validation-2026-12-01/run-3b-bf16grads", "plan-validation-2026-12-01/run-3b-ratio0.5",
-    "plan-validation-2026-12-01/run-8b-cap24",
+// Recorded runs: the CUDA issue's 3.1B shape on one H200, with half of the optimizer state on the
+// GPU, on 2 and 4 GPUs; a CPU run; and bench/plan_validation.sh's five runs before and after the
+// one-GPU pipeline's gradient buffers were counted as take_pooled_for_collective() keeps them
+// (kGradBuffersInFlight per size, not one more). `same_plan`: the run's trainer planned its GPU
+// memory with today's formulas.
+struct RecordedRun {
+  const char* dir;
+  bool same_plan;
+};
+const RecordedRun kRecordedRuns[] = {
+    {"gpu-final-2026-12-01/zinf-noclip", false},
+    {"gpu-final-2026-12-01/zinf-ratio0.5", false},
+    {"gpu-scaling-2026-11-22/x4/scale/zinf-g1", false},
+    {"gpu-scaling-2026-11-22/x4/scale/zinf-g2", true},
+    {"gpu-scaling-2026-11-22/x4/scale/zinf-g4", true},
+    {"gpu-scaling-2026-11-22/x2/scale/zinf-g2", true},
+    {"train-2026-11-21/h200-host", true},
+    {"plan-validation-2026-12-01/run-3b-noclip", false},
+    {"plan-validation-2026-12-01/run-3b-clip", false},
+    {"plan-validation-2026-12-01/run-3b-bf16grads", false},
+    {"plan-validation-2026-12-01/run-3b-ratio0.5", false},
+    {"plan-validation-2026-12-01/run-8b-cap24", false},
+    {"plan-validation-2026-12-02/run-3b-noclip", true},
+    {"plan-validation-2026-12-02/run-3b-clip", true},
+    {"plan-validation-2026-12-02/run-3b-bf16grads", true},
+    {"plan-validation-2026-12-02/run-3b-ratio0.5", true},
+    {"plan-validation-2026-12-02/run-8b-cap24", true},
 };
 
 TEST(Plan, MemoryPerTierMatchesTheRecordedRuns) {
   const fs::path raw = source_dir() / "bench" / "results" / "raw";
   if (!fs::exists(raw)) GTEST_SKIP() << raw << " is missing: set ZINF_SOURCE_DIR to a zinf checkout";
   int gpu_runs = 0;
-  for (const char* run : kRecordedRuns) {
+  for (const auto& [run, same_plan] : kRecordedRuns) {
     SCOPED_TRACE(run);
     const json s = read_json(raw / run / "summary.json");
     const PlanInputs in = inputs_from_summary(s);
@@ -92,16 +109,23 @@ TEST(Plan, MemoryPerTierMatchesTheRecordedRuns) {
     EXPECT_NEAR(host / host_measured, 1.0, 0.10);
     if (in.device != "cuda") continue;
     ++gpu_runs;
-    // GPU: the same bytes as the trainer's own plan (what --gpu-memory-limit enforces) ...
     const double gpu = static_cast<double>(tier(p, "gpu").total());
-    EXPECT_NEAR(gpu / s["gpu_memory"]["planned_bytes"].get<double>(), 1.0, 0.005);
-    // ... which is an upper bound of the measured peak, within 16% of it.
+    const double planned = s["gpu_memory"]["planned_bytes"].get<double>();
     const double peak = s["gpu_memory"]["peak_bytes"].get<double>();
+    // GPU: the trainer's own plan (what --gpu-memory-limit enforces), or less where the trainer
+    // then counted a gradient buffer per size too many ...
+    if (same_plan) {
+      EXPECT_NEAR(gpu / planned, 1.0, 0.005);
+    } else {
+      EXPECT_LT(gpu, planned);
+    }
+    // ... an upper bound of the measured peak: within 10% of it with one GPU, 16% with several
+    // (whose gradient buffers are still counted with room to spare).
     EXPECT_GE(gpu, peak);
-    EXPECT_LE(gpu / peak, 1.16);
+    EXPECT_LE(gpu / peak, in.gpus == 1 ? 1.10 : 1.16);
     EXPECT_TRUE(p.pipeline);
   }
-  EXPECT_EQ(gpu_runs, 11);
+  EXPECT_EQ(gpu_runs, 16);
 }
 
 double median_step_seconds(const fs::path& csv, int warmup) {
@@ -130,10 +154,9 @@ double median_step_seconds(const fs::path& csv, int warmup) {
 
 // bench/plan_validation.sh on an H200: `zinf bench all` and five training runs in one invocation.
 // The plan made from each run's config with that report's rates predicts its median step time
-// within 25% (the bar; they were within 11%), and names the bound the run's breakdown shows.
-TEST(Plan, PredictsTheStepTimeOfRunsOnTheMeasuredMachine) {
-  const fs::path dir = source_dir() / "bench" / "results" / "raw" / "plan-validation-2026-12-01";
-  if (!fs::exists(dir)) GTEST_SKIP() << dir << " is missing: set ZINF_SOURCE_DIR to a zinf checkout";
+// within 25% (the bar; they were within 5%, and within 11% in the day before's invocation), and
+// names the bound the run's breakdown shows.
+void check_step_times(const fs::path& dir) {
   const MachineRates rates = MachineRates::from_report((dir / "bench" / "report.json").string());
   EXPECT_EQ(rates.source.at("h2d_GBps").rfind("measured", 0), 0u);
   EXPECT_EQ(rates.source.at("adam_params_per_s").rfind("measured", 0), 0u);
@@ -152,6 +175,15 @@ TEST(Plan, PredictsTheStepTimeOfRunsOnTheMeasuredMachine) {
     EXPECT_EQ(p.bound, bound) << p.text();
     EXPECT_LE(p.lower_s, p.predicted_s);
     EXPECT_GE(p.upper_s, p.predicted_s);
+  }
+}
+
+TEST(Plan, PredictsTheStepTimeOfRunsOnTheMeasuredMachine) {
+  const fs::path raw = source_dir() / "bench" / "results" / "raw";
+  if (!fs::exists(raw)) GTEST_SKIP() << raw << " is missing: set ZINF_SOURCE_DIR to a zinf checkout";
+  for (const char* day : {"plan-validation-2026-12-01", "plan-validation-2026-12-02"}) {
+    SCOPED_TRACE(day);
+    check_step_times(raw / day);
   }
 }
 

@@ -396,7 +396,7 @@ int run_all(const AllCli& c) {
   } else if (gpu) {
     run("step", fmt::format("model --backend cuda --model {} --batch 4 --seq 2048 --steps 3 --warmup 1", quote(model)), true);
   } else {
-    run("step", fmt::format("model --backend cpu --model {} --batch 4 --seq 256 --steps 3 --warmup 1", quote(model)), false);
+    run("step", fmt::format("model --backend cpu --model {} --batch 8 --seq 256 --steps 3 --warmup 1", quote(model)), false);
   }
   const std::string text = report_text(r);
   if (!c.report.empty()) {

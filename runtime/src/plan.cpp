@@ -249,7 +249,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
       for (const auto& [n, count] : sizes) {
         if (nccl) {
           const std::uint64_t sh = (n + W - 1) / W, rif = kReductionsInFlight + 1;
-          grads += std::min<std::uint64_t>(count, rif + 2) * sh * W * 4;
+          grads += std::min<std::uint64_t>(count, rif) * sh * W * 4;
           grads += bf16_grads ? std::min<std::uint64_t>(count, rif + 1) * sh * 4 +
                                     std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * sh * 2
                               : std::min<std::uint64_t>(count, rif + kGradBuffersInFlight) * sh * 4;

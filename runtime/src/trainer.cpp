@@ -639,12 +639,14 @@ class Trainer {
       const auto bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
       for (const auto& [n, count] : sizes) {
         if (nccl_) {
-          // Several GPUs: the padded fp32 buffers of the reductions in flight, the one in use and a
-          // tied embedding's; this rank's fp32 shards (as many as reductions in flight, and those
-          // being copied down); the bf16 shards copied down, as for one GPU.
+          // Several GPUs: the padded fp32 buffers, kReductionsInFlight + 1 per size (post_reduction()
+          // finishes the oldest as soon as more are posted, and its buffer is the next unit's; the
+          // one in use is among them; a tied embedding's is a size of its own); this rank's fp32
+          // shards (as many as reductions in flight, and those being copied down); the bf16 shards
+          // copied down, as for one GPU.
           const std::uint64_t sh = (n + static_cast<std::uint64_t>(world_) - 1) / static_cast<std::uint64_t>(world_);
           const std::uint64_t rif = kReductionsInFlight + 1;
-          p.grads += std::min<std::uint64_t>(count, rif + 2) * sh * static_cast<std::uint64_t>(world_) * 4;
+          p.grads += std::min<std::uint64_t>(count, rif) * sh * static_cast<std::uint64_t>(world_) * 4;
           if (grad_dtype_ == DType::kBF16) {
             p.grads += std::min<std::uint64_t>(count, rif + 1) * sh * 4 + std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * sh * 2;
           } else {

@@ -348,6 +348,7 @@ expect 0 'zinf_gpu24g_cpuoffload +24 GB GPU' -- "$ZINF" config presets
 expect 0 'triad +[0-9.]+ GB/s' -- "$ZINF" bench mem --size 64M --repeat 2
 expect 0 'mem +ok +STREAM copy' -- "$ZINF" bench all --skip adam,io,step --report "$TMP/bench-all"
 [[ -s "$TMP/bench-all/report.json" && -s "$TMP/bench-all/report.txt" ]] || { echo "FAIL: bench all wrote no report"; failed=$((failed + 1)); }
+expect 0 'step +failed +no result within 1 s' -- "$ZINF" bench all --skip pcie,io,adam,gemm,mem --timeout 1
 if [[ ! -e /dev/nvidiactl ]]; then  # no GPU here: the GPU benches say why
   expect 1 'no usable GPU|built without CUDA' -- "$ZINF" bench pcie
   expect 1 'no usable GPU|built without CUDA' -- "$ZINF" bench gemm

@@ -214,6 +214,7 @@ struct AllCli {
   std::string io_size = "4G";
   bool io_sweep = false;
   bool json = false;
+  int timeout_s = 1800;
   std::vector<std::string> skip;
 };
 
@@ -241,7 +242,7 @@ std::string last_line(const std::string& path) {
 
 // Runs `zinf bench ARGS --json` as a child; its JSON, or why there is none (the child's last
 // error line; its whole stderr is appended to `log` when there is one).
-Json run_child(const std::string& name, const std::string& args, const std::string& log) {
+Json run_child(const std::string& name, const std::string& args, const std::string& log, int timeout_s) {
   const std::string err = (fs::temp_directory_path() / fmt::format("zinf-bench-{}-{}.err", ::getpid(), name)).string();
   struct Remove {
     std::string p;
@@ -250,7 +251,10 @@ Json run_child(const std::string& name, const std::string& args, const std::stri
       fs::remove(p, ec);
     }
   } remove_err{err};
-  const std::string cmd = fmt::format("{} bench {} --json 2>{}", quote(self_exe()), args, quote(err));
+  // A sub-bench that hangs (a stuck driver, a dead drive) is stopped by timeout(1) when it exists.
+  const bool can_time_out = timeout_s > 0 && fs::exists("/usr/bin/timeout");
+  const std::string limit = can_time_out ? fmt::format("/usr/bin/timeout --kill-after=10 {} ", timeout_s) : std::string();
+  const std::string cmd = fmt::format("{}{} bench {} --json 2>{}", limit, quote(self_exe()), args, quote(err));
   const auto t0 = Clock::now();
   std::FILE* f = ::popen(cmd.c_str(), "r");
   if (f == nullptr) return {{"status", fmt::format("failed: cannot start `{}`", cmd)}};
@@ -263,6 +267,9 @@ Json run_child(const std::string& name, const std::string& args, const std::stri
   if (!log.empty()) {
     std::ifstream e(err);
     std::ofstream(log, std::ios::app) << fmt::format("== zinf bench {}\n", args) << e.rdbuf();
+  }
+  if (can_time_out && WIFEXITED(rc) && (WEXITSTATUS(rc) == 124 || WEXITSTATUS(rc) == 137)) {
+    return {{"status", fmt::format("failed: no result within {} s (--timeout)", timeout_s)}, {"seconds", secs}};
   }
   if (rc != 0) {
     std::string why = last_line(err);
@@ -372,7 +379,7 @@ int run_all(const AllCli& c) {
       r[key] = {{"status", no_gpu}};
     } else {
       if (progress) std::cerr << fmt::format("  zinf bench {} ...\n", args);
-      r[key] = run_child(key, args, log);
+      r[key] = run_child(key, args, log, c.timeout_s);
     }
   };
   run("pcie", "pcie", true);
@@ -468,6 +475,8 @@ void add_bench_suite_commands(CLI::App& bench, Action& action) {
       ->delimiter(',')
       ->check(CLI::IsMember({"pcie", "mem", "io", "adam", "gemm", "step"}));
   a->add_flag("--json", ac->json, "print the report as one JSON object");
+  a->add_option("--timeout", ac->timeout_s, "seconds each sub-bench may take before it is stopped (default 1800; 0: none)")
+      ->check(CLI::Range(0, 86400));
   a->callback([ac, &action] {
     (void)parse_size(ac->io_size, "--io-size");
     action = [ac] { return run_all(*ac); };

@@ -186,6 +186,24 @@ TEST(Plan, PredictsTheStepTimeOfRunsOnTheMeasuredMachine) {
   }
 }
 
+// bench/plan_validation_cpu.sh on the 2-core development machine: `zinf bench all` (its CPU step)
+// and the embedded default trained for 12 steps on the CPU backend, in one invocation.
+TEST(Plan, PredictsTheStepTimeOfACpuRun) {
+  const fs::path dir = source_dir() / "bench" / "results" / "raw" / "plan-validation-cpu-2026-12-02";
+  if (!fs::exists(dir)) GTEST_SKIP() << dir << " is missing: set ZINF_SOURCE_DIR to a zinf checkout";
+  const MachineRates rates = MachineRates::from_report((dir / "bench" / "report.json").string());
+  EXPECT_EQ(rates.source.at("cpu_model_tflops").rfind("measured", 0), 0u);
+  const json s = read_json(dir / "run-cpu-embedded" / "summary.json");
+  const PlanInputs in = inputs_from_summary(s);
+  EXPECT_EQ(in.device, "cpu");
+  const Plan p = make_plan(in, rates);
+  EXPECT_FALSE(p.pipeline);
+  EXPECT_EQ(p.bound, "compute") << p.text();
+  const double measured = median_step_seconds(dir / "run-cpu-embedded" / "training_metrics.csv", 2);
+  EXPECT_NEAR(p.predicted_s / measured, 1.0, 0.25) << p.text();
+  EXPECT_EQ(tier(p, "gpu").total(), 0u);
+}
+
 PlanInputs bench_3b(const std::string& preset_json_overrides = "{}") {
   PlanInputs in;
   in.model = load_model_config((source_dir() / "configs" / "models" / "bench-3.1b.json").string());

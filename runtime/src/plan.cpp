@@ -254,9 +254,11 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
                                     std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * sh * 2
                               : std::min<std::uint64_t>(count, rif + kGradBuffersInFlight) * sh * 4;
         } else if (p.pipeline) {
-          grads += bf16_grads ? std::min<std::uint64_t>(count, 1) * n * 4 +
+          // A tied embedding's buffer is held through backward: one more where a layer shares its size.
+          const std::uint64_t tied = c.tie_word_embeddings && count > 1 && numel[0] == n ? 1 : 0;
+          grads += bf16_grads ? std::min<std::uint64_t>(count, 1 + tied) * n * 4 +
                                     std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 2
-                              : std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 4;
+                              : std::min<std::uint64_t>(count, kGradBuffersInFlight + tied) * n * 4;
         } else {
           grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;
         }

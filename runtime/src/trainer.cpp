@@ -655,13 +655,19 @@ class Trainer {
         } else if (gpu_pipeline_) {
           // take_pooled_for_collective() allocates a new buffer only while fewer than
           // kGradBuffersInFlight of a size are pooled, all still being copied down; the one in
-          // use is one of them. So a size never has more than kGradBuffersInFlight.
+          // use is one of them. So a size never has more than kGradBuffersInFlight, plus a tied
+          // embedding's, held through backward, when a layer has the embedding's size.
+          const std::uint64_t tied = o_.model.tie_word_embeddings && count > 1 &&
+                                             static_cast<std::uint64_t>(layout_.units[0].numel) == n
+                                         ? 1
+                                         : 0;
           if (grad_dtype_ == DType::kBF16) {
             // fp32 buffers are free as soon as they are rounded (the rounding is on the compute
             // stream, which reuses them): one per size; the bf16 copies are the ones in flight.
-            p.grads += std::min<std::uint64_t>(count, 1) * n * 4 + std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 2;
+            p.grads += std::min<std::uint64_t>(count, 1 + tied) * n * 4 +
+                       std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 2;
           } else {
-            p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 4;
+            p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight + tied) * n * 4;
           }
         } else {
           p.grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;

@@ -121,7 +121,11 @@ MachineRates MachineRates::from_report_json(const nlohmann::json& r, const std::
     m.gpu_model_tflops = 0.39 * m.gemm_peak_tflops;
     m.source["gpu_model_tflops"] = src + ", 0.39 x the GEMM peak";
   }
-  take(m.nvlink_GBps, "nvlink_GBps", positive(find(r, {"comm", "busbw_GBps"})));
+  // NCCL between the GPUs: the slower of all-gather and reduce-scatter (what the pipeline issues).
+  if (const json* comm = find(r, {"comm"}); comm != nullptr && comm->is_object() && comm->value("backend", "") == "nccl") {
+    const double ag = positive(find(*comm, {"all_gather", "bus_GBps"})), rs = positive(find(*comm, {"reduce_scatter", "bus_GBps"}));
+    take(m.nvlink_GBps, "nvlink_GBps", ag > 0 && rs > 0 ? std::min(ag, rs) : 0.0);
+  }
   if (taken == 0) {
     throw Error("{} {}: no figure zinf plan can use (expected the output of `zinf bench all --json`, or of "
                 "`zinf bench pcie|mem|adam|io|gemm --json`)",

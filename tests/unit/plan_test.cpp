@@ -316,6 +316,8 @@ TEST(Plan, RatesComeFromABenchReportAndSayWhere) {
                                          {"kernel": "host_step_adamw_bf16", "isa": "avx2", "params_per_s": 4.0e9}]},
     "io": {"status": "ok", "best": {"read_GBps": 2.4, "write_GBps": 3.5}},
     "gemm": {"status": "ok", "peak_tflops": 780.0},
+    "comm": {"status": "ok", "ranks": 2, "backend": "nccl", "all_gather": {"bus_GBps": 310.0},
+             "reduce_scatter": {"bus_GBps": 290.0}},
     "step": {"status": "skipped: no GPU"}})";
   const MachineRates r = MachineRates::from_report(report.string());
   EXPECT_DOUBLE_EQ(r.h2d_GBps, 53.5);
@@ -325,7 +327,8 @@ TEST(Plan, RatesComeFromABenchReportAndSayWhere) {
   EXPECT_DOUBLE_EQ(r.nvme_write_GBps, 3.5);
   EXPECT_NEAR(r.gpu_model_tflops, 0.39 * 780, 1e-9);  // no step measured: from the GEMM peak
   EXPECT_NE(r.source.at("h2d_GBps").find("measured"), std::string::npos);
-  EXPECT_EQ(r.source.at("nvlink_GBps"), "default");
+  EXPECT_DOUBLE_EQ(r.nvlink_GBps, 290.0);  // the slower of the pipeline's two collectives
+  EXPECT_EQ(r.source.at("cpu_model_tflops"), "default");
 
   std::ofstream(dir / "bad.json") << "{not json";
   try {

@@ -240,8 +240,9 @@ std::string last_line(const std::string& path) {
   return last;
 }
 
-// Runs `zinf bench ARGS --json` as a child; its JSON, or why there is none (the child's last
-// error line; its whole stderr is appended to `log` when there is one).
+// Runs `zinf ARGS --json` as a child (ARGS: "bench pcie", or a launch of several ranks); its JSON,
+// or why there is none (the child's last error line; its whole stderr is appended to `log` when
+// there is one).
 Json run_child(const std::string& name, const std::string& args, const std::string& log, int timeout_s) {
   const std::string err = (fs::temp_directory_path() / fmt::format("zinf-bench-{}-{}.err", ::getpid(), name)).string();
   struct Remove {
@@ -254,7 +255,7 @@ Json run_child(const std::string& name, const std::string& args, const std::stri
   // A sub-bench that hangs (a stuck driver, a dead drive) is stopped by timeout(1) when it exists.
   const bool can_time_out = timeout_s > 0 && fs::exists("/usr/bin/timeout");
   const std::string limit = can_time_out ? fmt::format("/usr/bin/timeout --kill-after=10 {} ", timeout_s) : std::string();
-  const std::string cmd = fmt::format("{}{} bench {} --json 2>{}", limit, quote(self_exe()), args, quote(err));
+  const std::string cmd = fmt::format("{}{} {} --json 2>{}", limit, quote(self_exe()), args, quote(err));
   const auto t0 = Clock::now();
   std::FILE* f = ::popen(cmd.c_str(), "r");
   if (f == nullptr) return {{"status", fmt::format("failed: cannot start `{}`", cmd)}};
@@ -266,7 +267,7 @@ Json run_child(const std::string& name, const std::string& args, const std::stri
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
   if (!log.empty()) {
     std::ifstream e(err);
-    std::ofstream(log, std::ios::app) << fmt::format("== zinf bench {}\n", args) << e.rdbuf();
+    std::ofstream(log, std::ios::app) << fmt::format("== zinf {}\n", args) << e.rdbuf();
   }
   if (can_time_out && WIFEXITED(rc) && (WEXITSTATUS(rc) == 124 || WEXITSTATUS(rc) == 137)) {
     return {{"status", fmt::format("failed: no result within {} s (--timeout)", timeout_s)}, {"seconds", secs}};
@@ -280,10 +281,10 @@ Json run_child(const std::string& name, const std::string& args, const std::stri
     Json j = Json::parse(out);
     j["status"] = "ok";
     j["seconds"] = secs;
-    j["command"] = fmt::format("zinf bench {} --json", args);
+    j["command"] = fmt::format("zinf {} --json", args);
     return j;
   } catch (const std::exception&) {
-    return {{"status", fmt::format("failed: `zinf bench {}` printed no JSON", name)}};
+    return {{"status", fmt::format("failed: `zinf {}` printed no JSON", args)}, {"seconds", secs}};
   }
 }
 
@@ -339,6 +340,13 @@ std::string report_text(const Json& r) {
     line("adam", "");
   }
   line("gemm", status("gemm") == "ok" ? fmt::format("bf16 peak {:.1f} TFLOP/s", r["gemm"]["peak_tflops"].get<double>()) : "");
+  if (r.contains("comm")) {
+    line("comm", status("comm") == "ok"
+                     ? fmt::format("NCCL on {} GPUs, 256 MiB: all-gather {:.1f}, reduce-scatter {:.1f} GB/s bus bandwidth",
+                                   r["comm"].value("ranks", 0), r["comm"]["all_gather"].value("bus_GBps", 0.0),
+                                   r["comm"]["reduce_scatter"].value("bus_GBps", 0.0))
+                     : "");
+  }
   line("step", status("step") == "ok"
                    ? fmt::format("{}: {:.3f} s per step, {:.0f} tokens/s, {:.1f} model TFLOP/s", r["step"].value("model", ""),
                                  r["step"].value("step_seconds_median", 0.0), r["step"].value("tokens_per_s", 0.0),
@@ -378,8 +386,9 @@ int run_all(const AllCli& c) {
     } else if (needs_gpu && !gpu) {
       r[key] = {{"status", no_gpu}};
     } else {
-      if (progress) std::cerr << fmt::format("  zinf bench {} ...\n", args);
-      r[key] = run_child(key, args, log, c.timeout_s);
+      const std::string full = args.rfind("launch ", 0) == 0 ? args : "bench " + args;
+      if (progress) std::cerr << fmt::format("  zinf {} ...\n", full);
+      r[key] = run_child(key, full, log, c.timeout_s);
     }
   };
   run("pcie", "pcie", true);
@@ -391,6 +400,15 @@ int run_all(const AllCli& c) {
   }
   run("adam", "adam --params 64M --repeat 3", false);
   run("gemm", "gemm", true);
+  // Collectives between the GPUs (NCCL, one rank per GPU), for `zinf plan --gpus N`.
+  if (skipped("comm")) {
+    r["comm"] = {{"status", "skipped: --skip"}};
+  } else if (gq.gpus.size() < 2) {
+    r["comm"] = {{"status", gpu ? "skipped: one GPU" : no_gpu}};
+  } else {
+    run("comm", fmt::format("launch --nproc {} -- {} bench comm --backend nccl --size 256M", gq.gpus.size(), quote(self_exe())),
+        true);
+  }
   // The synthetic step: the 3.1B shape on the GPU; without one, a small model on the CPU backend
   // (for `zinf plan --device cpu`).
   std::string model = c.model;
@@ -465,15 +483,15 @@ void add_bench_suite_commands(CLI::App& bench, Action& action) {
   });
 
   auto ac = std::make_shared<AllCli>();
-  auto* a = bench.add_subcommand("all", "Every sub-bench (pcie, mem, io, adam, gemm, step) in one report: a table, JSON, plots");
+  auto* a = bench.add_subcommand("all", "Every sub-bench (pcie, mem, io, adam, gemm, comm, step) in one report: a table, JSON, plots");
   a->add_option("--path", ac->path, "a directory on the NVMe drive for the io bench (without it, io is skipped)");
   a->add_option("--report", ac->report, "write report.json, report.txt, bench.log and PNG plots into this directory");
   a->add_option("--model", ac->model, "model config for the synthetic GPU step (default configs/models/bench-3.1b.json)");
   a->add_option("--io-size", ac->io_size, "test file size for the io bench (default 4G)");
   a->add_flag("--io-sweep", ac->io_sweep, "sweep the aio settings (what `zinf tune` needs for its aio block)");
-  a->add_option("--skip", ac->skip, "sub-benches to leave out: pcie,mem,io,adam,gemm,step")
+  a->add_option("--skip", ac->skip, "sub-benches to leave out: pcie,mem,io,adam,gemm,comm,step")
       ->delimiter(',')
-      ->check(CLI::IsMember({"pcie", "mem", "io", "adam", "gemm", "step"}));
+      ->check(CLI::IsMember({"pcie", "mem", "io", "adam", "gemm", "comm", "step"}));
   a->add_flag("--json", ac->json, "print the report as one JSON object");
   a->add_option("--timeout", ac->timeout_s, "seconds each sub-bench may take before it is stopped (default 1800; 0: none)")
       ->check(CLI::Range(0, 86400));

@@ -11,6 +11,7 @@
 #include "zinf/common/error.hpp"
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/trainer.hpp"
+#include "gpu_buffers.hpp"
 
 namespace zinf::runtime {
 namespace {
@@ -19,8 +20,6 @@ using nlohmann::json;
 using config::OffloadDevice;
 
 constexpr double kGB = 1e9;
-constexpr std::uint64_t kGradBuffersInFlight = 3;  // as the trainer's pipeline
-constexpr std::uint64_t kReductionsInFlight = 2;
 
 std::string gib(std::uint64_t b) { return fmt::format("{:.2f} GiB", static_cast<double>(b) / (1ull << 30)); }
 
@@ -44,7 +43,7 @@ MachineRates::MachineRates() {
   }
 }
 
-MachineRates MachineRates::from_report(const std::string& path, const std::string& option) {
+nlohmann::json MachineRates::read_report(const std::string& path, const std::string& option) {
   std::ifstream in(path);
   if (!in) throw Error("{} {}: cannot read the file (write one with `zinf bench all --report DIR`: DIR/report.json)", option, path);
   std::stringstream ss;
@@ -56,15 +55,23 @@ MachineRates MachineRates::from_report(const std::string& path, const std::strin
     throw Error("{} {}: not JSON ({}); give the output of `zinf bench all --json`", option, path, e.what());
   }
   if (!r.is_object()) throw Error("{} {}: not a zinf bench report (a JSON object is expected)", option, path);
+  return r;
+}
+
+MachineRates MachineRates::from_report(const std::string& path, const std::string& option) {
+  return from_report_json(read_report(path, option), path, option);
+}
+
+MachineRates MachineRates::from_report_json(const nlohmann::json& r, const std::string& path, const std::string& option) {
   try {
-    return from_report_json(r, path, option);
+    return rates_of(r, path, option);
   } catch (const json::exception& e) {
     throw Error("{} {}: a figure has the wrong type ({}); give the unedited output of `zinf bench all --json`", option,
                 path, e.what());
   }
 }
 
-MachineRates MachineRates::from_report_json(const nlohmann::json& r, const std::string& path, const std::string& option) {
+MachineRates MachineRates::rates_of(const nlohmann::json& r, const std::string& path, const std::string& option) {
   MachineRates m;
   int taken = 0;
   const std::string src = fmt::format("measured ({})", path);
@@ -217,57 +224,33 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     }
   }
 
-  // ---- GPU (per GPU): the trainer's plan_gpu_memory.
+  // ---- GPU (per GPU): the trainer's plan_gpu_memory (the same buffer count, gpu_buffers.cpp).
   TierPlan g{"gpu", {}, in.gpu_mem};
   if (gpu) {
-    std::uint64_t params = 0, optimizer = 0, total = 0, big = 0, persistent = 0, persistent_numel = 0;
+    GpuBufferInputs gb;
+    std::uint64_t persistent_numel = 0;
     for (std::size_t u = 0; u < U; ++u) {
-      const std::uint64_t n = stage3 ? (nccl ? shard[u] * W : numel[u]) : numel[u];
-      if (on_gpu[u]) {
-        params += n * pb;
-        optimizer += n * (12 + gbytes);
-        continue;
-      }
-      total += n;
-      big = std::max(big, n);
+      gb.numel.push_back(numel[u]);
+      gb.resident.push_back(stage3 ? (nccl ? shard[u] * W : numel[u]) : numel[u]);
+      gb.on_gpu.push_back(on_gpu[u]);
       // The coordinator's rule: small units persist, up to model_persistence_threshold in all.
-      if (stage3 && static_cast<std::int64_t>(numel[u]) <= z.param_persistence_threshold &&
-          static_cast<std::int64_t>(persistent_numel + numel[u]) <= z.model_persistence_threshold) {
-        persistent += n;
-        persistent_numel += numel[u];
-      }
+      const bool keep = stage3 && !on_gpu[u] && static_cast<std::int64_t>(numel[u]) <= z.param_persistence_threshold &&
+                        static_cast<std::int64_t>(persistent_numel + numel[u]) <= z.model_persistence_threshold;
+      if (keep) persistent_numel += numel[u];
+      gb.persistent.push_back(keep);
     }
-    if (stage3) {
-      const auto live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
-      params += (std::min(live, total - persistent) + big + persistent) * pb;
-    } else {
-      params += total * pb;
-    }
-    std::uint64_t grads = 0;
-    if (!partition_grads) {
-      grads = total * 4;
-    } else {
-      std::map<std::uint64_t, std::uint64_t> sizes;
-      for (std::size_t u = 0; u < U; ++u) ++sizes[numel[u]];
-      const auto bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(z.reduce_bucket_size, 0));
-      for (const auto& [n, count] : sizes) {
-        if (nccl) {
-          const std::uint64_t sh = (n + W - 1) / W, rif = kReductionsInFlight + 1;
-          grads += std::min<std::uint64_t>(count, rif) * sh * W * 4;
-          grads += bf16_grads ? std::min<std::uint64_t>(count, rif + 1) * sh * 4 +
-                                    std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * sh * 2
-                              : std::min<std::uint64_t>(count, rif + kGradBuffersInFlight) * sh * 4;
-        } else if (p.pipeline) {
-          // A tied embedding's buffer is held through backward: one more where a layer shares its size.
-          const std::uint64_t tied = c.tie_word_embeddings && count > 1 && numel[0] == n ? 1 : 0;
-          grads += bf16_grads ? std::min<std::uint64_t>(count, 1 + tied) * n * 4 +
-                                    std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 2
-                              : std::min<std::uint64_t>(count, kGradBuffersInFlight + tied) * n * 4;
-        } else {
-          grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;
-        }
-      }
-    }
+    gb.param_bytes = pb;
+    gb.grad_bytes = gbytes;
+    gb.stage3 = stage3;
+    gb.partition_grads = partition_grads;
+    gb.pipeline = p.pipeline;
+    gb.nccl = nccl;
+    gb.world = W;
+    gb.tied_embedding = c.tie_word_embeddings;
+    gb.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
+    gb.reduce_bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(z.reduce_bucket_size, 0));
+    const GpuBuffers buffers = plan_gpu_buffers(gb);
+    const std::uint64_t params = buffers.params, grads = buffers.grads, optimizer = buffers.optimizer;
     ModelOptions mo;
     mo.param_dtype = bf16 ? kernels::cpu::DType::kBF16 : kernels::cpu::DType::kF32;
     mo.checkpoint_activations = true;

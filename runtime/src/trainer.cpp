@@ -43,6 +43,7 @@
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/nccl_comm.hpp"
 #include "zinf/runtime/weights.hpp"
+#include "gpu_buffers.hpp"
 
 namespace zinf::runtime {
 namespace fs = std::filesystem;
@@ -607,73 +608,29 @@ class Trainer {
   // reduction path keeps them; activations as the model sizes them; the backend's scratch bound.
   GpuPlan plan_gpu_memory() const {
     GpuPlan p;
-    const std::uint64_t pb = kernels::cpu::dtype_bytes(param_dtype_);
-    std::uint64_t total = 0, largest = 0, persistent = 0;
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const auto n = static_cast<std::uint64_t>(stage3_ ? gather_elements(u) : layout_.units[u].numel);
-      if (on_gpu_[u]) {
-        // Its compute copy, fp32 master and moments, and its gradient held until the step.
-        p.params += n * pb;
-        p.optimizer += n * (12 + kernels::cpu::dtype_bytes(grad_dtype_));
-        continue;
-      }
-      total += n;
-      largest = std::max(largest, n);
-      if (stage3_ && coord_->persistent(u)) persistent += n;
+    GpuBufferInputs in;
+    const std::size_t units = layout_.units.size();
+    for (std::size_t u = 0; u < units; ++u) {
+      const auto n = static_cast<std::uint64_t>(layout_.units[u].numel);
+      in.numel.push_back(n);
+      in.resident.push_back(stage3_ ? static_cast<std::uint64_t>(gather_elements(u)) : n);
+      in.on_gpu.push_back(on_gpu_[u] != 0);
+      in.persistent.push_back(stage3_ && coord_->persistent(u));
     }
-    if (stage3_) {
-      const auto live = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.max_live_parameters, 0));
-      p.params += (std::min(live, total - persistent) + largest + persistent) * pb;
-    } else {
-      p.params += total * pb;
-    }
-    if (!partition_grads_) {
-      p.grads = total * 4;
-    } else {
-      // Gradient buffers are pooled by size. Per size: the pipeline keeps kGradBuffersInFlight,
-      // the one in use among them (with bf16 gradients: one fp32 and that many bf16 copies), with
-      // several GPUs more (below); the bucketed path keeps
-      // a bucket's worth plus the one in use and a tied embedding's.
-      std::map<std::uint64_t, std::uint64_t> sizes;  // elements -> units of that size
-      for (const auto& u : layout_.units) ++sizes[static_cast<std::uint64_t>(u.numel)];
-      const auto bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
-      for (const auto& [n, count] : sizes) {
-        if (nccl_) {
-          // Several GPUs: the padded fp32 buffers, kReductionsInFlight + 1 per size (post_reduction()
-          // finishes the oldest as soon as more are posted, and its buffer is the next unit's; the
-          // one in use is among them; a tied embedding's is a size of its own); this rank's fp32
-          // shards (as many as reductions in flight, and those being copied down); the bf16 shards
-          // copied down, as for one GPU.
-          const std::uint64_t sh = (n + static_cast<std::uint64_t>(world_) - 1) / static_cast<std::uint64_t>(world_);
-          const std::uint64_t rif = kReductionsInFlight + 1;
-          p.grads += std::min<std::uint64_t>(count, rif) * sh * static_cast<std::uint64_t>(world_) * 4;
-          if (grad_dtype_ == DType::kBF16) {
-            p.grads += std::min<std::uint64_t>(count, rif + 1) * sh * 4 + std::min<std::uint64_t>(count, kGradBuffersInFlight + 1) * sh * 2;
-          } else {
-            p.grads += std::min<std::uint64_t>(count, rif + kGradBuffersInFlight) * sh * 4;
-          }
-        } else if (gpu_pipeline_) {
-          // take_pooled_for_collective() allocates a new buffer only while fewer than
-          // kGradBuffersInFlight of a size are pooled, all still being copied down; the one in
-          // use is one of them. So a size never has more than kGradBuffersInFlight, plus a tied
-          // embedding's, held through backward, when a layer has the embedding's size.
-          const std::uint64_t tied = o_.model.tie_word_embeddings && count > 1 &&
-                                             static_cast<std::uint64_t>(layout_.units[0].numel) == n
-                                         ? 1
-                                         : 0;
-          if (grad_dtype_ == DType::kBF16) {
-            // fp32 buffers are free as soon as they are rounded (the rounding is on the compute
-            // stream, which reuses them): one per size; the bf16 copies are the ones in flight.
-            p.grads += std::min<std::uint64_t>(count, 1 + tied) * n * 4 +
-                       std::min<std::uint64_t>(count, kGradBuffersInFlight) * n * 2;
-          } else {
-            p.grads += std::min<std::uint64_t>(count, kGradBuffersInFlight + tied) * n * 4;
-          }
-        } else {
-          p.grads += std::min<std::uint64_t>(count, (bucket + n - 1) / n + 2) * n * 4;
-        }
-      }
-    }
+    in.param_bytes = kernels::cpu::dtype_bytes(param_dtype_);
+    in.grad_bytes = kernels::cpu::dtype_bytes(grad_dtype_);
+    in.stage3 = stage3_;
+    in.partition_grads = partition_grads_;
+    in.pipeline = gpu_pipeline_;
+    in.nccl = nccl_ != nullptr;
+    in.world = static_cast<std::uint64_t>(world_);
+    in.tied_embedding = o_.model.tie_word_embeddings;
+    in.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.max_live_parameters, 0));
+    in.reduce_bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
+    const GpuBuffers b = plan_gpu_buffers(in);
+    p.params = b.params;
+    p.grads = b.grads;
+    p.optimizer = b.optimizer;
     p.activations = Model::activation_bytes_for(o_.model, micro_, o_.seq_len, model_.options());
     const ModelConfig& c = o_.model;
     StepShape sh;
@@ -2057,9 +2014,7 @@ class Trainer {
   GatherScratch main_scratch_, worker_scratch_;
   UnitBuffers grad_view_;                  // stages 2-3: the gradient buffers of the units in backward
   std::vector<DeviceBuffer> grad_live_;
-  static constexpr std::size_t kGradBuffersInFlight = 3;
-  // Several GPUs: reduce-scatters posted but not yet landed, at most (the compute thread then waits).
-  static constexpr std::size_t kReductionsInFlight = 2;
+  // (kGradBuffersInFlight and kReductionsInFlight: gpu_buffers.hpp, shared with the GPU plan.)
   struct PooledGrad {
     DeviceBuffer buffer;
     std::shared_ptr<Backend::Event> free_after;  // the copy-down still reading it

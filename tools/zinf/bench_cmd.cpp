@@ -61,13 +61,6 @@ struct BenchIoOptions {
   std::string output;  // tune nvme: config file to write
 };
 
-std::string size_label(std::uint64_t b) {
-  if (b % (1ull << 30) == 0) return fmt::format("{}G", b >> 30);
-  if (b % (1ull << 20) == 0) return fmt::format("{}M", b >> 20);
-  if (b % (1ull << 10) == 0) return fmt::format("{}K", b >> 10);
-  return std::to_string(b);
-}
-
 std::string read_first_line(const std::string& file, const std::string& key) {
   std::ifstream in(file);
   std::string line;
@@ -478,6 +471,13 @@ std::uint64_t parse_size(const std::string& text, const std::string& option) {
   const double bytes = value * mult;
   if (!(bytes >= 1) || bytes > 1e18) throw CLI::ValidationError(option, fmt::format("'{}' is not a size of at least one byte", text));
   return static_cast<std::uint64_t>(bytes);
+}
+
+std::string size_label(std::uint64_t b) {
+  if (b >= (1ull << 30) && b % (1ull << 30) == 0) return fmt::format("{}G", b >> 30);
+  if (b >= (1ull << 20) && b % (1ull << 20) == 0) return fmt::format("{}M", b >> 20);
+  if (b >= (1ull << 10) && b % (1ull << 10) == 0) return fmt::format("{}K", b >> 10);
+  return std::to_string(b);
 }
 
 Json machine_json(const std::string& path) {

@@ -31,13 +31,6 @@ namespace kc = kernels::cpu;
 using config::Json;
 using Clock = std::chrono::steady_clock;
 
-std::string size_text(std::uint64_t b) {
-  if (b >= (1ull << 30) && b % (1ull << 30) == 0) return fmt::format("{}G", b >> 30);
-  if (b >= (1ull << 20) && b % (1ull << 20) == 0) return fmt::format("{}M", b >> 20);
-  if (b >= (1ull << 10) && b % (1ull << 10) == 0) return fmt::format("{}K", b >> 10);
-  return fmt::format("{}", b);
-}
-
 // ---- pcie
 
 struct PcieCli {
@@ -95,7 +88,7 @@ int run_pcie(const PcieCli& c) {
       return 0.0;
     };
     std::cout << fmt::format("{:>8}  {:>12.1f} {:>12.1f} {:>12.1f}  {:>12.1f} {:>12.1f} {:>12.1f}  {:>10.1f} {:>10.1f} {:>10.1f}\n",
-                             size_text(n), at("cuda", "pinned", "h2d"), at("cuda", "pinned", "d2h"),
+                             size_label(n), at("cuda", "pinned", "h2d"), at("cuda", "pinned", "d2h"),
                              at("cuda", "pinned", "both"), at("zinf", "pinned", "h2d"), at("zinf", "pinned", "d2h"),
                              at("zinf", "pinned", "both"), at("cuda", "pageable", "h2d"), at("cuda", "pageable", "d2h"),
                              at("cuda", "pageable", "both"));
@@ -201,7 +194,7 @@ int run_mem(const MemCli& c) {
   }
   std::cout << fmt::format("zinf bench mem: STREAM over 3 arrays of {}, {} threads, {} code, best of {}\n"
                            "  copy  {:8.1f} GB/s\n  triad {:8.1f} GB/s\n",
-                           size_text(n * 4), threads, kc::isa_name(isa), c.repeat, copy, triad);
+                           size_label(n * 4), threads, kc::isa_name(isa), c.repeat, copy, triad);
   return 0;
 }
 
@@ -288,11 +281,6 @@ Json run_child(const std::string& name, const std::string& args, const std::stri
   }
 }
 
-std::string python_for_plots() {
-  if (const char* p = std::getenv("ZINF_PYTHON"); p != nullptr && *p != '\0') return p;
-  return fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
-}
-
 std::string report_text(const Json& r) {
   std::string s = fmt::format("zinf bench all: {} ({} cores), {}\n\n", r["machine"].value("cpu", ""),
                               r["machine"].value("cores", 0), r.value("date", ""));
@@ -321,7 +309,7 @@ std::string report_text(const Json& r) {
   if (status("io") == "ok") {
     const Json& b = r["io"]["best"];
     line("io", fmt::format("read {:.2f}, write {:.2f} GB/s (block {}, queue depth {}, {} ring(s))", b.value("read_GBps", 0.0),
-                           b.value("write_GBps", 0.0), size_text(b.value("block_size", 0ull)), b.value("queue_depth", 0),
+                           b.value("write_GBps", 0.0), size_label(b.value("block_size", 0ull)), b.value("queue_depth", 0),
                            b.value("intra_op_parallelism", 0)));
   } else {
     line("io", "");

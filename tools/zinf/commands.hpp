@@ -30,6 +30,10 @@ void add_launch_commands(CLI::App& app, CLI::App& bench, Action& action);  // la
 // of elements: "256M" = 256 x 2^20. Both throw CLI::ValidationError naming the option.
 std::uint64_t parse_size(const std::string& text, const std::string& option);
 std::size_t parse_count(const std::string& text, const std::string& option);
+// "4G", "256M", "64K" for a byte count that is a whole number of those units, else the bytes.
+std::string size_label(std::uint64_t bytes);
+// The Python that draws plots (matplotlib): ZINF_PYTHON, else /usr/bin/python3 (Debian's), else python3.
+std::string python_for_plots();
 // Date, host, CPU, kernel and the device, mount and file system holding `path`.
 config::Json machine_json(const std::string& path);
 // The current time as ISO 8601 UTC ("2026-11-21T21:17:00Z"), for benchmark records.

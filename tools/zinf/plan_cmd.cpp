@@ -15,6 +15,7 @@
 #include "zinf/common/fs.hpp"
 #include "zinf/configs/presets.hpp"
 #include "zinf/kernels/device_info.hpp"
+#include "zinf/offload/host_memory.hpp"
 #include "zinf/runtime/model_config.hpp"
 #include "zinf/runtime/plan.hpp"
 
@@ -38,11 +39,6 @@ struct PlanOptions {
   config::TrainingArgs args;
 };
 
-std::uint64_t host_ram() {
-  const long pages = ::sysconf(_SC_PHYS_PAGES), size = ::sysconf(_SC_PAGE_SIZE);
-  return pages > 0 && size > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(size) : 0;
-}
-
 // The plan for one config (file or preset), with "auto" filled from the arguments.
 runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, const config::LoadedDocument& doc,
                        const runtime::MachineRates& rates) {
@@ -62,7 +58,7 @@ runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, 
   in.grad_accum = batch.gas;
   in.seq_len = o.seq_len;
   in.gpu_mem = o.gpu_mem.empty() ? 0 : parse_size(o.gpu_mem, "--gpu-mem");
-  in.host_mem = o.host_mem.empty() ? host_ram() : parse_size(o.host_mem, "--host-mem");
+  in.host_mem = o.host_mem.empty() ? offload::total_memory_bytes() : parse_size(o.host_mem, "--host-mem");
   in.nvme = o.nvme.empty() ? 0 : parse_size(o.nvme, "--nvme");
   return runtime::make_plan(in, rates);
 }
@@ -170,23 +166,11 @@ struct TuneOptions {
   std::string nvme_path;
 };
 
-json read_report(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) throw Error("--report {}: cannot read the file (write one with `zinf bench all --report DIR`)", path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  try {
-    return json::parse(ss.str());
-  } catch (const std::exception& e) {
-    throw Error("--report {}: not JSON ({})", path, e.what());
-  }
-}
-
 int run_tune(const TuneOptions& t) {
   if (t.output.empty()) throw Error("zinf tune: give -o FILE (the tuned config to write), or a subcommand (nvme)");
   if (t.plan.bench.empty()) throw Error("zinf tune: give --report REPORT.json (from `zinf bench all --report DIR`)");
-  const json report = read_report(t.plan.bench);
-  const runtime::MachineRates rates = runtime::MachineRates::from_report(t.plan.bench, "--report");
+  const json report = runtime::MachineRates::read_report(t.plan.bench, "--report");
+  const runtime::MachineRates rates = runtime::MachineRates::from_report_json(report, t.plan.bench, "--report");
   const std::string base = !t.base.empty() ? t.base : (t.nvme_path.empty() ? "deepspeed_zero3_cpuoffload" : "deepspeed_zero3_nvme");
   config::LoadedDocument doc = config::load_document(base);
   config::Json& cfg = doc.json;

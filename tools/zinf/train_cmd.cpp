@@ -70,11 +70,6 @@ std::string compact_time() {
   return buf;
 }
 
-std::string python_for_plots() {
-  if (const char* p = std::getenv("ZINF_PYTHON"); p != nullptr && *p != '\0') return p;
-  return fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
-}
-
 std::string plot_script() {
   if (const char* p = std::getenv("ZINF_PLOT_SCRIPT"); p != nullptr && *p != '\0') return p;
   return ZINF_SOURCE_DIR "/tools/plot_training.py";
@@ -382,6 +377,11 @@ void add_train_commands(CLI::App& app, Action& action) {
                   "bytes (one token per byte, vocabulary 256; the default) or a SentencePiece model file "
                   "(e.g. a Llama tokenizer.model)");
   tok->callback([t, &action] { action = [t] { return run_tokenize(*t); }; });
+}
+
+std::string python_for_plots() {
+  if (const char* p = std::getenv("ZINF_PYTHON"); p != nullptr && *p != '\0') return p;
+  return fs::exists("/usr/bin/python3") ? "/usr/bin/python3" : "python3";
 }
 
 }  // namespace zinf::tools

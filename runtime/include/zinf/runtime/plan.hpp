@@ -37,8 +37,13 @@ struct MachineRates {
   // does not hold keeps its default. Throws zinf::Error when the file is unreadable or not a report.
   // `option` names the command-line option in errors (--bench, --report).
   static MachineRates from_report(const std::string& path, const std::string& option = "--bench");
+  // The same from a report already read (read_report: the file parsed, errors naming `option`).
+  static nlohmann::json read_report(const std::string& path, const std::string& option = "--bench");
   static MachineRates from_report_json(const nlohmann::json& report, const std::string& path, const std::string& option);
   nlohmann::json to_json() const;
+
+ private:
+  static MachineRates rates_of(const nlohmann::json& report, const std::string& path, const std::string& option);
 };
 
 struct PlanInputs {

@@ -1,0 +1,42 @@
+#pragma once
+// The GPU bytes of a run's parameter and gradient buffers, counted one way for the trainer's own
+// GPU plan (what --gpu-memory-limit enforces) and for `zinf plan`. Internal to zinf_runtime.
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace zinf::runtime {
+
+// The one-GPU pipeline's gradient buffers of one size being copied down at once (the trainer's
+// gradient pool allocates no more: take_pooled_for_collective()).
+inline constexpr std::size_t kGradBuffersInFlight = 3;
+// Reduce-scatters posted behind the compute thread with several GPUs (post_reduction()).
+inline constexpr std::size_t kReductionsInFlight = 2;
+
+struct GpuBufferInputs {
+  std::vector<std::uint64_t> numel;     // per unit, as the layout has it
+  std::vector<std::uint64_t> resident;  // per unit: elements of its compute copy (padded when gathered over NCCL)
+  std::vector<bool> on_gpu;             // units whose optimizer state is stepped on the GPU
+  std::vector<bool> persistent;         // stage-3 units kept gathered
+  std::uint64_t param_bytes = 2;        // per element of a compute copy
+  std::uint64_t grad_bytes = 4;         // per element of a gradient as stepped (2: bf16 gradients)
+  bool stage3 = false;
+  bool partition_grads = false;         // stage >= 2
+  bool pipeline = false;                // the overlapped GPU pipeline
+  bool nccl = false;                    // several GPUs in the pipeline
+  std::uint64_t world = 1;
+  bool tied_embedding = false;
+  std::uint64_t max_live = 0;           // stage3_max_live_parameters
+  std::uint64_t reduce_bucket = 0;      // reduce_bucket_size
+};
+
+struct GpuBuffers {
+  std::uint64_t params = 0;     // compute copies: stage 3's live budget plus one unit plus the persistent ones
+  std::uint64_t grads = 0;      // gradient buffers as the reduction path pools them
+  std::uint64_t optimizer = 0;  // the GPU's share: fp32 state and the gradients held until the step
+};
+
+GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in);
+
+}  // namespace zinf::runtime

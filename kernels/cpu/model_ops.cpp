@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "zinf/common/error.hpp"
+#include "zinf/kernels/dropout.hpp"
 #include "zinf/kernels/half.hpp"
 
 namespace zinf::kernels::cpu {
@@ -132,9 +133,9 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, con
                       const float* rstd, std::int64_t n, std::int64_t h) {
   const std::vector<float> wf = widen(w, wdtype, h);
   const std::int64_t blocks = (n + kReduceBlock - 1) / kReduceBlock;
-  std::vector<float> partial(static_cast<std::size_t>(blocks * h), 0.0f);
+  std::vector<float> partial(dw != nullptr ? static_cast<std::size_t>(blocks * h) : 0, 0.0f);
   for_blocks(n, kReduceBlock, [&](std::int64_t r0, std::int64_t r1) {
-    float* pw = partial.data() + (r0 / kReduceBlock) * h;
+    float* pw = dw != nullptr ? partial.data() + (r0 / kReduceBlock) * h : nullptr;
     std::vector<float> wdy(static_cast<std::size_t>(h));
     for (std::int64_t i = r0; i < r1; ++i) {
       const float* xi = x + i * h;
@@ -144,13 +145,13 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, con
       // y = w * x * r, r = (mean(x^2) + eps)^-1/2:  dx = r * w*dy - x * r^3 * mean(w*dy*x)
       const float c = dot(wdy.data(), xi, h) * r * r * r / static_cast<float>(h);
       float* dxi = dx + i * h;
-      for (std::int64_t j = 0; j < h; ++j) {
-        dxi[j] += r * wdy[j] - xi[j] * c;
-        pw[j] += dyi[j] * (xi[j] * r);
+      for (std::int64_t j = 0; j < h; ++j) dxi[j] += r * wdy[j] - xi[j] * c;
+      if (pw != nullptr) {
+        for (std::int64_t j = 0; j < h; ++j) pw[j] += dyi[j] * (xi[j] * r);
       }
     }
   });
-  reduce_partials(dw, partial, blocks, h);
+  if (dw != nullptr) reduce_partials(dw, partial, blocks, h);
 }
 
 void rope_apply(float* x, std::int64_t ld, std::int64_t n, std::int64_t t, std::int64_t heads, std::int64_t hd,
@@ -303,6 +304,16 @@ void bias_backward(float* dbias, const float* dy, std::int64_t ld, std::int64_t 
 void add_inplace(float* y, const float* x, std::int64_t n) {
   for_blocks(n, 1 << 14, [&](std::int64_t r0, std::int64_t r1) {
     for (std::int64_t j = r0; j < r1; ++j) y[j] += x[j];
+  });
+}
+
+void dropout(float* y, const float* x, std::int64_t n, float p, std::uint64_t seed, bool accumulate) {
+  const float keep_scale = 1.0f / (1.0f - p);
+  for_blocks(n, 1 << 14, [&](std::int64_t r0, std::int64_t r1) {
+    for (std::int64_t j = r0; j < r1; ++j) {
+      const float v = dropout_keep(seed, static_cast<std::uint64_t>(j), p) ? x[j] * keep_scale : 0.0f;
+      y[j] = accumulate ? y[j] + v : v;
+    }
   });
 }
 

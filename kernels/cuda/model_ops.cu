@@ -8,6 +8,7 @@
 
 #include "zinf/common/error.hpp"
 #include "zinf/kernels/cuda_ops.hpp"
+#include "zinf/kernels/dropout.hpp"
 
 namespace zinf::kernels::cuda {
 namespace {
@@ -194,6 +195,15 @@ __global__ void add_k(float* y, const float* x, i64 count) {
   for (i64 idx = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; idx < count;
        idx += static_cast<i64>(gridDim.x) * blockDim.x) {
     y[idx] += x[idx];
+  }
+}
+
+__global__ void dropout_k(float* y, const float* x, i64 count, float p, std::uint64_t seed, bool accumulate) {
+  const float keep_scale = 1.0f / (1.0f - p);
+  for (i64 i = blockIdx.x * static_cast<i64>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<i64>(gridDim.x) * blockDim.x) {
+    const float v = dropout_keep(seed, static_cast<std::uint64_t>(i), p) ? x[i] * keep_scale : 0.0f;
+    y[i] = accumulate ? y[i] + v : v;
   }
 }
 
@@ -584,7 +594,7 @@ void rmsnorm_backward(float* dx, float* dw, float* partial, const float* dy, con
   if (n == 0) return;
   rmsnorm_backward_dx_k<<<static_cast<unsigned>(n), kRowThreads, 0, stream>>>(dx, dy, x, w, bf16, rstd, h);
   check_launch("rmsnorm_backward");
-  column_reduce(dw, partial, dy, x, rstd, n, h, stream);
+  if (dw != nullptr) column_reduce(dw, partial, dy, x, rstd, n, h, stream);
 }
 
 void rope(float* x, i64 ld, i64 n, i64 seq, i64 heads, i64 hd, const float* cos, const float* sin, bool inverse,
@@ -607,6 +617,12 @@ void swiglu_backward(float* dgu, const float* dout, const float* gu, i64 n, i64 
 void add(float* y, const float* x, i64 count, cudaStream_t stream) {
   add_k<<<blocks_for(count, 256), 256, 0, stream>>>(y, x, count);
   check_launch("add");
+}
+
+void dropout(float* y, const float* x, i64 count, float p, std::uint64_t seed, bool accumulate, cudaStream_t stream) {
+  if (count == 0) return;
+  dropout_k<<<blocks_for(count, 256), 256, 0, stream>>>(y, x, count, p, seed, accumulate);
+  check_launch("dropout");
 }
 
 void bias_add(float* y, const void* bias, bool bf16, i64 n, i64 cols, cudaStream_t stream) {

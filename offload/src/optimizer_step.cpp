@@ -154,6 +154,7 @@ StepStats OptimizerStepper::step(const StepInputs& in) {
   }
   const auto t0 = Clock::now();
   const auto& units = store_.units();
+  if (store_.frozen()) throw Error("optimizer step: the partition store is frozen (parameters only)");
   if (!in.gradient) throw Error("optimizer step: no gradient source given");
   std::vector<std::size_t> order = in.order;
   if (order.empty()) {

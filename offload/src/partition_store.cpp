@@ -113,7 +113,8 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
       host_param_bytes += page_round(n * 2);
     }
     // Optimizer state: the first `ratio` of the unit on NVMe (on a kSliceAlign boundary).
-    const std::uint64_t nvme_n = options_.nvme_ratio >= 1.0
+    const std::uint64_t nvme_n = options_.frozen              ? 0
+                                 : options_.nvme_ratio >= 1.0
                                      ? n
                                      : std::min<std::uint64_t>(n, static_cast<std::uint64_t>(std::floor(
                                                                       options_.nvme_ratio * static_cast<double>(n))) /
@@ -128,7 +129,9 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
         s.end = std::min(hi, b + slice_elems_);
         s.state_tier = tier;
         s.param_tier = unit_param_tier_[u];
-        if (tier == Tier::kNvme) {
+        if (options_.frozen) {
+          // no state
+        } else if (tier == Tier::kNvme) {
           state_specs.push_back({fmt::format("{}.optimizer[{}:{}]", units_[u].name, s.begin, s.end), s.size() * 12});
         } else {
           host_state_bytes += page_round(s.size() * 12);
@@ -142,9 +145,10 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
       }
     }
   }
-  opt_state_bytes_ = page_round(largest_staged_slice * 12);
+  opt_state_bytes_ = options_.frozen ? 0 : page_round(largest_staged_slice * 12);
   const std::uint64_t opt_staging_each = opt_state_bytes_ + page_round(largest_staged_slice * 2);
-  const unsigned opt_buffers = largest_staged_slice > 0 ? options_.optimizer_buffers : 0;
+  // (A frozen store writes its NVMe parameters through the parameter staging buffers.)
+  const unsigned opt_buffers = largest_staged_slice > 0 && !options_.frozen ? options_.optimizer_buffers : 0;
   param_staging_elems_ = largest_param_slice;
   const unsigned param_buffers = largest_param_slice > 0 ? options_.param_buffers : 0;
   const std::uint64_t param_staging_each = page_round(largest_param_slice * 2);
@@ -181,7 +185,9 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
   // Swap ids come back in the order the specs were planned: slice order.
   std::size_t next_state = 0, next_param = 0;
   for (Slice& s : slices_) {
-    if (s.state_tier == Tier::kNvme) {
+    if (options_.frozen) {
+      // parameters only
+    } else if (s.state_tier == Tier::kNvme) {
       s.state_id = state_ids[next_state++];
     } else {
       s.host_state = reinterpret_cast<float*>(state_carver.take(s.size() * 12));
@@ -230,6 +236,12 @@ PartitionStore::~PartitionStore() {
 
 std::string PartitionStore::describe() const {
   const std::uint64_t host_state = total_elems_ - nvme_state_elems_;
+  if (options_.frozen) {
+    return fmt::format("{} units, {} frozen elements (no optimizer state); bf16 parameters: {} host, {} nvme; staging: "
+                       "{} parameter buffer(s)",
+                       units_.size(), human(total_elems_), human(total_elems_ - nvme_param_elems_),
+                       human(nvme_param_elems_), param_staging_.size());
+  }
   return fmt::format(
       "{} units, {} elements in {} slices of up to {}; optimizer state: {} host, {} nvme; bf16 parameters: {} "
       "host, {} nvme; staging: {} optimizer buffer(s), {} parameter buffer(s)",
@@ -256,13 +268,22 @@ void PartitionStore::set_state(std::size_t unit, std::span<const float> master, 
                 master.size(), n);
   }
   const bool moments = !exp_avg.empty() || !exp_avg_sq.empty();
+  if (options_.frozen && moments) {
+    throw Error("setting the state of '{}': the store is frozen (parameters only), it keeps no moments", units_[unit].name);
+  }
   if (moments && (exp_avg.size() != n || exp_avg_sq.size() != n)) {
     throw Error("setting the state of '{}': exp_avg has {} and exp_avg_sq {} values for a shard of {}",
                 units_[unit].name, exp_avg.size(), exp_avg_sq.size(), n);
   }
   // NVMe slices go through the staging buffers, round-robin, with one state and one parameter
   // write in flight per buffer; every write is waited before this returns.
-  std::vector<io::SwapHandle> writes(2 * opt_staging_.size());
+  std::vector<std::byte*> stage;
+  if (options_.frozen) {
+    for (std::uint16_t* p : param_staging_) stage.push_back(reinterpret_cast<std::byte*>(p));
+  } else {
+    stage = opt_staging_;
+  }
+  std::vector<io::SwapHandle> writes(2 * stage.size());
   std::size_t next_buffer = 0;
   auto wait_all = [&](bool rethrow) {
     std::string first;
@@ -282,14 +303,15 @@ void PartitionStore::set_state(std::size_t unit, std::span<const float> master, 
       std::byte* staging = nullptr;
       std::size_t b = 0;
       if (needs_staging(*s)) {
-        b = next_buffer++ % opt_staging_.size();
+        b = next_buffer++ % stage.size();
         writes[2 * b].wait();  // the buffer's previous writes
         writes[2 * b + 1].wait();
-        staging = opt_staging_[b];
+        staging = stage[b];
       }
       float* dst = s->state_tier == Tier::kNvme ? reinterpret_cast<float*>(staging) : s->host_state;
-      std::memcpy(dst, master.data() + s->begin, len * 4);
-      if (moments) {
+      if (options_.frozen) {
+        // parameters only
+      } else if (std::memcpy(dst, master.data() + s->begin, len * 4); moments) {
         std::memcpy(dst + len, exp_avg.data() + s->begin, len * 4);
         std::memcpy(dst + 2 * len, exp_avg_sq.data() + s->begin, len * 4);
       } else {
@@ -315,6 +337,10 @@ void PartitionStore::read_state(std::size_t unit, std::span<float> master, std::
                                 std::span<float> exp_avg_sq) {
   const auto slices = unit_slices(unit);
   const std::uint64_t n = units_[unit].numel;
+  if (options_.frozen) {
+    throw Error("reading the state of '{}': the store is frozen (parameters only) and has no optimizer state",
+                units_[unit].name);
+  }
   if (master.size() != n || exp_avg.size() != n || exp_avg_sq.size() != n) {
     throw Error("reading the state of '{}': the output spans must hold {} elements", units_[unit].name, n);
   }

@@ -139,6 +139,8 @@ class CpuBackend final : public Backend {
     gx.b = w.data, gx.ldb = in;
     gx.c = dx, gx.ldc = in;
     k::gemm(gx);
+    if (dbias != nullptr) k::bias_backward(dbias, dy, out, n, out);
+    if (dw == nullptr) return;  // a frozen weight
     // dw (out, in) += dy^T (out, n) x (n, in)
     k::Gemm gw;
     gw.m = out, gw.n = in, gw.k = n, gw.ab_dtype = w.dtype;
@@ -147,7 +149,6 @@ class CpuBackend final : public Backend {
     gw.c = dw, gw.ldc = in;
     gw.accumulate = true;
     k::gemm(gw);
-    if (dbias != nullptr) k::bias_backward(dbias, dy, out, n, out);
   }
 
   void rope_forward(float* x, std::int64_t ld, std::int64_t col0, std::int64_t n, std::int64_t seq, std::int64_t heads,
@@ -236,6 +237,21 @@ class CpuBackend final : public Backend {
     k::swiglu_backward(dgu, dout, gu, n, i);
   }
 
+  void matmul(const Matmul& m) override {
+    OpTimer t(*this, "matmul", 2.0 * m.m * m.n * m.k);
+    k::Gemm g;
+    g.m = m.m, g.n = m.n, g.k = m.k, g.ab_dtype = DType::kF32;
+    g.a = m.a, g.lda = m.lda, g.trans_a = m.trans_a;
+    g.b = m.b, g.ldb = m.ldb, g.trans_b = m.trans_b;
+    g.c = m.c, g.ldc = m.ldc;
+    g.alpha = m.alpha;
+    g.accumulate = m.accumulate;
+    k::gemm(g);
+  }
+  void dropout(float* y, const float* x, std::int64_t count, float p, std::uint64_t seed, bool accumulate) override {
+    OpTimer t(*this, "dropout");
+    k::dropout(y, x, count, p, seed, accumulate);
+  }
   void add(float* y, const float* x, std::int64_t count) override {
     OpTimer t(*this, "residual");
     k::add_inplace(y, x, count);
@@ -284,6 +300,7 @@ class CpuBackend final : public Backend {
       gh.c = dh, gh.ldc = hidden;
       gh.accumulate = v0 > 0;
       k::gemm(gh);
+      if (dw == nullptr) continue;  // a frozen head
       // dW_c (c, hidden) += dlogits^T (c, n) h (n, hidden)
       k::Gemm gw;
       gw.m = c, gw.n = hidden, gw.k = n, gw.ab_dtype = w.dtype;

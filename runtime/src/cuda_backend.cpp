@@ -311,7 +311,7 @@ class CudaBackend final : public Backend {
     OpTimer t(*this, "linear.backward", 4.0 * n * in * out);
     const void* dy_op = operand(dy, n * out, w, 0);
     gemm(n, in, out, dy_op, out, false, w.data, in, false, dx, in, bf16(w), 1.0f, 0.0f);
-    gemm(out, in, n, dy_op, out, true, operand(x, n * in, w, 1), in, false, dw, in, bf16(w), 1.0f, 1.0f);
+    if (dw != nullptr) gemm(out, in, n, dy_op, out, true, operand(x, n * in, w, 1), in, false, dw, in, bf16(w), 1.0f, 1.0f);
     if (dbias != nullptr) kc::column_sums_add(dbias, partial_.f32(kc::rmsnorm_partial_floats(n, out)), dy, n, out, compute());
   }
 
@@ -345,6 +345,16 @@ class CudaBackend final : public Backend {
   void swiglu_backward(float* dgu, const float* dout, const float* gu, std::int64_t n, std::int64_t i) override {
     OpTimer t(*this, "swiglu.backward");
     kc::swiglu_backward(dgu, dout, gu, n, i, compute());
+  }
+  void matmul(const Matmul& m) override {
+    OpTimer t(*this, "matmul", 2.0 * m.m * m.n * m.k);
+    current();
+    gemm(m.m, m.n, m.k, m.a, m.lda, m.trans_a, m.b, m.ldb, m.trans_b, m.c, m.ldc, false, m.alpha,
+         m.accumulate ? 1.0f : 0.0f);
+  }
+  void dropout(float* y, const float* x, std::int64_t count, float p, std::uint64_t seed, bool accumulate) override {
+    OpTimer t(*this, "dropout");
+    kc::dropout(y, x, count, p, seed, accumulate, compute());
   }
   void add(float* y, const float* x, std::int64_t count) override {
     OpTimer t(*this, "residual");
@@ -380,8 +390,8 @@ class CudaBackend final : public Backend {
       const void* dl = operand(logits, n * c, w, 1);
       // dh (n, hidden) (+)= dlogits (n, c) W_c (c, hidden)
       gemm(n, hidden, c, dl, c, false, row(w, v0, hidden), hidden, false, dh, hidden, bf16(w), 1.0f, v0 > 0 ? 1.0f : 0.0f);
-      // dW_c (c, hidden) += dlogits^T (c, n) h (n, hidden)
-      gemm(c, hidden, n, dl, c, true, a, hidden, false, dw + v0 * hidden, hidden, bf16(w), 1.0f, 1.0f);
+      // dW_c (c, hidden) += dlogits^T (c, n) h (n, hidden) (none for a frozen head)
+      if (dw != nullptr) gemm(c, hidden, n, dl, c, true, a, hidden, false, dw + v0 * hidden, hidden, bf16(w), 1.0f, 1.0f);
     }
   }
   void head_logits(float* logits, const float* h, Weight w, std::int64_t n, std::int64_t hidden,

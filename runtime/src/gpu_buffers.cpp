@@ -22,6 +22,8 @@ GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in) {
     if (in.stage3 && in.persistent[u]) persistent += n;
   }
   p.params += (in.stage3 ? std::min(in.max_live, total - persistent) + largest + persistent : total) * in.param_bytes;
+  p.adapters = in.lora_numel * (in.lora_state_on_gpu ? 16 : 8);
+  if (in.frozen) return p;
   if (!in.partition_grads) {
     p.grads = total * 4;
     return p;

@@ -29,12 +29,18 @@ struct GpuBufferInputs {
   bool tied_embedding = false;
   std::uint64_t max_live = 0;           // stage3_max_live_parameters
   std::uint64_t reduce_bucket = 0;      // reduce_bucket_size
+  // LoRA: the base is frozen (no gradient buffers); the adapters (fp32 elements) with their
+  // gradients and, unless their optimizer is offloaded, their Adam moments.
+  bool frozen = false;
+  std::uint64_t lora_numel = 0;
+  bool lora_state_on_gpu = true;
 };
 
 struct GpuBuffers {
   std::uint64_t params = 0;     // compute copies: stage 3's live budget plus one unit plus the persistent ones
   std::uint64_t grads = 0;      // gradient buffers as the reduction path pools them
   std::uint64_t optimizer = 0;  // the GPU's share: fp32 state and the gradients held until the step
+  std::uint64_t adapters = 0;   // LoRA: adapters, their gradients and (on the GPU) their moments
 };
 
 GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in);

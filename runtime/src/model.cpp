@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "zinf/common/error.hpp"
+#include "zinf/kernels/dropout.hpp"
 
 namespace zinf::runtime {
 
@@ -23,6 +24,7 @@ Weight UnitBuffers::weight(const ModelLayout& layout, std::size_t unit, TensorRo
 }
 
 float* UnitBuffers::grad(const ModelLayout& layout, std::size_t unit, TensorRole role) const {
+  if (units.empty()) return nullptr;  // a frozen model
   ZINF_ASSERT(dtype == DType::kF32, "gradients are fp32");
   const std::int64_t off = layout.units[unit].offset(role);
   if (off < 0) return nullptr;
@@ -84,7 +86,8 @@ void rope_tables(const ModelConfig& c, std::int64_t seq, std::vector<float>& cos
 // What one layer's backward needs from its forward.
 struct Model::LayerActs {
   DeviceBuffer h1, rstd1, qkv, attn, lse, xmid, h2, rstd2, gu, act;
-  LayerActs(Backend& b, const ModelConfig& c, std::int64_t n, std::int64_t batch) {
+  DeviceBuffer lora_t;  // LoRA: t = dropout(x) A^T (n, rank) of each adapter of the layer
+  LayerActs(Backend& b, const ModelConfig& c, std::int64_t n, std::int64_t batch, std::int64_t lora_floats) {
     const auto f = [&](std::int64_t count) { return DeviceBuffer(b, static_cast<std::size_t>(count) * sizeof(float)); };
     h1 = f(n * c.hidden_size);
     rstd1 = f(n);
@@ -96,10 +99,11 @@ struct Model::LayerActs {
     rstd2 = f(n);
     gu = f(n * 2 * c.intermediate_size);
     act = f(n * c.intermediate_size);
+    if (lora_floats > 0) lora_t = f(lora_floats);
   }
   std::size_t bytes() const {
     return h1.bytes() + rstd1.bytes() + qkv.bytes() + attn.bytes() + lse.bytes() + xmid.bytes() + h2.bytes() +
-           rstd2.bytes() + gu.bytes() + act.bytes();
+           rstd2.bytes() + gu.bytes() + act.bytes() + lora_t.bytes();
   }
 };
 
@@ -109,17 +113,46 @@ struct Model::Buffers {
   std::vector<LayerActs> layers;      // one (checkpointing) or L
   DeviceBuffer hf, rstd_f, lse_ce, loss_rows;
   DeviceBuffer dx, dh, dattn, dqkv, dgu, dact;
+  DeviceBuffer lora_x, lora_dx, lora_dt;  // LoRA scratch: dropped input, its gradient, d t
   std::vector<std::int32_t> host_targets;
 };
+
+namespace {
+
+// LoRA's activation sizes for n rows: per layer t of every adapter; shared, d t and (with dropout)
+// the dropped input and its gradient at the widest adapter input.
+struct LoraActFloats {
+  std::int64_t per_layer = 0, dt = 0, x = 0;
+};
+LoraActFloats lora_act_floats(const ModelConfig& c, const LoraConfig& lora, std::int64_t n) {
+  LoraActFloats f;
+  if (!lora.enabled()) return f;
+  std::int64_t widest = 0;
+  for (const LoraTarget t : lora.targets) {
+    widest = std::max(widest, t == LoraTarget::kO ? c.q_dim() : t == LoraTarget::kDown ? c.intermediate_size : c.hidden_size);
+  }
+  f.per_layer = n * lora.rank * static_cast<std::int64_t>(lora.targets.size());
+  f.dt = n * lora.rank;
+  f.x = lora.dropout > 0.0 ? n * widest : 0;
+  return f;
+}
+
+}  // namespace
 
 Model::Model(ModelConfig config, Backend& backend, ModelOptions options)
     : config_(std::move(config)), layout_(make_layout(config_)), backend_(backend), options_(options) {
   if (options_.param_dtype != DType::kF32 && options_.param_dtype != DType::kBF16) {
     throw Error("model parameters must be fp32 or bf16, not {}", kernels::cpu::dtype_name(options_.param_dtype));
   }
+  if (options_.lora.enabled()) lora_.emplace(make_lora_layout(config_, options_.lora));
 }
 
 Model::~Model() = default;
+
+const LoraLayout& Model::lora() const {
+  if (!lora_) throw Error("the model has no LoRA adapters");
+  return *lora_;
+}
 
 std::vector<std::size_t> Model::backward_param_reads(std::size_t unit) const {
   if (unit == 0) return {};
@@ -179,7 +212,13 @@ void Model::set_batch(std::span<const std::int32_t> tokens, std::span<const std:
     be.upload(b->sin.data(), sin.data(), sin.size() * 4);
     for (std::int64_t l = 0; l <= c.num_layers; ++l) b->x.push_back(f(n * c.hidden_size));
     const std::int64_t kept = options_.checkpoint_activations ? 1 : c.num_layers;
-    for (std::int64_t l = 0; l < kept; ++l) b->layers.emplace_back(be, c, n, batch);
+    const LoraActFloats lf = lora_act_floats(c, options_.lora, n);
+    for (std::int64_t l = 0; l < kept; ++l) b->layers.emplace_back(be, c, n, batch, lf.per_layer);
+    if (lf.dt > 0) b->lora_dt = f(lf.dt);
+    if (lf.x > 0) {
+      b->lora_x = f(lf.x);
+      b->lora_dx = f(lf.x);
+    }
     b->hf = f(n * c.hidden_size);
     b->rstd_f = f(n);
     b->lse_ce = f(n);
@@ -205,8 +244,10 @@ std::size_t Model::activation_bytes_for(const ModelConfig& c, std::int64_t batch
   const std::int64_t kept = options.checkpoint_activations ? 1 : c.num_layers;
   std::vector<float> cos, sin;
   rope_tables(c, seq, cos, sin);
+  const LoraActFloats lf = lora_act_floats(c, options.lora, n);
   const std::int64_t floats = 2 * n + static_cast<std::int64_t>(cos.size() + sin.size()) + (c.num_layers + 1) * n * h +
-                              kept * layer + 3 * n * h + 3 * n + n * c.q_dim() + n * c.qkv_dim() + 3 * n * i;
+                              kept * (layer + lf.per_layer) + 3 * n * h + 3 * n + n * c.q_dim() + n * c.qkv_dim() +
+                              3 * n * i + lf.dt + 2 * lf.x;
   return static_cast<std::size_t>(floats) * sizeof(float);
 }
 
@@ -217,7 +258,7 @@ std::size_t Model::activation_bytes() const {
   for (const LayerActs& a : buf_->layers) total += a.bytes();
   for (const DeviceBuffer* d : {&buf_->hf, &buf_->rstd_f, &buf_->lse_ce, &buf_->loss_rows, &buf_->dx, &buf_->dh,
                                 &buf_->dattn, &buf_->dqkv, &buf_->dgu, &buf_->dact, &buf_->tokens, &buf_->targets,
-                                &buf_->cos, &buf_->sin}) {
+                                &buf_->cos, &buf_->sin, &buf_->lora_x, &buf_->lora_dx, &buf_->lora_dt}) {
     total += d->bytes();
   }
   return total;
@@ -243,6 +284,7 @@ void Model::layer_forward(std::int64_t l, const UnitBuffers& p, LayerActs& a, fl
                      static_cast<float>(c.rms_norm_eps));
   be.linear_forward(a.qkv.f32(), a.h1.f32(), p.weight(layout_, u, TensorRole::kQkvWeight),
                     p.weight(layout_, u, TensorRole::kQkvBias), n, h, c.qkv_dim());
+  if (lora_) lora_forward(l, {LoraTarget::kQ, LoraTarget::kK, LoraTarget::kV}, a.h1.f32(), a.qkv.f32(), c.qkv_dim(), a);
   be.rope_forward(a.qkv.f32(), c.qkv_dim(), 0, n, seq_, c.num_heads, c.head_dim, buf_->cos.f32(), buf_->sin.f32());
   be.rope_forward(a.qkv.f32(), c.qkv_dim(), c.q_dim(), n, seq_, c.num_kv_heads, c.head_dim, buf_->cos.f32(),
                   buf_->sin.f32());
@@ -252,16 +294,111 @@ void Model::layer_forward(std::int64_t l, const UnitBuffers& p, LayerActs& a, fl
   be.attention_forward(a.attn.f32(), a.lse.f32(), a.qkv.f32(), shape);
   be.linear_forward(a.xmid.f32(), a.attn.f32(), p.weight(layout_, u, TensorRole::kOWeight),
                     p.weight(layout_, u, TensorRole::kOBias), n, c.q_dim(), h);
+  if (lora_) lora_forward(l, {LoraTarget::kO}, a.attn.f32(), a.xmid.f32(), h, a);
   be.add(a.xmid.f32(), x, n * h);
   be.rmsnorm_forward(a.h2.f32(), a.rstd2.f32(), a.xmid.f32(), p.weight(layout_, u, TensorRole::kPostNorm), n, h,
                      static_cast<float>(c.rms_norm_eps));
   be.linear_forward(a.gu.f32(), a.h2.f32(), p.weight(layout_, u, TensorRole::kGateUpWeight),
                     p.weight(layout_, u, TensorRole::kGateUpBias), n, h, 2 * im);
+  if (lora_) lora_forward(l, {LoraTarget::kGate, LoraTarget::kUp}, a.h2.f32(), a.gu.f32(), 2 * im, a);
   be.swiglu_forward(a.act.f32(), a.gu.f32(), n, im);
   if (out != nullptr) {
     be.linear_forward(out, a.act.f32(), p.weight(layout_, u, TensorRole::kDownWeight),
                       p.weight(layout_, u, TensorRole::kDownBias), n, im, h);
+    if (lora_) lora_forward(l, {LoraTarget::kDown}, a.act.f32(), out, h, a);
     be.add(out, a.xmid.f32(), n * h);
+  } else if (lora_) {
+    lora_forward(l, {LoraTarget::kDown}, a.act.f32(), nullptr, h, a);  // its t, for backward
+  }
+}
+
+const float* Model::lora_input(std::size_t adapter, const float* x, std::int64_t in) {
+  const double p = lora_bind_.training ? lora_->config.dropout : 0.0;
+  if (p <= 0.0) return x;
+  backend_.dropout(buf_->lora_x.f32(), x, rows_ * in, static_cast<float>(p),
+                   kernels::dropout_stream(lora_bind_.seed, adapter), false);
+  return buf_->lora_x.f32();
+}
+
+void Model::lora_forward(std::int64_t l, std::initializer_list<LoraTarget> targets, const float* x, float* y,
+                         std::int64_t ldy, LayerActs& acts) {
+  ZINF_ASSERT(lora_bind_.params != nullptr, "a LoRA model without adapters (set_lora)");
+  const std::int64_t n = rows_, r = lora_->config.rank;
+  const auto s = static_cast<float>(lora_->config.scale());
+  for (const LoraTarget target : targets) {
+    const LoraAdapter* ad = lora_->find(l, target);
+    if (ad == nullptr) continue;
+    const auto i = static_cast<std::size_t>(ad - lora_->adapters.data());
+    float* t = acts.lora_t.f32() + (static_cast<std::int64_t>(i) - l * lora_->per_layer) * n * r;
+    // t (n, r) = dropout(x) A^T;  y (n, out) += s t B^T
+    Matmul ta;
+    ta.m = n, ta.n = r, ta.k = ad->in;
+    ta.a = lora_input(i, x, ad->in), ta.lda = ad->in;
+    ta.b = lora_bind_.params + ad->a, ta.ldb = ad->in, ta.trans_b = true;
+    ta.c = t, ta.ldc = r;
+    backend_.matmul(ta);
+    if (y == nullptr) continue;
+    Matmul yb;
+    yb.m = n, yb.n = ad->out, yb.k = r;
+    yb.a = t, yb.lda = r;
+    yb.b = lora_bind_.params + ad->b, yb.ldb = r, yb.trans_b = true;
+    yb.c = y + ad->col0, yb.ldc = ldy;
+    yb.alpha = s;
+    yb.accumulate = true;
+    backend_.matmul(yb);
+  }
+}
+
+void Model::lora_backward(std::int64_t l, std::initializer_list<LoraTarget> targets, const float* x, const float* dy,
+                          std::int64_t ldy, float* dx, LayerActs& acts) {
+  ZINF_ASSERT(lora_bind_.grads != nullptr, "LoRA backward without adapter gradients (set_lora)");
+  const std::int64_t n = rows_, r = lora_->config.rank;
+  const auto s = static_cast<float>(lora_->config.scale());
+  const bool dropped = lora_bind_.training && lora_->config.dropout > 0.0;
+  for (const LoraTarget target : targets) {
+    const LoraAdapter* ad = lora_->find(l, target);
+    if (ad == nullptr) continue;
+    const auto i = static_cast<std::size_t>(ad - lora_->adapters.data());
+    const float* t = acts.lora_t.f32() + (static_cast<std::int64_t>(i) - l * lora_->per_layer) * n * r;
+    const float* g = dy + ad->col0;
+    float* dt = buf_->lora_dt.f32();
+    // dB (out, r) += s dy^T t
+    Matmul gb;
+    gb.m = ad->out, gb.n = r, gb.k = n;
+    gb.a = g, gb.lda = ldy, gb.trans_a = true;
+    gb.b = t, gb.ldb = r;
+    gb.c = lora_bind_.grads + ad->b, gb.ldc = r;
+    gb.alpha = s;
+    gb.accumulate = true;
+    backend_.matmul(gb);
+    // dt (n, r) = s dy B
+    Matmul gt;
+    gt.m = n, gt.n = r, gt.k = ad->out;
+    gt.a = g, gt.lda = ldy;
+    gt.b = lora_bind_.params + ad->b, gt.ldb = r;
+    gt.c = dt, gt.ldc = r;
+    gt.alpha = s;
+    backend_.matmul(gt);
+    // dA (r, in) += dt^T dropout(x)
+    Matmul ga;
+    ga.m = r, ga.n = ad->in, ga.k = n;
+    ga.a = dt, ga.lda = r, ga.trans_a = true;
+    ga.b = lora_input(i, x, ad->in), ga.ldb = ad->in;
+    ga.c = lora_bind_.grads + ad->a, ga.ldc = ad->in;
+    ga.accumulate = true;
+    backend_.matmul(ga);
+    // dx (n, in) += dropout'(dt A)
+    Matmul gx;
+    gx.m = n, gx.n = ad->in, gx.k = r;
+    gx.a = dt, gx.lda = r;
+    gx.b = lora_bind_.params + ad->a, gx.ldb = ad->in;
+    gx.c = dropped ? buf_->lora_dx.f32() : dx, gx.ldc = ad->in;
+    gx.accumulate = !dropped;
+    backend_.matmul(gx);
+    if (dropped) {
+      backend_.dropout(dx, buf_->lora_dx.f32(), n * ad->in, static_cast<float>(lora_->config.dropout),
+                       kernels::dropout_stream(lora_bind_.seed, i), true);
+    }
   }
 }
 
@@ -274,16 +411,19 @@ void Model::layer_backward(std::int64_t l, const UnitBuffers& p, const UnitBuffe
   be.linear_backward(buf_->dact.f32(), g.grad(layout_, u, TensorRole::kDownWeight),
                      g.grad(layout_, u, TensorRole::kDownBias), dx, a.act.f32(),
                      p.weight(layout_, u, TensorRole::kDownWeight), n, im, h);
+  if (lora_) lora_backward(l, {LoraTarget::kDown}, a.act.f32(), dx, h, buf_->dact.f32(), a);
   be.swiglu_backward(buf_->dgu.f32(), buf_->dact.f32(), a.gu.f32(), n, im);
   be.linear_backward(buf_->dh.f32(), g.grad(layout_, u, TensorRole::kGateUpWeight),
                      g.grad(layout_, u, TensorRole::kGateUpBias), buf_->dgu.f32(), a.h2.f32(),
                      p.weight(layout_, u, TensorRole::kGateUpWeight), n, h, 2 * im);
+  if (lora_) lora_backward(l, {LoraTarget::kGate, LoraTarget::kUp}, a.h2.f32(), buf_->dgu.f32(), 2 * im, buf_->dh.f32(), a);
   be.rmsnorm_backward(dx, g.grad(layout_, u, TensorRole::kPostNorm), buf_->dh.f32(), a.xmid.f32(),
                       p.weight(layout_, u, TensorRole::kPostNorm), a.rstd2.f32(), n, h);
   // dx is now d xmid
   be.linear_backward(buf_->dattn.f32(), g.grad(layout_, u, TensorRole::kOWeight),
                      g.grad(layout_, u, TensorRole::kOBias), dx, a.attn.f32(),
                      p.weight(layout_, u, TensorRole::kOWeight), n, c.q_dim(), h);
+  if (lora_) lora_backward(l, {LoraTarget::kO}, a.attn.f32(), dx, h, buf_->dattn.f32(), a);
   const AttentionShape shape{batch_, seq_, c.num_heads, c.num_kv_heads, c.head_dim,
                              static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.head_dim))),
                              options_.param_dtype == DType::kBF16};
@@ -295,6 +435,10 @@ void Model::layer_backward(std::int64_t l, const UnitBuffers& p, const UnitBuffe
   be.linear_backward(buf_->dh.f32(), g.grad(layout_, u, TensorRole::kQkvWeight),
                      g.grad(layout_, u, TensorRole::kQkvBias), buf_->dqkv.f32(), a.h1.f32(),
                      p.weight(layout_, u, TensorRole::kQkvWeight), n, h, c.qkv_dim());
+  if (lora_) {
+    lora_backward(l, {LoraTarget::kQ, LoraTarget::kK, LoraTarget::kV}, a.h1.f32(), buf_->dqkv.f32(), c.qkv_dim(),
+                  buf_->dh.f32(), a);
+  }
   be.rmsnorm_backward(dx, g.grad(layout_, u, TensorRole::kInputNorm), buf_->dh.f32(), buf_->x[l].f32(),
                       p.weight(layout_, u, TensorRole::kInputNorm), a.rstd1.f32(), n, h);
 }
@@ -339,6 +483,7 @@ void Model::backward_unit(std::size_t unit, const UnitBuffers& p, const UnitBuff
                               buf_->x[c.num_layers].f32(), p.weight(layout_, unit, TensorRole::kFinalNorm),
                               buf_->rstd_f.f32(), n, h);
   } else if (unit == 0) {
+    if (g.units.empty()) return;  // a frozen embedding: nothing below it to differentiate
     backend_.embedding_backward(g.grad(layout_, 0, TensorRole::kEmbedding), buf_->dx.f32(),
                                 static_cast<const std::int32_t*>(buf_->tokens.data()), n, h);
   } else {

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <optional>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -187,8 +188,14 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   const bool gpu = in.device == "cuda";
   const std::uint64_t W = static_cast<std::uint64_t>(in.gpus);
   const int stage = z.stage;
-  const bool stage3 = stage == 3, partition_grads = stage >= 2, sharded = W > 1 && stage >= 1;
-  const bool fp16 = ds.fp16.enabled, bf16 = ds.bf16.enabled;
+  const bool lora = in.lora.enabled();
+  std::optional<LoraLayout> lora_layout;
+  if (lora) lora_layout.emplace(make_lora_layout(in.model, in.lora));
+  const std::uint64_t lora_numel = lora ? static_cast<std::uint64_t>(lora_layout->numel) : 0;
+  // LoRA: the frozen base has no gradients or optimizer state; at stage 3 it is still partitioned.
+  const bool stage3 = stage == 3, partition_grads = stage >= 2 && !lora, sharded = W > 1 && (lora ? stage3 : stage >= 1);
+  const bool fp16 = ds.fp16.enabled, bf16 = ds.bf16.enabled || lora;
+  if (lora && fp16) throw Error("LoRA trains on a bf16 base: fp16 is not available with --lora-rank");
   const std::uint64_t pb = bf16 ? 2 : 4;  // compute copy of a parameter (fp16 runs keep fp32 copies)
   const ModelLayout layout = make_layout(c);
   const std::size_t U = layout.units.size();
@@ -203,14 +210,14 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   std::uint64_t S = 0;  // this rank's elements
   for (auto s : shard) S += s;
 
-  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && in.grad_accum == 1 && !fp16;
+  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && in.grad_accum == 1 && !fp16 && !lora;
   const bool nccl = p.pipeline && W > 1;
   const bool bf16_grads = p.pipeline && ds.communication_data_type && *ds.communication_data_type == config::Dtype::kBf16;
   const std::uint64_t gbytes = bf16_grads ? 2 : 4;
   // The GPU's share of the optimizer: offload_optimizer.ratio < 1 with device cpu, one GPU, stage 3.
   std::vector<bool> on_gpu(U, false);
   std::uint64_t gpu_share = 0;
-  if (z.offload_optimizer && z.offload_optimizer->device == OffloadDevice::kCpu && z.offload_optimizer->ratio < 1.0) {
+  if (!lora && z.offload_optimizer && z.offload_optimizer->device == OffloadDevice::kCpu && z.offload_optimizer->ratio < 1.0) {
     if (p.pipeline && stage3 && W == 1) {
       const double want = (1.0 - z.offload_optimizer->ratio) * static_cast<double>(E);
       for (std::size_t u = 0; u < U; ++u) {
@@ -249,11 +256,15 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     gb.tied_embedding = c.tie_word_embeddings;
     gb.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
     gb.reduce_bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(z.reduce_bucket_size, 0));
+    gb.frozen = lora;
+    gb.lora_numel = lora_numel;
+    gb.lora_state_on_gpu = !in.lora_offload_optimizer;
     const GpuBuffers buffers = plan_gpu_buffers(gb);
     const std::uint64_t params = buffers.params, grads = buffers.grads, optimizer = buffers.optimizer;
     ModelOptions mo;
     mo.param_dtype = bf16 ? kernels::cpu::DType::kBF16 : kernels::cpu::DType::kF32;
     mo.checkpoint_activations = true;
+    mo.lora = in.lora;
     const std::uint64_t acts = Model::activation_bytes_for(c, in.micro_batch, in.seq_len, mo);
     // The CUDA backend's scratch bound (cuda_backend.cpp): cuBLASLt workspace, bf16 operand slots,
     // the LM head's vocabulary chunk, attention's packed operands, small partials.
@@ -281,6 +292,11 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
                {"activations (checkpointed)", acts},
                {"scratch", scratch}};
     if (optimizer > 0) g.items.push_back({"optimizer share (offload_optimizer.ratio)", optimizer});
+    if (buffers.adapters > 0) {
+      g.items.push_back({in.lora_offload_optimizer ? "LoRA adapters and their gradients (fp32)"
+                                                   : "LoRA adapters, gradients and Adam moments (fp32)",
+                         buffers.adapters});
+    }
     g.items.push_back({"other", U * 8 + (1u << 20)});
     p.notes.push_back("GPU bytes are zinf's own allocations; the CUDA context and NCCL take about 0.5-1 GiB more");
   }
@@ -288,7 +304,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
 
   // ---- Host (all ranks on this machine): the partition store's plan, per rank, times the ranks.
   const bool pin = !((z.offload_optimizer && !z.offload_optimizer->pin_memory) || (z.offload_param && !z.offload_param->pin_memory));
-  const bool opt_nvme = z.optimizer_device() == OffloadDevice::kNvme && z.offload_optimizer->ratio > 0.0;
+  const bool opt_nvme = !lora && z.optimizer_device() == OffloadDevice::kNvme && z.offload_optimizer->ratio > 0.0;
   const double nvme_ratio = opt_nvme ? std::min(1.0, z.offload_optimizer->ratio) : 0.0;
   const bool params_nvme = z.param_device() == OffloadDevice::kNvme;
   if (z.sub_group_size < 1) throw Error("zero_optimization.sub_group_size must be at least 1, not {}", z.sub_group_size);
@@ -320,13 +336,16 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
         nvme_ratio >= 1.0 ? n
                           : std::min<std::uint64_t>(n, static_cast<std::uint64_t>(std::floor(nvme_ratio * static_cast<double>(n))) /
                                                            kSliceAlign * kSliceAlign);
-    nvme_state += on_nvme * 12;
-    host_state += (n - on_nvme) * 12;
+    if (!lora) {  // (the frozen base keeps no optimizer state)
+      nvme_state += on_nvme * 12;
+      host_state += (n - on_nvme) * 12;
+    }
     // Staged slices: the NVMe part of the state, or the whole unit when its parameters are on NVMe.
     if (p_nvme) largest_staged = std::max(largest_staged, std::min(n, slice));
     else if (on_nvme > 0) largest_staged = std::max(largest_staged, std::min(on_nvme, slice));
   }
-  const std::uint64_t opt_buffers = opt_nvme || params_nvme ? static_cast<std::uint64_t>(z.offload_optimizer ? z.offload_optimizer->buffer_count : 4) : 0;
+  // (A frozen store writes its NVMe parameters through the parameter staging buffers.)
+  const std::uint64_t opt_buffers = !lora && (opt_nvme || params_nvme) ? static_cast<std::uint64_t>(z.offload_optimizer ? z.offload_optimizer->buffer_count : 4) : 0;
   const std::uint64_t param_buffers = params_nvme ? static_cast<std::uint64_t>(z.offload_param->buffer_count) : 0;
   const std::uint64_t staging = (largest_staged > 0 ? opt_buffers * largest_staged * 14 : 0) + param_buffers * largest_pslice * 2;
   // Gradients: the pipeline's page-locked shards (none when bf16 gradients land in the bf16
@@ -334,7 +353,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   const bool grads_in_params = p.pipeline && stage3 && bf16_grads && bf16 && !params_nvme && gpu_share < E;
   std::uint64_t pinned_grads = 0, pageable = 0;
   for (std::size_t u = 0; u < U; ++u) {
-    if (grads_in_params || on_gpu[u]) continue;
+    if (grads_in_params || on_gpu[u] || lora) continue;
     if (p.pipeline) pinned_grads += shard[u] * gbytes;
     else if (sharded || partition_grads) pageable += shard[u] * 4;
   }
@@ -350,10 +369,14 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     ModelOptions mo;
     mo.param_dtype = bf16 ? kernels::cpu::DType::kBF16 : kernels::cpu::DType::kF32;
     mo.checkpoint_activations = true;
-    hpage.items.push_back({"CPU backend: parameters + gradients", E * (pb + 4) * W});
+    hpage.items.push_back({lora ? "CPU backend: parameters (frozen, no gradients)" : "CPU backend: parameters + gradients",
+                           E * (pb + (lora ? 0 : 4)) * W});
     hpage.items.push_back({"CPU backend: activations", Model::activation_bytes_for(c, in.micro_batch, in.seq_len, mo) * W});
   }
   if (pageable > 0) hpage.items.push_back({"gradient shards (synchronous path)", pageable * W});
+  if (lora && (in.lora_offload_optimizer || !gpu)) {
+    hpage.items.push_back({"LoRA adapters' Adam state (master, m, v) and gradients", lora_numel * 16 * W});
+  }
   // One capacity for both host tiers, less what the trainer's preflight keeps free for the
   // process and the OS (offload::host_memory_reserve_bytes: 5% of the memory, at least 4 GiB);
   // the pinned tier is judged against it, the pageable one against what the pinned one leaves.
@@ -376,12 +399,14 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   // ---- Step time (per rank; every rank does the same).
   const double tokens = static_cast<double>(in.micro_batch * in.seq_len * in.grad_accum);
   p.tokens_per_step = tokens;
-  const double flops = training_flops_per_token(c, in.seq_len) * tokens;
+  const double flops = (lora ? lora_training_flops_per_token(c, in.seq_len, *lora_layout) : training_flops_per_token(c, in.seq_len)) * tokens;
   const double compute_s = flops / ((gpu ? rates.gpu_model_tflops : rates.cpu_model_tflops) * 1e12);
   p.parts.push_back({"compute", compute_s,
                      fmt::format("{:.1f} model TFLOP at {:.0f} TFLOP/s", flops / 1e12,
                                  gpu ? rates.gpu_model_tflops : rates.cpu_model_tflops)});
-  const double host_elems = static_cast<double>(S - (W == 1 ? gpu_share : 0));
+  // (LoRA: the host steps the adapters only, and only when their optimizer is offloaded.)
+  const double host_elems = lora ? (in.lora_offload_optimizer || !gpu ? static_cast<double>(lora_numel) : 0.0)
+                                 : static_cast<double>(S - (W == 1 ? gpu_share : 0));
   double h2d = 0, d2h = 0;
   if (gpu) {
     // Stage 3 gathers each unit for forward, recomputation and backward, except what the live
@@ -395,6 +420,14 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     d2h = (static_cast<double>(S) - static_cast<double>(W == 1 ? gpu_share : 0)) * static_cast<double>(gbytes);
     // The synchronous path brings each unit's whole fp32 gradient down every micro-batch.
     if (!p.pipeline) d2h = static_cast<double>(E) * 4 * static_cast<double>(in.grad_accum);
+    if (lora) {
+      // Stages 0-2 upload the frozen base once; only the adapters move each step (their gradients
+      // down and back up to be summed over ranks, or stepped on the host).
+      if (!stage3) h2d = 0;
+      const bool moves = W > 1 || in.lora_offload_optimizer;
+      d2h = moves ? static_cast<double>(lora_numel) * 4 : 0.0;
+      h2d += moves ? static_cast<double>(lora_numel) * 4 : 0.0;
+    }
     const double pcie_s = std::max({h2d / (rates.h2d_GBps * kGB), d2h / (rates.d2h_GBps * kGB),
                                     (h2d + d2h) / (rates.both_GBps * kGB)});
     p.parts.push_back({"pcie", pcie_s, fmt::format("{:.1f} GB up, {:.1f} GB down", h2d / kGB, d2h / kGB)});
@@ -413,15 +446,21 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     // Every step reads and writes the state on NVMe, and reads parameters there (forward and
     // backward), for all ranks on the machine's drive(s).
     const double rd = static_cast<double>(nvme_state * W) + 3.0 * static_cast<double>(nvme_params * W);
-    const double wr = static_cast<double>(nvme_state * W) + static_cast<double>(nvme_params * W);
+    // (A frozen base is read, never written back.)
+    const double wr = static_cast<double>(nvme_state * W) + (lora ? 0.0 : static_cast<double>(nvme_params * W));
     const double s = rd / (rates.nvme_read_GBps * kGB) + wr / (rates.nvme_write_GBps * kGB);
     p.parts.push_back({"nvme", s, fmt::format("{:.1f} GB read, {:.1f} GB written", rd / kGB, wr / kGB)});
   }
   if (W > 1) {
     const double wf = static_cast<double>(W - 1) / static_cast<double>(W);
     const double gas = static_cast<double>(in.grad_accum);
-    const double bytes = nccl || stage3 ? (3.0 * static_cast<double>(E) * static_cast<double>(pb) + static_cast<double>(E) * 4) * wf * gas
-                                        : 2.0 * static_cast<double>(E) * 4 * wf * gas;
+    double bytes = nccl || stage3 ? (3.0 * static_cast<double>(E) * static_cast<double>(pb) + static_cast<double>(E) * 4) * wf * gas
+                                  : 2.0 * static_cast<double>(E) * 4 * wf * gas;
+    if (lora) {
+      // The base's gathers at stage 3 (no gradient reduction), and the adapters' all-reduce.
+      bytes = (stage3 ? 3.0 * static_cast<double>(E) * static_cast<double>(pb) * wf * gas : 0.0) +
+              2.0 * static_cast<double>(lora_numel) * 4 * wf;
+    }
     const double bw = nccl ? rates.nvlink_GBps : std::min(rates.host_mem_GBps / 4, 10.0);
     p.parts.push_back({"gpu_collectives", bytes / (bw * kGB),
                        fmt::format("{:.1f} GB per rank over {}", bytes / kGB, nccl ? "NCCL" : "the host (Gloo)")});
@@ -437,7 +476,22 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   p.lower_s = mx;
   p.upper_s = sum;
   const bool clip = ds.gradient_clipping > 0;
-  if (p.pipeline && !clip) {
+  if (lora) {
+    // Nothing to overlap the adapters' small step with; the prefetch overlaps the base's uploads
+    // (and NVMe reads) with compute.
+    double overlapped = 0, after = 0;
+    for (const auto& part : p.parts) {
+      if (part.name == "host" || part.name == "gpu_collectives") {
+        after += part.seconds;
+      } else {
+        overlapped = std::max(overlapped, part.seconds);
+      }
+    }
+    p.predicted_s = overlapped + after;
+    p.notes.push_back(fmt::format("LoRA: {} adapters ({} trainable parameters) on a frozen bf16 base: no base "
+                                  "gradients or optimizer state; base uploads and NVMe reads overlap compute",
+                                  lora_layout->adapters.size(), lora_layout->parameter_count()));
+  } else if (p.pipeline && !clip) {
     // Gradients land and are stepped during backward, and the next forward follows the step.
     p.predicted_s = mx;
   } else if (p.pipeline) {

@@ -34,6 +34,7 @@
 #include "zinf/io/safetensors.hpp"
 #include "zinf/kernels/cpu_model_ops.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/kernels/dropout.hpp"
 #include "zinf/kernels/half.hpp"
 #include "zinf/offload/offload.hpp"
 #include "zinf/runtime/backend.hpp"
@@ -162,6 +163,14 @@ double training_flops_per_token(const ModelConfig& c, std::int64_t seq) {
   const double emb = static_cast<double>(c.vocab_size * c.hidden_size);
   // The embedding lookup is not a product; a tied embedding is also the head's product.
   return 6.0 * (params - emb) + (c.tie_word_embeddings ? 6.0 * emb : 0.0) + 12.0 * c.num_layers * seq * c.q_dim();
+}
+
+double lora_training_flops_per_token(const ModelConfig& c, std::int64_t seq, const LoraLayout& lora) {
+  const ModelLayout layout = make_layout(c);
+  const double params = static_cast<double>(layout.parameter_count());
+  const double emb = static_cast<double>(c.vocab_size * c.hidden_size);
+  const double products = params - emb + (c.tie_word_embeddings ? emb : 0.0);
+  return 4.0 * products + 12.0 * c.num_layers * seq * c.q_dim() + 6.0 * static_cast<double>(lora.parameter_count());
 }
 
 std::string resolve_checkpoint(const std::string& output_dir, const std::string& resume) {
@@ -350,13 +359,15 @@ CudaBackendOptions cuda_options(const TrainOptions& o) {
 struct GpuPlan {
   std::uint64_t params = 0, grads = 0, activations = 0, scratch = 0, other = 0;
   std::uint64_t optimizer = 0;  // the GPU's share of the optimizer: fp32 state and held gradients
-  std::uint64_t total() const { return params + grads + activations + scratch + other + optimizer; }
+  std::uint64_t adapters = 0;   // LoRA: adapters, their gradients and moments
+  std::uint64_t total() const { return params + grads + activations + scratch + other + optimizer + adapters; }
   std::string describe() const {
     const auto g = [](std::uint64_t b) { return static_cast<double>(b) / (1u << 30); };
     return fmt::format("parameters {:.2f} GiB, gradient buffers {:.2f} GiB, activations {:.2f} GiB, scratch {:.2f} GiB, "
-                       "{}other {:.2f} GiB: {:.2f} GiB",
+                       "{}{}other {:.2f} GiB: {:.2f} GiB",
                        g(params), g(grads), g(activations), g(scratch),
-                       optimizer > 0 ? fmt::format("optimizer share {:.2f} GiB, ", g(optimizer)) : std::string(), g(other),
+                       optimizer > 0 ? fmt::format("optimizer share {:.2f} GiB, ", g(optimizer)) : std::string(),
+                       adapters > 0 ? fmt::format("LoRA adapters {:.3f} GiB, ", g(adapters)) : std::string(), g(other),
                        g(total()));
   }
 };
@@ -366,14 +377,19 @@ class Trainer {
   explicit Trainer(const TrainOptions& o)
       : o_(o),
         backend_(o.device == "cuda" ? make_cuda_backend(cuda_options(o)) : make_cpu_backend()),
-        param_dtype_(o.ds.bf16.enabled ? DType::kBF16 : DType::kF32),
-        model_(o.model, *backend_, ModelOptions{param_dtype_, true}),
+        param_dtype_(o.ds.bf16.enabled || o.lora.enabled() ? DType::kBF16 : DType::kF32),
+        model_(o.model, *backend_, ModelOptions{param_dtype_, true, o.lora}),
         layout_(model_.layout()),
         sampler_(*o.data, o.seq_len, o.seed, o.eval_fraction),
         schedule_(o.ds.scheduler, o.ds.optimizer.lr),
         scaler_(o.ds.fp16),
         arena_(tbb::task_arena::automatic) {  // the cores this process may use (zinf launch divides them)
     fp16_ = o.ds.fp16.enabled;
+    lora_ = o.lora.enabled();
+    if (lora_ && fp16_) {
+      throw Error("LoRA trains adapters on a bf16 base: fp16 (loss scaling) is not available with --lora-rank; enable "
+                  "bf16 in the config instead");
+    }
     const auto type = o.ds.optimizer.type;
     if (type != config::OptimizerType::kAdamW && type != config::OptimizerType::kAdam) {
       throw Error("optimizer '{}' is not available in the trainer yet: use Adam or AdamW", o.ds.optimizer.type_name);
@@ -389,9 +405,11 @@ class Trainer {
     stage_ = o.ds.zero.stage;
     host_backend_ = backend_->name() == "cpu";
     grad_dl_.resize(layout_.units.size());
-    sharded_ = world_ > 1 && stage_ >= 1;
-    partition_grads_ = stage_ >= 2;
     stage3_ = stage_ == 3;
+    // LoRA: the frozen base has neither gradients nor optimizer state; at stage 3 its parameters are
+    // still partitioned over the ranks and gathered per use; the adapters are replicated.
+    sharded_ = world_ > 1 && (lora_ ? stage3_ : stage_ >= 1);
+    partition_grads_ = stage_ >= 2 && !lora_;
     grad_view_.dtype = DType::kF32;
     grad_view_.units.assign(layout_.units.size(), nullptr);
     grad_live_.resize(layout_.units.size());
@@ -423,7 +441,7 @@ class Trainer {
     }
     // (The after_backward test hook may change gradients before the step: no pipeline with it.)
     gpu_pipeline_ = !host_backend_ && partition_grads_ && (world_ == 1 || stage3_) && gas_ == 1 && !fp16_ &&
-                    overlap != "0" && !o.after_backward;
+                    overlap != "0" && !o.after_backward && !lora_;
     if (gpu_pipeline_ && world_ > 1) join_gpu_ranks();
     // communication_data_type bf16 (DeepSpeed's gradient communication dtype): the pipeline's
     // gradients are rounded to bf16 on the GPU and travel, and are stepped, as bf16.
@@ -442,7 +460,7 @@ class Trainer {
     // optimizer state on the GPU and are stepped there once the gradient norm is known; the CPU
     // steps the rest as usual. The next forward starts on the GPU's units while the CPU finishes.
     on_gpu_.assign(layout_.units.size(), 0);
-    if (settings.gpu_optimizer_fraction > 0.0) {
+    if (settings.gpu_optimizer_fraction > 0.0 && !lora_) {
       const double ratio = 1.0 - settings.gpu_optimizer_fraction;
       if (gpu_pipeline_ && stage3_ && world_ == 1) {
         const double want = settings.gpu_optimizer_fraction * static_cast<double>(layout_.total_numel());
@@ -490,6 +508,11 @@ class Trainer {
       }
     }
     settings.store.gpu_units = on_gpu_;
+    if (lora_) {
+      // The base: bf16 shards only, per offload_param. (offload_optimizer concerns the adapters.)
+      settings.store.frozen = true;
+      settings.store.nvme_ratio = 0.0;
+    }
     offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
     if (gpu_pipeline_) {
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
@@ -504,7 +527,7 @@ class Trainer {
       feed_ = std::make_unique<offload::StepFeed>(layout_.units.size());
       landed_.resize(layout_.units.size());
       unit_sq_.emplace(*backend_, layout_.units.size() * sizeof(double));
-    } else if (sharded_ || partition_grads_) {
+    } else if (!lora_ && (sharded_ || partition_grads_)) {
       gshard_.resize(layout_.units.size());
       for (std::size_t u = 0; u < layout_.units.size(); ++u) gshard_[u].resize(static_cast<std::size_t>(shard_[u]));
     }
@@ -546,7 +569,8 @@ class Trainer {
     // used (the coordinator). Stages 0-1 accumulate whole gradients; 2-3 reduce each unit's gradient
     // as its backward finishes and keep only this rank's shard.
     if (!stage3_) params_.emplace(*backend_, layout_, param_dtype_);
-    if (!partition_grads_) full_grads_.emplace(*backend_, layout_, DType::kF32);
+    if (!partition_grads_ && !lora_) full_grads_.emplace(*backend_, layout_, DType::kF32);
+    if (lora_) setup_lora();
     // The GPU's share of the optimizer: each unit's state, and its compute copy, which the
     // coordinator uses in place of gathers (filled by upload_gpu_state()).
     gpu_state_.resize(layout_.units.size());
@@ -627,10 +651,16 @@ class Trainer {
     in.tied_embedding = o_.model.tie_word_embeddings;
     in.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.max_live_parameters, 0));
     in.reduce_bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
+    in.frozen = lora_;
+    if (lora_) {
+      in.lora_numel = static_cast<std::uint64_t>(model_.lora().numel);
+      in.lora_state_on_gpu = !o_.lora_offload_optimizer;
+    }
     const GpuBuffers b = plan_gpu_buffers(in);
     p.params = b.params;
     p.grads = b.grads;
     p.optimizer = b.optimizer;
+    p.adapters = b.adapters;
     p.activations = Model::activation_bytes_for(o_.model, micro_, o_.seq_len, model_.options());
     const ModelConfig& c = o_.model;
     StepShape sh;
@@ -722,7 +752,8 @@ class Trainer {
     refresh_params();
     log_start();
 
-    const double flops_per_token = training_flops_per_token(o_.model, o_.seq_len);
+    const double flops_per_token = lora_ ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
+                                         : training_flops_per_token(o_.model, o_.seq_len);
     const auto run_start = Clock::now();
     const std::int64_t first_step = st_.step;
     double last_loss = 0, last_eval = std::nan("");
@@ -734,6 +765,7 @@ class Trainer {
       const double lr = st_.applied == 0 ? schedule_.initial_lr() : schedule_.lr_at(st_.applied - 1);
       const double loss_scale = fp16_ ? scaler_.scale() : 1.0;
       if (full_grads_) full_grads_->zero();
+      if (lora_) backend_->fill_zero(lora_grads_.data(), lora_grads_.bytes());
       // The gradient shards start each step at zero: 4 bytes per parameter, so in parallel.
       for (auto& g : gshard_) {
         float* p = g.data();
@@ -765,6 +797,7 @@ class Trainer {
         const std::size_t mine = static_cast<std::size_t>(rank_ * micro_ * o_.seq_len);
         const std::size_t len = static_cast<std::size_t>(micro_ * o_.seq_len);
         model_.set_batch(std::span(tokens_).subspan(mine, len), std::span(targets_).subspan(mine, len), micro_, o_.seq_len);
+        if (lora_) bind_lora(micro_seed(m), true);
         tm.data += seconds_since(td);
         auto tf = Clock::now();
         float loss = 0;
@@ -794,7 +827,14 @@ class Trainer {
         // With several ranks the step goes on (every rank's collectives must still match); the
         // loss's sum over ranks below carries the non-finite value to every rank, which then stop.
         auto tb = Clock::now();
-        if (!partition_grads_) {
+        if (lora_) {
+          // The frozen base: activation gradients only; the adapters' gradients accumulate.
+          for (std::size_t u = layout_.units.size(); u-- > 0; ++use) {
+            const UnitBuffers& p = stage3_ ? coord_->acquire(use) : params_->view();
+            model_.backward_unit(u, p, frozen_grads_);
+            if (stage3_) coord_->release(use);
+          }
+        } else if (!partition_grads_) {
           model_.backward(params_->view(), full_grads_->view(), static_cast<float>(loss_scale));
         } else {
           for (std::size_t u = layout_.units.size(); u-- > 0; ++use) {
@@ -835,7 +875,7 @@ class Trainer {
       }
       const double loss = loss_sum / static_cast<double>(gas_ * world_);
       gradients_to_host();
-      if (o_.after_backward) {
+      if (o_.after_backward && !lora_) {
         std::vector<void*> g;
         if (full_grads_) {
           for (std::size_t u = 0; u < layout_.units.size(); ++u) g.push_back(host_grad(u));
@@ -853,7 +893,9 @@ class Trainer {
       reduce_gradients();
       // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
       double sq = 0;
-      if (gpu_pipeline_) {
+      if (lora_) {
+        sq = lora_grad_sq();  // of the gradient summed over the ranks: the same on every rank
+      } else if (gpu_pipeline_) {
         // Summed on the GPU as each gradient was complete.
         std::vector<double> unit_sq(layout_.units.size());
         backend_->download(unit_sq.data(), unit_sq_->data(), unit_sq.size() * sizeof(double));
@@ -863,7 +905,7 @@ class Trainer {
           sq += have_shards() ? sum_squares(gshard(u), shard_[u]) : sum_squares(host_grad(u), layout_.units[u].numel);
         }
       }
-      if (sharded_) {
+      if (sharded_ && !lora_) {
         // Every rank's double, gathered and summed in rank order (a float sum could overflow).
         float mine[2];
         std::memcpy(mine, &sq, sizeof(sq));
@@ -890,6 +932,9 @@ class Trainer {
       if (overflow) {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
         spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
+      } else if (lora_) {
+        lora_step(lr, grad_scale);  // the base is frozen: nothing to refresh
+        ++st_.applied;
       } else {
         if (gpu_pipeline_) {
           if (clipping && inflight_) feed_->post_grad_scale(static_cast<float>(grad_scale));
@@ -960,6 +1005,7 @@ class Trainer {
     }
     finish_inflight();
     if (o_.terminal && rank_ == 0) std::cerr << "\n";
+    if (lora_) verify_base();
     if (o_.save) result.last_checkpoint = save_checkpoint();
     result.steps = st_.step;
     result.first_loss = st_.first_loss;
@@ -996,6 +1042,10 @@ class Trainer {
   // Sums the accumulated gradients over ranks: in place for every unit (stage 0), or into this
   // rank's shard of each unit (stages 1-3; the unit padded with zeros to W shards).
   void reduce_gradients() {
+    if (lora_) {
+      lora_reduce();
+      return;
+    }
     if (world_ == 1 || partition_grads_) return;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       float* g = host_grad(u);
@@ -1022,16 +1072,37 @@ class Trainer {
 
  private:
   void initialise() {
+    load_base();
+    st_.seed = o_.seed;
+    st_.eval_samples = default_eval_samples();
+    if (lora_) init_lora_state();
+  }
+
+  // The model's weights into the store: from init_weights or the seed. (A LoRA run's frozen base
+  // comes here on resume too, and its fingerprint is kept: see base_fingerprint().)
+  void load_base() {
     // The fp32 master is made in host memory whatever the compute backend: from a checkpoint, the
     // whole model at once; a fresh initialisation a unit at a time (host memory for one unit, not
     // 4 bytes per parameter of the model, beyond the store).
+    if (lora_) {
+      base_unit_hash_.assign(layout_.units.size(), 0);
+      base_shard_hash_.assign(layout_.units.size(), 0);
+    }
     const auto put = [this](std::size_t u, const float* full) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-      if (sharded_) {
-        const std::vector<float> mine = my_shard(full, u);
-        offload_->store().set_state(u, mine);
-      } else {
-        offload_->store().set_state(u, std::span<const float>(full, n));
+      std::vector<float> mine;
+      if (sharded_) mine = my_shard(full, u);
+      const std::span<const float> piece = sharded_ ? std::span<const float>(mine) : std::span<const float>(full, n);
+      offload_->store().set_state(u, piece);
+      if (lora_) {
+        // The bf16 values the store now holds, hashed: the whole unit (the same on every rank) and
+        // this rank's piece.
+        std::vector<std::uint16_t> bf(n);
+        kernels::cpu::convert(full, DType::kF32, bf.data(), DType::kBF16, n);
+        base_unit_hash_[u] = XXH3_64bits(bf.data(), n * 2);
+        bf.resize(piece.size());
+        kernels::cpu::convert(piece.data(), DType::kF32, bf.data(), DType::kBF16, piece.size());
+        base_shard_hash_[u] = XXH3_64bits(bf.data(), piece.size() * 2);
       }
     };
     if (!o_.init_weights.empty()) {
@@ -1048,8 +1119,148 @@ class Trainer {
         put(u, unit.data());
       }
     }
-    st_.seed = o_.seed;
-    st_.eval_samples = default_eval_samples();
+  }
+
+  // ---- LoRA (TrainOptions::lora): the adapters' buffers, state, step and checks
+
+  void setup_lora() {
+    const LoraLayout& l = model_.lora();
+    const auto n = static_cast<std::size_t>(l.numel);
+    lora_offload_ = o_.lora_offload_optimizer && !host_backend_;
+    lora_params_ = DeviceBuffer(*backend_, n * sizeof(float));
+    lora_grads_ = DeviceBuffer(*backend_, n * sizeof(float));
+    if (lora_offload_) {
+      lora_host_.assign(3 * n, 0.0f);  // master | exp_avg | exp_avg_sq
+    } else {
+      lora_moments_ = DeviceBuffer(*backend_, 2 * n * sizeof(float));
+    }
+    lora_sq_ = DeviceBuffer(*backend_, sizeof(double));
+    frozen_grads_.dtype = DType::kF32;  // no units: the base has no gradients
+  }
+  std::size_t lora_numel() const { return static_cast<std::size_t>(model_.lora().numel); }
+
+  // The adapters at the start: PEFT's initialisation from the seed, or --lora-init's.
+  void init_lora_state() {
+    const LoraLayout& l = model_.lora();
+    std::vector<float> v(lora_numel());
+    if (!o_.lora_init.empty()) {
+      LoadedAdapter a = load_adapter(o_.lora_init, o_.model);
+      const LoraConfig& got = a.layout.config;
+      const LoraConfig& want = l.config;
+      if (got.rank != want.rank || got.targets != want.targets || got.alpha != want.alpha || got.rslora != want.rslora) {
+        throw Error("--lora-init {} holds adapters of {}, but this run asks for {}: pass the same --lora-rank, "
+                    "--lora-alpha and --lora-targets (or --lora-rslora) as the adapter",
+                    o_.lora_init, got.describe(), want.describe());
+      }
+      v = std::move(a.params);
+      spdlog::info("LoRA adapters from {}", o_.lora_init);
+    } else {
+      init_lora(l, st_.seed, v);
+    }
+    const std::vector<float> zero(v.size(), 0.0f);
+    set_lora_state(v, zero, zero);
+  }
+  void set_lora_state(std::span<const float> master, std::span<const float> m, std::span<const float> v) {
+    const std::size_t n = lora_numel();
+    backend_->upload(lora_params_.data(), master.data(), n * sizeof(float));
+    if (lora_offload_) {
+      std::copy(master.begin(), master.end(), lora_host_.begin());
+      std::copy(m.begin(), m.end(), lora_host_.begin() + static_cast<std::ptrdiff_t>(n));
+      std::copy(v.begin(), v.end(), lora_host_.begin() + static_cast<std::ptrdiff_t>(2 * n));
+    } else {
+      backend_->upload(lora_moments_.data(), m.data(), n * sizeof(float));
+      backend_->upload(lora_moments_.f32() + n, v.data(), n * sizeof(float));
+    }
+  }
+  // [master | exp_avg | exp_avg_sq], 3 x numel.
+  std::vector<float> lora_state() {
+    const std::size_t n = lora_numel();
+    if (lora_offload_) return lora_host_;
+    std::vector<float> out(3 * n);
+    backend_->download(out.data(), lora_params_.data(), n * sizeof(float));
+    backend_->download(out.data() + n, lora_moments_.data(), 2 * n * sizeof(float));
+    return out;
+  }
+  // The dropout masks of micro-batch m of this step on this rank (the same after a resume).
+  std::uint64_t micro_seed(std::int64_t m) const {
+    const std::uint64_t step = kernels::dropout_stream(st_.seed ^ 0x4C6F5241ull, static_cast<std::uint64_t>(st_.step));
+    return kernels::dropout_stream(step, static_cast<std::uint64_t>(m * world_ + rank_));
+  }
+  void bind_lora(std::uint64_t seed, bool training) {
+    model_.set_lora({lora_params_.f32(), training ? lora_grads_.f32() : nullptr, seed, training});
+  }
+  // The adapters' gradients summed over the ranks (they are replicated, as in data parallelism).
+  void lora_reduce() {
+    if (world_ == 1) return;
+    lora_grad_host_.resize(lora_numel());
+    backend_->download(lora_grad_host_.data(), lora_grads_.data(), lora_grad_host_.size() * sizeof(float));
+    comm_->all_reduce_sum(std::span<float>(lora_grad_host_));
+    backend_->upload(lora_grads_.data(), lora_grad_host_.data(), lora_grad_host_.size() * sizeof(float));
+  }
+  double lora_grad_sq() {
+    backend_->sum_squares(static_cast<double*>(lora_sq_.data()), lora_grads_.data(), static_cast<std::int64_t>(lora_numel()));
+    double sq = 0;
+    backend_->download(&sq, lora_sq_.data(), sizeof(double));
+    return sq;
+  }
+  void lora_step(double lr, double grad_scale) {
+    const offload::StepInputs in = step_inputs(lr, grad_scale);
+    const std::size_t n = lora_numel();
+    kernels::cpu::AdamTensors t;
+    t.grad_dtype = DType::kF32;
+    t.state_dtype = DType::kF32;
+    t.param_out = nullptr;
+    t.n = n;
+    if (lora_offload_) {
+      // The CPU optimizer on the host copy; the new adapters go back up.
+      lora_grad_host_.resize(n);
+      backend_->download(lora_grad_host_.data(), lora_grads_.data(), n * sizeof(float));
+      t.param = lora_host_.data();
+      t.grad = lora_grad_host_.data();
+      t.exp_avg = lora_host_.data() + n;
+      t.exp_avg_sq = lora_host_.data() + 2 * n;
+      kernels::cpu::adam_step(in.adam, t, kernels::cpu::Exec(kernels::cpu::active_isa(), &arena_));
+      backend_->upload(lora_params_.data(), lora_host_.data(), n * sizeof(float));
+    } else {
+      t.param = lora_params_.f32();
+      t.grad = lora_grads_.data();
+      t.exp_avg = lora_moments_.f32();
+      t.exp_avg_sq = lora_moments_.f32() + n;
+      backend_->adam_step(in.adam, t);
+    }
+  }
+  // One number for the frozen base as loaded (every rank computes the same).
+  std::uint64_t base_fingerprint() const {
+    return XXH3_64bits(base_unit_hash_.data(), base_unit_hash_.size() * sizeof(std::uint64_t));
+  }
+  std::string base_source() const {
+    return o_.init_weights.empty() ? fmt::format("seeded initialisation (seed {})", o_.seed) : o_.init_weights;
+  }
+  // At the end of a LoRA run: the store's bf16 shards and the compute copies (stages 0-2) are
+  // still the base as loaded, bit for bit. (Fails only on a bug: the base must never change.)
+  void verify_base() {
+    const auto t0 = Clock::now();
+    main_scratch_.ahead.reset();  // read-aheads give their staging buffers back
+    worker_scratch_.ahead.reset();
+    std::vector<std::uint16_t> shard, copy;
+    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+      shard.resize(static_cast<std::size_t>(shard_[u]));
+      offload_->store().fetch(u).copy_to(shard);
+      copy.clear();
+      if (params_) {
+        copy.resize(static_cast<std::size_t>(layout_.units[u].numel));
+        backend_->download(copy.data(), params_->view().units[u], copy.size() * 2);
+      }
+      if (o_.inspect_base) o_.inspect_base(u, shard, copy);
+      const bool store_same = XXH3_64bits(shard.data(), shard.size() * 2) == base_shard_hash_[u];
+      const bool copy_same = copy.empty() || XXH3_64bits(copy.data(), copy.size() * 2) == base_unit_hash_[u];
+      if (!store_same || !copy_same) {
+        throw Error("the frozen base's {} changed during LoRA training ({}); this is a zinf bug: please report it",
+                    layout_.units[u].name, store_same ? "its compute copy" : "its stored shard");
+      }
+    }
+    spdlog::info("LoRA: the frozen base is bit-identical to the one loaded ({} units checked in {:.1f}s)",
+                 layout_.units.size(), seconds_since(t0));
   }
 
   // The compute copy of the parameters from the store, after an optimizer step: every unit at
@@ -1603,6 +1814,7 @@ class Trainer {
       }
       model_.set_batch(std::span(tokens_).first(count * o_.seq_len), std::span(targets_).first(count * o_.seq_len),
                        count, o_.seq_len);
+      if (lora_) bind_lora(0, false);  // no dropout
       float loss = 0;
       if (stage3_) {
         coord_->begin(ParamCoordinator::forward_schedule(layout_.units.size(),
@@ -1635,7 +1847,8 @@ class Trainer {
       fs::create_directories(tmp);
     }
     // Ranks write their shards into the directory rank 0 made; rank 0 then finishes the save.
-    const int shards = sharded_ ? world_ : 1;
+    // (A LoRA run's state is the adapters', the same on every rank: rank 0 writes it.)
+    const int shards = sharded_ && !lora_ ? world_ : 1;
     if (world_ > 1) comm_->barrier(kSlowWait);
     if (rank_ >= shards) {
       comm_->barrier(kSlowWait);
@@ -1647,7 +1860,20 @@ class Trainer {
     std::size_t cached = SIZE_MAX;
     std::vector<float> m, a, v;
     Json sums = Json::object();
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+    std::vector<float> lora_all;
+    if (lora_) {
+      // The adapters' master, exp_avg and exp_avg_sq, one flat tensor each.
+      lora_all = lora_state();
+      const std::size_t n = lora_numel();
+      for (int kind = 0; kind < 3; ++kind) {
+        const std::string tname = std::string("lora.") + (kind == 0 ? "master" : kind == 1 ? "exp_avg" : "exp_avg_sq");
+        const float* src = lora_all.data() + kind * n;
+        sums[tname] = hex64(XXH3_64bits(src, n * sizeof(float)));
+        tensors.push_back({tname, io::StDType::kF32, {static_cast<std::int64_t>(n)},
+                           [src, n](std::byte* dst) { std::memcpy(dst, src, n * sizeof(float)); }});
+      }
+    }
+    for (std::size_t u = 0; u < layout_.units.size() && !lora_; ++u) {
       const auto n = static_cast<std::size_t>(shard_[u]);
       for (int kind = 0; kind < 3; ++kind) {
         const std::string tname = layout_.units[u].name + (kind == 0 ? ".master" : kind == 1 ? ".exp_avg" : ".exp_avg_sq");
@@ -1699,6 +1925,18 @@ class Trainer {
     s["zero_stage"] = o_.ds.zero.stage;
     s["state_shards"] = shards;
     if (shards == 1) s["checksums"] = sums;
+    if (lora_) {
+      // The adapters also in PEFT's format, so the checkpoint directory loads as a PEFT adapter.
+      const LoraLayout& l = model_.lora();
+      save_adapter(tmp.string(), l, std::span<const float>(lora_all.data(), lora_numel()), base_source());
+      s["lora"] = {{"rank", l.config.rank},
+                   {"alpha", l.config.alpha},
+                   {"dropout", l.config.dropout},
+                   {"targets", lora_targets_string(l.config.targets)},
+                   {"rslora", l.config.rslora},
+                   {"numel", l.numel},
+                   {"base", {{"source", base_source()}, {"fingerprint", hex64(base_fingerprint())}}}};
+    }
     write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
     sync_directory(tmp.string());
     // Into place. A checkpoint of the same step (from a run resumed at an earlier step) is swapped
@@ -1756,6 +1994,16 @@ class Trainer {
     const CheckpointReader ck(dir, 0);
     const Json& s = ck.state();
     ck.check_layout(layout_, o_.model);
+    if (s.contains("lora") != lora_) {
+      if (lora_) {
+        throw Error("checkpoint '{}' is from full training, not LoRA: to fine-tune its weights with LoRA, export them "
+                    "(zinf ckpt export) and start a new run with --init",
+                    dir);
+      }
+      throw Error("checkpoint '{}' is a LoRA run's (adapters only): resume it with its --lora-* options, or merge it "
+                  "into its base (zinf ckpt merge)",
+                  dir);
+    }
     const int ck_world = s.value("world_size", 1);
     try {
       // What the sample order and the numerics depend on must match, or the continuation is not
@@ -1820,8 +2068,46 @@ class Trainer {
     // The data order is the checkpoint's seed's.
     sampler_ = Sampler(*o_.data, o_.seq_len, st_.seed, o_.eval_fraction);
     sampler_.set_position(st_.data);
-    load_state(dir, ck);
+    if (lora_) {
+      load_lora_checkpoint(dir, ck);
+    } else {
+      load_state(dir, ck);
+    }
     spdlog::info("resumed from {} at step {}", dir, st_.step);
+  }
+
+  // A LoRA checkpoint: the same adapters' shape and options, the same base (read again here), and
+  // the adapters' state.
+  void load_lora_checkpoint(const std::string& dir, const CheckpointReader& ck) {
+    const LoraLayout& l = model_.lora();
+    std::string fingerprint;
+    try {
+      const Json& j = ck.state().at("lora");
+      LoraConfig c;
+      c.rank = j.at("rank").get<std::int64_t>();
+      c.alpha = j.at("alpha").get<double>();
+      c.dropout = j.at("dropout").get<double>();
+      c.targets = parse_lora_targets(j.at("targets").get<std::string>());
+      c.rslora = j.at("rslora").get<bool>();
+      if (c.rank != l.config.rank || c.alpha != l.config.alpha || c.dropout != l.config.dropout ||
+          c.targets != l.config.targets || c.rslora != l.config.rslora) {
+        throw Error("checkpoint '{}' trains LoRA adapters of {}, this run asks for {}: resume with the same --lora-* "
+                    "options",
+                    dir, c.describe(), l.config.describe());
+      }
+      fingerprint = j.at("base").at("fingerprint").get<std::string>();
+      if (fingerprint.empty()) throw Error("{}/{}: the base's fingerprint is empty", dir, kTrainerStateFile);
+    } catch (const Json::exception& e) {
+      throw Error("{}/{} is damaged: {}", dir, kTrainerStateFile, e.what());
+    }
+    load_base();
+    if (hex64(base_fingerprint()) != fingerprint) {
+      throw Error("checkpoint '{}' holds adapters trained on another base model ({}) than this run's ({}): resume with "
+                  "the base they were trained on (--init, or the same --seed for a seeded one)",
+                  dir, ck.state().at("lora").at("base").value("source", std::string("?")), base_source());
+    }
+    const std::size_t n = lora_numel();
+    set_lora_state(ck.tensor("lora", "master", n), ck.tensor("lora", "exp_avg", n), ck.tensor("lora", "exp_avg_sq", n));
   }
 
   std::int64_t largest_unit() const {
@@ -1884,6 +2170,14 @@ class Trainer {
                  o_.data->size(), sampler_.train_samples(), sampler_.eval_samples(), o_.seq_len);
     spdlog::info("{} steps of {} x {} micro-batches on {} rank(s) ({} tokens per step); {}", total_steps_, micro_, gas_,
                  world_, micro_ * gas_ * world_ * o_.seq_len, offload_->store().describe());
+    if (lora_) {
+      const LoraLayout& ll = model_.lora();
+      spdlog::info("LoRA {}: {} adapted linears, {} trainable parameters ({:.3f}% of the frozen base, which is held in "
+                   "bf16 with no gradients or optimizer state); the adapters' Adam state on the {}",
+                   ll.config.describe(), ll.adapters.size(), ll.parameter_count(),
+                   100.0 * static_cast<double>(ll.parameter_count()) / static_cast<double>(layout_.parameter_count()),
+                   lora_offload_ || host_backend_ ? std::string("host") : backend_->name());
+    }
     const auto& z = o_.ds.zero;
     if (stage3_) {
       spdlog::info("ZeRO stage 3 over {} rank(s): parameters gathered per use, at most {} live (+ the unit in use), "
@@ -1937,7 +2231,8 @@ class Trainer {
     j["best_eval_loss"] = std::isnan(r.best_eval_loss) ? Json(nullptr) : Json(r.best_eval_loss);
     const double tokens_run = static_cast<double>((r.steps - first_step) * micro_ * gas_ * world_ * o_.seq_len);
     j["throughput"] = {{"tokens_per_s", wall > 0 ? tokens_run / wall : 0.0},
-                       {"model_tflops", wall > 0 ? tokens_run * training_flops_per_token(o_.model, o_.seq_len) / wall / 1e12 : 0.0}};
+                       {"model_tflops", wall > 0 ? tokens_run * (lora_ ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
+                                                                        : training_flops_per_token(o_.model, o_.seq_len)) / wall / 1e12 : 0.0}};
     j["peak_memory_bytes"] = {{"gpu", 0},
                               {"host_pinned", offload_->memory().used()},
                               {"nvme", offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2}};
@@ -1972,6 +2267,7 @@ class Trainer {
                                       {"activations", gpu_plan_.activations},
                                       {"scratch", gpu_plan_.scratch},
                                       {"optimizer_share", gpu_plan_.optimizer},
+                                      {"lora_adapters", gpu_plan_.adapters},
                                       {"other", gpu_plan_.other}}}};
     }
     // The one-GPU overlapped step (docs/gpu.md), and the dtype its gradients travel in.
@@ -1982,6 +2278,18 @@ class Trainer {
                          {"gpu_optimizer_elements", gpu_opt_elems_},
                          {"gpus", gpu_pipeline_ ? world_ : 1},
                          {"gpu_collectives", nccl_ ? "nccl" : "none"}};
+    if (lora_) {
+      const LoraLayout& l = model_.lora();
+      j["lora"] = {{"rank", l.config.rank},
+                   {"alpha", l.config.alpha},
+                   {"dropout", l.config.dropout},
+                   {"targets", lora_targets_string(l.config.targets)},
+                   {"rslora", l.config.rslora},
+                   {"adapted_linears", l.adapters.size()},
+                   {"trainable_parameters", l.parameter_count()},
+                   {"optimizer_state", lora_offload_ || host_backend_ ? "host" : "gpu"},
+                   {"base", {{"source", base_source()}, {"fingerprint", fmt::format("{:016x}", base_fingerprint())}, {"verified_unchanged", true}}}};
+    }
     j["last_checkpoint"] = r.last_checkpoint;
     j["deepspeed_config"] = o_.ds_resolved;
     write_file_atomic((fs::path(o_.output_dir) / "summary.json").string(), j.dump(2) + "\n");
@@ -2066,6 +2374,14 @@ class Trainer {
   std::int64_t micro_ = 1, gas_ = 1, steps_per_epoch_ = 1, total_steps_ = 1;
   std::vector<std::int32_t> tokens_, targets_;
   TrainerState st_;
+  // LoRA (see TrainOptions::lora and setup_lora()).
+  bool lora_ = false;
+  bool lora_offload_ = false;           // the adapters' optimizer state in host memory
+  DeviceBuffer lora_params_, lora_grads_, lora_moments_, lora_sq_;
+  std::vector<float> lora_host_;        // lora_offload_: [master | exp_avg | exp_avg_sq]
+  std::vector<float> lora_grad_host_;   // the gradients brought down (reduction, host step)
+  UnitBuffers frozen_grads_;            // no units: the base has no gradients
+  std::vector<std::uint64_t> base_unit_hash_, base_shard_hash_;  // the base as loaded (verify_base())
   std::unique_ptr<Communicator> gather_comm_;  // stage 3: the prefetch thread's channel
   std::unique_ptr<ParamCoordinator> coord_;    // last: its thread uses the members above
 };
@@ -2075,6 +2391,11 @@ class Trainer {
 std::vector<std::string> export_checkpoint(const std::string& checkpoint, const std::string& out_dir, DType file_dtype,
                                            std::uint64_t max_shard_bytes) {
   const CheckpointReader ck(checkpoint);
+  if (ck.state().contains("lora")) {
+    throw Error("checkpoint '{}' is a LoRA run's: it holds the adapters only (in PEFT's format, adapter_model.safetensors); "
+                "`zinf ckpt merge --base BASE --adapter {}` writes the base with them merged",
+                checkpoint, checkpoint);
+  }
   const ModelConfig model = parse_model_config(ck.state().at("model"), checkpoint + "/" + kTrainerStateFile);
   const ModelLayout layout = make_layout(model);
   ck.check_layout(layout, model);

@@ -363,8 +363,8 @@ void compare_models(DType dt, double loss_tol, double grad_tol) {
                    {"attention_bias", true},
                    {"tie_word_embeddings", false}};
   const ModelConfig cfg = parse_model_config(j, "test");
-  Model mc(cfg, p.cpu(), ModelOptions{dt, true});
-  Model mg(cfg, p.gpu(), ModelOptions{dt, true});
+  Model mc(cfg, p.cpu(), ModelOptions{dt, true, {}});
+  Model mg(cfg, p.gpu(), ModelOptions{dt, true, {}});
   const ModelLayout& layout = mc.layout();
   UnitStorage master(p.cpu(), layout, DType::kF32);
   init_parameters(cfg, layout, 7, p.cpu(), master.view());

@@ -105,7 +105,7 @@ struct ModelRun {
   ModelRun(const std::string& dir, DType dtype, bool checkpoint, const std::string& weights, bool gpu = false) {
     backend = gpu ? make_cuda_backend() : make_cpu_backend();
     config = load_model_config(dir + "/config.json");
-    model = std::make_unique<Model>(config, *backend, ModelOptions{dtype, checkpoint});
+    model = std::make_unique<Model>(config, *backend, ModelOptions{dtype, checkpoint, {}});
     params = std::make_unique<UnitStorage>(*backend, model->layout(), dtype);
     grads = std::make_unique<UnitStorage>(*backend, model->layout(), DType::kF32);
     load_weights(dir + "/" + weights, config, model->layout(), *backend, params->view());
@@ -220,7 +220,7 @@ std::vector<double> adam_losses(const std::string& dir, const nlohmann::json& h,
     v.emplace_back(master.back().size(), 0.0f);
   }
   std::unique_ptr<Model> model = dtype == DType::kF32 ? nullptr
-                                                      : std::make_unique<Model>(run.config, *run.backend, ModelOptions{dtype, true});
+                                                      : std::make_unique<Model>(run.config, *run.backend, ModelOptions{dtype, true, {}});
   std::unique_ptr<UnitStorage> weights = dtype == DType::kF32 ? nullptr : std::make_unique<UnitStorage>(*run.backend, layout, dtype);
   if (model) model->set_batch(run.tokens, run.targets, run.batch, run.seq);
   Model& mdl = model ? *model : *run.model;

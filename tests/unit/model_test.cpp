@@ -129,10 +129,10 @@ TEST(Model, ActivationBytesForAgreesWithWhatSetBatchAllocates) {
     const ModelConfig c = parse_model_config(doc, name);
     for (const bool checkpoint : {true, false}) {
       for (const auto& [batch, seq] : {std::pair{1, 8}, std::pair{3, 5}}) {
-        Model m(c, *be, ModelOptions{DType::kF32, checkpoint});
+        Model m(c, *be, ModelOptions{DType::kF32, checkpoint, {}});
         std::vector<std::int32_t> tokens(static_cast<std::size_t>(batch * seq), 1), targets(tokens.size(), 2);
         m.set_batch(tokens, targets, batch, seq);
-        EXPECT_EQ(m.activation_bytes(), Model::activation_bytes_for(c, batch, seq, ModelOptions{DType::kF32, checkpoint}))
+        EXPECT_EQ(m.activation_bytes(), Model::activation_bytes_for(c, batch, seq, ModelOptions{DType::kF32, checkpoint, {}}))
             << name << " checkpoint " << checkpoint << " batch " << batch << " seq " << seq;
       }
     }
@@ -255,7 +255,7 @@ TEST(Model, TrainingReducesTheLoss) {
   const ModelConfig c = parse_model_config(tiny(), "t");
   for (const DType dtype : {DType::kF32, DType::kBF16}) {
     auto be = make_cpu_backend();
-    Model m(c, *be, ModelOptions{dtype, true});
+    Model m(c, *be, ModelOptions{dtype, true, {}});
     UnitStorage p(*be, m.layout(), DType::kF32), g(*be, m.layout(), DType::kF32), run(*be, m.layout(), dtype);
     init_parameters(c, m.layout(), 1, *be, p.view());
     std::vector<std::int32_t> tok(32), tgt(32);

@@ -11,6 +11,7 @@
 #include <optional>
 #include <set>
 #include <sstream>
+#include <sys/wait.h>
 #include <thread>
 
 #include <fmt/format.h>
@@ -20,11 +21,13 @@
 #include "io_test_util.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/configs/parse.hpp"
+#include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/io/safetensors.hpp"
 #include "zinf/kernels/device_info.hpp"
 #include "zinf/runtime/comm.hpp"
 #include "zinf/runtime/data.hpp"
 #include "zinf/runtime/embedded.hpp"
+#include "zinf/runtime/lora.hpp"
 #include "zinf/runtime/loss_scaler.hpp"
 #include "zinf/runtime/lr_schedule.hpp"
 #include "zinf/runtime/model.hpp"
@@ -1208,6 +1211,267 @@ TEST(Trainer, BadInputsAreClearErrors) {
     return j;
   }());
   EXPECT_IO_ERROR(train(lion.o), "not available in the trainer yet");
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA (docs/lora.md)
+
+LoraConfig test_lora(double dropout = 0.1) {
+  LoraConfig c;
+  c.rank = 4;
+  c.alpha = 8;
+  c.dropout = dropout;
+  c.targets = parse_lora_targets("all-linear");
+  return c;
+}
+
+// The bf16 base as loaded: each unit's values from the seeded initialisation, rounded.
+std::vector<std::uint16_t> seeded_bf16_unit(const ModelConfig& model, std::size_t u, std::uint64_t seed) {
+  const ModelLayout layout = make_layout(model);
+  std::vector<float> f(static_cast<std::size_t>(layout.units[u].numel));
+  init_unit(model, layout.units[u], seed, f);
+  std::vector<std::uint16_t> b(f.size());
+  kernels::cpu::convert(f.data(), kernels::cpu::DType::kF32, b.data(), kernels::cpu::DType::kBF16, f.size());
+  return b;
+}
+
+TEST(Trainer, LoraTrainsOnlyTheAdaptersAndLeavesTheBaseBitIdentical) {
+  ScratchDir d;
+  for (const int stage : {1, 3}) {
+    Json ds = ds_json(nullptr);
+    ds["zero_optimization"] = {{"stage", stage}, {"offload_optimizer", {{"device", "cpu"}}}};
+    if (stage == 3) {
+      ds["zero_optimization"]["offload_param"] = {{"device", "nvme"}, {"nvme_path", d.sub("swap")}, {"max_in_cpu", 0}};
+    }
+    const std::string tag = fmt::format("s{}", stage);
+    TrainRun r(d.path() + "/lora-" + tag, ds);
+    r.o.lora = test_lora();
+    r.o.max_steps = 30;
+    std::size_t inspected = 0;
+    r.o.inspect_base = [&](std::size_t u, std::span<const std::uint16_t> shard, std::span<const std::uint16_t> copy) {
+      const auto want = seeded_bf16_unit(r.o.model, u, r.o.seed);
+      EXPECT_TRUE(std::equal(shard.begin(), shard.end(), want.begin(), want.end())) << tag << " unit " << u;
+      if (stage != 3) {
+        EXPECT_TRUE(std::equal(copy.begin(), copy.end(), want.begin(), want.end())) << tag << " compute copy " << u;
+      } else {
+        EXPECT_TRUE(copy.empty());
+      }
+      ++inspected;
+    };
+    const TrainResult res = train(r.o);
+    EXPECT_EQ(inspected, make_layout(r.o.model).units.size()) << tag;
+    EXPECT_LT(res.final_loss, res.first_loss - 0.1) << tag << " first " << res.first_loss << " final " << res.final_loss;
+    const Json s = Json::parse(std::ifstream(r.o.output_dir + "/summary.json"));
+    EXPECT_EQ(s["lora"]["rank"], 4) << tag;
+    EXPECT_EQ(s["lora"]["adapted_linears"], 2 * 7) << tag;
+    EXPECT_TRUE(s["lora"]["base"]["verified_unchanged"].get<bool>());
+    // The checkpoint: the adapters' state only, and the adapters in PEFT's format.
+    const std::string ck = res.last_checkpoint;
+    const auto st = io::SafetensorsFile::open(ck + "/optimizer_state.safetensors");
+    EXPECT_EQ(st->tensors().size(), 3u) << tag;
+    EXPECT_NE(st->find("lora.exp_avg_sq"), nullptr);
+    const LoadedAdapter a = load_adapter(ck, r.o.model);
+    EXPECT_EQ(a.layout.config.rank, 4);
+    EXPECT_EQ(a.layout.adapters.size(), 14u);
+    float b_norm = 0;
+    for (const LoraAdapter& ad : a.layout.adapters) {
+      for (std::int64_t i = 0; i < ad.out * 4; ++i) b_norm += std::abs(a.params[static_cast<std::size_t>(ad.b + i)]);
+    }
+    EXPECT_GT(b_norm, 0.0f) << "B starts at zero and must have trained";
+  }
+  // No optimizer state and no gradients for the base: far less host memory than full training.
+  TrainRun full(d.path() + "/full");
+  full.o.max_steps = 2;
+  train(full.o);
+  const Json sf = Json::parse(std::ifstream(full.o.output_dir + "/summary.json"));
+  const Json sl = Json::parse(std::ifstream(d.path() + "/lora-s1/summary.json"));
+  EXPECT_LT(sl["peak_memory_bytes"]["host_pinned"].get<double>(), 0.35 * sf["peak_memory_bytes"]["host_pinned"].get<double>());
+}
+
+TEST(Trainer, LoraResumeIsBitIdenticalWithDropout) {
+  ScratchDir d;
+  const auto run = [&](const std::string& out, std::int64_t steps, const std::string& resume) {
+    TrainRun r(out);
+    r.o.lora = test_lora(0.2);
+    r.o.max_steps = steps;
+    r.o.eval_every = 3;
+    r.o.resume = resume;
+    return train(r.o);
+  };
+  run(d.path() + "/straight", 12, "");
+  run(d.path() + "/split", 6, "");
+  EXPECT_EQ(run(d.path() + "/split", 12, "latest").steps, 12);
+  const auto a = read_csv(d.path() + "/straight/training_metrics.csv");
+  const auto b = read_csv(d.path() + "/split/training_metrics.csv");
+  ASSERT_EQ(a.size(), b.size());
+  for (const char* col : {"loss", "eval_loss", "grad_norm"}) {
+    for (std::size_t i = 1; i < a.size(); ++i) EXPECT_EQ(a[i][column(a, col)], b[i][column(b, col)]) << col << " " << i;
+  }
+  for (const char* f : {"optimizer_state.safetensors", "adapter_model.safetensors"}) {
+    EXPECT_TRUE(file_bytes(d.path() + "/straight/checkpoints/step-00000012/" + f) ==
+                file_bytes(d.path() + "/split/checkpoints/step-00000012/" + f))
+        << f;
+  }
+}
+
+TEST(Trainer, LoraOnTwoRanksMatchesOneRank) {
+  ScratchDir d;
+  const auto lora = [](TrainOptions& o) { o.lora = test_lora(0.0); };
+  train_on_ranks(d.path() + "/w1", 1, 3, 6, "", {}, lora);
+  const auto want = losses(d.path() + "/w1");
+  for (const int stage : {0, 3}) {
+    const std::string out = fmt::format("{}/w2-s{}", d.path(), stage);
+    train_on_ranks(out, 2, stage, 6, "", {}, lora);
+    const auto got = losses(out);
+    ASSERT_EQ(got.size(), want.size());
+    for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-5 * want[i]) << "stage " << stage << " step " << i + 1;
+  }
+  // One copy of the adapters' state (rank 0 writes it), the same as one rank's within rounding.
+  const auto a = load_adapter(d.path() + "/w1/checkpoints/step-00000006", parse_model_config(tiny_model(), "tiny"));
+  const auto b = load_adapter(d.path() + "/w2-s3/checkpoints/step-00000006", parse_model_config(tiny_model(), "tiny"));
+  ASSERT_EQ(a.params.size(), b.params.size());
+  for (std::size_t i = 0; i < a.params.size(); ++i) ASSERT_NEAR(a.params[i], b.params[i], 1e-5 + 1e-3 * std::abs(a.params[i])) << i;
+}
+
+TEST(Trainer, LoraMistakesAreClearErrors) {
+  ScratchDir d;
+  const auto expect_error = [](const std::function<void()>& f, const std::string& text) {
+    try {
+      f();
+      ADD_FAILURE() << "no error; expected one containing: " << text;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+  };
+  {
+    Json ds = ds_json(nullptr, false);
+    ds["fp16"] = {{"enabled", true}};
+    TrainRun r(d.path() + "/fp16", ds);
+    r.o.lora = test_lora();
+    expect_error([&] { train(r.o); }, "fp16 (loss scaling) is not available");
+  }
+  TrainRun lora(d.path() + "/lora");
+  lora.o.lora = test_lora();
+  lora.o.max_steps = 2;
+  train(lora.o);
+  TrainRun full(d.path() + "/full");
+  full.o.max_steps = 2;
+  train(full.o);
+  {
+    TrainRun r(d.path() + "/lora");
+    r.o.lora = test_lora();
+    r.o.lora.rank = 8;
+    r.o.max_steps = 4;
+    r.o.resume = "latest";
+    expect_error([&] { train(r.o); }, "resume with the same --lora-* options");
+  }
+  {
+    TrainRun r(d.path() + "/lora");
+    r.o.lora = test_lora();
+    r.o.max_steps = 4;
+    r.o.seed = 4;  // another seeded base
+    r.o.resume = "latest";
+    expect_error([&] { train(r.o); }, "trained on another base model");
+  }
+  {
+    TrainRun r(d.path() + "/lora");
+    r.o.max_steps = 4;
+    r.o.resume = "latest";
+    expect_error([&] { train(r.o); }, "is a LoRA run's (adapters only)");
+  }
+  {
+    TrainRun r(d.path() + "/full");
+    r.o.lora = test_lora();
+    r.o.max_steps = 4;
+    r.o.resume = "latest";
+    expect_error([&] { train(r.o); }, "is from full training, not LoRA");
+  }
+  {
+    TrainRun r(d.path() + "/other");
+    r.o.lora = test_lora();
+    r.o.lora.alpha = 16;
+    r.o.lora_init = d.path() + "/lora/checkpoints/step-00000002";
+    expect_error([&] { train(r.o); }, "pass the same --lora-rank, --lora-alpha");
+  }
+  expect_error([&] { export_checkpoint(d.path() + "/lora/checkpoints/step-00000002", d.path() + "/hf", kernels::cpu::DType::kBF16); },
+               "zinf ckpt merge");
+}
+
+TEST(Trainer, LoraAdaptersMergeAndLoadInTheReferenceWithTheSameLoss) {
+  // Train adapters on a base read from safetensors; then (1) the merged model's loss equals the
+  // base-with-adapters loss in zinf, and (2) the PyTorch reference's own LoRA, reading the PEFT
+  // files, gives zinf's loss (tests/reference/check_lora_adapter.py).
+  ScratchDir d;
+  const ModelConfig model = parse_model_config(tiny_model(), "tiny");
+  const ModelLayout layout = make_layout(model);
+  auto cpu = make_cpu_backend();
+  {
+    // A base whose values are bf16 numbers, so the bf16 training base and fp32 checks agree.
+    UnitStorage w(*cpu, layout, DType::kBF16);
+    init_parameters(model, layout, 9, *cpu, w.view());
+    save_weights(d.path() + "/base", model, layout, *cpu, w.view(), DType::kF32);
+  }
+  TrainRun r(d.path() + "/run");
+  r.o.init_weights = d.path() + "/base";
+  r.o.lora = test_lora(0.1);
+  r.o.max_steps = 8;
+  const TrainResult res = train(r.o);
+  const LoadedAdapter a = load_adapter(res.last_checkpoint, model);
+  merge_adapter(d.path() + "/base", model, a, d.path() + "/merged", std::nullopt, 0);
+  // A held-out style batch.
+  const std::int64_t b = 2, s = 16;
+  std::vector<std::int32_t> tokens(b * s), targets(b * s);
+  for (std::int64_t i = 0; i < b * s; ++i) {
+    tokens[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 37 + 11) % 256);
+    targets[static_cast<std::size_t>(i)] = static_cast<std::int32_t>((i * 53 + 5) % 256);
+  }
+  Model with(model, *cpu, ModelOptions{DType::kF32, true, a.layout.config});
+  UnitStorage base(*cpu, layout, DType::kF32);
+  load_weights(d.path() + "/base", model, layout, *cpu, base.view());
+  with.set_batch(tokens, targets, b, s);
+  with.set_lora({a.params.data(), nullptr, 0, false});
+  const float lora_loss = with.forward(base.view());
+  Model plain(model, *cpu, ModelOptions{DType::kF32, true, {}});
+  UnitStorage merged(*cpu, layout, DType::kF32);
+  load_weights(d.path() + "/merged", model, layout, *cpu, merged.view());
+  plain.set_batch(tokens, targets, b, s);
+  EXPECT_NEAR(plain.forward(merged.view()), lora_loss, 2e-5 * lora_loss);
+  EXPECT_TRUE(fs::exists(d.path() + "/merged/config.json"));
+  // The reference: its LoRA on the PEFT files, and its plain model on the merged weights.
+  const std::string check = d.path() + "/check";
+  fs::create_directories(check);
+  io::write_safetensors(check + "/batch.safetensors",
+                        {{"tokens", io::StDType::kI32, {b, s}, [&](std::byte* dst) { std::memcpy(dst, tokens.data(), tokens.size() * 4); }},
+                         {"targets", io::StDType::kI32, {b, s}, [&](std::byte* dst) { std::memcpy(dst, targets.data(), targets.size() * 4); }}});
+  std::ofstream(check + "/zinf.json") << Json{{"loss", lora_loss}}.dump();
+  const char* env_python = std::getenv("ZINF_PYTHON");
+  const std::string python = env_python != nullptr && *env_python != '\0' ? env_python : ZINF_PYTHON;
+  const std::string cmd = fmt::format("'{}' '{}/tests/reference/check_lora_adapter.py' '{}/base' '{}' '{}/merged' '{}' 2>&1",
+                                      python, ZINF_SOURCE_DIR, d.path(), res.last_checkpoint, d.path(), check);
+  const int rc = std::system(cmd.c_str());
+  if (WIFEXITED(rc) && WEXITSTATUS(rc) == 77) GTEST_SKIP() << "no PyTorch for " << python;
+  EXPECT_EQ(rc, 0) << cmd;
+}
+
+TEST(Trainer, LoraOnTheGpuTrainsLikeTheCpu) {
+  const kernels::GpuQuery q = kernels::query_gpus();
+  if (q.gpus.empty()) GTEST_SKIP() << "no GPU here: " << (q.built_with_cuda ? q.problem : std::string("built without CUDA"));
+  ScratchDir d;
+  const auto run = [&](const std::string& name, const std::string& device, bool offload) {
+    TrainRun r(d.path() + "/" + name);
+    r.o.lora = test_lora(0.1);
+    r.o.max_steps = 10;
+    r.o.device = device;
+    r.o.lora_offload_optimizer = offload;
+    train(r.o);
+    return losses(r.o.output_dir);
+  };
+  const auto cpu = run("cpu", "cpu", false), gpu = run("gpu", "cuda", false), host = run("gpu-host", "cuda", true);
+  ASSERT_EQ(cpu.size(), gpu.size());
+  for (std::size_t i = 0; i < cpu.size(); ++i) {
+    EXPECT_NEAR(gpu[i], cpu[i], 2e-2 * cpu[i]) << "step " << i + 1;  // bf16 tolerance: the GPU's attention takes bf16
+    EXPECT_NEAR(host[i], gpu[i], 1e-5 * gpu[i]) << "step " << i + 1;  // the same Adam arithmetic on the host
+  }
 }
 
 }  // namespace zinf::runtime

@@ -52,7 +52,7 @@ int run_bench_model(const BenchModelOptions& o) {
   const DType dtype = o.dtype_text == "fp32" ? DType::kF32 : DType::kBF16;
   auto backend = o.backend == "cuda" ? runtime::make_cuda_backend(runtime::CudaBackendOptions{o.device})
                                      : runtime::make_cpu_backend();
-  runtime::Model model(cfg, *backend, runtime::ModelOptions{dtype, !o.no_checkpoint});
+  runtime::Model model(cfg, *backend, runtime::ModelOptions{dtype, !o.no_checkpoint, {}});
   const runtime::ModelLayout& layout = model.layout();
   runtime::UnitStorage params(*backend, layout, dtype), grads(*backend, layout, DType::kF32);
   runtime::init_parameters(cfg, layout, 1234, *backend, params.view());

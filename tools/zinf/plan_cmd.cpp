@@ -37,6 +37,9 @@ struct PlanOptions {
   bool suggest = false;
   bool json_out = false;
   config::TrainingArgs args;
+  std::int64_t lora_rank = 0;
+  std::string lora_targets = "q_proj,v_proj";
+  bool lora_offload_optimizer = false;
 };
 
 // The plan for one config (file or preset), with "auto" filled from the arguments.
@@ -52,6 +55,11 @@ runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, 
   in.ds = rc.parsed.config;
   in.device = o.device;
   in.gpus = o.gpus;
+  if (o.lora_rank > 0) {
+    in.lora.rank = o.lora_rank;
+    in.lora.targets = runtime::parse_lora_targets(o.lora_targets);
+    in.lora_offload_optimizer = o.lora_offload_optimizer;
+  }
   const config::BatchConfig& batch = rc.parsed.config.batch;
   if (!batch.resolved) throw Error("{}: the batch sizes could not be derived (give --micro-batch)", doc.source);
   in.micro_batch = batch.micro;
@@ -376,6 +384,11 @@ void add_plan_command(CLI::App& app, Action& action) {
   cmd->add_flag("--fp32", o->fp32, "fp32 parameters (default bf16 unless --fp16)");
   cmd->add_flag("--suggest", o->suggest, "rank every built-in preset and pick the fastest that fits");
   cmd->add_flag("--json", o->json_out, "print one JSON object");
+  auto* lr = cmd->add_option("--lora-rank", o->lora_rank, "plan LoRA fine-tuning of this rank on a frozen bf16 base")
+                 ->check(CLI::Range(std::int64_t{0}, std::int64_t{4096}));
+  cmd->add_option("--lora-targets", o->lora_targets, "LoRA target modules (PEFT names, or all-linear; default q_proj,v_proj)")
+      ->needs(lr);
+  cmd->add_flag("--lora-offload-optimizer", o->lora_offload_optimizer, "the adapters' Adam state in host memory")->needs(lr);
   add_training_args(*cmd, o->args);
   cmd->callback([o, &action] {
     if (!o->gpu_mem.empty()) (void)parse_size(o->gpu_mem, "--gpu-mem");

@@ -22,6 +22,7 @@
 #include "zinf/runtime/comm.hpp"
 #include "zinf/runtime/data.hpp"
 #include "zinf/runtime/embedded.hpp"
+#include "zinf/runtime/lora.hpp"
 #include "zinf/runtime/model_config.hpp"
 #include "zinf/runtime/trainer.hpp"
 
@@ -52,6 +53,14 @@ struct TrainCliOptions {
   std::string output_dir;
   std::string resume;
   bool resume_given = false;
+  // LoRA
+  std::int64_t lora_rank = 0;
+  double lora_alpha = 8.0;
+  double lora_dropout = 0.0;
+  std::string lora_targets = "q_proj,v_proj";
+  bool lora_rslora = false;
+  std::string lora_init;
+  bool lora_offload_optimizer = false;
 };
 
 std::atomic<int> g_stop{0};
@@ -210,6 +219,16 @@ int run_train(TrainCliOptions o) {
     t.gpu_memory_limit = parse_size(o.gpu_memory_limit, "--gpu-memory-limit");
   }
   t.gpu = ranks.local_rank;  // one GPU per local rank
+  if (o.lora_rank > 0) {
+    t.lora.rank = o.lora_rank;
+    t.lora.alpha = o.lora_alpha;
+    t.lora.dropout = o.lora_dropout;
+    t.lora.targets = runtime::parse_lora_targets(o.lora_targets);
+    t.lora.rslora = o.lora_rslora;
+    t.lora.validate();
+    t.lora_init = o.lora_init;
+    t.lora_offload_optimizer = o.lora_offload_optimizer;
+  }
 
   const runtime::TrainResult r = runtime::train(t);
   if (ranks.rank != 0) return kExitOk;  // rank 0 reports
@@ -219,6 +238,11 @@ int run_train(TrainCliOptions o) {
     return kExitOk;
   }
   draw_curves(o.output_dir);
+  if (o.lora_rank > 0 && !r.last_checkpoint.empty()) {
+    std::cout << fmt::format("LoRA adapters (PEFT format) in {}; merge them into the base with: zinf ckpt merge --base "
+                             "BASE --adapter {} --to DIR\n",
+                             r.last_checkpoint, o.output_dir);
+  }
   std::cout << fmt::format("{} after {} steps: loss {:.4f} (first {:.4f}){}\n", r.stopped_early ? "stopped" : "done",
                            r.steps, r.final_loss, r.first_loss,
                            std::isnan(r.final_eval_loss) ? std::string() : fmt::format(", eval loss {:.4f}", r.final_eval_loss));
@@ -311,6 +335,38 @@ int run_export(const ExportOptions& o) {
   return kExitOk;
 }
 
+struct MergeOptions {
+  std::string base, adapter, to, model;
+  std::string dtype = "auto";
+  std::string max_shard = "5G";
+};
+
+int run_merge(const MergeOptions& o) {
+  std::error_code ec;
+  const std::string adapter = fs::exists(fs::path(o.adapter) / "checkpoints" / "latest", ec)
+                                  ? runtime::resolve_checkpoint(o.adapter, "latest")
+                                  : o.adapter;
+  std::string config = o.model;
+  if (config.empty()) {
+    const fs::path dir = fs::is_directory(o.base, ec) ? fs::path(o.base) : fs::path(o.base).parent_path();
+    config = (dir / "config.json").string();
+    if (!fs::exists(config, ec)) {
+      throw Error("no config.json next to the base '{}': pass the base model's config with --model", o.base);
+    }
+  } else if (fs::is_directory(config, ec)) {
+    config = (fs::path(config) / "config.json").string();
+  }
+  const runtime::ModelConfig model = runtime::load_model_config(config);
+  const runtime::LoadedAdapter a = runtime::load_adapter(adapter, model);
+  std::optional<kernels::cpu::DType> dtype;
+  if (o.dtype == "bf16") dtype = kernels::cpu::DType::kBF16;
+  if (o.dtype == "fp32") dtype = kernels::cpu::DType::kF32;
+  const auto files = runtime::merge_adapter(o.base, model, a, o.to, dtype, parse_size(o.max_shard, "--max-shard-size"));
+  std::cout << fmt::format("merged {} ({} adapted linears, {}) into {}: wrote {} in {}\n", adapter,
+                           a.layout.adapters.size(), a.layout.config.describe(), o.base, fmt::join(files, ", "), o.to);
+  return kExitOk;
+}
+
 }  // namespace
 
 void add_train_commands(CLI::App& app, Action& action) {
@@ -348,6 +404,26 @@ void add_train_commands(CLI::App& app, Action& action) {
   cmd->add_option("--output-dir", o->output_dir, "where outputs go (default output/<model>-<time>)");
   cmd->add_option("--resume", o->resume, "continue from a checkpoint directory, or the latest in --output-dir")
       ->expected(0, 1);
+  auto* lora_rank = cmd->add_option("--lora-rank", o->lora_rank,
+                                    "train LoRA adapters of this rank on a frozen bf16 base (docs/lora.md); 0 = full "
+                                    "training")
+                        ->check(CLI::Range(std::int64_t{0}, std::int64_t{4096}));
+  cmd->add_option("--lora-alpha", o->lora_alpha, "LoRA alpha: the adapters are scaled by alpha / rank (default 8, as PEFT)")
+      ->check(CLI::PositiveNumber)->needs(lora_rank);
+  cmd->add_option("--lora-dropout", o->lora_dropout, "dropout on the adapters' input while training (default 0)")
+      ->check(CLI::Range(0.0, 0.999))->needs(lora_rank);
+  cmd->add_option("--lora-targets", o->lora_targets,
+                  "modules to adapt, PEFT's names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, or "
+                  "all-linear (default q_proj,v_proj, as PEFT for Llama)")
+      ->needs(lora_rank);
+  cmd->add_flag("--lora-rslora", o->lora_rslora, "rank-stabilised LoRA: scale by alpha / sqrt(rank)")->needs(lora_rank);
+  cmd->add_option("--lora-init", o->lora_init, "start from these adapters (a PEFT adapter directory) instead of PEFT's "
+                                               "initialisation")
+      ->needs(lora_rank);
+  cmd->add_flag("--lora-offload-optimizer", o->lora_offload_optimizer,
+                "keep the adapters' Adam state in host memory and step it on the CPU (default: on the GPU with the "
+                "adapters)")
+      ->needs(lora_rank);
   add_training_args(*cmd, o->args);
   cmd->callback([o, cmd, &action] {
     if (cmd->count("--resume") > 0) o->resume_given = true;
@@ -364,6 +440,21 @@ void add_train_commands(CLI::App& app, Action& action) {
   ex->add_option("--dtype", e->dtype, "bf16 (default) or fp32")->check(CLI::IsMember({"bf16", "fp32"}));
   ex->add_option("--max-shard-size", e->max_shard, "shard above this size (default 5G; 0 = one file)");
   ex->callback([e, &action] { action = [e] { return run_export(*e); }; });
+
+  auto mo = std::make_shared<MergeOptions>();
+  CLI::App* mg = ckpt->add_subcommand("merge", "LoRA adapters folded into their base: a full Hugging Face model");
+  mg->add_option("--base", mo->base, "the base model: a directory with config.json and safetensors, or a .safetensors "
+                                     "file or index")
+      ->required();
+  mg->add_option("--adapter", mo->adapter, "a PEFT adapter directory, a LoRA checkpoint (step-N), or a LoRA run's "
+                                           "--output-dir for its latest checkpoint")
+      ->required();
+  mg->add_option("--to", mo->to, "directory to write the merged model into")->required();
+  mg->add_option("--model", mo->model, "the base's config.json when --base is not a directory holding one");
+  mg->add_option("--dtype", mo->dtype, "auto (each tensor as the base stores it; default), bf16 or fp32")
+      ->check(CLI::IsMember({"auto", "bf16", "fp32"}));
+  mg->add_option("--max-shard-size", mo->max_shard, "shard above this size (default 5G; 0 = one file)");
+  mg->callback([mo, &action] { action = [mo] { return run_merge(*mo); }; });
 
   CLI::App* data = app.add_subcommand("data", "training data tools");
   data->require_subcommand(1);

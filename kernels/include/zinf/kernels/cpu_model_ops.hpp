@@ -26,7 +26,7 @@ void embedding_backward(float* dtable, const float* dout, const std::int32_t* to
 // y (n, h) = x * rstd * w, rstd (n) = 1 / sqrt(mean(x^2) + eps).
 void rmsnorm_forward(float* y, float* rstd, const float* x, const void* w, DType wdtype, std::int64_t n,
                      std::int64_t h, float eps);
-// dx (n, h) += d/dx; dw (h) fp32 += d/dw.
+// dx (n, h) += d/dx; dw (h) fp32 += d/dw (null: a frozen weight, no gradient).
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* x, const void* w, DType wdtype,
                       const float* rstd, std::int64_t n, std::int64_t h);
 
@@ -67,6 +67,9 @@ void bias_backward(float* dbias, const float* dy, std::int64_t ld, std::int64_t 
 
 // y (n) += x (n).
 void add_inplace(float* y, const float* x, std::int64_t n);
+
+// y (n) = x * keep / (1 - p) (+ y when accumulate), keep = dropout_keep(seed, i, p) (dropout.hpp).
+void dropout(float* y, const float* x, std::int64_t n, float p, std::uint64_t seed, bool accumulate);
 
 // Cross-entropy over the vocabulary in chunks. logits (n, vc) are columns [v0, v0 + vc) of the
 // full row. Forward keeps a running max m and sum s per row (start m = -inf, s = 0) and picks the

@@ -27,7 +27,8 @@ void embedding_backward(float* dtable, const float* dout, const std::int32_t* to
 void rmsnorm_forward(float* y, float* rstd, const float* x, const void* w, bool bf16, std::int64_t n, std::int64_t h,
                      float eps, cudaStream_t stream);
 // dx (n, h) added; dw (h) += sum over rows of dy * x * rstd. `partial` is scratch of
-// rmsnorm_partial_floats(n, h) floats (per-block column sums, reduced in a fixed order).
+// rmsnorm_partial_floats(n, h) floats (per-block column sums, reduced in a fixed order). dw null:
+// a frozen weight (no gradient).
 std::int64_t rmsnorm_partial_floats(std::int64_t n, std::int64_t h);
 void rmsnorm_backward(float* dx, float* dw, float* partial, const float* dy, const float* x, const void* w, bool bf16,
                       const float* rstd, std::int64_t n, std::int64_t h, cudaStream_t stream);
@@ -44,6 +45,9 @@ void swiglu_backward(float* dgu, const float* dout, const float* gu, std::int64_
 
 // y += x
 void add(float* y, const float* x, std::int64_t count, cudaStream_t stream);
+// y (count) = x * keep / (1 - p) (+ y when accumulate), keep = dropout_keep(seed, i, p) (dropout.hpp).
+void dropout(float* y, const float* x, std::int64_t count, float p, std::uint64_t seed, bool accumulate,
+             cudaStream_t stream);
 // y (n, cols) += bias (cols) per row.
 void bias_add(float* y, const void* bias, bool bf16, std::int64_t n, std::int64_t cols, cudaStream_t stream);
 // dbias (cols) += column sums of dy (n, cols); `partial` as rmsnorm_partial_floats(n, cols).

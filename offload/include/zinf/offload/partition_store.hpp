@@ -59,6 +59,10 @@ struct StoreOptions {
   // preflight, so a run that cannot hold both is refused before anything is allocated.
   std::uint64_t caller_gradient_bytes = 0;   // page-locked, from the same HostMemory
   std::uint64_t caller_pageable_bytes = 0;   // ordinary heap memory
+  // Parameters only (LoRA's frozen base): no optimizer state at all, in host memory or on NVMe;
+  // the bf16 shards follow the parameter options as usual. read_state() and the optimizer step
+  // refuse such a store.
+  bool frozen = false;
   // Units whose compute copy lives on the GPU (the GPU's share of the optimizer): with parameters
   // on NVMe they go to NVMe without using max_in_cpu, which the units the CPU steps need more.
   std::vector<char> gpu_units;
@@ -132,16 +136,18 @@ class PartitionStore {
   // In unit order, then element order.
   const std::vector<Slice>& slices() const noexcept { return slices_; }
   const StoreOptions& options() const noexcept { return options_; }
+  bool frozen() const noexcept { return options_.frozen; }
   std::uint64_t slice_elems() const noexcept { return slice_elems_; }
   Tier param_tier(std::size_t unit) const { return unit_param_tier_.at(unit); }
 
   // Sets a unit's state: fp32 master weights and moments (zeros when the moment spans are empty),
-  // and its bf16 parameters (rounded from the master). Used at start-up and when loading a
+  // and its bf16 parameters (rounded from the master; a frozen store keeps only these). Used at start-up and when loading a
   // checkpoint; NVMe slices are written through the staging buffers, several in flight, so it
   // must not run while a step does.
   void set_state(std::size_t unit, std::span<const float> master, std::span<const float> exp_avg = {},
                  std::span<const float> exp_avg_sq = {});
-  // Copies a unit's state out (reading NVMe slices), e.g. for checkpoints and tests.
+  // Copies a unit's state out (reading NVMe slices), e.g. for checkpoints and tests. (A frozen
+  // store: zinf::Error.)
   void read_state(std::size_t unit, std::span<float> master, std::span<float> exp_avg, std::span<float> exp_avg_sq);
 
   // The unit's bf16 shard in host memory (numel elements), or null when it lives on NVMe.

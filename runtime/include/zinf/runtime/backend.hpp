@@ -10,7 +10,8 @@
 //    round their activation operand to bf16 and accumulate in fp32 (mixed precision).
 //  - n = rows (batch x sequence), shapes in the comments as (rows, columns).
 //  - weight gradients are fp32 and accumulated (+=), so micro-batches and tied weights add up;
-//    activation gradients are written unless the op says "added".
+//    activation gradients are written unless the op says "added". A null weight gradient is a
+//    frozen weight (LoRA's base): its product is skipped.
 //  - ops run in order on the compute stream; a host pointer result (the loss) syncs.
 
 #include <chrono>
@@ -53,6 +54,23 @@ struct StepShape {
   std::int64_t hidden = 0, q_dim = 0, qkv_dim = 0, intermediate = 0, vocab = 0;
   std::int64_t heads = 0, kv_heads = 0, head_dim = 0;
   bool bf16 = false;  // bf16 weights (mixed-precision products)
+};
+
+// A general fp32 matrix product (LoRA's small products): C (m, n) = alpha * op(A) op(B), plus C
+// when accumulate. Row-major with row strides: A is (m, k), or (k, m) when trans_a; B is (k, n),
+// or (n, k) when trans_b; C's rows are ldc apart, so C may be a column block of a wider matrix.
+struct Matmul {
+  std::int64_t m = 0, n = 0, k = 0;
+  const float* a = nullptr;
+  std::int64_t lda = 0;
+  bool trans_a = false;
+  const float* b = nullptr;
+  std::int64_t ldb = 0;
+  bool trans_b = false;
+  float* c = nullptr;
+  std::int64_t ldc = 0;
+  float alpha = 1.0f;
+  bool accumulate = false;
 };
 
 // Where the time goes per op (filled while profiling is on).
@@ -157,6 +175,12 @@ class Backend {
 
   // y (count) += x (count)
   virtual void add(float* y, const float* x, std::int64_t count) = 0;
+
+  // See Matmul (fp32 operands, fp32 accumulation, full fp32 products).
+  virtual void matmul(const Matmul& g) = 0;
+  // y (count) = x * keep / (1 - p) (+ y when accumulate), keep = kernels::dropout_keep(seed, i, p):
+  // the same seed gives the same mask, so backward regenerates the forward's (0 <= p < 1).
+  virtual void dropout(float* y, const float* x, std::int64_t count, float p, std::uint64_t seed, bool accumulate) = 0;
 
   // LM head fused with cross-entropy, in chunks over the vocabulary (the (n, vocab) logits never
   // exist whole). targets (n): a token id, or < 0 to ignore the row. Forward writes lse (n) and

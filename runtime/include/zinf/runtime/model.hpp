@@ -8,15 +8,19 @@
 // unit in the order a step runs them: forward units 0..L+1, backward L+1..0.
 
 #include <cstdint>
+#include <initializer_list>
+#include <optional>
 #include <span>
 #include <vector>
 
 #include "zinf/runtime/backend.hpp"
+#include "zinf/runtime/lora.hpp"
 #include "zinf/runtime/model_config.hpp"
 
 namespace zinf::runtime {
 
-// One buffer per unit (device memory of the backend), all of one dtype.
+// One buffer per unit (device memory of the backend), all of one dtype. Gradients with no units
+// at all are a frozen model's (LoRA): grad() is null, and backward computes no weight gradient.
 struct UnitBuffers {
   std::vector<void*> units;
   DType dtype = DType::kF32;
@@ -42,6 +46,15 @@ class UnitStorage {
 struct ModelOptions {
   DType param_dtype = DType::kF32;    // dtype of the parameter units: fp32, or bf16 (mixed precision)
   bool checkpoint_activations = true; // keep each layer's input only; recompute the layer in backward
+  LoraConfig lora;                     // rank > 0: LoRA adapters on the targeted linears (set_lora)
+};
+
+// The adapters a LoRA model computes with (device memory of the backend, the model's lora_layout()).
+struct LoraBinding {
+  const float* params = nullptr;  // the flat buffer
+  float* grads = nullptr;         // accumulated (+=) by backward; null: forward only
+  std::uint64_t seed = 0;         // dropout masks of this micro-batch (mask of adapter i: dropout_stream(seed, i))
+  bool training = true;           // dropout only while training
 };
 
 class Model {
@@ -54,6 +67,10 @@ class Model {
   const ModelConfig& config() const noexcept { return config_; }
   const ModelLayout& layout() const noexcept { return layout_; }
   const ModelOptions& options() const noexcept { return options_; }
+  // The adapters' layout (null without LoRA), and the buffers forward and backward use next.
+  const LoraLayout* lora_layout() const noexcept { return lora_ ? &*lora_ : nullptr; }
+  const LoraLayout& lora() const;  // throws zinf::Error without LoRA
+  void set_lora(const LoraBinding& binding) { lora_bind_ = binding; }
   Backend& backend() noexcept { return backend_; }
   std::size_t unit_count() const noexcept { return layout_.units.size(); }
 
@@ -96,6 +113,14 @@ class Model {
   struct LayerActs;
   void layer_forward(std::int64_t l, const UnitBuffers& p, LayerActs& a, float* out);
   void layer_backward(std::int64_t l, const UnitBuffers& p, const UnitBuffers& g, LayerActs& a);
+  // LoRA: the adapters of layer l on `targets`, reading x (n, in) and adding into y (rows ldy
+  // apart; null: only t = dropout(x) A^T, which backward needs); and their backward from dy, adding
+  // d x into dx (n, in).
+  void lora_forward(std::int64_t l, std::initializer_list<LoraTarget> targets, const float* x, float* y,
+                    std::int64_t ldy, LayerActs& a);
+  void lora_backward(std::int64_t l, std::initializer_list<LoraTarget> targets, const float* x, const float* dy,
+                     std::int64_t ldy, float* dx, LayerActs& a);
+  const float* lora_input(std::size_t adapter, const float* x, std::int64_t in);
   Weight head_weight(const UnitBuffers& p) const;
   float* head_grad(const UnitBuffers& g) const;
 
@@ -105,6 +130,8 @@ class Model {
   ModelOptions options_;
   std::int64_t batch_ = 0, seq_ = 0, rows_ = 0, targets_counted_ = 0;
   float loss_ = 0.0f;
+  std::optional<LoraLayout> lora_;
+  LoraBinding lora_bind_;
   struct Buffers;
   std::unique_ptr<Buffers> buf_;
 };

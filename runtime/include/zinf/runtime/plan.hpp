@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "zinf/configs/deepspeed_config.hpp"
+#include "zinf/runtime/lora.hpp"
 #include "zinf/runtime/model_config.hpp"
 
 namespace zinf::runtime {
@@ -58,6 +59,10 @@ struct PlanInputs {
   std::uint64_t gpu_mem = 0;   // per GPU
   std::uint64_t host_mem = 0;  // the machine's RAM, all ranks together
   std::uint64_t nvme = 0;      // free space at the NVMe path(s)
+  // LoRA (rank > 0): a frozen bf16 base (no gradients, no optimizer state) and the adapters, whose
+  // Adam state is on the GPU unless lora_offload_optimizer.
+  LoraConfig lora;
+  bool lora_offload_optimizer = false;
 };
 
 struct PlanItem {

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,7 @@
 #include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/runtime/comm.hpp"
 #include "zinf/runtime/data.hpp"
+#include "zinf/runtime/lora.hpp"
 #include "zinf/runtime/model_config.hpp"
 
 namespace zinf::runtime {
@@ -57,8 +59,23 @@ struct TrainOptions {
   // start-up and refused with the numbers when it cannot fit (--gpu-memory-limit).
   std::uint64_t gpu_memory_limit = 0;
   // Test hook: sees each step's accumulated (loss-scaled) fp32 gradients before the norm, e.g. to
-  // inject an overflow. Step numbers are 1-based.
+  // inject an overflow. Step numbers are 1-based. (Not called in LoRA runs.)
   std::function<void(std::int64_t step, const std::vector<void*>& grad_units)> after_backward;
+
+  // LoRA (lora.rank > 0, docs/lora.md): the base model is frozen and held in bf16 (offloaded per
+  // offload_param; no gradients, no optimizer state), and only the adapters train. The adapters
+  // and their Adam state stay on the compute device, or in host memory with
+  // lora_offload_optimizer (stepped there by the CPU optimizer). Checkpoints hold the adapters'
+  // state and the adapters in PEFT's format; the base is read again from init_weights (or the
+  // seed) on resume and must be the same (checked by fingerprint).
+  LoraConfig lora;
+  std::string lora_init;  // a PEFT adapter directory to start from (default: PEFT's initialisation)
+  bool lora_offload_optimizer = false;
+  // Test hook (LoRA runs): at the end of the run, each unit's frozen bf16 shard as the store holds
+  // it, and (stages 0-2) the compute copy on the device, so a test can check they never changed.
+  std::function<void(std::size_t unit, std::span<const std::uint16_t> store_shard,
+                     std::span<const std::uint16_t> compute_copy)>
+      inspect_base;
 };
 
 struct TrainResult {
@@ -83,5 +100,9 @@ std::vector<std::string> export_checkpoint(const std::string& checkpoint, const 
 // Model FLOPs of one token of a training step (forward and backward, no recomputation): 6 per
 // parameter in the matrix products plus attention's 12 * layers * seq * q_dim.
 double training_flops_per_token(const ModelConfig& config, std::int64_t seq);
+// The same for LoRA on a frozen base: the base's products forward and for the input gradients
+// only (no weight gradients: 4 per parameter instead of 6), attention's, and the adapters' 6 per
+// parameter.
+double lora_training_flops_per_token(const ModelConfig& config, std::int64_t seq, const LoraLayout& lora);
 
 }  // namespace zinf::runtime

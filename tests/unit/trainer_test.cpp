@@ -1446,8 +1446,10 @@ TEST(Trainer, LoraAdaptersMergeAndLoadInTheReferenceWithTheSameLoss) {
   std::ofstream(check + "/zinf.json") << Json{{"loss", lora_loss}}.dump();
   const char* env_python = std::getenv("ZINF_PYTHON");
   const std::string python = env_python != nullptr && *env_python != '\0' ? env_python : ZINF_PYTHON;
+  const char* env_source = std::getenv("ZINF_SOURCE_DIR");  // where the tests run from a bundle
+  const std::string source = env_source != nullptr && *env_source != '\0' ? env_source : ZINF_SOURCE_DIR;
   const std::string cmd = fmt::format("'{}' '{}/tests/reference/check_lora_adapter.py' '{}/base' '{}' '{}/merged' '{}' 2>&1",
-                                      python, ZINF_SOURCE_DIR, d.path(), res.last_checkpoint, d.path(), check);
+                                      python, source, d.path(), res.last_checkpoint, d.path(), check);
   const int rc = std::system(cmd.c_str());
   if (WIFEXITED(rc) && WEXITSTATUS(rc) == 77) GTEST_SKIP() << "no PyTorch for " << python;
   EXPECT_EQ(rc, 0) << cmd;

@@ -37,13 +37,14 @@ g["zero_optimization"] = {"stage": 1, "offload_optimizer": {"device": "cpu", "pi
 json.dump(g, open(f"{out}/gpu.json", "w"), indent=2)
 PY
 lora=(--lora-rank 16 --lora-alpha 32 --lora-targets all-linear)
+plan_lora=(--lora-rank 16 --lora-targets all-linear)  # (alpha changes no byte or second)
 for run in $runs; do
   n=$steps; cap=(--gpu-memory-limit 24GiB); capplan=(--gpu-mem 24G)
   [[ $run == nvme ]] && n=$nvme_steps
   [[ $run == gpu ]] && cap=() && capplan=()
   echo "== $run: $n steps"
   "$zinf" plan --model configs/models/bench-8b.json --deepspeed "$out/$run.json" --micro-batch 4 --seq-len 2048 \
-    "${lora[@]}" "${capplan[@]}" ${BENCH_REPORT:+--bench "$BENCH_REPORT"} --json > "$out/$run-plan.json" 2> "$out/$run-plan.err"
+    "${plan_lora[@]}" "${capplan[@]}" ${BENCH_REPORT:+--bench "$BENCH_REPORT"} --json > "$out/$run-plan.json" 2> "$out/$run-plan.err"
   /usr/bin/time -v "$zinf" train --device cuda --model configs/models/bench-8b.json --data "$out/tokens.u16" \
     --data-dtype uint16 --deepspeed "$out/$run.json" --micro-batch 4 --seq-len 2048 --lr 1e-4 --max-steps "$n" \
     --eval-fraction 0.002 "${lora[@]}" "${cap[@]}" --no-save --output-dir "$out/$run" \

@@ -400,7 +400,10 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   const double tokens = static_cast<double>(in.micro_batch * in.seq_len * in.grad_accum);
   p.tokens_per_step = tokens;
   const double flops = (lora ? lora_training_flops_per_token(c, in.seq_len, *lora_layout) : training_flops_per_token(c, in.seq_len)) * tokens;
-  const double compute_s = flops / ((gpu ? rates.gpu_model_tflops : rates.cpu_model_tflops) * 1e12);
+  // The measured rate is of full training, whose model FLOPs (6 per parameter) leave out the
+  // checkpointed forward's recomputation (2 more: 8/6 of them run). LoRA's model FLOPs (4 per
+  // base parameter) leave out the same 2, so 6/4 of them run: 1.125 times the time per FLOP.
+  const double compute_s = flops * (lora ? 1.125 : 1.0) / ((gpu ? rates.gpu_model_tflops : rates.cpu_model_tflops) * 1e12);
   p.parts.push_back({"compute", compute_s,
                      fmt::format("{:.1f} model TFLOP at {:.0f} TFLOP/s", flops / 1e12,
                                  gpu ? rates.gpu_model_tflops : rates.cpu_model_tflops)});
@@ -481,8 +484,8 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     // (and NVMe reads) with compute.
     double overlapped = 0, after = 0;
     for (const auto& part : p.parts) {
-      if (part.name == "host" || part.name == "gpu_collectives") {
-        after += part.seconds;
+      if (part.name == "gpu_collectives" || (part.name == "host" && host_elems > 0)) {
+        after += part.seconds;  // the adapters' reduction and host step follow backward
       } else {
         overlapped = std::max(overlapped, part.seconds);
       }

@@ -157,20 +157,28 @@ struct TrainerState {
 
 }  // namespace
 
-double training_flops_per_token(const ModelConfig& c, std::int64_t seq) {
-  const ModelLayout layout = make_layout(c);
-  const double params = static_cast<double>(layout.parameter_count());
+namespace {
+
+// Parameters that take part in matrix products: the embedding lookup is not a product; a tied
+// embedding is also the head's product.
+double product_parameters(const ModelConfig& c) {
+  const double params = static_cast<double>(make_layout(c).parameter_count());
   const double emb = static_cast<double>(c.vocab_size * c.hidden_size);
-  // The embedding lookup is not a product; a tied embedding is also the head's product.
-  return 6.0 * (params - emb) + (c.tie_word_embeddings ? 6.0 * emb : 0.0) + 12.0 * c.num_layers * seq * c.q_dim();
+  return params - emb + (c.tie_word_embeddings ? emb : 0.0);
+}
+
+double attention_flops_per_token(const ModelConfig& c, std::int64_t seq) {
+  return 12.0 * static_cast<double>(c.num_layers * seq * c.q_dim());
+}
+
+}  // namespace
+
+double training_flops_per_token(const ModelConfig& c, std::int64_t seq) {
+  return 6.0 * product_parameters(c) + attention_flops_per_token(c, seq);
 }
 
 double lora_training_flops_per_token(const ModelConfig& c, std::int64_t seq, const LoraLayout& lora) {
-  const ModelLayout layout = make_layout(c);
-  const double params = static_cast<double>(layout.parameter_count());
-  const double emb = static_cast<double>(c.vocab_size * c.hidden_size);
-  const double products = params - emb + (c.tie_word_embeddings ? emb : 0.0);
-  return 4.0 * products + 12.0 * c.num_layers * seq * c.q_dim() + 6.0 * static_cast<double>(lora.parameter_count());
+  return 4.0 * product_parameters(c) + attention_flops_per_token(c, seq) + 6.0 * static_cast<double>(lora.parameter_count());
 }
 
 std::string resolve_checkpoint(const std::string& output_dir, const std::string& resume) {
@@ -752,8 +760,7 @@ class Trainer {
     refresh_params();
     log_start();
 
-    const double flops_per_token = lora_ ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
-                                         : training_flops_per_token(o_.model, o_.seq_len);
+    const double flops_per_token = model_flops_per_token();
     const auto run_start = Clock::now();
     const std::int64_t first_step = st_.step;
     double last_loss = 0, last_eval = std::nan("");
@@ -1100,9 +1107,12 @@ class Trainer {
         std::vector<std::uint16_t> bf(n);
         kernels::cpu::convert(full, DType::kF32, bf.data(), DType::kBF16, n);
         base_unit_hash_[u] = XXH3_64bits(bf.data(), n * 2);
-        bf.resize(piece.size());
-        kernels::cpu::convert(piece.data(), DType::kF32, bf.data(), DType::kBF16, piece.size());
-        base_shard_hash_[u] = XXH3_64bits(bf.data(), piece.size() * 2);
+        base_shard_hash_[u] = base_unit_hash_[u];
+        if (sharded_) {
+          bf.resize(piece.size());
+          kernels::cpu::convert(piece.data(), DType::kF32, bf.data(), DType::kBF16, piece.size());
+          base_shard_hash_[u] = XXH3_64bits(bf.data(), piece.size() * 2);
+        }
       }
     };
     if (!o_.init_weights.empty()) {
@@ -1190,8 +1200,13 @@ class Trainer {
     model_.set_lora({lora_params_.f32(), training ? lora_grads_.f32() : nullptr, seed, training});
   }
   // The adapters' gradients summed over the ranks (they are replicated, as in data parallelism).
+  // (lora_step() reuses the host copy this leaves in lora_grad_host_.)
   void lora_reduce() {
     if (world_ == 1) return;
+    if (host_backend_) {  // the backend's memory is host memory: in place
+      comm_->all_reduce_sum(std::span<float>(lora_grads_.f32(), lora_numel()));
+      return;
+    }
     lora_grad_host_.resize(lora_numel());
     backend_->download(lora_grad_host_.data(), lora_grads_.data(), lora_grad_host_.size() * sizeof(float));
     comm_->all_reduce_sum(std::span<float>(lora_grad_host_));
@@ -1212,9 +1227,12 @@ class Trainer {
     t.param_out = nullptr;
     t.n = n;
     if (lora_offload_) {
-      // The CPU optimizer on the host copy; the new adapters go back up.
-      lora_grad_host_.resize(n);
-      backend_->download(lora_grad_host_.data(), lora_grads_.data(), n * sizeof(float));
+      // The CPU optimizer on the host copy; the new adapters go back up. (With several ranks
+      // lora_reduce() has left the summed gradients in lora_grad_host_ already.)
+      if (world_ == 1) {
+        lora_grad_host_.resize(n);
+        backend_->download(lora_grad_host_.data(), lora_grads_.data(), n * sizeof(float));
+      }
       t.param = lora_host_.data();
       t.grad = lora_grad_host_.data();
       t.exp_avg = lora_host_.data() + n;
@@ -1235,6 +1253,20 @@ class Trainer {
   }
   std::string base_source() const {
     return o_.init_weights.empty() ? fmt::format("seeded initialisation (seed {})", o_.seed) : o_.init_weights;
+  }
+  // The LoRA options and the base, as checkpoints and summary.json record them.
+  Json lora_json() const {
+    const LoraConfig& c = model_.lora().config;
+    return {{"rank", c.rank},
+            {"alpha", c.alpha},
+            {"dropout", c.dropout},
+            {"targets", lora_targets_string(c.targets)},
+            {"rslora", c.rslora},
+            {"base", {{"source", base_source()}, {"fingerprint", hex64(base_fingerprint())}}}};
+  }
+  double model_flops_per_token() const {
+    return lora_ ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
+                 : training_flops_per_token(o_.model, o_.seq_len);
   }
   // At the end of a LoRA run: the store's bf16 shards and the compute copies (stages 0-2) are
   // still the base as loaded, bit for bit. (Fails only on a bug: the base must never change.)
@@ -1929,13 +1961,8 @@ class Trainer {
       // The adapters also in PEFT's format, so the checkpoint directory loads as a PEFT adapter.
       const LoraLayout& l = model_.lora();
       save_adapter(tmp.string(), l, std::span<const float>(lora_all.data(), lora_numel()), base_source());
-      s["lora"] = {{"rank", l.config.rank},
-                   {"alpha", l.config.alpha},
-                   {"dropout", l.config.dropout},
-                   {"targets", lora_targets_string(l.config.targets)},
-                   {"rslora", l.config.rslora},
-                   {"numel", l.numel},
-                   {"base", {{"source", base_source()}, {"fingerprint", hex64(base_fingerprint())}}}};
+      s["lora"] = lora_json();
+      s["lora"]["numel"] = l.numel;
     }
     write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
     sync_directory(tmp.string());
@@ -2089,8 +2116,7 @@ class Trainer {
       c.dropout = j.at("dropout").get<double>();
       c.targets = parse_lora_targets(j.at("targets").get<std::string>());
       c.rslora = j.at("rslora").get<bool>();
-      if (c.rank != l.config.rank || c.alpha != l.config.alpha || c.dropout != l.config.dropout ||
-          c.targets != l.config.targets || c.rslora != l.config.rslora) {
+      if (c != l.config) {
         throw Error("checkpoint '{}' trains LoRA adapters of {}, this run asks for {}: resume with the same --lora-* "
                     "options",
                     dir, c.describe(), l.config.describe());
@@ -2231,8 +2257,7 @@ class Trainer {
     j["best_eval_loss"] = std::isnan(r.best_eval_loss) ? Json(nullptr) : Json(r.best_eval_loss);
     const double tokens_run = static_cast<double>((r.steps - first_step) * micro_ * gas_ * world_ * o_.seq_len);
     j["throughput"] = {{"tokens_per_s", wall > 0 ? tokens_run / wall : 0.0},
-                       {"model_tflops", wall > 0 ? tokens_run * (lora_ ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
-                                                                        : training_flops_per_token(o_.model, o_.seq_len)) / wall / 1e12 : 0.0}};
+                       {"model_tflops", wall > 0 ? tokens_run * model_flops_per_token() / wall / 1e12 : 0.0}};
     j["peak_memory_bytes"] = {{"gpu", 0},
                               {"host_pinned", offload_->memory().used()},
                               {"nvme", offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2}};
@@ -2280,15 +2305,11 @@ class Trainer {
                          {"gpu_collectives", nccl_ ? "nccl" : "none"}};
     if (lora_) {
       const LoraLayout& l = model_.lora();
-      j["lora"] = {{"rank", l.config.rank},
-                   {"alpha", l.config.alpha},
-                   {"dropout", l.config.dropout},
-                   {"targets", lora_targets_string(l.config.targets)},
-                   {"rslora", l.config.rslora},
-                   {"adapted_linears", l.adapters.size()},
-                   {"trainable_parameters", l.parameter_count()},
-                   {"optimizer_state", lora_offload_ || host_backend_ ? "host" : "gpu"},
-                   {"base", {{"source", base_source()}, {"fingerprint", fmt::format("{:016x}", base_fingerprint())}, {"verified_unchanged", true}}}};
+      j["lora"] = lora_json();
+      j["lora"]["adapted_linears"] = l.adapters.size();
+      j["lora"]["trainable_parameters"] = l.parameter_count();
+      j["lora"]["optimizer_state"] = lora_offload_ || host_backend_ ? "host" : "gpu";
+      j["lora"]["base"]["verified_unchanged"] = true;
     }
     j["last_checkpoint"] = r.last_checkpoint;
     j["deepspeed_config"] = o_.ds_resolved;

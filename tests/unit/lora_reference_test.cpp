@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "numeric_util.hpp"
+#include "reference_util.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/configs/document.hpp"
 #include "zinf/io/safetensors.hpp"
@@ -25,27 +26,11 @@ namespace zinf::runtime {
 namespace {
 
 using zinf::testing::all_close;
+using zinf::testing::gpu_here;
 using zinf::testing::max_abs;
 
-std::string reference_dir() {
-  const char* env = std::getenv("ZINF_LORA_REFERENCE");
-  return (env != nullptr && *env != '\0') ? std::string(env) : std::string(ZINF_LORA_REFERENCE);
-}
-
-std::vector<std::string> cases() {
-  std::vector<std::string> out;
-  std::ifstream in(reference_dir() + "/cases.txt");
-  for (std::string line; std::getline(in, line);) {
-    if (!line.empty()) out.push_back(line);
-  }
-  return out;
-}
-
-bool gpu_here(std::string& why) {
-  const kernels::GpuQuery q = kernels::query_gpus();
-  if (q.gpus.empty()) why = q.built_with_cuda ? q.problem : std::string("built without CUDA");
-  return !q.gpus.empty();
-}
+std::string reference_dir() { return zinf::testing::reference_dir("ZINF_LORA_REFERENCE", ZINF_LORA_REFERENCE); }
+std::vector<std::string> cases() { return zinf::testing::reference_cases(reference_dir()); }
 
 struct Tol {
   double atol_rel, rtol, loss_rtol;
@@ -54,15 +39,6 @@ struct Tol {
 constexpr Tol kF32{1e-5, 5e-5, 3e-6};
 // bf16 base: activations rounded to bf16 inside the base's products, the reference in fp32.
 constexpr Tol kBF16{5e-2, 6e-2, 1.5e-2};
-
-std::vector<std::int32_t> i32(const io::SafetensorsFile& f, const std::string& name, std::int64_t& b, std::int64_t& s) {
-  const io::StTensor* t = f.find(name);
-  if (t == nullptr || t->dtype != io::StDType::kI32 || t->shape.size() != 2) throw Error("bad {} in {}", name, f.path());
-  b = t->shape[0], s = t->shape[1];
-  std::vector<std::int32_t> v(static_cast<std::size_t>(t->numel()));
-  std::memcpy(v.data(), f.bytes(*t).data(), v.size() * 4);
-  return v;
-}
 
 struct LoraRun {
   ModelConfig config;
@@ -84,8 +60,8 @@ struct LoraRun {
     backend->upload(lora.data(), adapter.params.data(), lora.bytes());
     std::int64_t b = 0, s = 0;
     const auto batch = io::SafetensorsFile::open(dir + "/batch.safetensors");
-    const auto tokens = i32(*batch, "tokens", b, s);
-    const auto targets = i32(*batch, "targets", b, s);
+    const auto tokens = zinf::testing::read_i32(*batch, "tokens", b, s);
+    const auto targets = zinf::testing::read_i32(*batch, "targets", b, s);
     model->set_batch(tokens, targets, b, s);
   }
   // A training pass: the loss; the adapters' gradients in `grads`.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "numeric_util.hpp"
+#include "reference_util.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/io/safetensors.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
@@ -24,21 +25,11 @@ namespace zinf::runtime {
 namespace {
 
 using zinf::testing::all_close;
+using zinf::testing::gpu_here;
 using zinf::testing::max_abs;
 
-std::string reference_dir() {
-  const char* env = std::getenv("ZINF_MODEL_REFERENCE");
-  return (env != nullptr && *env != '\0') ? std::string(env) : std::string(ZINF_MODEL_REFERENCE);
-}
-
-std::vector<std::string> cases() {
-  std::vector<std::string> out;
-  std::ifstream in(reference_dir() + "/cases.txt");
-  for (std::string line; std::getline(in, line);) {
-    if (!line.empty()) out.push_back(line);
-  }
-  return out;
-}
+std::string reference_dir() { return zinf::testing::reference_dir("ZINF_MODEL_REFERENCE", ZINF_MODEL_REFERENCE); }
+std::vector<std::string> cases() { return zinf::testing::reference_cases(reference_dir()); }
 
 // Tolerances, as |got - ref| <= atol * max|ref| + rtol * |ref| per tensor.
 struct Tol {
@@ -66,15 +57,6 @@ std::vector<float> f32(const io::SafetensorsFile& f, const std::string& name) {
   return v;
 }
 
-std::vector<std::int32_t> i32(const io::SafetensorsFile& f, const std::string& name, std::int64_t& b, std::int64_t& s) {
-  const io::StTensor* t = f.find(name);
-  if (t == nullptr || t->dtype != io::StDType::kI32 || t->shape.size() != 2) throw Error("bad {} in {}", name, f.path());
-  b = t->shape[0], s = t->shape[1];
-  std::vector<std::int32_t> v(static_cast<std::size_t>(t->numel()));
-  std::memcpy(v.data(), f.bytes(*t).data(), v.size() * 4);
-  return v;
-}
-
 // The gradient of one Hugging Face tensor, read out of the fp32 gradient units.
 std::vector<float> grad_of(const ModelLayout& layout, const UnitBuffers& grads, const std::string& name) {
   for (std::size_t u = 0; u < layout.units.size(); ++u) {
@@ -86,12 +68,6 @@ std::vector<float> grad_of(const ModelLayout& layout, const UnitBuffers& grads, 
   }
   ADD_FAILURE() << "no tensor " << name << " in the layout";
   return {};
-}
-
-bool gpu_here(std::string& why) {
-  const kernels::GpuQuery q = kernels::query_gpus();
-  if (q.gpus.empty()) why = q.built_with_cuda ? q.problem : std::string("built without CUDA");
-  return !q.gpus.empty();
 }
 
 struct ModelRun {
@@ -110,8 +86,8 @@ struct ModelRun {
     grads = std::make_unique<UnitStorage>(*backend, model->layout(), DType::kF32);
     load_weights(dir + "/" + weights, config, model->layout(), *backend, params->view());
     const auto batch_file = io::SafetensorsFile::open(dir + "/batch.safetensors");
-    tokens = i32(*batch_file, "tokens", batch, seq);
-    targets = i32(*batch_file, "targets", batch, seq);
+    tokens = zinf::testing::read_i32(*batch_file, "tokens", batch, seq);
+    targets = zinf::testing::read_i32(*batch_file, "targets", batch, seq);
     model->set_batch(tokens, targets, batch, seq);
   }
   float step() {

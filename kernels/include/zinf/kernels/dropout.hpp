@@ -14,21 +14,21 @@
 
 namespace zinf::kernels {
 
-// A uniform draw in [0, 1) with 24 bits: splitmix64's finaliser of seed + (i + 1) * golden.
-ZINF_HD float dropout_uniform(std::uint64_t seed, std::uint64_t i) {
-  std::uint64_t x = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+// splitmix64's finaliser.
+ZINF_HD std::uint64_t dropout_mix(std::uint64_t x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  x ^= x >> 31;
-  return static_cast<float>(x >> 40) * (1.0f / 16777216.0f);
+  return x ^ (x >> 31);
+}
+
+// A uniform draw in [0, 1) with 24 bits: the finaliser of seed + (i + 1) * golden.
+ZINF_HD float dropout_uniform(std::uint64_t seed, std::uint64_t i) {
+  return static_cast<float>(dropout_mix(seed + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40) * (1.0f / 16777216.0f);
 }
 
 // The seed of mask `stream` (one per LoRA adapter) under a micro-batch's seed.
 ZINF_HD std::uint64_t dropout_stream(std::uint64_t seed, std::uint64_t stream) {
-  std::uint64_t x = seed + (stream + 1) * 0xD1B54A32D192ED03ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
+  return dropout_mix(seed + (stream + 1) * 0xD1B54A32D192ED03ull);
 }
 
 ZINF_HD bool dropout_keep(std::uint64_t seed, std::uint64_t i, float p) { return dropout_uniform(seed, i) >= p; }

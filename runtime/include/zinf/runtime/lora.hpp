@@ -46,6 +46,7 @@ struct LoraConfig {
   void validate() const;
   // One line: "rank 16, alpha 32 (scale 2), dropout 0.05, targets q_proj,v_proj".
   std::string describe() const;
+  bool operator==(const LoraConfig&) const = default;
 };
 
 // One adapted Linear.

@@ -71,7 +71,7 @@ print(json.dumps({"median_step_s": step, "tokens_per_s": tok / step,
 try:
     p = json.load(open(planf))
     print("plan: predicted %.3f s/step, bound %s; tiers %s" % (p["step"]["predicted_s"], p["step"]["bound"],
-          {t: v["total_bytes"] for t, v in p["tiers"].items()}))
+          {t: v["bytes"] for t, v in p["tiers"].items()}))
 except Exception as e:
     print("plan: unreadable (%s)" % e)
 PY

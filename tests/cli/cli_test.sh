@@ -202,6 +202,23 @@ expect 0 'wrote .*/hf from .*step-00000006: model.safetensors, config.json' -- "
 [[ -s $TMP/train/hf/config.json ]] || { echo "FAIL: ckpt export left no config.json"; failed=$((failed + 1)); }
 expect 1 'not a zinf checkpoint' -- "$ZINF" ckpt export "$TMP/train" --to "$TMP/train/hf2"
 expect 2 '' -- "$ZINF" ckpt export "$TMP/train/run1" --to "$TMP/train/hf3" --dtype fp8
+# LoRA on the exported model: adapters in PEFT's format, resume, merge, plan, mistakes.
+lora=(--model "$TMP/train/hf" --init "$TMP/train/hf" --seq-len 32 --lora-rank 4 --lora-targets all-linear --lora-dropout 0.1)
+expect 0 'LoRA adapters \(PEFT format\) in .*step-00000003' -- "$ZINF" train "${lora[@]}" --max-steps 3 --output-dir "$TMP/train/lora"
+for f in adapter_model.safetensors adapter_config.json optimizer_state.safetensors; do
+  [[ -s $TMP/train/lora/checkpoints/step-00000003/$f ]] || { echo "FAIL: LoRA checkpoint lacks $f"; failed=$((failed + 1)); }
+done
+expect 0 '"peft_type": "LORA"' -- cat "$TMP/train/lora/checkpoints/step-00000003/adapter_config.json"
+expect 0 'done after 4 steps' -- "$ZINF" train "${lora[@]}" --max-steps 4 --output-dir "$TMP/train/lora" --resume
+expect 1 'resume with the same --lora-\* options' -- "$ZINF" train "${lora[@]}" --lora-alpha 16 --max-steps 5 --output-dir "$TMP/train/lora" --resume
+expect 0 'merged .*step-00000004 \([0-9]+ adapted linears' -- "$ZINF" ckpt merge --base "$TMP/train/hf" --adapter "$TMP/train/lora" --to "$TMP/train/merged"
+[[ -s $TMP/train/merged/model.safetensors && -s $TMP/train/merged/config.json ]] || { echo "FAIL: ckpt merge wrote no model"; failed=$((failed + 1)); }
+expect 0 'done after 1 steps' -- "$ZINF" train --model "$TMP/train/merged" --init "$TMP/train/merged" --seq-len 32 --max-steps 1 --no-save --output-dir "$TMP/train/on-merged"
+expect 1 'not a LoRA adapter directory' -- "$ZINF" ckpt merge --base "$TMP/train/hf" --adapter "$TMP/train/run1" --to "$TMP/train/merged2"
+expect 1 'zinf ckpt merge' -- "$ZINF" ckpt export "$TMP/train/lora" --to "$TMP/train/hf4"
+expect 1 "LoRA target 'wq' is not a module" -- "$ZINF" train --seq-len 32 --max-steps 1 --lora-rank 4 --lora-targets wq --output-dir "$TMP/train/lora2"
+expect 2 'requires --lora-rank' -- "$ZINF" train --lora-alpha 16 --max-steps 1
+expect 0 'LoRA: [0-9]+ adapters' -- "$ZINF" plan --model "$TMP/train/hf" --lora-rank 8 --lora-targets all-linear --micro-batch 2 --seq-len 64
 # SIGINT: the step finishes, a checkpoint is saved, exit 0; --resume continues.
 "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/sig" > "$TMP/train/sig.log" 2>&1 &
 sig_pid=$!

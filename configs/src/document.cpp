@@ -262,7 +262,7 @@ class JsonBuilder : public YAML::EventHandler {
       if (!out.empty()) out += '.';
       out += f.key;
     }
-    if (!last.empty()) out += (out.empty() ? "" : ".") + last;
+    if (!last.empty()) { if (!out.empty()) out += "."; out += last; }
     return out.empty() ? "<top level>" : out;
   }
 

@@ -272,7 +272,7 @@ LoadedAdapter load_adapter(const std::string& dir, const ModelConfig& model) {
       c.targets = parse_lora_targets(tm.get<std::string>());
     } else {
       std::string list;
-      for (const Json& t : tm) list += (list.empty() ? "" : ",") + t.get<std::string>();
+      for (const Json& t : tm) { if (!list.empty()) list += ","; list += t.get<std::string>(); }
       c.targets = parse_lora_targets(list);
     }
     out.base = j.contains("base_model_name_or_path") && j.at("base_model_name_or_path").is_string()

@@ -354,7 +354,7 @@ std::unique_ptr<NcclCommunicator> join_nccl(Communicator& bootstrap, int device,
   bootstrap.all_gather(std::span<const float>(&mine, 1), all);
   std::string bad;
   for (int r = 0; r < w; ++r) {
-    if (all[static_cast<std::size_t>(r)] == 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+    if (all[static_cast<std::size_t>(r)] == 0.0f) { if (!bad.empty()) bad += ", "; bad += std::to_string(r); }
   }
   if (!bad.empty()) {
     throw Error("rank {}: NCCL ranks cannot start: rank(s) {} cannot use NCCL{}", bootstrap.rank(), bad,

@@ -578,7 +578,7 @@ std::string Plan::text() const {
   std::string defaults;
   for (const auto& k : used) {
     const auto it = rates.source.find(k);
-    if (it != rates.source.end() && it->second == "default") defaults += (defaults.empty() ? "" : ", ") + k;
+    if (it != rates.source.end() && it->second == "default") { if (!defaults.empty()) defaults += ", "; defaults += k; }
   }
   if (!defaults.empty()) {
     s += fmt::format("default rates (not measured here; pass --bench REPORT.json from `zinf bench all`): {}\n", defaults);

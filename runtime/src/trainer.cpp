@@ -602,7 +602,7 @@ class Trainer {
     comm_->all_gather(std::span<const float>(&mine, 1), all);
     std::string bad;
     for (int r = 0; r < world_; ++r) {
-      if (all[static_cast<std::size_t>(r)] == 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+      if (all[static_cast<std::size_t>(r)] == 0.0f) { if (!bad.empty()) bad += ", "; bad += std::to_string(r); }
     }
     if (!bad.empty()) {
       spdlog::warn("NCCL cannot be used by rank(s) {}{}: the GPUs' collectives run on the host over Gloo (the "
@@ -1032,7 +1032,7 @@ class Trainer {
     comm_->all_gather(std::span<const float>(&mine, 1), all);
     std::string bad;
     for (int r = 0; r < world_; ++r) {
-      if (all[static_cast<std::size_t>(r)] != 0.0f) bad += (bad.empty() ? "" : ", ") + std::to_string(r);
+      if (all[static_cast<std::size_t>(r)] != 0.0f) { if (!bad.empty()) bad += ", "; bad += std::to_string(r); }
     }
     if (bad.empty()) return;
     if (!error.empty()) throw Error("{}", error);

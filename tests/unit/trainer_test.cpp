@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -1327,10 +1328,23 @@ TEST(Trainer, LoraOnTwoRanksMatchesOneRank) {
     for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 2e-5 * want[i]) << "stage " << stage << " step " << i + 1;
   }
   // One copy of the adapters' state (rank 0 writes it), the same as one rank's within rounding.
+  // The two runs sum the micro-batches' gradients in another order, and the forward pass rounds
+  // the adapted weights and activations to bf16 (relative step 2^-8), so an element may drift by
+  // a bf16 step's share of each Adam update (lr 3e-3, 6 steps): at most lr / 32 per element, with
+  // the whole vector within 0.1% (RMS) of one rank's.
   const auto a = load_adapter(d.path() + "/w1/checkpoints/step-00000006", parse_model_config(tiny_model(), "tiny"));
   const auto b = load_adapter(d.path() + "/w2-s3/checkpoints/step-00000006", parse_model_config(tiny_model(), "tiny"));
   ASSERT_EQ(a.params.size(), b.params.size());
-  for (std::size_t i = 0; i < a.params.size(); ++i) ASSERT_NEAR(a.params[i], b.params[i], 1e-5 + 1e-3 * std::abs(a.params[i])) << i;
+  double diff2 = 0.0, norm2 = 0.0, worst = 0.0;
+  for (std::size_t i = 0; i < a.params.size(); ++i) {
+    const double e = static_cast<double>(a.params[i]) - b.params[i];
+    diff2 += e * e;
+    norm2 += static_cast<double>(a.params[i]) * a.params[i];
+    worst = std::max(worst, std::abs(e));
+    ASSERT_NEAR(a.params[i], b.params[i], 3e-3 / 32 + 1e-3 * std::abs(a.params[i])) << i;
+  }
+  EXPECT_LT(std::sqrt(diff2 / norm2), 1e-3) << "largest difference " << worst;
+  std::printf("adapters, 2 ranks vs 1: RMS difference %.3g of the RMS value, largest %.3g\n", std::sqrt(diff2 / norm2), worst);
 }
 
 TEST(Trainer, LoraMistakesAreClearErrors) {

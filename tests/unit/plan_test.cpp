@@ -186,6 +186,44 @@ TEST(Plan, PredictsTheStepTimeOfRunsOnTheMeasuredMachine) {
   }
 }
 
+// The 2- and 4-GPU runs of bench/gpu_scaling.sh (the 3.1B shape, one to four H200s of one host,
+// each script's one-GPU run on the same host), planned with the rates of the one-GPU H200's report
+// (the multi-GPU machines' own reports were never recorded: no such machine was lent since).
+// Those hosts have 32 and 64 cores, not 16, and run the one-GPU step 16% faster, so the absolute
+// figure is only held to the bar (25%); what the plan adds for several GPUs (the collectives, the
+// smaller optimizer shard, the host traffic per rank) is held tighter: its ratio of the W-GPU step
+// to the one-GPU step is within 10% of the ratio each host measured.
+TEST(Plan, PredictsTheStepTimeOfTheMultiGpuRuns) {
+  const fs::path raw = source_dir() / "bench" / "results" / "raw";
+  if (!fs::exists(raw)) GTEST_SKIP() << raw << " is missing: set ZINF_SOURCE_DIR to a zinf checkout";
+  const MachineRates rates =
+      MachineRates::from_report((raw / "plan-validation-2026-12-02" / "bench" / "report.json").string());
+  int checked = 0;
+  for (const auto& [host, gpus] : {std::pair{"x2", 2}, std::pair{"x4", 4}}) {
+    const fs::path dir = raw / "gpu-scaling-2026-11-22" / host / "scale";
+    double plan_1 = 0.0, measured_1 = 0.0;
+    for (int w = 1; w <= gpus; w *= 2) {
+      SCOPED_TRACE(fmt::format("{} GPU(s) on the {} host", w, host));
+      const fs::path run = dir / fmt::format("zinf-g{}", w);
+      const json s = read_json(run / "summary.json");
+      const PlanInputs in = inputs_from_summary(s);
+      ASSERT_EQ(in.gpus, w);
+      const Plan p = make_plan(in, rates);
+      const double measured = median_step_seconds(run / "training_metrics.csv", 2);
+      EXPECT_NEAR(p.predicted_s / measured, 1.0, 0.25) << p.text();
+      EXPECT_EQ(p.bound, "host") << p.text();
+      if (w == 1) {
+        plan_1 = p.predicted_s;
+        measured_1 = measured;
+      } else {
+        EXPECT_NEAR((p.predicted_s / plan_1) / (measured / measured_1), 1.0, 0.10) << p.text();
+      }
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 5);
+}
+
 // bench/plan_validation_cpu.sh on the 2-core development machine: `zinf bench all` (its CPU step)
 // and the embedded default trained for 12 steps on the CPU backend, in one invocation.
 TEST(Plan, PredictsTheStepTimeOfACpuRun) {

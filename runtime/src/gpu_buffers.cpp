@@ -34,6 +34,9 @@ GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in) {
   const bool bf16 = in.grad_bytes == 2;
   for (const auto& [n, count] : sizes) {
     const auto at_most = [count = count](std::uint64_t k) { return std::min<std::uint64_t>(count, k); };
+    // Gradient accumulation in the pipeline: the earlier micro-batches' sums uploaded to be added
+    // (this rank's fp32 shards), kSumBuffers per size.
+    if (in.pipeline && in.grad_accum > 1) p.grads += at_most(kSumBuffers) * (in.nccl ? (n + in.world - 1) / in.world : n) * 4;
     if (in.nccl) {
       // Several GPUs: the padded fp32 buffers, kReductionsInFlight + 1 per size (post_reduction()
       // finishes the oldest as soon as more are posted, and its buffer is the next unit's; the

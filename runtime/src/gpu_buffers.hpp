@@ -13,6 +13,9 @@ namespace zinf::runtime {
 inline constexpr std::size_t kGradBuffersInFlight = 3;
 // Reduce-scatters posted behind the compute thread with several GPUs (post_reduction()).
 inline constexpr std::size_t kReductionsInFlight = 2;
+// Gradient accumulation in the pipeline: the uploaded sums of the earlier micro-batches, per size
+// (upload_sum()).
+inline constexpr std::size_t kSumBuffers = 2;
 
 struct GpuBufferInputs {
   std::vector<std::uint64_t> numel;     // per unit, as the layout has it
@@ -25,6 +28,7 @@ struct GpuBufferInputs {
   bool partition_grads = false;         // stage >= 2
   bool pipeline = false;                // the overlapped GPU pipeline
   bool nccl = false;                    // several GPUs in the pipeline
+  std::uint64_t grad_accum = 1;         // gradient_accumulation_steps
   std::uint64_t world = 1;
   bool tied_embedding = false;
   std::uint64_t max_live = 0;           // stage3_max_live_parameters

@@ -210,9 +210,11 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   std::uint64_t S = 0;  // this rank's elements
   for (auto s : shard) S += s;
 
-  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && in.grad_accum == 1 && !fp16 && !lora;
+  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && !fp16 && !lora;
   const bool nccl = p.pipeline && W > 1;
-  const bool bf16_grads = p.pipeline && ds.communication_data_type && *ds.communication_data_type == config::Dtype::kBf16;
+  // (With gradient accumulation the pipeline sums, and moves, fp32 gradients.)
+  const bool bf16_grads = p.pipeline && in.grad_accum == 1 && ds.communication_data_type &&
+                          *ds.communication_data_type == config::Dtype::kBf16;
   const std::uint64_t gbytes = bf16_grads ? 2 : 4;
   // The GPU's share of the optimizer: offload_optimizer.ratio < 1 with device cpu, one GPU, stage 3.
   std::vector<bool> on_gpu(U, false);
@@ -252,6 +254,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     gb.partition_grads = partition_grads;
     gb.pipeline = p.pipeline;
     gb.nccl = nccl;
+    gb.grad_accum = static_cast<std::uint64_t>(in.grad_accum);
     gb.world = W;
     gb.tied_embedding = c.tie_word_embeddings;
     gb.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
@@ -420,7 +423,11 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
       gathered = 3.0 * static_cast<double>(E - gpu_share) - std::min(live, static_cast<double>(E - gpu_share)) * 0.7;
     }
     h2d = gathered * static_cast<double>(pb) / static_cast<double>(nccl ? W : 1) * static_cast<double>(in.grad_accum);
-    d2h = (static_cast<double>(S) - static_cast<double>(W == 1 ? gpu_share : 0)) * static_cast<double>(gbytes);
+    // The pipeline brings this rank's host shards down once per micro-batch (accumulation: the
+    // sum so far, which goes back up to be added, except after the last).
+    const double host_shards = static_cast<double>(S) - static_cast<double>(W == 1 ? gpu_share : 0);
+    d2h = host_shards * static_cast<double>(gbytes) * static_cast<double>(in.grad_accum);
+    h2d += host_shards * 4 * static_cast<double>(in.grad_accum - 1);
     // The synchronous path brings each unit's whole fp32 gradient down every micro-batch.
     if (!p.pipeline) d2h = static_cast<double>(E) * 4 * static_cast<double>(in.grad_accum);
     if (lora) {
@@ -494,14 +501,28 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     p.notes.push_back(fmt::format("LoRA: {} adapters ({} trainable parameters) on a frozen bf16 base: no base "
                                   "gradients or optimizer state; base uploads and NVMe reads overlap compute",
                                   lora_layout->adapters.size(), lora_layout->parameter_count()));
-  } else if (p.pipeline && !clip) {
+  } else if (p.pipeline && !clip && in.grad_accum == 1) {
     // Gradients land and are stepped during backward, and the next forward follows the step.
     p.predicted_s = mx;
+  } else if (p.pipeline && !clip) {
+    // Gradient accumulation: the units are stepped as the last micro-batch's gradients land, so
+    // the optimizer has that micro-batch's backward and the next step's first forward (one
+    // micro-batch's compute) to overlap; the earlier micro-batches run before it.
+    const double gas = static_cast<double>(in.grad_accum);
+    const double micro = compute_s / gas;
+    const double window = adam_s + (h2d + d2h) / gas * static_cast<double>(W) / (rates.host_mem_GBps * kGB);
+    const double t = compute_s - micro + std::max(micro, window);
+    p.predicted_s = std::max(mx, t);
+    if (t > mx) p.bound = window > micro ? "host" : "compute";
+    p.notes.push_back(fmt::format("gradient accumulation ({} micro-batches): the gradients' sums go down and back up "
+                                  "each micro-batch, and the optimizer overlaps the last one's backward and the next "
+                                  "step's first forward",
+                                  in.grad_accum));
   } else if (p.pipeline) {
     // Clipping: the step waits for the global norm after backward, so backward (with the
     // gradients' copies) runs alone, then the optimizer overlaps the next forward (with its
-    // uploads): forward is a quarter of a checkpointed step's products.
-    const double fwd = 0.25 * compute_s, bwd = compute_s - fwd;
+    // uploads): forward is a quarter of a checkpointed micro-batch's products.
+    const double fwd = 0.25 * compute_s / static_cast<double>(in.grad_accum), bwd = compute_s - fwd;
     const double fwd_up = gpu ? (stage3 ? static_cast<double>(E - gpu_share) : 0.0) * static_cast<double>(pb) : 0.0;
     const double step_s = adam_s + fwd_up / (rates.host_mem_GBps * kGB);
     double nvme_s = 0;
@@ -515,8 +536,8 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
                       "the next forward)");
   } else {
     p.predicted_s = sum;
-    p.notes.push_back(gpu ? "the synchronous path (gradient accumulation, fp16, or several GPUs below stage 3): the "
-                            "parts run one after another"
+    p.notes.push_back(gpu ? "the synchronous path (fp16, stages 0-1, or several GPUs below stage 3): the parts run "
+                            "one after another"
                           : "the CPU backend: the parts run one after another");
   }
   return p;

@@ -435,28 +435,34 @@ class Trainer {
       shard_.push_back(sharded_ ? shard_size(u.numel, world_) : u.numel);
       units.push_back({u.name, static_cast<std::uint64_t>(shard_.back())});
     }
-    // The GPU pipeline (one GPU at stages 2-3, or several at stage 3; no gradient accumulation, no
-    // fp16 loss scaling): each unit's gradient is copied down into page-locked memory as its
-    // backward finishes (with several GPUs, this rank's shard of it, reduce-scattered over NCCL
-    // first), its sum of squares computed on the GPU, and the optimizer step runs on its own
-    // thread, stepping each unit as its gradient lands. With several GPUs each gather uploads this
-    // rank's shard and all-gathers the unit over NCCL. ZINF_GPU_OVERLAP=0 turns it off (the
-    // synchronous path, whose collectives run on the host over Gloo).
+    // The GPU pipeline (one GPU at stages 2-3, or several at stage 3; no fp16 loss scaling): each
+    // unit's gradient is copied down into page-locked memory as its backward finishes (with
+    // several GPUs, this rank's shard of it, reduce-scattered over NCCL first), its sum of squares
+    // computed on the GPU, and the optimizer step runs on its own thread, stepping each unit as its
+    // gradient lands. With several GPUs each gather uploads this rank's shard and all-gathers the
+    // unit over NCCL. With gradient accumulation the earlier micro-batches' sum waits in the
+    // page-locked shard: each next micro-batch uploads it and adds its own gradient on the GPU
+    // before the copy down, and the last one's sum is the one stepped (land_shard).
+    // ZINF_GPU_OVERLAP=0 turns it off (the synchronous path, whose collectives run on the host
+    // over Gloo).
     const char* overlap_env = std::getenv("ZINF_GPU_OVERLAP");
     const std::string overlap = overlap_env != nullptr ? overlap_env : "";
     if (!overlap.empty() && overlap != "0" && overlap != "1") {
       throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1 (0 turns the GPU pipeline off; unset or 1 leaves it on)", overlap);
     }
     // (The after_backward test hook may change gradients before the step: no pipeline with it.)
-    gpu_pipeline_ = !host_backend_ && partition_grads_ && (world_ == 1 || stage3_) && gas_ == 1 && !fp16_ &&
+    gpu_pipeline_ = !host_backend_ && partition_grads_ && (world_ == 1 || stage3_) && !fp16_ &&
                     overlap != "0" && !o.after_backward && !lora_;
     if (gpu_pipeline_ && world_ > 1) join_gpu_ranks();
     // communication_data_type bf16 (DeepSpeed's gradient communication dtype): the pipeline's
     // gradients are rounded to bf16 on the GPU and travel, and are stepped, as bf16.
     if (o.ds.communication_data_type && *o.ds.communication_data_type != config::Dtype::kFp32) {
-      if (gpu_pipeline_ && *o.ds.communication_data_type == config::Dtype::kBf16) {
+      if (gpu_pipeline_ && *o.ds.communication_data_type == config::Dtype::kBf16 && gas_ == 1) {
         grad_dtype_ = DType::kBF16;
         spdlog::info("communication_data_type bf16: gradients are rounded to bf16 on the GPU and come down as bf16");
+      } else if (gpu_pipeline_ && *o.ds.communication_data_type == config::Dtype::kBf16) {
+        spdlog::info("communication_data_type bf16 with gradient accumulation: the micro-batches' gradients are "
+                     "summed, and travel, in fp32 (a bf16 sum would lose their low bits)");
       } else {
         spdlog::info("communication_data_type {} is honoured by the one-GPU pipeline with bf16 only; gradients "
                      "travel as fp32 here",
@@ -534,6 +540,7 @@ class Trainer {
       }
       feed_ = std::make_unique<offload::StepFeed>(layout_.units.size());
       landed_.resize(layout_.units.size());
+      sum_up_.resize(layout_.units.size());
       unit_sq_.emplace(*backend_, layout_.units.size() * sizeof(double));
     } else if (!lora_ && (sharded_ || partition_grads_)) {
       gshard_.resize(layout_.units.size());
@@ -655,6 +662,7 @@ class Trainer {
     in.partition_grads = partition_grads_;
     in.pipeline = gpu_pipeline_;
     in.nccl = nccl_ != nullptr;
+    in.grad_accum = static_cast<std::uint64_t>(gas_);
     in.world = static_cast<std::uint64_t>(world_);
     in.tied_embedding = o_.model.tie_word_embeddings;
     in.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.max_live_parameters, 0));
@@ -798,6 +806,7 @@ class Trainer {
         }
       }
       for (std::int64_t m = 0; m < gas_; ++m) {
+        micro_i_ = m;
         auto td = Clock::now();
         // Every rank draws the same round of micro_ x W samples and takes its own micro_ of them.
         sampler_.next_batch(micro_ * world_, tokens_, targets_);
@@ -847,11 +856,12 @@ class Trainer {
           for (std::size_t u = layout_.units.size(); u-- > 0; ++use) {
             const UnitBuffers& p = stage3_ ? coord_->acquire(use) : params_->view();
             for (const std::size_t r : model_.unit_reads(u)) take_grad_buffer(r);
+            if (gpu_pipeline_ && micro_i_ > 0 && !on_gpu_[u]) upload_sum(u);
             model_.backward_unit(u, p, grad_view_, static_cast<float>(loss_scale));
             if (stage3_) coord_->release(use);
             if (gpu_pipeline_) {
               land_gradient(u);
-              if (u == 0) {
+              if (u == 0 && micro_i_ == gas_ - 1) {
                 // The last gradient: the units not yet stepped are next step's tail, stepped in
                 // forward order so that the next forward can follow them.
                 // (The GPU's units, 0 to gpu_units_ - 1, are stepped after the norm, before them.)
@@ -1637,14 +1647,18 @@ class Trainer {
     const auto n = layout_.units[u].numel;
     if (on_gpu_[u]) {
       // The GPU's share: the gradient stays for step_gpu_units(), rounded first like the others.
-      if (grad_dtype_ == DType::kBF16) {
+      // (With accumulation, gradients are fp32: later micro-batches add theirs to the first's.)
+      if (micro_i_ > 0) {
+        backend_->add(gpu_grad_[u].f32(), grad_live_[u].f32(), n);
+        grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), nullptr});  // compute-ordered
+      } else if (grad_dtype_ == DType::kBF16) {
         gpu_grad_[u] = take_pooled(static_cast<std::size_t>(n) * 2);
         backend_->round_to_bf16(static_cast<std::uint16_t*>(gpu_grad_[u].data()), grad_live_[u].f32(), n);
         grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), nullptr});  // compute-ordered
       } else {
         gpu_grad_[u] = std::move(grad_live_[u]);
       }
-      backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, gpu_grad_[u].data(), n, grad_dtype_);
+      if (micro_i_ == gas_ - 1) backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, gpu_grad_[u].data(), n, grad_dtype_);
       grad_view_.units[u] = nullptr;
       return;
     }
@@ -1704,9 +1718,27 @@ class Trainer {
   // Unit u's gradient (`count` elements in grad_live_[u]: the unit, or this rank's summed shard)
   // comes down: rounded to bf16 first when gradients travel as bf16; its sum of squares computed
   // on the compute stream; the copy on the copy-down stream; the optimizer thread told.
+  // With gradient accumulation (fp32 gradients), a micro-batch after the first adds the sum so
+  // far (uploaded while its backward ran: upload_sum) to its own; every micro-batch but the last
+  // only copies its sum down. Each sum is (earlier + this) in fp32, the synchronous path's sum in
+  // its order, so the two step the same gradients bit for bit.
   void land_shard(std::size_t u, std::int64_t count) {
-    const void* g = grad_live_[u].data();
     std::size_t bytes = static_cast<std::size_t>(count) * sizeof(float);
+    if (micro_i_ > 0) {
+      Uploaded up = std::move(sum_up_[u]);
+      backend_->wait(Stream::kCompute, *up.landed);
+      backend_->add(grad_live_[u].f32(), up.buffer.f32(), count);
+      sum_pool_[bytes].push_back({std::move(up.buffer), backend_->record(Stream::kCompute)});
+    }
+    if (micro_i_ < gas_ - 1) {
+      backend_->wait(Stream::kDeviceToHost, *backend_->record(Stream::kCompute));
+      backend_->copy_to_host_async(gshard(u), grad_live_[u].data(), bytes, Stream::kDeviceToHost);
+      landed_[u] = backend_->record(Stream::kDeviceToHost);
+      grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), landed_[u]});
+      grad_view_.units[u] = nullptr;
+      return;
+    }
+    const void* g = grad_live_[u].data();
     DeviceBuffer rounded;
     if (grad_dtype_ == DType::kBF16) {
       bytes = static_cast<std::size_t>(count) * 2;
@@ -1725,6 +1757,30 @@ class Trainer {
     grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), rounded_copy ? nullptr : landed_[u]});
     if (rounded_copy) grad_pool_[rounded.bytes()].push_back({std::move(rounded), landed_[u]});
     grad_view_.units[u] = nullptr;
+  }
+
+  // Gradient accumulation in the pipeline: the page-locked sum of unit u's gradients over the
+  // earlier micro-batches goes up on the upload stream as unit u's backward starts, after its
+  // copy down, into a buffer of sum_pool_ whose last add (on the compute stream) is done: two per
+  // size, so the stream never waits for work queued after the add it needs.
+  void upload_sum(std::size_t u) {
+    const auto bytes = static_cast<std::size_t>(nccl_ ? shard_[u] : layout_.units[u].numel) * sizeof(float);
+    auto& list = sum_pool_[bytes];
+    std::size_t pick = 0;
+    while (pick < list.size() && !list[pick].free_after->ready()) ++pick;
+    Uploaded up;
+    if (pick == list.size() && list.size() < kSumBuffers) {
+      up.buffer = DeviceBuffer(*backend_, bytes);
+    } else {
+      if (pick == list.size()) pick = 0;  // the oldest
+      backend_->wait(Stream::kHostToDevice, *list[pick].free_after);
+      up.buffer = std::move(list[pick].buffer);
+      list.erase(list.begin() + static_cast<std::ptrdiff_t>(pick));
+    }
+    backend_->wait(Stream::kHostToDevice, *landed_[u]);
+    backend_->copy_to_device_async(up.buffer.data(), gshard(u), bytes, Stream::kHostToDevice);
+    up.landed = backend_->record(Stream::kHostToDevice);
+    sum_up_[u] = std::move(up);
   }
 
   // Stages 0-1: unit u's accumulated gradient in host memory (downloaded from a GPU backend by
@@ -2349,8 +2405,17 @@ class Trainer {
     std::shared_ptr<Backend::Event> free_after;  // the copy-down still reading it
   };
   std::map<std::size_t, std::vector<PooledGrad>> grad_pool_;
+  // Gradient accumulation in the pipeline: the sums uploaded for the next add (upload_sum()), and
+  // their buffers, each free after the add that read it.
+  struct Uploaded {
+    DeviceBuffer buffer;
+    std::shared_ptr<Backend::Event> landed;
+  };
+  std::vector<Uploaded> sum_up_;
+  std::map<std::size_t, std::vector<PooledGrad>> sum_pool_;
   // The GPU pipeline (see the constructor).
   bool gpu_pipeline_ = false;
+  std::int64_t micro_i_ = 0;  // the micro-batch of the step being computed (0 to gas_ - 1)
   // Several GPUs in the pipeline: NCCL, for the all-gathers of parameters and the reduce-scatters
   // of gradients, all issued by the coordinator's gather thread in schedule order (post()), so
   // every rank issues them in the same order (NCCL's rule) and none waits on another's.

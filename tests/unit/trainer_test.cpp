@@ -600,7 +600,7 @@ TEST(Trainer, TheCudaBackendTrainsLikeTheCpu) {
 }
 
 TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
-  // One GPU, stage 3, no gradient accumulation: the pipelined step (gradients copied down on their
+  // One GPU, stage 3, first without gradient accumulation: the pipelined step (gradients copied down on their
   // own stream as each unit's backward ends, each unit stepped by the optimizer thread as it
   // lands, parameters uploaded on the copy stream into reused buffers) against the synchronous
   // path (ZINF_GPU_OVERLAP=0), and each next forward overlapping the end of the step (its gathers
@@ -635,6 +635,51 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
       }
     }
   }
+  // Gradient accumulation (2 micro-batches of 2): after each micro-batch but the last, each unit's
+  // sum so far comes down, and goes back up to be added to the next micro-batch's gradient: the
+  // synchronous path's sum in its order. Bit-identical without clipping, across a resume, also
+  // with half of the optimizer state on the GPU (whose sums stay there) and with
+  // communication_data_type bf16 (ignored: the sums are fp32); with clipping, within the norm's
+  // last bits. The GPU's peak stays within the trainer's plan, which counts the uploaded sums.
+  struct Accum {
+    double clip, ratio;
+    bool bf16_comm;
+  };
+  for (const Accum a : {Accum{0.0, 1.0, false}, Accum{1.0, 1.0, false}, Accum{0.0, 0.5, true}}) {
+    const auto tweak = [a](Json& ds) {
+      tight_gpu_pipeline(ds, true, a.clip);
+      ds["train_micro_batch_size_per_gpu"] = 2;
+      ds["gradient_accumulation_steps"] = 2;
+      if (a.ratio < 1.0) ds["zero_optimization"]["offload_optimizer"]["ratio"] = a.ratio;
+      if (a.bf16_comm) ds["communication_data_type"] = "bf16";
+    };
+    const std::string tag = fmt::format("gas2-clip{}-r{}{}", a.clip, a.ratio, a.bf16_comm ? "-bf16comm" : "");
+    const auto cuda = [](TrainOptions& o) { o.device = "cuda"; };
+    ::setenv("ZINF_GPU_OVERLAP", "0", 1);
+    train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", tweak, cuda);
+    ::unsetenv("ZINF_GPU_OVERLAP");
+    train_on_ranks(d.path() + "/pipe-" + tag, 1, 3, 6, "", tweak, cuda);
+    const auto want = losses(d.path() + "/sync-" + tag), got = losses(d.path() + "/pipe-" + tag);
+    ASSERT_EQ(got.size(), 6u) << tag;
+    const Json sum = Json::parse(std::ifstream(d.path() + "/pipe-" + tag + "/summary.json"));
+    EXPECT_TRUE(sum["gpu_pipeline"]["enabled"].get<bool>()) << tag;
+    EXPECT_EQ(sum["gpu_pipeline"]["gradient_dtype"], "fp32") << tag;
+    EXPECT_LE(sum["gpu_memory"]["peak_bytes"].get<double>(), sum["gpu_memory"]["planned_bytes"].get<double>()) << tag;
+    if (a.ratio < 1.0) {
+      EXPECT_GT(sum["gpu_pipeline"]["gpu_optimizer_units"].get<int>(), 0) << tag;
+    }
+    const std::string f = "/checkpoints/step-00000006/optimizer_state.safetensors";
+    if (a.clip == 0.0) {
+      EXPECT_EQ(got, want) << tag;
+      EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + f) == file_bytes(d.path() + "/pipe-" + tag + f)) << tag;
+      train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 3, "", tweak, cuda);
+      train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 6, "latest", tweak, cuda);
+      EXPECT_EQ(losses(d.path() + "/resumed-" + tag), want) << tag;
+    } else {
+      for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * want[i]) << tag << " step " << i + 1;
+    }
+  }
+
   // Parameters and optimizer state on NVMe: the read-ahead of the next unit's shard must wait for
   // the step in flight to finish it. Bit-identical to the synchronous path.
   const auto nvme = [&](const std::string& swap) {

@@ -210,7 +210,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   std::uint64_t S = 0;  // this rank's elements
   for (auto s : shard) S += s;
 
-  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && !fp16 && !lora;
+  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && (in.grad_accum == 1 || W == 1) && !fp16 && !lora;
   const bool nccl = p.pipeline && W > 1;
   // (With gradient accumulation the pipeline sums, and moves, fp32 gradients.)
   const bool bf16_grads = p.pipeline && in.grad_accum == 1 && ds.communication_data_type &&
@@ -536,8 +536,8 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
                       "the next forward)");
   } else {
     p.predicted_s = sum;
-    p.notes.push_back(gpu ? "the synchronous path (fp16, stages 0-1, or several GPUs below stage 3): the parts run "
-                            "one after another"
+    p.notes.push_back(gpu ? "the synchronous path (fp16, stages 0-1, several GPUs below stage 3 or with gradient "
+                            "accumulation): the parts run one after another"
                           : "the CPU backend: the parts run one after another");
   }
   return p;

@@ -442,7 +442,9 @@ class Trainer {
     // gradient lands. With several GPUs each gather uploads this rank's shard and all-gathers the
     // unit over NCCL. With gradient accumulation the earlier micro-batches' sum waits in the
     // page-locked shard: each next micro-batch uploads it and adds its own gradient on the GPU
-    // before the copy down, and the last one's sum is the one stepped (land_shard).
+    // before the copy down, and the last one's sum is the one stepped (land_shard). (One GPU
+    // only, for now: several GPUs with accumulation have not been run on a multi-GPU machine and
+    // take the synchronous path.)
     // ZINF_GPU_OVERLAP=0 turns it off (the synchronous path, whose collectives run on the host
     // over Gloo).
     const char* overlap_env = std::getenv("ZINF_GPU_OVERLAP");
@@ -451,7 +453,7 @@ class Trainer {
       throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1 (0 turns the GPU pipeline off; unset or 1 leaves it on)", overlap);
     }
     // (The after_backward test hook may change gradients before the step: no pipeline with it.)
-    gpu_pipeline_ = !host_backend_ && partition_grads_ && (world_ == 1 || stage3_) && !fp16_ &&
+    gpu_pipeline_ = !host_backend_ && partition_grads_ && (world_ == 1 || stage3_) && (gas_ == 1 || world_ == 1) && !fp16_ &&
                     overlap != "0" && !o.after_backward && !lora_;
     if (gpu_pipeline_ && world_ > 1) join_gpu_ranks();
     // communication_data_type bf16 (DeepSpeed's gradient communication dtype): the pipeline's

@@ -366,7 +366,13 @@ TEST(Plan, VerdictsAndBoundsFollowTheCapacitiesAndRates) {
   EXPECT_GE(p.predicted_s, p.lower_s);
   EXPECT_LE(p.predicted_s, p.upper_s);
   EXPECT_NE(p.text().find("gradient accumulation (2 micro-batches)"), std::string::npos) << p.text();
-  // fp16 takes the synchronous path: the parts add up.
+  // Several GPUs with accumulation, and fp16, take the synchronous path: the parts add up.
+  gas.gpus = 2;
+  gas.ds = ds_from(json::parse(R"({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+                                    "bf16": {"enabled": true}, "zero_optimization": {"stage": 3}})"), 2);
+  p = make_plan(gas, MachineRates{});
+  EXPECT_FALSE(p.pipeline);
+  EXPECT_DOUBLE_EQ(p.predicted_s, p.upper_s);
   PlanInputs f16 = bench_3b(R"({"bf16": {"enabled": false}, "fp16": {"enabled": true}})");
   p = make_plan(f16, MachineRates{});
   EXPECT_FALSE(p.pipeline);

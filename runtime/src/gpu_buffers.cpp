@@ -35,7 +35,8 @@ GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in) {
   for (const auto& [n, count] : sizes) {
     const auto at_most = [count = count](std::uint64_t k) { return std::min<std::uint64_t>(count, k); };
     // Gradient accumulation in the pipeline: the earlier micro-batches' sums uploaded to be added
-    // (this rank's fp32 shards), kSumBuffers per size.
+    // (this rank's fp32 shards), kSumBuffers per size, or one per unit of the size if fewer
+    // (upload_sum() allocates no more).
     if (in.pipeline && in.grad_accum > 1) p.grads += at_most(kSumBuffers) * (in.nccl ? (n + in.world - 1) / in.world : n) * 4;
     if (in.nccl) {
       // Several GPUs: the padded fp32 buffers, kReductionsInFlight + 1 per size (post_reduction()

@@ -427,7 +427,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     // sum so far, which goes back up to be added, except after the last).
     const double host_shards = static_cast<double>(S) - static_cast<double>(W == 1 ? gpu_share : 0);
     d2h = host_shards * static_cast<double>(gbytes) * static_cast<double>(in.grad_accum);
-    h2d += host_shards * 4 * static_cast<double>(in.grad_accum - 1);
+    if (p.pipeline) h2d += host_shards * 4 * static_cast<double>(in.grad_accum - 1);
     // The synchronous path brings each unit's whole fp32 gradient down every micro-batch.
     if (!p.pipeline) d2h = static_cast<double>(E) * 4 * static_cast<double>(in.grad_accum);
     if (lora) {

@@ -1651,6 +1651,7 @@ class Trainer {
       // The GPU's share: the gradient stays for step_gpu_units(), rounded first like the others.
       // (With accumulation, gradients are fp32: later micro-batches add theirs to the first's.)
       if (micro_i_ > 0) {
+        ZINF_ASSERT(grad_dtype_ == DType::kF32, "accumulated GPU-share gradients must be fp32");
         backend_->add(gpu_grad_[u].f32(), grad_live_[u].f32(), n);
         grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), nullptr});  // compute-ordered
       } else if (grad_dtype_ == DType::kBF16) {
@@ -1728,6 +1729,7 @@ class Trainer {
     std::size_t bytes = static_cast<std::size_t>(count) * sizeof(float);
     if (micro_i_ > 0) {
       Uploaded up = std::move(sum_up_[u]);
+      ZINF_ASSERT(up.landed != nullptr, "no sum of the earlier micro-batches was uploaded for unit {}", u);
       backend_->wait(Stream::kCompute, *up.landed);
       backend_->add(grad_live_[u].f32(), up.buffer.f32(), count);
       sum_pool_[bytes].push_back({std::move(up.buffer), backend_->record(Stream::kCompute)});
@@ -1770,8 +1772,13 @@ class Trainer {
     auto& list = sum_pool_[bytes];
     std::size_t pick = 0;
     while (pick < list.size() && !list[pick].free_after->ready()) ++pick;
+    // (No more buffers of a size than units of that size: the GPU plan counts so.)
+    std::size_t same_size = 0;
+    for (std::size_t v = 0; v < layout_.units.size(); ++v) {
+      same_size += !on_gpu_[v] && (nccl_ ? shard_[v] == shard_[u] : layout_.units[v].numel == layout_.units[u].numel) ? 1 : 0;
+    }
     Uploaded up;
-    if (pick == list.size() && list.size() < kSumBuffers) {
+    if (pick == list.size() && list.size() < std::min(kSumBuffers, same_size)) {
       up.buffer = DeviceBuffer(*backend_, bytes);
     } else {
       if (pick == list.size()) pick = 0;  // the oldest

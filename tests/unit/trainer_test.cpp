@@ -635,30 +635,34 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
       }
     }
   }
-  // Gradient accumulation (2 micro-batches of 2): after each micro-batch but the last, each unit's
+  // Gradient accumulation (2 x 2 and 1 x 4): after each micro-batch but the last, each unit's
   // sum so far comes down, and goes back up to be added to the next micro-batch's gradient: the
   // synchronous path's sum in its order. Bit-identical without clipping, across a resume, also
   // with half of the optimizer state on the GPU (whose sums stay there) and with
   // communication_data_type bf16 (ignored: the sums are fp32); with clipping, within the norm's
   // last bits. The GPU's peak stays within the trainer's plan, which counts the uploaded sums.
+  // 1 x 4 takes the middle micro-batches' path (add, then copy down) and reuses the uploaded
+  // sums' buffers; stage 2 keeps every unit gathered.
   struct Accum {
     double clip, ratio;
     bool bf16_comm;
+    int micro, gas, stage;
   };
-  for (const Accum a : {Accum{0.0, 1.0, false}, Accum{1.0, 1.0, false}, Accum{0.0, 0.5, true}}) {
+  for (const Accum a : {Accum{0.0, 1.0, false, 2, 2, 3}, Accum{1.0, 1.0, false, 2, 2, 3}, Accum{0.0, 0.5, true, 2, 2, 3},
+                        Accum{0.0, 1.0, false, 1, 4, 3}, Accum{0.0, 0.5, false, 1, 4, 3}, Accum{0.0, 1.0, false, 2, 2, 2}}) {
     const auto tweak = [a](Json& ds) {
       tight_gpu_pipeline(ds, true, a.clip);
-      ds["train_micro_batch_size_per_gpu"] = 2;
-      ds["gradient_accumulation_steps"] = 2;
+      ds["train_micro_batch_size_per_gpu"] = a.micro;
+      ds["gradient_accumulation_steps"] = a.gas;
       if (a.ratio < 1.0) ds["zero_optimization"]["offload_optimizer"]["ratio"] = a.ratio;
       if (a.bf16_comm) ds["communication_data_type"] = "bf16";
     };
-    const std::string tag = fmt::format("gas2-clip{}-r{}{}", a.clip, a.ratio, a.bf16_comm ? "-bf16comm" : "");
+    const std::string tag = fmt::format("s{}-{}x{}-clip{}-r{}{}", a.stage, a.micro, a.gas, a.clip, a.ratio, a.bf16_comm ? "-bf16comm" : "");
     const auto cuda = [](TrainOptions& o) { o.device = "cuda"; };
     ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-    train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", tweak, cuda);
+    train_on_ranks(d.path() + "/sync-" + tag, 1, a.stage, 6, "", tweak, cuda);
     ::unsetenv("ZINF_GPU_OVERLAP");
-    train_on_ranks(d.path() + "/pipe-" + tag, 1, 3, 6, "", tweak, cuda);
+    train_on_ranks(d.path() + "/pipe-" + tag, 1, a.stage, 6, "", tweak, cuda);
     const auto want = losses(d.path() + "/sync-" + tag), got = losses(d.path() + "/pipe-" + tag);
     ASSERT_EQ(got.size(), 6u) << tag;
     const Json sum = Json::parse(std::ifstream(d.path() + "/pipe-" + tag + "/summary.json"));
@@ -672,8 +676,8 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
     if (a.clip == 0.0) {
       EXPECT_EQ(got, want) << tag;
       EXPECT_TRUE(file_bytes(d.path() + "/sync-" + tag + f) == file_bytes(d.path() + "/pipe-" + tag + f)) << tag;
-      train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 3, "", tweak, cuda);
-      train_on_ranks(d.path() + "/resumed-" + tag, 1, 3, 6, "latest", tweak, cuda);
+      train_on_ranks(d.path() + "/resumed-" + tag, 1, a.stage, 3, "", tweak, cuda);
+      train_on_ranks(d.path() + "/resumed-" + tag, 1, a.stage, 6, "latest", tweak, cuda);
       EXPECT_EQ(losses(d.path() + "/resumed-" + tag), want) << tag;
     } else {
       for (std::size_t i = 0; i < want.size(); ++i) EXPECT_NEAR(got[i], want[i], 1e-5 * want[i]) << tag << " step " << i + 1;

@@ -1,14 +1,17 @@
 // `zinf train` and `zinf data tokenize`.
+#include <pthread.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <thread>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -63,12 +66,45 @@ struct TrainCliOptions {
   bool lora_offload_optimizer = false;
 };
 
+// SIGINT and SIGTERM stop training after the step in progress (a checkpoint is saved); a second
+// one ends the process as the default action would.
+//
+// No signal handler runs on the training threads: oneDNN's JIT GEMM kernels (AVX2 and AVX-512)
+// point rsp into the heap while they run, so a handler taken there writes its frame over heap
+// memory (corrupted malloc state, crashes later; oneDNN's issue 4845, fixed in releases newer than
+// the one this links). So `zinf train` blocks both signals before it starts any thread (every
+// thread it starts inherits the mask), and one thread of its own takes them with sigwait().
+// Until training is armed (arm_stop_signals()), a signal ends the process as before.
 std::atomic<int> g_stop{0};
+std::atomic<bool> g_stop_armed{false};
 
-extern "C" void on_stop_signal(int sig) {
-  g_stop.store(sig);
-  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+void block_stop_signals() {
+  sigset_t set;
+  ::sigemptyset(&set);
+  ::sigaddset(&set, SIGINT);
+  ::sigaddset(&set, SIGTERM);
+  if (const int e = ::pthread_sigmask(SIG_BLOCK, &set, nullptr); e != 0) {
+    throw Error("cannot block SIGINT/SIGTERM for the training threads: {}", std::strerror(e));
+  }
+  std::thread([set] {
+    for (;;) {
+      int sig = 0;
+      if (::sigwait(&set, &sig) != 0) continue;
+      if (g_stop_armed.load() && g_stop.load() == 0) {
+        g_stop.store(sig);
+        continue;
+      }
+      // The default action, on this thread only (it runs no kernels): the process ends.
+      ::signal(sig, SIG_DFL);
+      sigset_t one;
+      ::sigemptyset(&one);
+      ::sigaddset(&one, sig);
+      ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+      ::raise(sig);
+    }
+  }).detach();
 }
+void arm_stop_signals() { g_stop_armed.store(true); }
 
 std::string compact_time() {
   const std::time_t t = std::time(nullptr);
@@ -102,6 +138,7 @@ void draw_curves(const std::string& out_dir) {
 }
 
 int run_train(TrainCliOptions o) {
+  block_stop_signals();  // before any thread starts (see g_stop)
   const bool embedded_model = o.model.empty() || o.model == "tiny-byte";
   const bool embedded_data = o.data.empty();
   // The embedded default: a short, visibly learning run unless told otherwise.
@@ -206,8 +243,7 @@ int run_train(TrainCliOptions o) {
   t.output_dir = o.output_dir;
   t.resume = o.resume_given ? (o.resume.empty() ? "latest" : o.resume) : "";
   t.terminal = ::isatty(STDERR_FILENO) != 0;
-  std::signal(SIGINT, on_stop_signal);
-  std::signal(SIGTERM, on_stop_signal);
+  arm_stop_signals();
   t.stop_requested = [] { return g_stop.load() != 0; };
   t.comm = comm.get();
   t.terminal = t.terminal && ranks.rank == 0;

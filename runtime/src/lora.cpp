@@ -14,6 +14,7 @@
 
 #include "zinf/common/error.hpp"
 #include "zinf/common/fs.hpp"
+#include "zinf/common/hash.hpp"
 #include "zinf/configs/document.hpp"
 #include "zinf/io/safetensors.hpp"
 #include "zinf/kernels/cpu_gemm.hpp"
@@ -31,12 +32,6 @@ constexpr const char* kAdapterConfig = "adapter_config.json";
 constexpr std::int64_t kAlign = 64;
 
 std::int64_t align_up(std::int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; }
-
-std::uint64_t fnv1a(const std::string& s) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (const unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
-  return h;
-}
 
 constexpr std::array<const char*, kLoraTargetCount> kNames = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                               "gate_proj", "up_proj", "down_proj"};
@@ -174,7 +169,7 @@ void init_lora(const LoraLayout& layout, std::uint64_t seed, std::span<float> ou
   std::fill(out.begin(), out.end(), 0.0f);
   const std::int64_t r = layout.config.rank;
   for (const LoraAdapter& a : layout.adapters) {
-    const std::uint64_t stream = fnv1a(peft_tensor_name(a, 'A')) ^ (seed * 0x9E3779B97F4A7C15ull);
+    const std::uint64_t stream = fnv1a64(peft_tensor_name(a, 'A')) ^ (seed * 0x9E3779B97F4A7C15ull);
     const float bound = 1.0f / std::sqrt(static_cast<float>(a.in));
     float* dst = out.data() + a.a;
     for (std::int64_t i = 0; i < r * a.in; ++i) {

@@ -17,6 +17,7 @@
 
 #include "zinf/common/error.hpp"
 #include "zinf/common/fs.hpp"
+#include "zinf/common/hash.hpp"
 #include "zinf/io/safetensors.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/kernels/half.hpp"
@@ -31,12 +32,6 @@ std::uint64_t splitmix64(std::uint64_t x) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
-}
-
-std::uint64_t name_hash(const std::string& s) {
-  std::uint64_t h = 1469598103934665603ull;  // FNV-1a
-  for (const unsigned char ch : s) h = (h ^ ch) * 1099511628211ull;
-  return h;
 }
 
 // Fills out[i] ~ normal(0, std) for i in [0, n): element pair (2j, 2j+1) comes from one Box-Muller
@@ -99,7 +94,7 @@ void init_unit(const ModelConfig& config, const UnitLayout& unit, std::uint64_t 
     if (is_norm(t.role)) {
       std::fill(dst, dst + t.numel(), 1.0f);
     } else if (!is_bias(t.role)) {
-      normal_fill(dst, t.numel(), splitmix64(seed) ^ name_hash(t.name), config.initializer_range);
+      normal_fill(dst, t.numel(), splitmix64(seed) ^ fnv1a64(t.name), config.initializer_range);
     }
   }
 }

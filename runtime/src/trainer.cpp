@@ -755,6 +755,17 @@ class Trainer {
     }
     upload_gpu_state();
     if (world_ > 1) comm_->barrier(kSlowWait);  // every rank has its state, however long loading took
+    // A stop asked for during the set-up (allocating, loading, initialising: minutes for a large
+    // model) ends the run here, before a step and its checkpoint: nothing trained, nothing saved.
+    if (stop_agreed()) {
+      spdlog::info("a stop was requested during set-up: stopped before the first step; nothing was trained or saved");
+      result.stopped_early = true;
+      result.steps = st_.step;
+      result.first_loss = st_.first_loss;
+      result.final_loss = result.final_eval_loss = result.best_eval_loss = std::nan("");
+      result.last_checkpoint = resumed_from;
+      return result;
+    }
     std::unique_ptr<MetricsCsv> csv;
     if (rank_ == 0) {
       fs::create_directories(o_.output_dir);

@@ -1129,13 +1129,28 @@ TEST(Trainer, AStopRequestSavesAndResumes) {
   ScratchDir d;
   TrainRun r(d.path() + "/run");
   int polls = 0;
-  r.o.stop_requested = [&polls] { return ++polls >= 3; };
+  r.o.stop_requested = [&polls] { return ++polls >= 4; };  // once before the first step, then after each
   const TrainResult res = train(r.o);
   EXPECT_TRUE(res.stopped_early);
   EXPECT_EQ(res.steps, 3);
   TrainRun again(r.o.output_dir);
   again.o.resume = "latest";
   EXPECT_EQ(train(again.o).steps, 20);
+  // A stop asked for during the set-up: no step, no checkpoint; resumed, the same checkpoint.
+  TrainRun early(d.path() + "/early");
+  early.o.stop_requested = [] { return true; };
+  const TrainResult none = train(early.o);
+  EXPECT_TRUE(none.stopped_early);
+  EXPECT_EQ(none.steps, 0);
+  EXPECT_TRUE(std::isnan(none.final_loss));
+  EXPECT_FALSE(fs::exists(d.path() + "/early/checkpoints"));
+  TrainRun resumed(r.o.output_dir);
+  resumed.o.resume = "latest";
+  resumed.o.max_steps = 30;
+  resumed.o.stop_requested = [] { return true; };
+  const TrainResult same = train(resumed.o);
+  EXPECT_EQ(same.steps, 20);
+  EXPECT_NE(same.last_checkpoint.find("step-00000020"), std::string::npos) << same.last_checkpoint;
 }
 
 TEST(LossScaler, FollowsDeepSpeedsDynamicRule) {

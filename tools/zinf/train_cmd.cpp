@@ -268,6 +268,10 @@ int run_train(TrainCliOptions o) {
 
   const runtime::TrainResult r = runtime::train(t);
   if (ranks.rank != 0) return kExitOk;  // rank 0 reports
+  if (r.stopped_early && std::isnan(r.final_loss)) {
+    std::cout << "stopped before the first step (a signal during set-up): nothing was trained or saved\n";
+    return kExitOk;
+  }
   if (std::isnan(r.final_loss)) {
     std::cout << fmt::format("nothing to train: {} is at step {}; pass a larger --max-steps to go on\n",
                              r.last_checkpoint, r.steps);

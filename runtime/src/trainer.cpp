@@ -543,6 +543,14 @@ class Trainer {
       feed_ = std::make_unique<offload::StepFeed>(layout_.units.size());
       landed_.resize(layout_.units.size());
       sum_up_.resize(layout_.units.size());
+      if (gas_ > 1) {
+        // No more uploaded sums of a size than units of that size (the GPU plan counts so).
+        for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+          if (on_gpu_[u]) continue;
+          std::size_t& limit = sum_limit_[sum_bytes(u)];
+          limit = std::min(limit + 1, kSumBuffers);
+        }
+      }
       unit_sq_.emplace(*backend_, layout_.units.size() * sizeof(double));
     } else if (!lora_ && (sharded_ || partition_grads_)) {
       gshard_.resize(layout_.units.size());
@@ -742,16 +750,18 @@ class Trainer {
       load_error = e.what();
     }
     if (world_ > 1) agree_or_throw(load_error, resumed ? "resume" : "initialise its state");
-    if (resumed) {
-      if (st_.step >= total_steps_) {
-        spdlog::info("the checkpoint is at step {}, at or past the {} steps asked for: nothing to train", st_.step,
-                     total_steps_);
-        result.steps = st_.step;
-        result.first_loss = st_.first_loss;
-        result.final_loss = result.final_eval_loss = result.best_eval_loss = std::nan("");
-        result.last_checkpoint = resumed_from;
-        return result;
-      }
+    // A run that trains nothing: the state it started from, no losses.
+    const auto untrained = [&] {
+      result.steps = st_.step;
+      result.first_loss = st_.first_loss;
+      result.final_loss = result.final_eval_loss = result.best_eval_loss = std::nan("");
+      result.last_checkpoint = resumed_from;
+      return result;
+    };
+    if (resumed && st_.step >= total_steps_) {
+      spdlog::info("the checkpoint is at step {}, at or past the {} steps asked for: nothing to train", st_.step,
+                   total_steps_);
+      return untrained();
     }
     upload_gpu_state();
     if (world_ > 1) comm_->barrier(kSlowWait);  // every rank has its state, however long loading took
@@ -760,11 +770,7 @@ class Trainer {
     if (stop_agreed()) {
       spdlog::info("a stop was requested during set-up: stopped before the first step; nothing was trained or saved");
       result.stopped_early = true;
-      result.steps = st_.step;
-      result.first_loss = st_.first_loss;
-      result.final_loss = result.final_eval_loss = result.best_eval_loss = std::nan("");
-      result.last_checkpoint = resumed_from;
-      return result;
+      return untrained();
     }
     std::unique_ptr<MetricsCsv> csv;
     if (rank_ == 0) {
@@ -1778,18 +1784,16 @@ class Trainer {
   // earlier micro-batches goes up on the upload stream as unit u's backward starts, after its
   // copy down, into a buffer of sum_pool_ whose last add (on the compute stream) is done: two per
   // size, so the stream never waits for work queued after the add it needs.
+  std::size_t sum_bytes(std::size_t u) const {
+    return static_cast<std::size_t>(nccl_ ? shard_[u] : layout_.units[u].numel) * sizeof(float);
+  }
   void upload_sum(std::size_t u) {
-    const auto bytes = static_cast<std::size_t>(nccl_ ? shard_[u] : layout_.units[u].numel) * sizeof(float);
+    const std::size_t bytes = sum_bytes(u);
     auto& list = sum_pool_[bytes];
     std::size_t pick = 0;
     while (pick < list.size() && !list[pick].free_after->ready()) ++pick;
-    // (No more buffers of a size than units of that size: the GPU plan counts so.)
-    std::size_t same_size = 0;
-    for (std::size_t v = 0; v < layout_.units.size(); ++v) {
-      same_size += !on_gpu_[v] && (nccl_ ? shard_[v] == shard_[u] : layout_.units[v].numel == layout_.units[u].numel) ? 1 : 0;
-    }
     Uploaded up;
-    if (pick == list.size() && list.size() < std::min(kSumBuffers, same_size)) {
+    if (pick == list.size() && list.size() < sum_limit_.at(bytes)) {
       up.buffer = DeviceBuffer(*backend_, bytes);
     } else {
       if (pick == list.size()) pick = 0;  // the oldest
@@ -2433,6 +2437,7 @@ class Trainer {
   };
   std::vector<Uploaded> sum_up_;
   std::map<std::size_t, std::vector<PooledGrad>> sum_pool_;
+  std::map<std::size_t, std::size_t> sum_limit_;  // buffers per size: kSumBuffers, or its unit count if fewer
   // The GPU pipeline (see the constructor).
   bool gpu_pipeline_ = false;
   std::int64_t micro_i_ = 0;  // the micro-batch of the step being computed (0 to gas_ - 1)

@@ -220,9 +220,12 @@ expect 1 "LoRA target 'wq' is not a module" -- "$ZINF" train --seq-len 32 --max-
 expect 2 'requires --lora-rank' -- "$ZINF" train --lora-alpha 16 --max-steps 1
 expect 0 'LoRA: [0-9]+ adapters' -- "$ZINF" plan --model "$TMP/train/hf" --lora-rank 8 --lora-targets all-linear --micro-batch 2 --seq-len 64
 # SIGINT: the step finishes, a checkpoint is saved, exit 0; --resume continues.
-"$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/sig" > "$TMP/train/sig.log" 2>&1 &
-sig_pid=$!
-for _ in $(seq 600); do grep -q '^step [0-9]' "$TMP/train/sig.log" 2>/dev/null && break; sleep 0.1; done
+train_until_a_step() {  # NAME: a long zinf train in the background (sig_pid) once it has logged a step
+  "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/$1" > "$TMP/train/$1.log" 2>&1 &
+  sig_pid=$!
+  for _ in $(seq 600); do grep -q '^step [0-9]' "$TMP/train/$1.log" 2>/dev/null && break; sleep 0.1; done
+}
+train_until_a_step sig
 kill -INT "$sig_pid"
 wait "$sig_pid"
 sig_rc=$?
@@ -236,9 +239,7 @@ fi
 # then a second signal, which ends the process at once.
 sig_bad=0
 for i in 1 2 3 4 5 6 7 8; do
-  "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/sig$i" > "$TMP/train/sig$i.log" 2>&1 &
-  sig_pid=$!
-  for _ in $(seq 600); do grep -q '^step [0-9]' "$TMP/train/sig$i.log" 2>/dev/null && break; sleep 0.1; done
+  train_until_a_step "sig$i"
   kill -INT "$sig_pid"
   wait "$sig_pid"
   sig_rc=$?
@@ -247,9 +248,7 @@ for i in 1 2 3 4 5 6 7 8; do
   fi
   rm -rf "$TMP/train/sig$i"
 done
-"$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/sig9" > "$TMP/train/sig9.log" 2>&1 &
-sig_pid=$!
-for _ in $(seq 600); do grep -q '^step [0-9]' "$TMP/train/sig9.log" 2>/dev/null && break; sleep 0.1; done
+train_until_a_step sig9
 kill -INT "$sig_pid"
 sleep 0.5
 kill -INT "$sig_pid" 2>/dev/null

@@ -11,7 +11,8 @@
 
 #include "zinf/common/error.hpp"
 #include "zinf/runtime/model.hpp"
-#include "zinf/runtime/trainer.hpp"
+#include "zinf/runtime/flops.hpp"
+#include "zinf/runtime/run_mode.hpp"
 #include "gpu_buffers.hpp"
 
 namespace zinf::runtime {
@@ -187,50 +188,42 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   p.rates = rates;
   const bool gpu = in.device == "cuda";
   const std::uint64_t W = static_cast<std::uint64_t>(in.gpus);
-  const int stage = z.stage;
   const bool lora = in.lora.enabled();
   std::optional<LoraLayout> lora_layout;
   if (lora) lora_layout.emplace(make_lora_layout(in.model, in.lora));
   const std::uint64_t lora_numel = lora ? static_cast<std::uint64_t>(lora_layout->numel) : 0;
-  // LoRA: the frozen base has no gradients or optimizer state; at stage 3 it is still partitioned.
-  const bool stage3 = stage == 3, partition_grads = stage >= 2 && !lora, sharded = W > 1 && (lora ? stage3 : stage >= 1);
-  const bool fp16 = ds.fp16.enabled, bf16 = ds.bf16.enabled || lora;
-  if (lora && fp16) throw Error("LoRA trains on a bf16 base: fp16 is not available with --lora-rank");
-  const std::uint64_t pb = bf16 ? 2 : 4;  // compute copy of a parameter (fp16 runs keep fp32 copies)
   const ModelLayout layout = make_layout(c);
   const std::size_t U = layout.units.size();
+  // The trainer's own decisions (run_mode.hpp): pipeline, NCCL, dtypes, the GPU's share, shards.
+  RunModeInputs mi = RunModeInputs::from_config(ds);
+  mi.world = in.gpus;
+  mi.lora = lora;
+  mi.device = in.device;
+  mi.grad_accum = in.grad_accum;
+  for (const auto& u : layout.units) mi.units.push_back(u.numel);
+  const RunMode mode = decide_run_mode(mi);
+  const bool stage3 = mode.stage3, partition_grads = mode.partition_grads;
+  const bool bf16 = mode.param_dtype == kernels::cpu::DType::kBF16;
+  const std::uint64_t pb = bf16 ? 2 : 4;  // compute copy of a parameter (fp16 runs keep fp32 copies)
   std::vector<std::uint64_t> numel(U), shard(U);
   std::uint64_t E = 0, largest = 0;
   for (std::size_t u = 0; u < U; ++u) {
     numel[u] = static_cast<std::uint64_t>(layout.units[u].numel);
-    shard[u] = sharded ? (numel[u] + W - 1) / W : numel[u];
+    shard[u] = static_cast<std::uint64_t>(mode.shard[u]);
     E += numel[u];
     largest = std::max(largest, numel[u]);
   }
   std::uint64_t S = 0;  // this rank's elements
   for (auto s : shard) S += s;
-
-  p.pipeline = gpu && partition_grads && (W == 1 || stage3) && (in.grad_accum == 1 || W == 1) && !fp16 && !lora;
-  const bool nccl = p.pipeline && W > 1;
-  // (With gradient accumulation the pipeline sums, and moves, fp32 gradients.)
-  const bool bf16_grads = p.pipeline && in.grad_accum == 1 && ds.communication_data_type &&
-                          *ds.communication_data_type == config::Dtype::kBf16;
+  p.pipeline = mode.pipeline;
+  const bool nccl = mode.nccl;
+  const bool bf16_grads = mode.grad_dtype == kernels::cpu::DType::kBF16;
   const std::uint64_t gbytes = bf16_grads ? 2 : 4;
-  // The GPU's share of the optimizer: offload_optimizer.ratio < 1 with device cpu, one GPU, stage 3.
   std::vector<bool> on_gpu(U, false);
-  std::uint64_t gpu_share = 0;
-  if (!lora && z.offload_optimizer && z.offload_optimizer->device == OffloadDevice::kCpu && z.offload_optimizer->ratio < 1.0) {
-    if (p.pipeline && stage3 && W == 1) {
-      const double want = (1.0 - z.offload_optimizer->ratio) * static_cast<double>(E);
-      for (std::size_t u = 0; u < U; ++u) {
-        if (static_cast<double>(gpu_share) + 0.5 * static_cast<double>(numel[u]) > want) break;
-        on_gpu[u] = true;
-        gpu_share += numel[u];
-      }
-    } else {
-      p.notes.push_back("offload_optimizer.ratio < 1 with device cpu needs the one-GPU pipeline at stage 3: all "
-                        "optimizer state is planned on the host");
-    }
+  for (std::size_t u = 0; u < U; ++u) on_gpu[u] = mode.on_gpu[u] != 0;
+  const std::uint64_t gpu_share = mode.gpu_elements;
+  for (const auto& n : mode.notes) {
+    if (n.rfind("offload_optimizer.ratio", 0) == 0) p.notes.push_back(n);
   }
 
   // ---- GPU (per GPU): the trainer's plan_gpu_memory (the same buffer count, gpu_buffers.cpp).
@@ -353,12 +346,10 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   const std::uint64_t staging = (largest_staged > 0 ? opt_buffers * largest_staged * 14 : 0) + param_buffers * largest_pslice * 2;
   // Gradients: the pipeline's page-locked shards (none when bf16 gradients land in the bf16
   // parameter shards), or the synchronous path's pageable fp32 shards.
-  const bool grads_in_params = p.pipeline && stage3 && bf16_grads && bf16 && !params_nvme && gpu_share < E;
   std::uint64_t pinned_grads = 0, pageable = 0;
   for (std::size_t u = 0; u < U; ++u) {
-    if (grads_in_params || on_gpu[u] || lora) continue;
-    if (p.pipeline) pinned_grads += shard[u] * gbytes;
-    else if (sharded || partition_grads) pageable += shard[u] * 4;
+    pinned_grads += mode.pinned_gradient_bytes(u);
+    pageable += mode.pageable_gradient_bytes(u);
   }
   TierPlan hp{"host_pinned", {}, 0};
   TierPlan hpage{"host_pageable", {}, 0};

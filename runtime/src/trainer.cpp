@@ -43,8 +43,11 @@
 #include "zinf/runtime/loss_scaler.hpp"
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/nccl_comm.hpp"
+#include "zinf/runtime/run_mode.hpp"
 #include "zinf/runtime/weights.hpp"
 #include "gpu_buffers.hpp"
+#include "metrics.hpp"
+#include "sharding.hpp"
 
 namespace zinf::runtime {
 namespace fs = std::filesystem;
@@ -54,24 +57,11 @@ using kernels::cpu::DType;
 
 namespace {
 
-constexpr int kCheckpointVersion = 1;
-// Barriers around work one rank may do much longer than the others (writing a checkpoint, loading
-// one): a launcher ends the job if a rank dies meanwhile.
+// Barriers around work one rank may do much longer than the others (loading a checkpoint): a
+// launcher ends the job if a rank dies meanwhile.
 constexpr std::chrono::milliseconds kSlowWait = std::chrono::hours(2);
-constexpr const char* kStateFile = "optimizer_state.safetensors";
-constexpr const char* kTrainerStateFile = "trainer_state.json";
-
-// A rank's state file and checksums in a checkpoint of W > 1 ranks (W = 1: kStateFile, and the
-// checksums in trainer_state.json).
-std::string rank_state_file(int rank, int world) { return fmt::format("optimizer_state.rank{:05d}-of-{:05d}.safetensors", rank, world); }
-std::string rank_checksum_file(int rank, int world) { return fmt::format("checksums.rank{:05d}-of-{:05d}.json", rank, world); }
-
-// Elements of each rank's shard of a unit of n elements over W ranks (the unit padded to W shards).
-std::int64_t shard_size(std::int64_t n, int world) { return (n + world - 1) / world; }
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
-
-std::string step_dir_name(std::int64_t step) { return fmt::format("step-{:08d}", step); }
 
 std::string hex64(std::uint64_t v) { return fmt::format("{:016x}", v); }
 
@@ -92,56 +82,6 @@ double sum_squares(const float* g, std::int64_t n) {
   return total;
 }
 
-struct Timers {
-  double data = 0, forward = 0, backward = 0, optimizer = 0, offload_io = 0;
-};
-
-class MetricsCsv {
- public:
-  // keep_through >= 0: continue an earlier file, keeping its rows of steps up to that one (rows
-  // written after the checkpoint the run resumes from, and a torn last line, are dropped).
-  MetricsCsv(const std::string& path, std::int64_t keep_through) : path_(path) {
-    bool fresh = keep_through < 0 || !fs::exists(path);
-    if (!fresh) {
-      std::ifstream in(path);
-      std::string line, kept;
-      bool header = true;
-      while (std::getline(in, line)) {
-        if (header) {
-          kept += line + "\n";
-          header = false;
-          continue;
-        }
-        if (in.eof()) break;  // no newline: a line torn by a crash
-        char* end = nullptr;
-        const long long step = std::strtoll(line.c_str(), &end, 10);
-        if (end != line.c_str() && *end == ',' && step <= keep_through) kept += line + "\n";
-      }
-      if (header) {
-        fresh = true;
-      } else {
-        write_file_atomic(path, kept);
-      }
-    }
-    out_.open(path, fresh ? std::ios::trunc : std::ios::app);
-    if (!out_) throw Error("cannot write '{}': {}", path, errno_text(errno));
-    if (fresh) {
-      out_ << "step,epoch,loss,eval_loss,lr,grad_norm,loss_scale,skipped,tokens,tokens_per_s,tflops,step_s,"
-              "data_s,forward_s,backward_s,optimizer_s,offload_io_s,gpu_mem_bytes,host_mem_bytes,nvme_bytes,"
-              "live_params_hwm,prefetch_hits,prefetch_misses,param_wait_s\n";
-    }
-  }
-  void row(const std::string& line) {
-    out_ << line << "\n";
-    out_.flush();
-    if (!out_) throw Error("writing '{}' failed: {} (disk full?)", path_, errno_text(errno));
-  }
-
- private:
-  std::string path_;
-  std::ofstream out_;
-};
-
 // Everything a checkpoint restores besides the optimizer state tensors.
 struct TrainerState {
   std::int64_t step = 0;     // optimizer steps done, skipped ones included
@@ -158,133 +98,6 @@ struct TrainerState {
 }  // namespace
 
 namespace {
-
-// Parameters that take part in matrix products: the embedding lookup is not a product; a tied
-// embedding is also the head's product.
-double product_parameters(const ModelConfig& c) {
-  const double params = static_cast<double>(make_layout(c).parameter_count());
-  const double emb = static_cast<double>(c.vocab_size * c.hidden_size);
-  return params - emb + (c.tie_word_embeddings ? emb : 0.0);
-}
-
-double attention_flops_per_token(const ModelConfig& c, std::int64_t seq) {
-  return 12.0 * static_cast<double>(c.num_layers * seq * c.q_dim());
-}
-
-}  // namespace
-
-double training_flops_per_token(const ModelConfig& c, std::int64_t seq) {
-  return 6.0 * product_parameters(c) + attention_flops_per_token(c, seq);
-}
-
-double lora_training_flops_per_token(const ModelConfig& c, std::int64_t seq, const LoraLayout& lora) {
-  return 4.0 * product_parameters(c) + attention_flops_per_token(c, seq) + 6.0 * static_cast<double>(lora.parameter_count());
-}
-
-std::string resolve_checkpoint(const std::string& output_dir, const std::string& resume) {
-  if (resume != "latest") {
-    if (!fs::is_directory(resume)) throw Error("--resume {}: no such checkpoint directory", resume);
-    return resume;
-  }
-  const fs::path latest = fs::path(output_dir) / "checkpoints" / "latest";
-  if (!fs::exists(latest)) {
-    throw Error("--resume latest: no checkpoint in '{}' ({} is missing); train without --resume first",
-                output_dir, latest.string());
-  }
-  std::string name;
-  std::ifstream(latest) >> name;
-  const fs::path dir = latest.parent_path() / name;
-  if (name.empty() || !fs::is_directory(dir)) {
-    throw Error("'{}' names '{}', which is not a checkpoint directory", latest.string(), name);
-  }
-  return dir.string();
-}
-
-namespace {
-
-// A checkpoint directory opened for reading: trainer_state.json parsed and checked, and the state
-// tensors verified against their checksums as they are taken.
-class CheckpointReader {
- public:
-  explicit CheckpointReader(const std::string& dir, int rank = 0) : dir_(dir) {
-    const std::string state_path = (fs::path(dir) / kTrainerStateFile).string();
-    if (!fs::exists(state_path)) throw Error("'{}' is not a zinf checkpoint: {} is missing", dir, kTrainerStateFile);
-    try {
-      s_ = Json::parse(config::read_text_file(state_path));
-      if (s_.value("format", "") != "zinf-checkpoint") throw Error("{} is not a zinf checkpoint", state_path);
-      if (s_.at("version").get<int>() != kCheckpointVersion) {
-        throw Error("{}: checkpoint version {} is not supported (this zinf reads {})", state_path,
-                    s_.at("version").get<int>(), kCheckpointVersion);
-      }
-      (void)s_.at("units").size(), (void)s_.at("model").size();
-      // State files: one (state_shards 1), or one shard per rank of a ZeRO >= 1 run.
-      world_ = s_.value("state_shards", 1);
-      if (world_ < 1 || rank >= world_) {
-        throw Error("{}: the state is in {} shard(s), which has no shard {}", state_path, world_, rank);
-      }
-      if (world_ == 1) {
-        sums_ = s_.at("checksums");
-      } else {
-        const std::string sums_path = (fs::path(dir) / rank_checksum_file(rank, world_)).string();
-        if (!fs::exists(sums_path)) {
-          throw Error("checkpoint '{}' lacks rank {}'s piece ({} is missing): it is incomplete", dir, rank,
-                      rank_checksum_file(rank, world_));
-        }
-        sums_ = Json::parse(config::read_text_file(sums_path));
-      }
-    } catch (const Json::exception& e) {
-      throw Error("{} is damaged or from another zinf: {}", state_path, e.what());
-    }
-    const fs::path file = fs::path(dir) / (world_ == 1 ? std::string(kStateFile) : rank_state_file(rank, world_));
-    if (!fs::exists(file)) throw Error("checkpoint '{}' lacks rank {}'s state ({} is missing): it is incomplete", dir, rank, file.filename().string());
-    file_ = io::SafetensorsFile::open(file.string());
-  }
-  int state_shards() const noexcept { return world_; }
-  const Json& state() const noexcept { return s_; }
-  const std::string& dir() const noexcept { return dir_; }
-  // Throws unless the checkpoint's units are exactly `layout`'s.
-  void check_layout(const ModelLayout& layout, const ModelConfig& model) const {
-    try {
-      check_layout_unchecked(layout, model);
-    } catch (const Json::exception& e) {
-      throw Error("{}/{} is damaged: {}", dir_, kTrainerStateFile, e.what());
-    }
-  }
-  void check_layout_unchecked(const ModelLayout& layout, const ModelConfig& model) const {
-    const Json& units = s_.at("units");
-    bool same = units.size() == layout.units.size();
-    for (std::size_t u = 0; same && u < layout.units.size(); ++u) {
-      same = units[u].at("name").get<std::string>() == layout.units[u].name &&
-             units[u].at("numel").get<std::int64_t>() == layout.units[u].numel;
-    }
-    if (!same) {
-      throw Error("checkpoint '{}' is for another model shape ({} units; this model has {}): {} vs {}", dir_,
-                  units.size(), layout.units.size(), s_.at("model").dump(), model_config_json(model).dump());
-    }
-  }
-  // Unit `name`'s tensor of `kind` (master, exp_avg, exp_avg_sq), n fp32 values, checksum verified.
-  std::span<const float> tensor(const std::string& unit, const char* kind, std::size_t n) const {
-    const std::string tname = unit + "." + kind;
-    const io::StTensor* t = file_->find(tname);
-    if (t == nullptr || t->dtype != io::StDType::kF32 || t->numel() != static_cast<std::int64_t>(n)) {
-      throw Error("checkpoint '{}': tensor '{}' is missing or has the wrong type or size (want F32 [{}])", dir_, tname, n);
-    }
-    const auto bytes = file_->bytes(*t);
-    const Json& sums = sums_;
-    if (!sums.contains(tname) || !sums.at(tname).is_string() || sums.at(tname).get<std::string>() != hex64(XXH3_64bits(bytes.data(), bytes.size()))) {
-      throw Error("checkpoint '{}' is damaged: tensor '{}' does not match its checksum; use an earlier checkpoint", dir_,
-                  tname);
-    }
-    return {reinterpret_cast<const float*>(bytes.data()), n};
-  }
-
- private:
-  std::string dir_;
-  Json s_;
-  Json sums_;
-  int world_ = 1;
-  std::shared_ptr<io::SafetensorsFile> file_;
-};
 
 // The optimizer step on a thread of its own, fed gradients as backward lands them (the GPU
 // pipeline). Destroyed before join() (an error in forward or backward), it fails the feed so the
@@ -380,24 +193,33 @@ struct GpuPlan {
   }
 };
 
+// The run's mode inputs from the options (run_mode.hpp decides).
+RunModeInputs mode_inputs(const TrainOptions& o, int world) {
+  RunModeInputs in = RunModeInputs::from_config(o.ds);
+  in.world = world;
+  in.lora = o.lora.enabled();
+  in.device = o.device;
+  in.gpu_overlap = o.gpu_overlap;
+  in.gradient_hook = static_cast<bool>(o.after_backward);
+  for (const auto& u : make_layout(o.model).units) in.units.push_back(u.numel);
+  return in;
+}
+
 class Trainer {
  public:
   explicit Trainer(const TrainOptions& o)
       : o_(o),
+        owned_comm_(o.comm == nullptr ? make_single_communicator() : nullptr),
+        comm_(o.comm != nullptr ? o.comm : owned_comm_.get()),
+        mode_(decide_run_mode(mode_inputs(o, comm_->size()))),
         backend_(o.device == "cuda" ? make_cuda_backend(cuda_options(o)) : make_cpu_backend()),
-        param_dtype_(o.ds.bf16.enabled || o.lora.enabled() ? DType::kBF16 : DType::kF32),
-        model_(o.model, *backend_, ModelOptions{param_dtype_, true, o.lora}),
+        model_(o.model, *backend_, ModelOptions{mode_.param_dtype, true, o.lora}),
         layout_(model_.layout()),
         sampler_(*o.data, o.seq_len, o.seed, o.eval_fraction),
         schedule_(o.ds.scheduler, o.ds.optimizer.lr),
         scaler_(o.ds.fp16),
         arena_(tbb::task_arena::automatic) {  // the cores this process may use (zinf launch divides them)
     fp16_ = o.ds.fp16.enabled;
-    lora_ = o.lora.enabled();
-    if (lora_ && fp16_) {
-      throw Error("LoRA trains adapters on a bf16 base: fp16 (loss scaling) is not available with --lora-rank; enable "
-                  "bf16 in the config instead");
-    }
     const auto type = o.ds.optimizer.type;
     if (type != config::OptimizerType::kAdamW && type != config::OptimizerType::kAdam) {
       throw Error("optimizer '{}' is not available in the trainer yet: use Adam or AdamW", o.ds.optimizer.type_name);
@@ -406,18 +228,11 @@ class Trainer {
       throw Error("data '{}' holds token {} but the model's vocabulary has {} entries (tokenized for another model?)",
                   o.data->name(), o.data->max_token(), o.model.vocab_size);
     }
-    if (o.comm == nullptr) owned_comm_ = make_single_communicator();
-    comm_ = o.comm != nullptr ? o.comm : owned_comm_.get();
     world_ = comm_->size();
     rank_ = comm_->rank();
     stage_ = o.ds.zero.stage;
     host_backend_ = backend_->name() == "cpu";
     grad_dl_.resize(layout_.units.size());
-    stage3_ = stage_ == 3;
-    // LoRA: the frozen base has neither gradients nor optimizer state; at stage 3 its parameters are
-    // still partitioned over the ranks and gathered per use; the adapters are replicated.
-    sharded_ = world_ > 1 && (lora_ ? stage3_ : stage_ >= 1);
-    partition_grads_ = stage_ >= 2 && !lora_;
     grad_view_.dtype = DType::kF32;
     grad_view_.units.assign(layout_.units.size(), nullptr);
     grad_live_.resize(layout_.units.size());
@@ -430,114 +245,39 @@ class Trainer {
     // The optimizer state, through the offload module (host memory, or NVMe per the config).
     offload::OffloadSettings settings = offload::offload_settings(o.ds);
     for (const auto& n : settings.notes) spdlog::info("offload: {}", n);
-    std::vector<offload::UnitSpec> units;
-    for (const auto& u : layout_.units) {
-      shard_.push_back(sharded_ ? shard_size(u.numel, world_) : u.numel);
-      units.push_back({u.name, static_cast<std::uint64_t>(shard_.back())});
-    }
-    // The GPU pipeline (one GPU at stages 2-3, or several at stage 3; no fp16 loss scaling): each
-    // unit's gradient is copied down into page-locked memory as its backward finishes (with
-    // several GPUs, this rank's shard of it, reduce-scattered over NCCL first), its sum of squares
-    // computed on the GPU, and the optimizer step runs on its own thread, stepping each unit as its
-    // gradient lands. With several GPUs each gather uploads this rank's shard and all-gathers the
-    // unit over NCCL. With gradient accumulation the earlier micro-batches' sum waits in the
-    // page-locked shard: each next micro-batch uploads it and adds its own gradient on the GPU
-    // before the copy down, and the last one's sum is the one stepped (land_shard). (One GPU
-    // only, for now: several GPUs with accumulation have not been run on a multi-GPU machine and
-    // take the synchronous path.)
-    // ZINF_GPU_OVERLAP=0 turns it off (the synchronous path, whose collectives run on the host
-    // over Gloo).
-    const char* overlap_env = std::getenv("ZINF_GPU_OVERLAP");
-    const std::string overlap = overlap_env != nullptr ? overlap_env : "";
-    if (!overlap.empty() && overlap != "0" && overlap != "1") {
-      throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1 (0 turns the GPU pipeline off; unset or 1 leaves it on)", overlap);
-    }
-    // (The after_backward test hook may change gradients before the step: no pipeline with it.)
-    gpu_pipeline_ = !host_backend_ && partition_grads_ && (world_ == 1 || stage3_) && (gas_ == 1 || world_ == 1) && !fp16_ &&
-                    overlap != "0" && !o.after_backward && !lora_;
-    if (gpu_pipeline_ && world_ > 1) join_gpu_ranks();
-    // communication_data_type bf16 (DeepSpeed's gradient communication dtype): the pipeline's
-    // gradients are rounded to bf16 on the GPU and travel, and are stepped, as bf16.
-    if (o.ds.communication_data_type && *o.ds.communication_data_type != config::Dtype::kFp32) {
-      if (gpu_pipeline_ && *o.ds.communication_data_type == config::Dtype::kBf16 && gas_ == 1) {
-        grad_dtype_ = DType::kBF16;
-        spdlog::info("communication_data_type bf16: gradients are rounded to bf16 on the GPU and come down as bf16");
-      } else if (gpu_pipeline_ && *o.ds.communication_data_type == config::Dtype::kBf16) {
-        spdlog::info("communication_data_type bf16 with gradient accumulation: the micro-batches' gradients are "
-                     "summed, and travel, in fp32 (a bf16 sum would lose their low bits)");
-      } else {
-        spdlog::info("communication_data_type {} is honoured by the one-GPU pipeline with bf16 only; gradients "
-                     "travel as fp32 here",
-                     *o.ds.communication_data_type == config::Dtype::kBf16 ? "bf16" : "fp16");
-      }
-    }
-    // offload_optimizer.ratio < 1 with device cpu (DeepSpeed's partial offload): the first units in
-    // forward order, the fraction 1 - ratio of the parameters (to the nearest unit), keep their
-    // optimizer state on the GPU and are stepped there once the gradient norm is known; the CPU
-    // steps the rest as usual. The next forward starts on the GPU's units while the CPU finishes.
-    on_gpu_.assign(layout_.units.size(), 0);
-    if (settings.gpu_optimizer_fraction > 0.0 && !lora_) {
-      const double ratio = 1.0 - settings.gpu_optimizer_fraction;
-      if (gpu_pipeline_ && stage3_ && world_ == 1) {
-        const double want = settings.gpu_optimizer_fraction * static_cast<double>(layout_.total_numel());
-        double got = 0;
-        for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-          const auto n = static_cast<double>(layout_.units[u].numel);
-          if (got + n / 2 > want) break;
-          on_gpu_[u] = 1;
-          got += n;
-          ++gpu_units_;
-        }
-        gpu_opt_elems_ = static_cast<std::uint64_t>(got);
-        if (gpu_units_ == 0) {
-          spdlog::info("offload_optimizer.ratio {}: {:.1f}% of the parameters is less than half of the first unit ({}): "
-                       "the whole optimizer state stays in host memory",
-                       ratio, 100.0 * settings.gpu_optimizer_fraction, layout_.units[0].name);
-        } else {
-          spdlog::info("offload_optimizer.ratio {}: the optimizer state of {} unit(s), {} to {} ({:.1f}% of the "
-                       "parameters), lives on the GPU and is stepped there; the rest in host memory",
-                       ratio, gpu_units_, layout_.units[0].name, layout_.units[gpu_units_ - 1].name,
-                       100.0 * got / static_cast<double>(layout_.total_numel()));
-        }
-      } else {
-        spdlog::info("offload_optimizer.ratio {} with device cpu: a GPU share of the optimizer state needs the one-GPU "
-                     "pipeline at ZeRO stage 3 (one GPU, docs/gpu.md); this run keeps all of it in host memory",
-                     ratio);
-      }
-    }
-    // bf16 gradients of bf16 parameters land in the unit's own bf16 parameter shard in the
-    // store (page-locked host memory), which the optimizer step then overwrites element by element
-    // with the new parameters: no separate gradient shards, 2 bytes per parameter less host
-    // memory. Safe because nothing reads a unit's shard between its gradient landing and its
-    // step: backward has read it already, and every later gather waits for the unit's update.
-    // (Parameters on NVMe come through staging buffers: those units keep their own shards.)
-    grads_in_params_ = gpu_pipeline_ && stage3_ && grad_dtype_ == DType::kBF16 && param_dtype_ == DType::kBF16 &&
-                       !settings.store.params_on_nvme && gpu_units_ < layout_.units.size();
+    // The GPU pipeline (docs/gpu.md; run_mode.hpp says when it runs): each unit's gradient is
+    // copied down into page-locked memory as its backward finishes (with several GPUs, this rank's
+    // shard of it, reduce-scattered over NCCL first), its sum of squares computed on the GPU, and
+    // the optimizer step runs on its own thread, stepping each unit as its gradient lands. With
+    // several GPUs each gather uploads this rank's shard and all-gathers the unit over NCCL. With
+    // gradient accumulation the earlier micro-batches' sum waits in the page-locked shard: each
+    // next micro-batch uploads it and adds its own gradient on the GPU before the copy down, and
+    // the last one's sum is the one stepped (land_shard).
+    if (mode_.nccl) join_gpu_ranks();
+    for (const auto& n : mode_.notes) spdlog::info("{}", n);
     // The store, with the gradient shards allocated right after it in its preflight: the
     // pipeline's page-locked ones, or the host shards of stages 1-3.
+    std::vector<offload::UnitSpec> units;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      if (grads_in_params_) continue;
-      if (gpu_pipeline_ && !on_gpu_[u]) {
-        settings.store.caller_gradient_bytes += static_cast<std::uint64_t>(shard_[u]) * kernels::cpu::dtype_bytes(grad_dtype_);
-      } else if (!gpu_pipeline_ && (sharded_ || partition_grads_)) {
-        settings.store.caller_pageable_bytes += static_cast<std::uint64_t>(shard_[u]) * sizeof(float);
-      }
+      units.push_back({layout_.units[u].name, static_cast<std::uint64_t>(mode_.shard[u])});
+      settings.store.caller_gradient_bytes += mode_.pinned_gradient_bytes(u);
+      settings.store.caller_pageable_bytes += mode_.pageable_gradient_bytes(u);
     }
-    settings.store.gpu_units = on_gpu_;
-    if (lora_) {
+    settings.store.gpu_units = mode_.on_gpu;
+    if (mode_.lora) {
       // The base: bf16 shards only, per offload_param. (offload_optimizer concerns the adapters.)
       settings.store.frozen = true;
       settings.store.nvme_ratio = 0.0;
     }
     offload_ = std::make_unique<offload::Offload>(settings, units, rank_, arena_);
-    if (gpu_pipeline_) {
+    if (mode_.pipeline) {
       for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-        if (on_gpu_[u] || grads_in_params_) {
+        if (mode_.on_gpu[u] || mode_.grads_in_params) {
           gpinned_.emplace_back();  // its gradient stays on the GPU, or lands in its parameter shard
           continue;
         }
         gpinned_.push_back(offload_->memory().allocate(offload::Purpose::kGradients,
-                                                       static_cast<std::uint64_t>(shard_[u]) * kernels::cpu::dtype_bytes(grad_dtype_),
+                                                       static_cast<std::uint64_t>(mode_.shard[u]) * kernels::cpu::dtype_bytes(mode_.grad_dtype),
                                                        "gradient of " + layout_.units[u].name));
       }
       feed_ = std::make_unique<offload::StepFeed>(layout_.units.size());
@@ -546,19 +286,19 @@ class Trainer {
       if (gas_ > 1) {
         // No more uploaded sums of a size than units of that size (the GPU plan counts so).
         for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-          if (on_gpu_[u]) continue;
+          if (mode_.on_gpu[u]) continue;
           std::size_t& limit = sum_limit_[sum_bytes(u)];
           limit = std::min(limit + 1, kSumBuffers);
         }
       }
       unit_sq_.emplace(*backend_, layout_.units.size() * sizeof(double));
-    } else if (!lora_ && (sharded_ || partition_grads_)) {
+    } else if (!mode_.lora && (mode_.sharded || mode_.partition_grads)) {
       gshard_.resize(layout_.units.size());
-      for (std::size_t u = 0; u < layout_.units.size(); ++u) gshard_[u].resize(static_cast<std::size_t>(shard_[u]));
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) gshard_[u].resize(static_cast<std::size_t>(mode_.shard[u]));
     }
     tokens_.resize(static_cast<std::size_t>(micro_ * world_ * o.seq_len));
     targets_.resize(tokens_.size());
-    if (stage3_) {
+    if (mode_.stage3) {
       // The prefetch thread gathers on a channel of its own, so its all-gathers never interleave
       // with the compute thread's reductions.
       if (!nccl_) gather_comm_ = comm_->split("stage3-gather");
@@ -568,7 +308,7 @@ class Trainer {
       if (nccl_) {
         for (std::size_t u = 0; u < layout_.units.size(); ++u) co.gather_elements.push_back(gather_elements(u));
       }
-      coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, param_dtype_, co,
+      coord_ = std::make_unique<ParamCoordinator>(*backend_, layout_, mode_.param_dtype, co,
                                                   [this](std::size_t u, void* dst, std::size_t next) {
                                                     try {
                                                       gather_unit(u, dst, gather_comm_ ? *gather_comm_ : *comm_, worker_scratch_, next);  // (NCCL: unused)
@@ -587,24 +327,24 @@ class Trainer {
         throw Error("this run does not fit --gpu-memory-limit {:.2f} GiB: it needs {} (micro-batch {} x {} tokens). Lower "
                     "the micro-batch or the sequence length{}, or raise the limit",
                     o.gpu_memory_limit / 1073741824.0, gpu_plan_.describe(), micro_, o.seq_len,
-                    stage3_ ? ", or stage3_max_live_parameters" : ", or use ZeRO stage 3 (parameters gathered per layer)");
+                    mode_.stage3 ? ", or stage3_max_live_parameters" : ", or use ZeRO stage 3 (parameters gathered per layer)");
       }
     }
     // Stages 0-2 keep the whole compute copy of the parameters; stage 3 gathers each unit when it is
     // used (the coordinator). Stages 0-1 accumulate whole gradients; 2-3 reduce each unit's gradient
     // as its backward finishes and keep only this rank's shard.
-    if (!stage3_) params_.emplace(*backend_, layout_, param_dtype_);
-    if (!partition_grads_ && !lora_) full_grads_.emplace(*backend_, layout_, DType::kF32);
-    if (lora_) setup_lora();
+    if (!mode_.stage3) params_.emplace(*backend_, layout_, mode_.param_dtype);
+    if (!mode_.partition_grads && !mode_.lora) full_grads_.emplace(*backend_, layout_, DType::kF32);
+    if (mode_.lora) setup_lora();
     // The GPU's share of the optimizer: each unit's state, and its compute copy, which the
     // coordinator uses in place of gathers (filled by upload_gpu_state()).
     gpu_state_.resize(layout_.units.size());
     gpu_param_.resize(layout_.units.size());
     gpu_grad_.resize(layout_.units.size());
-    for (std::size_t u = 0; u < gpu_units_; ++u) {
+    for (std::size_t u = 0; u < mode_.gpu_units; ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       gpu_state_[u] = DeviceBuffer(*backend_, 3 * n * sizeof(float));
-      gpu_param_[u] = DeviceBuffer(*backend_, n * kernels::cpu::dtype_bytes(param_dtype_));
+      gpu_param_[u] = DeviceBuffer(*backend_, n * kernels::cpu::dtype_bytes(mode_.param_dtype));
       coord_->adopt(u, gpu_param_[u].data());
     }
   }
@@ -625,7 +365,9 @@ class Trainer {
       spdlog::warn("NCCL cannot be used by rank(s) {}{}: the GPUs' collectives run on the host over Gloo (the "
                    "synchronous path, much slower); install NCCL 2.18 or later, or point ZINF_NCCL_LIBRARY at it",
                    bad, mine == 0.0f ? fmt::format(" (here: {})", why) : std::string());
-      gpu_pipeline_ = false;
+      RunModeInputs in = mode_inputs(o_, world_);
+      in.nccl_usable = false;
+      mode_ = decide_run_mode(in);
       return;
     }
     // A collective waits for the other ranks' computation and optimizer step too (a gather
@@ -645,12 +387,7 @@ class Trainer {
                    world_, nccl_version());
     }
   }
-  // The elements a gather of unit u writes: with several GPUs in the pipeline the unit padded to
-  // W shards (an in-place all-gather); its gradient buffer is as long (W equal shards for the
-  // reduce-scatter, into a buffer of its own).
-  std::int64_t gather_elements(std::size_t u) const {
-    return nccl_ ? shard_[u] * world_ : layout_.units[u].numel;
-  }
+  std::int64_t gather_elements(std::size_t u) const { return mode_.gather_elements(u); }
 
   // What this run allocates on the GPU: see GpuPlan. Upper bounds from the budgets: stage 3 holds
   // at most the live budget plus one unit plus the persistent units; gradient buffers as the
@@ -662,23 +399,23 @@ class Trainer {
     for (std::size_t u = 0; u < units; ++u) {
       const auto n = static_cast<std::uint64_t>(layout_.units[u].numel);
       in.numel.push_back(n);
-      in.resident.push_back(stage3_ ? static_cast<std::uint64_t>(gather_elements(u)) : n);
-      in.on_gpu.push_back(on_gpu_[u] != 0);
-      in.persistent.push_back(stage3_ && coord_->persistent(u));
+      in.resident.push_back(mode_.stage3 ? static_cast<std::uint64_t>(gather_elements(u)) : n);
+      in.on_gpu.push_back(mode_.on_gpu[u] != 0);
+      in.persistent.push_back(mode_.stage3 && coord_->persistent(u));
     }
-    in.param_bytes = kernels::cpu::dtype_bytes(param_dtype_);
-    in.grad_bytes = kernels::cpu::dtype_bytes(grad_dtype_);
-    in.stage3 = stage3_;
-    in.partition_grads = partition_grads_;
-    in.pipeline = gpu_pipeline_;
+    in.param_bytes = kernels::cpu::dtype_bytes(mode_.param_dtype);
+    in.grad_bytes = kernels::cpu::dtype_bytes(mode_.grad_dtype);
+    in.stage3 = mode_.stage3;
+    in.partition_grads = mode_.partition_grads;
+    in.pipeline = mode_.pipeline;
     in.nccl = nccl_ != nullptr;
     in.grad_accum = static_cast<std::uint64_t>(gas_);
     in.world = static_cast<std::uint64_t>(world_);
     in.tied_embedding = o_.model.tie_word_embeddings;
     in.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.max_live_parameters, 0));
     in.reduce_bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(o_.ds.zero.reduce_bucket_size, 0));
-    in.frozen = lora_;
-    if (lora_) {
+    in.frozen = mode_.lora;
+    if (mode_.lora) {
       in.lora_numel = static_cast<std::uint64_t>(model_.lora().numel);
       in.lora_state_on_gpu = !o_.lora_offload_optimizer;
     }
@@ -701,7 +438,7 @@ class Trainer {
     sh.heads = c.num_heads;
     sh.kv_heads = c.num_kv_heads;
     sh.head_dim = c.head_dim;
-    sh.bf16 = param_dtype_ == DType::kBF16;
+    sh.bf16 = mode_.param_dtype == DType::kBF16;
     p.scratch = backend_->scratch_bound(sh);
     p.other = layout_.units.size() * sizeof(double) + (1u << 20);  // norms, tokens, small buffers
     return p;
@@ -772,12 +509,11 @@ class Trainer {
       result.stopped_early = true;
       return untrained();
     }
-    std::unique_ptr<MetricsCsv> csv;
+    std::optional<MetricsCsv> csv;
     if (rank_ == 0) {
       fs::create_directories(o_.output_dir);
       write_file_atomic((fs::path(o_.output_dir) / "deepspeed_config_auto.json").string(), o_.ds_resolved.dump(2) + "\n");
-      csv = std::make_unique<MetricsCsv>((fs::path(o_.output_dir) / "training_metrics.csv").string(),
-                                         resumed ? st_.step : -1);
+      csv.emplace((fs::path(o_.output_dir) / "training_metrics.csv").string(), resumed ? st_.step : -1);
     }
     {
       std::lock_guard lock(unit_mu_);
@@ -794,19 +530,19 @@ class Trainer {
     bool stopped = false;
     while (st_.step < total_steps_) {
       const auto t0 = Clock::now();
-      Timers tm;
+      PhaseTimes tm;
       // The schedule advances only on applied steps (DeepSpeed skips it with the step).
       const double lr = st_.applied == 0 ? schedule_.initial_lr() : schedule_.lr_at(st_.applied - 1);
       const double loss_scale = fp16_ ? scaler_.scale() : 1.0;
       if (full_grads_) full_grads_->zero();
-      if (lora_) backend_->fill_zero(lora_grads_.data(), lora_grads_.bytes());
+      if (mode_.lora) backend_->fill_zero(lora_grads_.data(), lora_grads_.bytes());
       // The gradient shards start each step at zero: 4 bytes per parameter, so in parallel.
       for (auto& g : gshard_) {
         float* p = g.data();
         tbb::parallel_for(tbb::blocked_range<std::size_t>(0, g.size(), 1 << 18),
                           [p](const tbb::blocked_range<std::size_t>& r) { std::fill(p + r.begin(), p + r.end(), 0.0f); });
       }
-      if (stage3_) {
+      if (mode_.stage3) {
         coord_->begin(ParamCoordinator::training_schedule(
             layout_.units.size(), gas_, [this](std::size_t u) { return model_.unit_reads(u); },
             [this](std::size_t u) { return model_.backward_param_reads(u); }));
@@ -818,7 +554,7 @@ class Trainer {
       // waiting for its unit's update), once this forward is done.
       const bool clipping = o_.ds.gradient_clipping > 0;
       bool step_started = false;
-      if (gpu_pipeline_) {
+      if (mode_.pipeline) {
         if (!inflight_) {
           start_pipeline_step(lr, clipping);
           step_started = true;
@@ -832,11 +568,11 @@ class Trainer {
         const std::size_t mine = static_cast<std::size_t>(rank_ * micro_ * o_.seq_len);
         const std::size_t len = static_cast<std::size_t>(micro_ * o_.seq_len);
         model_.set_batch(std::span(tokens_).subspan(mine, len), std::span(targets_).subspan(mine, len), micro_, o_.seq_len);
-        if (lora_) bind_lora(micro_seed(m), true);
+        if (mode_.lora) bind_lora(micro_seed(m), true);
         tm.data += seconds_since(td);
         auto tf = Clock::now();
         float loss = 0;
-        if (stage3_) {
+        if (mode_.stage3) {
           for (std::size_t u = 0; u < layout_.units.size(); ++u, ++use) {
             model_.forward_unit(u, coord_->acquire(use));
             coord_->release(use);
@@ -846,7 +582,7 @@ class Trainer {
           loss = model_.forward(params_->view());
         }
         tm.forward += seconds_since(tf);
-        if (gpu_pipeline_ && !step_started) {
+        if (mode_.pipeline && !step_started) {
           // Every unit was gathered, so the previous step has updated them all: it is finishing.
           const auto tj = Clock::now();
           finish_inflight();
@@ -862,31 +598,31 @@ class Trainer {
         // With several ranks the step goes on (every rank's collectives must still match); the
         // loss's sum over ranks below carries the non-finite value to every rank, which then stop.
         auto tb = Clock::now();
-        if (lora_) {
+        if (mode_.lora) {
           // The frozen base: activation gradients only; the adapters' gradients accumulate.
           for (std::size_t u = layout_.units.size(); u-- > 0; ++use) {
-            const UnitBuffers& p = stage3_ ? coord_->acquire(use) : params_->view();
+            const UnitBuffers& p = mode_.stage3 ? coord_->acquire(use) : params_->view();
             model_.backward_unit(u, p, frozen_grads_);
-            if (stage3_) coord_->release(use);
+            if (mode_.stage3) coord_->release(use);
           }
-        } else if (!partition_grads_) {
+        } else if (!mode_.partition_grads) {
           model_.backward(params_->view(), full_grads_->view(), static_cast<float>(loss_scale));
         } else {
           for (std::size_t u = layout_.units.size(); u-- > 0; ++use) {
-            const UnitBuffers& p = stage3_ ? coord_->acquire(use) : params_->view();
+            const UnitBuffers& p = mode_.stage3 ? coord_->acquire(use) : params_->view();
             for (const std::size_t r : model_.unit_reads(u)) take_grad_buffer(r);
-            if (gpu_pipeline_ && micro_i_ > 0 && !on_gpu_[u]) upload_sum(u);
+            if (mode_.pipeline && micro_i_ > 0 && !mode_.on_gpu[u]) upload_sum(u);
             model_.backward_unit(u, p, grad_view_, static_cast<float>(loss_scale));
-            if (stage3_) coord_->release(use);
-            if (gpu_pipeline_) {
+            if (mode_.stage3) coord_->release(use);
+            if (mode_.pipeline) {
               land_gradient(u);
               if (u == 0 && micro_i_ == gas_ - 1) {
                 // The last gradient: the units not yet stepped are next step's tail, stepped in
                 // forward order so that the next forward can follow them.
-                // (The GPU's units, 0 to gpu_units_ - 1, are stepped after the norm, before them.)
+                // (The GPU's units, 0 to mode_.gpu_units - 1, are stepped after the norm, before them.)
                 std::lock_guard lock(unit_mu_);
-                std::size_t left = gpu_units_;
-                for (std::size_t v = gpu_units_; v < unit_steps_.size(); ++v) left += unit_steps_[v] <= st_.applied ? 1 : 0;
+                std::size_t left = mode_.gpu_units;
+                for (std::size_t v = mode_.gpu_units; v < unit_steps_.size(); ++v) left += unit_steps_[v] <= st_.applied ? 1 : 0;
                 tail_ = std::min(left > 0 ? left - 1 : 0, layout_.units.size() - 1);
               }
             } else {
@@ -898,7 +634,7 @@ class Trainer {
         tm.backward += seconds_since(tb);
         loss_sum += loss;
       }
-      if (stage3_) coord_->end();
+      if (mode_.stage3) coord_->end();
       if (world_ > 1) {
         float l = static_cast<float>(loss_sum);
         comm_->all_reduce_sum(std::span<float>(&l, 1));
@@ -911,13 +647,13 @@ class Trainer {
       }
       const double loss = loss_sum / static_cast<double>(gas_ * world_);
       gradients_to_host();
-      if (o_.after_backward && !lora_) {
+      if (o_.after_backward && !mode_.lora) {
         std::vector<void*> g;
         if (full_grads_) {
           for (std::size_t u = 0; u < layout_.units.size(); ++u) g.push_back(host_grad(u));
         } else {
           for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-            if (gpu_pipeline_) landed_[u]->synchronize();
+            if (mode_.pipeline) landed_[u]->synchronize();
             g.push_back(gshard(u));
           }
         }
@@ -929,19 +665,19 @@ class Trainer {
       reduce_gradients();
       // Global norm of the accumulated (averaged) gradient; DeepSpeed's clip coefficient.
       double sq = 0;
-      if (lora_) {
+      if (mode_.lora) {
         sq = lora_grad_sq();  // of the gradient summed over the ranks: the same on every rank
-      } else if (gpu_pipeline_) {
+      } else if (mode_.pipeline) {
         // Summed on the GPU as each gradient was complete.
         std::vector<double> unit_sq(layout_.units.size());
         backend_->download(unit_sq.data(), unit_sq_->data(), unit_sq.size() * sizeof(double));
         for (const double v : unit_sq) sq += v;
       } else {
         for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-          sq += have_shards() ? sum_squares(gshard(u), shard_[u]) : sum_squares(host_grad(u), layout_.units[u].numel);
+          sq += have_shards() ? sum_squares(gshard(u), mode_.shard[u]) : sum_squares(host_grad(u), layout_.units[u].numel);
         }
       }
-      if (sharded_ && !lora_) {
+      if (mode_.sharded && !mode_.lora) {
         // Every rank's double, gathered and summed in rank order (a float sum could overflow).
         float mine[2];
         std::memcpy(mine, &sq, sizeof(sq));
@@ -968,18 +704,18 @@ class Trainer {
       if (overflow) {
         // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
         spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, loss_scale);
-      } else if (lora_) {
+      } else if (mode_.lora) {
         lora_step(lr, grad_scale);  // the base is frozen: nothing to refresh
         ++st_.applied;
       } else {
-        if (gpu_pipeline_) {
+        if (mode_.pipeline) {
           if (clipping && inflight_) feed_->post_grad_scale(static_cast<float>(grad_scale));
           step_gpu_units(lr, grad_scale);
           // Stage 3 with bf16 parameters leaves the step running: the next forward's gathers wait
           // for each unit's bf16 shard (refresh_params drops the gathered copies). An fp32 gather
           // reads the master, whose NVMe write-back the step does not report per unit, and stage 2
           // keeps every unit on the GPU and uploads them all after the step: both join here.
-          if (!stage3_ || param_dtype_ != DType::kBF16) finish_inflight();
+          if (!mode_.stage3 || mode_.param_dtype != DType::kBF16) finish_inflight();
         } else {
           offload::StepInputs in = step_inputs(lr, grad_scale);
           in.grad_dtype = DType::kF32;
@@ -991,7 +727,7 @@ class Trainer {
         }
         refresh_params();
         ++st_.applied;
-        if (gpu_pipeline_) {
+        if (mode_.pipeline) {
           // From now on every gather (the coordinator's prefetch for the next step starts at its
           // begin()) waits for this step's update of its unit.
           std::lock_guard lock(unit_mu_);
@@ -1019,18 +755,35 @@ class Trainer {
       const CoordinatorStats cs = step_param_stats();
       const double tps = static_cast<double>(step_tokens) / step_s;
       const double epoch = static_cast<double>(sampler_.position().epoch) + sampler_.epoch_fraction();
-      if (csv) csv->row(fmt::format("{},{:.4f},{:.6f},{},{:.9g},{:.6f},{:g},{},{},{:.1f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},{:.4f},"
-                          "{:.4f},{},{},{}",
-                          st_.step, epoch, loss, std::isnan(eval_loss) ? std::string() : fmt::format("{:.6f}", eval_loss),
-                          lr, norm, loss_scale, overflow ? 1 : 0, st_.tokens, tps, flops_per_token * tps / 1e12, step_s, tm.data, tm.forward,
-                          tm.backward, tm.optimizer, tm.offload_io, 0, offload_->memory().used(),
-                          offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2) +
-                              fmt::format(",{},{},{},{:.4f}", cs.live_high_water, cs.hits, cs.misses, cs.wait_seconds));
-      if (rank_ == 0) progress(loss, eval_loss, lr, tps, run_start, first_step, tm, norm);
-      if (stop_agreed()) {
-        stopped = st_.step < total_steps_;
+      if (csv) {
+        StepMetrics row;
+        row.step = st_.step;
+        row.epoch = epoch;
+        row.loss = loss;
+        row.eval_loss = eval_loss;
+        row.lr = lr;
+        row.grad_norm = norm;
+        row.loss_scale = loss_scale;
+        row.skipped = overflow;
+        row.tokens = st_.tokens;
+        row.tokens_per_s = tps;
+        row.tflops = flops_per_token * tps / 1e12;
+        row.step_s = step_s;
+        row.phases = tm;
+        row.gpu_mem_bytes = backend_->memory_peak();
+        row.host_mem_bytes = offload_->memory().used();
+        row.nvme_bytes = nvme_bytes();
+        row.live_params_hwm = cs.live_high_water;
+        row.prefetch_hits = cs.hits;
+        row.prefetch_misses = cs.misses;
+        row.param_wait_s = cs.wait_seconds;
+        csv->write(row);
+      }
+      const bool stop = stop_agreed();
+      stopped = stop && st_.step < total_steps_;
+      if (rank_ == 0) progress(loss, eval_loss, lr, tps, run_start, first_step, tm, norm, stopped);
+      if (stop) {
         if (stopped) {
-          if (o_.terminal) std::cerr << "\n";
           spdlog::info("stop requested: {} at step {}", o_.save ? "saving a checkpoint and exiting" : "exiting (--no-save: no checkpoint)", st_.step);
           break;
         }
@@ -1040,8 +793,7 @@ class Trainer {
       }
     }
     finish_inflight();
-    if (o_.terminal && rank_ == 0) std::cerr << "\n";
-    if (lora_) verify_base();
+    if (mode_.lora) verify_base();
     if (o_.save) result.last_checkpoint = save_checkpoint();
     result.steps = st_.step;
     result.first_loss = st_.first_loss;
@@ -1078,19 +830,19 @@ class Trainer {
   // Sums the accumulated gradients over ranks: in place for every unit (stage 0), or into this
   // rank's shard of each unit (stages 1-3; the unit padded with zeros to W shards).
   void reduce_gradients() {
-    if (lora_) {
+    if (mode_.lora) {
       lora_reduce();
       return;
     }
-    if (world_ == 1 || partition_grads_) return;
+    if (world_ == 1 || mode_.partition_grads) return;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
       float* g = host_grad(u);
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-      if (!sharded_) {
+      if (!mode_.sharded) {
         comm_->all_reduce_sum(std::span<float>(g, n));
         continue;
       }
-      padded_.assign(static_cast<std::size_t>(shard_[u] * world_), 0.0f);
+      padded_.assign(static_cast<std::size_t>(mode_.shard[u] * world_), 0.0f);
       std::memcpy(padded_.data(), g, n * sizeof(float));
       comm_->reduce_scatter_sum(padded_, gshard_[u]);
     }
@@ -1099,9 +851,9 @@ class Trainer {
   // This rank's piece of a full unit (zero padded past the unit's end).
   std::vector<float> my_shard(const float* full, std::size_t u) const {
     const auto n = layout_.units[u].numel;
-    std::vector<float> out(static_cast<std::size_t>(shard_[u]), 0.0f);
-    const std::int64_t begin = static_cast<std::int64_t>(rank_) * shard_[u];
-    const std::int64_t count = std::clamp<std::int64_t>(n - begin, 0, shard_[u]);
+    std::vector<float> out(static_cast<std::size_t>(mode_.shard[u]), 0.0f);
+    const std::int64_t begin = static_cast<std::int64_t>(rank_) * mode_.shard[u];
+    const std::int64_t count = std::clamp<std::int64_t>(n - begin, 0, mode_.shard[u]);
     if (count > 0) std::memcpy(out.data(), full + begin, static_cast<std::size_t>(count) * sizeof(float));
     return out;
   }
@@ -1111,7 +863,7 @@ class Trainer {
     load_base();
     st_.seed = o_.seed;
     st_.eval_samples = default_eval_samples();
-    if (lora_) init_lora_state();
+    if (mode_.lora) init_lora_state();
   }
 
   // The model's weights into the store: from init_weights or the seed. (A LoRA run's frozen base
@@ -1120,24 +872,24 @@ class Trainer {
     // The fp32 master is made in host memory whatever the compute backend: from a checkpoint, the
     // whole model at once; a fresh initialisation a unit at a time (host memory for one unit, not
     // 4 bytes per parameter of the model, beyond the store).
-    if (lora_) {
+    if (mode_.lora) {
       base_unit_hash_.assign(layout_.units.size(), 0);
       base_shard_hash_.assign(layout_.units.size(), 0);
     }
     const auto put = [this](std::size_t u, const float* full) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       std::vector<float> mine;
-      if (sharded_) mine = my_shard(full, u);
-      const std::span<const float> piece = sharded_ ? std::span<const float>(mine) : std::span<const float>(full, n);
+      if (mode_.sharded) mine = my_shard(full, u);
+      const std::span<const float> piece = mode_.sharded ? std::span<const float>(mine) : std::span<const float>(full, n);
       offload_->store().set_state(u, piece);
-      if (lora_) {
+      if (mode_.lora) {
         // The bf16 values the store now holds, hashed: the whole unit (the same on every rank) and
         // this rank's piece.
         std::vector<std::uint16_t> bf(n);
         kernels::cpu::convert(full, DType::kF32, bf.data(), DType::kBF16, n);
         base_unit_hash_[u] = XXH3_64bits(bf.data(), n * 2);
         base_shard_hash_[u] = base_unit_hash_[u];
-        if (sharded_) {
+        if (mode_.sharded) {
           bf.resize(piece.size());
           kernels::cpu::convert(piece.data(), DType::kF32, bf.data(), DType::kBF16, piece.size());
           base_shard_hash_[u] = XXH3_64bits(bf.data(), piece.size() * 2);
@@ -1294,7 +1046,7 @@ class Trainer {
             {"base", {{"source", base_source()}, {"fingerprint", hex64(base_fingerprint())}}}};
   }
   double model_flops_per_token() const {
-    return lora_ ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
+    return mode_.lora ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
                  : training_flops_per_token(o_.model, o_.seq_len);
   }
   // At the end of a LoRA run: the store's bf16 shards and the compute copies (stages 0-2) are
@@ -1305,7 +1057,7 @@ class Trainer {
     worker_scratch_.ahead.reset();
     std::vector<std::uint16_t> shard, copy;
     for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      shard.resize(static_cast<std::size_t>(shard_[u]));
+      shard.resize(static_cast<std::size_t>(mode_.shard[u]));
       offload_->store().fetch(u).copy_to(shard);
       copy.clear();
       if (params_) {
@@ -1327,7 +1079,7 @@ class Trainer {
   // The compute copy of the parameters from the store, after an optimizer step: every unit at
   // stages 0-2; at stage 3 units are gathered when used, so only the persistent ones are dropped.
   void refresh_params() {
-    if (stage3_) {
+    if (mode_.stage3) {
       coord_->invalidate();
       return;
     }
@@ -1361,10 +1113,10 @@ class Trainer {
       // Several GPUs: this rank's shard goes up into its place in the padded buffer, then the
       // ranks all-gather the unit in place over NCCL (after the upload, and so after the compute
       // the upload's stream was ordered behind).
-      const auto sh = static_cast<std::size_t>(shard_[u]);
-      const std::size_t pb = kernels::cpu::dtype_bytes(param_dtype_);
+      const auto sh = static_cast<std::size_t>(mode_.shard[u]);
+      const std::size_t pb = kernels::cpu::dtype_bytes(mode_.param_dtype);
       std::byte* mine = static_cast<std::byte*>(device_dst) + static_cast<std::size_t>(rank_) * sh * pb;
-      if (param_dtype_ == DType::kBF16) {
+      if (mode_.param_dtype == DType::kBF16) {
         offload::ParamLease lease = take_lease(u, s, next);
         lease.wait();
         for (const auto& piece : lease.pieces()) {
@@ -1380,14 +1132,14 @@ class Trainer {
         backend_->copy_to_device_async(mine, s.in.data(), sh * sizeof(float), Stream::kHostToDevice);
         backend_->record(Stream::kHostToDevice)->synchronize();
       }
-      nccl_->all_gather(mine, device_dst, sh, param_dtype_);
+      nccl_->all_gather(mine, device_dst, sh, mode_.param_dtype);
       return;
     }
     // A GPU: up on the host-to-device stream, which the caller has ordered after any compute
     // still reading the buffer. bf16 shards not split across ranks go straight from the store
     // (page-locked host memory, or the NVMe staging buffers); anything else is gathered on the
     // host first.
-    if (param_dtype_ == DType::kBF16 && !sharded_) {
+    if (mode_.param_dtype == DType::kBF16 && !mode_.sharded) {
       offload::ParamLease lease = take_lease(u, s, next);
       lease.wait();
       for (const auto& piece : lease.pieces()) {
@@ -1397,7 +1149,7 @@ class Trainer {
       backend_->record(Stream::kHostToDevice)->synchronize();
       return;
     }
-    s.host.resize(n * kernels::cpu::dtype_bytes(param_dtype_));
+    s.host.resize(n * kernels::cpu::dtype_bytes(mode_.param_dtype));
     gather_unit_host(u, s.host.data(), comm, s, next);
     backend_->copy_to_device_async(device_dst, s.host.data(), s.host.size(), Stream::kHostToDevice);
     backend_->record(Stream::kHostToDevice)->synchronize();
@@ -1423,11 +1175,11 @@ class Trainer {
 
   void gather_unit_host(std::size_t u, void* dst, Communicator& comm, GatherScratch& s, std::size_t next) {
     const auto n = static_cast<std::size_t>(layout_.units[u].numel);
-    const auto sh = static_cast<std::size_t>(shard_[u]);
-    if (param_dtype_ == DType::kBF16) {
+    const auto sh = static_cast<std::size_t>(mode_.shard[u]);
+    if (mode_.param_dtype == DType::kBF16) {
       auto* out = static_cast<std::uint16_t*>(dst);
       offload::ParamLease lease = take_lease(u, s, next);
-      if (!sharded_) {
+      if (!mode_.sharded) {
         lease.copy_to(std::span<std::uint16_t>(out, n));
         return;
       }
@@ -1445,7 +1197,7 @@ class Trainer {
     auto* w = static_cast<float*>(dst);
     s.m.resize(sh);
     s.v.resize(sh);
-    if (sharded_) {
+    if (mode_.sharded) {
       s.in.resize(sh);
       s.out.resize(sh * static_cast<std::size_t>(world_));
       offload_->store().read_state(u, s.in, s.m, s.v);
@@ -1507,12 +1259,12 @@ class Trainer {
   }
 
   // This rank's summed gradient shard of unit u (stages 1-3, or the GPU pipeline's page-locked one).
-  // (bf16 when the pipeline's gradients travel as bf16: see grad_dtype_.)
+  // (bf16 when the pipeline's gradients travel as bf16: see mode_.grad_dtype.)
   float* gshard(std::size_t u) {
-    if (grads_in_params_) return reinterpret_cast<float*>(offload_->store().host_params(u));
-    return gpu_pipeline_ ? gpinned_[u].as<float>() : gshard_[u].data();
+    if (mode_.grads_in_params) return reinterpret_cast<float*>(offload_->store().host_params(u));
+    return mode_.pipeline ? gpinned_[u].as<float>() : gshard_[u].data();
   }
-  bool have_shards() const { return gpu_pipeline_ || !gshard_.empty(); }
+  bool have_shards() const { return mode_.pipeline || !gshard_.empty(); }
 
   // The optimizer step's inputs for this step (the gradient source is the caller's).
   offload::StepInputs step_inputs(double lr, double grad_scale) const {
@@ -1527,7 +1279,7 @@ class Trainer {
     in.adam.bias_correction = oc.bias_correction;
     in.adam.step = st_.applied + 1;
     in.adam.grad_scale = static_cast<float>(grad_scale);
-    in.grad_dtype = grad_dtype_;
+    in.grad_dtype = mode_.grad_dtype;
     return in;
   }
 
@@ -1548,10 +1300,10 @@ class Trainer {
     const std::size_t n = layout_.units.size();
     const std::size_t tail = clipping ? n - 1 : tail_;
     for (std::size_t u = n; u-- > tail + 1;) {
-      if (!on_gpu_[u]) in.order.push_back(u);
+      if (!mode_.on_gpu[u]) in.order.push_back(u);
     }
     for (std::size_t u = 0; u <= tail; ++u) {
-      if (!on_gpu_[u]) in.order.push_back(u);
+      if (!mode_.on_gpu[u]) in.order.push_back(u);
     }
     if (in.order.empty()) return;  // every unit's state is on the GPU: step_gpu_units() does it all
     if (!clipping) feed_->post_grad_scale(static_cast<float>(1.0 / static_cast<double>(gas_ * world_)));
@@ -1564,9 +1316,9 @@ class Trainer {
   // gradients go back to the pool. The kernels are only queued here: their time shows in the next
   // forward, not in the step's optimizer time.
   void step_gpu_units(double lr, double grad_scale) {
-    if (gpu_units_ == 0) return;
+    if (mode_.gpu_units == 0) return;
     const offload::StepInputs in = step_inputs(lr, grad_scale);
-    for (std::size_t u = 0; u < gpu_units_; ++u) {
+    for (std::size_t u = 0; u < mode_.gpu_units; ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       kernels::cpu::AdamTensors t;
       float* state = gpu_state_[u].f32();
@@ -1575,9 +1327,9 @@ class Trainer {
       t.exp_avg_sq = state + 2 * n;
       t.state_dtype = DType::kF32;
       t.grad = gpu_grad_[u].data();
-      t.grad_dtype = grad_dtype_;
+      t.grad_dtype = mode_.grad_dtype;
       t.param_out = gpu_param_[u].data();
-      t.out_dtype = param_dtype_;
+      t.out_dtype = mode_.param_dtype;
       t.n = n;
       backend_->adam_step(in.adam, t);
       grad_pool_[gpu_grad_[u].bytes()].push_back({std::move(gpu_grad_[u]), nullptr});
@@ -1589,13 +1341,13 @@ class Trainer {
   void upload_gpu_state() {
     std::vector<float> st;
     std::vector<std::uint16_t> bf;
-    for (std::size_t u = 0; u < gpu_units_; ++u) {
+    for (std::size_t u = 0; u < mode_.gpu_units; ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       st.resize(3 * n);
       offload_->store().read_state(u, std::span<float>(st.data(), n), std::span<float>(st.data() + n, n),
                                    std::span<float>(st.data() + 2 * n, n));
       backend_->upload(gpu_state_[u].data(), st.data(), 3 * n * sizeof(float));
-      if (param_dtype_ == DType::kBF16) {
+      if (mode_.param_dtype == DType::kBF16) {
         bf.resize(n);
         offload_->store().fetch(u).copy_to(bf);
         backend_->upload(gpu_param_[u].data(), bf.data(), n * 2);
@@ -1607,7 +1359,7 @@ class Trainer {
   // ... and back into the store, which checkpoints read (after the steps queued so far).
   void gpu_state_to_store() {
     std::vector<float> st;
-    for (std::size_t u = 0; u < gpu_units_; ++u) {
+    for (std::size_t u = 0; u < mode_.gpu_units; ++u) {
       const auto n = static_cast<std::size_t>(layout_.units[u].numel);
       st.resize(3 * n);
       backend_->download(st.data(), gpu_state_[u].data(), 3 * n * sizeof(float));
@@ -1642,13 +1394,13 @@ class Trainer {
   // Whether every step begun before this one has updated unit u (without waiting).
   // (Only the GPU pipeline steps units on another thread; elsewhere every unit is always ready.)
   bool unit_ready(std::size_t u) {
-    if (!gpu_pipeline_) return true;
+    if (!mode_.pipeline) return true;
     std::lock_guard lock(unit_mu_);
     return unit_steps_.empty() || unit_steps_[u] >= steps_needed_;
   }
   // Before unit u's parameters are read: every step begun before this one has updated them.
   void wait_unit(std::size_t u) {
-    if (!gpu_pipeline_) return;
+    if (!mode_.pipeline) return;
     std::unique_lock lock(unit_mu_);
     if (unit_steps_.empty()) return;
     unit_cv_.wait(lock, [&] { return unit_steps_[u] >= steps_needed_ || !unit_error_.empty(); });
@@ -1664,21 +1416,21 @@ class Trainer {
   // of the rounded values, which the optimizer steps with.
   void land_gradient(std::size_t u) {
     const auto n = layout_.units[u].numel;
-    if (on_gpu_[u]) {
+    if (mode_.on_gpu[u]) {
       // The GPU's share: the gradient stays for step_gpu_units(), rounded first like the others.
       // (With accumulation, gradients are fp32: later micro-batches add theirs to the first's.)
       if (micro_i_ > 0) {
-        ZINF_ASSERT(grad_dtype_ == DType::kF32, "accumulated GPU-share gradients must be fp32");
+        ZINF_ASSERT(mode_.grad_dtype == DType::kF32, "accumulated GPU-share gradients must be fp32");
         backend_->add(gpu_grad_[u].f32(), grad_live_[u].f32(), n);
         grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), nullptr});  // compute-ordered
-      } else if (grad_dtype_ == DType::kBF16) {
+      } else if (mode_.grad_dtype == DType::kBF16) {
         gpu_grad_[u] = take_pooled(static_cast<std::size_t>(n) * 2);
         backend_->round_to_bf16(static_cast<std::uint16_t*>(gpu_grad_[u].data()), grad_live_[u].f32(), n);
         grad_pool_[grad_live_[u].bytes()].push_back({std::move(grad_live_[u]), nullptr});  // compute-ordered
       } else {
         gpu_grad_[u] = std::move(grad_live_[u]);
       }
-      if (micro_i_ == gas_ - 1) backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, gpu_grad_[u].data(), n, grad_dtype_);
+      if (micro_i_ == gas_ - 1) backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, gpu_grad_[u].data(), n, mode_.grad_dtype);
       grad_view_.units[u] = nullptr;
       return;
     }
@@ -1695,7 +1447,7 @@ class Trainer {
   // finished reductions land in order (land_shard) as it passes here, at most
   // kReductionsInFlight behind, and all of them after the last unit.
   void post_reduction(std::size_t u) {
-    const auto count = static_cast<std::size_t>(shard_[u]);
+    const auto count = static_cast<std::size_t>(mode_.shard[u]);
     Reduction r;
     r.unit = u;
     r.full = std::move(grad_live_[u]);
@@ -1733,7 +1485,7 @@ class Trainer {
     if (!error.empty()) throw Error("rank {}: {}", rank_, error);
     grad_pool_[r.full.bytes()].push_back({std::move(r.full), nullptr});  // the collective has read it
     grad_live_[r.unit] = std::move(r.shard);
-    land_shard(r.unit, shard_[r.unit]);
+    land_shard(r.unit, mode_.shard[r.unit]);
   }
   // Unit u's gradient (`count` elements in grad_live_[u]: the unit, or this rank's summed shard)
   // comes down: rounded to bf16 first when gradients travel as bf16; its sum of squares computed
@@ -1761,13 +1513,13 @@ class Trainer {
     }
     const void* g = grad_live_[u].data();
     DeviceBuffer rounded;
-    if (grad_dtype_ == DType::kBF16) {
+    if (mode_.grad_dtype == DType::kBF16) {
       bytes = static_cast<std::size_t>(count) * 2;
       rounded = take_pooled(bytes);
       backend_->round_to_bf16(static_cast<std::uint16_t*>(rounded.data()), grad_live_[u].f32(), count);
       g = rounded.data();
     }
-    backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, g, count, grad_dtype_);
+    backend_->sum_squares(static_cast<double*>(unit_sq_->data()) + u, g, count, mode_.grad_dtype);
     backend_->wait(Stream::kDeviceToHost, *backend_->record(Stream::kCompute));
     backend_->copy_to_host_async(gshard(u), g, bytes, Stream::kDeviceToHost);
     landed_[u] = backend_->record(Stream::kDeviceToHost);
@@ -1785,7 +1537,7 @@ class Trainer {
   // copy down, into a buffer of sum_pool_ whose last add (on the compute stream) is done: two per
   // size, so the stream never waits for work queued after the add it needs.
   std::size_t sum_bytes(std::size_t u) const {
-    return static_cast<std::size_t>(nccl_ ? shard_[u] : layout_.units[u].numel) * sizeof(float);
+    return static_cast<std::size_t>(nccl_ ? mode_.shard[u] : layout_.units[u].numel) * sizeof(float);
   }
   void upload_sum(std::size_t u) {
     const std::size_t bytes = sum_bytes(u);
@@ -1836,7 +1588,7 @@ class Trainer {
   // reduce-scattered once it holds reduce_bucket_size elements.
   void gradient_ready(std::size_t u) {
     bucket_.push_back(u);
-    bucket_elems_ += shard_[u] * world_;
+    bucket_elems_ += mode_.shard[u] * world_;
     if (bucket_elems_ >= o_.ds.zero.reduce_bucket_size) flush_gradient_bucket();
   }
 
@@ -1849,13 +1601,13 @@ class Trainer {
       for (const std::size_t u : bucket_) kernels::cpu::add_inplace(gshard_[u].data(), bucket_grad(u), layout_.units[u].numel);
     } else {
       std::int64_t total = 0;
-      for (const std::size_t u : bucket_) total += shard_[u];
+      for (const std::size_t u : bucket_) total += mode_.shard[u];
       send_.resize(static_cast<std::size_t>(total * world_));
       recv_.resize(static_cast<std::size_t>(total));
       for (int r = 0; r < world_; ++r) {
         float* out = send_.data() + static_cast<std::size_t>(r) * static_cast<std::size_t>(total);
         for (const std::size_t u : bucket_) {
-          const std::int64_t sh = shard_[u], n = layout_.units[u].numel, begin = r * sh;
+          const std::int64_t sh = mode_.shard[u], n = layout_.units[u].numel, begin = r * sh;
           const std::int64_t count = std::clamp<std::int64_t>(n - begin, 0, sh);
           if (count > 0) std::memcpy(out, bucket_grad(u) + begin, static_cast<std::size_t>(count) * sizeof(float));
           std::fill(out + std::max<std::int64_t>(count, 0), out + sh, 0.0f);
@@ -1865,8 +1617,8 @@ class Trainer {
       comm_->reduce_scatter_sum(send_, recv_);
       const float* in = recv_.data();
       for (const std::size_t u : bucket_) {
-        kernels::cpu::add_inplace(gshard_[u].data(), in, shard_[u]);
-        in += shard_[u];
+        kernels::cpu::add_inplace(gshard_[u].data(), in, mode_.shard[u]);
+        in += mode_.shard[u];
       }
     }
     for (const std::size_t u : bucket_) {
@@ -1883,7 +1635,7 @@ class Trainer {
   // gathered all the time), folded into the run's totals.
   CoordinatorStats step_param_stats() {
     CoordinatorStats s;
-    if (stage3_) {
+    if (mode_.stage3) {
       s = coord_->take_stats();
     } else {
       s.live_high_water = layout_.total_numel();
@@ -1926,9 +1678,9 @@ class Trainer {
       }
       model_.set_batch(std::span(tokens_).first(count * o_.seq_len), std::span(targets_).first(count * o_.seq_len),
                        count, o_.seq_len);
-      if (lora_) bind_lora(0, false);  // no dropout
+      if (mode_.lora) bind_lora(0, false);  // no dropout
       float loss = 0;
-      if (stage3_) {
+      if (mode_.stage3) {
         coord_->begin(ParamCoordinator::forward_schedule(layout_.units.size(),
                                                          [this](std::size_t u) { return model_.unit_reads(u); }));
         for (std::size_t u = 0; u < layout_.units.size(); ++u) {
@@ -1949,225 +1701,90 @@ class Trainer {
   std::string save_checkpoint() {
     finish_inflight();  // the GPU pipeline's step in flight completes first
     gpu_state_to_store();  // and the GPU's share of the state is copied into the store
-    const fs::path root = fs::path(o_.output_dir) / "checkpoints";
-    const std::string name = step_dir_name(st_.step);
-    const fs::path final_dir = root / name;
-    const fs::path tmp = root / (name + ".partial");
-    if (rank_ == 0) {
-      fs::create_directories(root);
-      fs::remove_all(tmp);
-      fs::create_directories(tmp);
-    }
-    // Ranks write their shards into the directory rank 0 made; rank 0 then finishes the save.
+    CheckpointSave save;
+    save.output_dir = o_.output_dir;
+    save.step = st_.step;
+    save.keep_last = o_.keep_last;
     // (A LoRA run's state is the adapters', the same on every rank: rank 0 writes it.)
-    const int shards = sharded_ && !lora_ ? world_ : 1;
-    if (world_ > 1) comm_->barrier(kSlowWait);
-    if (rank_ >= shards) {
-      comm_->barrier(kSlowWait);
-      comm_->barrier(kSlowWait);
-      return final_dir.string();
-    }
-    // Optimizer state: one fp32 tensor per unit and kind, each filled from the store as written.
-    std::vector<io::StWriteTensor> tensors;
-    std::size_t cached = SIZE_MAX;
-    std::vector<float> m, a, v;
-    Json sums = Json::object();
+    save.shards = mode_.sharded && !mode_.lora ? world_ : 1;
+    save.manifest = [this] { return manifest(); };
+    StateSource state;
     std::vector<float> lora_all;
-    if (lora_) {
-      // The adapters' master, exp_avg and exp_avg_sq, one flat tensor each.
+    if (mode_.lora) {
+      // The adapters' master, exp_avg and exp_avg_sq, one flat tensor each ("lora.master", ...);
+      // also in PEFT's format, so the checkpoint directory loads as a PEFT adapter.
       lora_all = lora_state();
       const std::size_t n = lora_numel();
-      for (int kind = 0; kind < 3; ++kind) {
-        const std::string tname = std::string("lora.") + (kind == 0 ? "master" : kind == 1 ? "exp_avg" : "exp_avg_sq");
-        const float* src = lora_all.data() + kind * n;
-        sums[tname] = hex64(XXH3_64bits(src, n * sizeof(float)));
-        tensors.push_back({tname, io::StDType::kF32, {static_cast<std::int64_t>(n)},
-                           [src, n](std::byte* dst) { std::memcpy(dst, src, n * sizeof(float)); }});
-      }
-    }
-    for (std::size_t u = 0; u < layout_.units.size() && !lora_; ++u) {
-      const auto n = static_cast<std::size_t>(shard_[u]);
-      for (int kind = 0; kind < 3; ++kind) {
-        const std::string tname = layout_.units[u].name + (kind == 0 ? ".master" : kind == 1 ? ".exp_avg" : ".exp_avg_sq");
-        tensors.push_back({tname, io::StDType::kF32, {static_cast<std::int64_t>(n)}, [&, u, n, kind, tname](std::byte* dst) {
-                             if (cached != u) {
-                               m.resize(n), a.resize(n), v.resize(n);
-                               offload_->store().read_state(u, m, a, v);
-                               cached = u;
-                             }
-                             const std::vector<float>& src = kind == 0 ? m : kind == 1 ? a : v;
-                             std::memcpy(dst, src.data(), n * sizeof(float));
-                             sums[tname] = hex64(XXH3_64bits(src.data(), n * sizeof(float)));
-                           }});
-      }
-    }
-    const std::string state_file = shards == 1 ? std::string(kStateFile) : rank_state_file(rank_, shards);
-    io::write_safetensors((tmp / state_file).string(), tensors, {{"format", "zinf-optimizer-state"}});
-    if (shards > 1) write_file_atomic((tmp / rank_checksum_file(rank_, shards)).string(), sums.dump(2) + "\n");
-    if (world_ > 1) comm_->barrier(kSlowWait);  // every shard is on disk
-    if (rank_ != 0) {
-      comm_->barrier(kSlowWait);  // rank 0 has put the checkpoint in place
-      return final_dir.string();
-    }
-    Json s;
-    s["format"] = "zinf-checkpoint";
-    s["version"] = kCheckpointVersion;
-    s["step"] = st_.step;
-    st_.data = sampler_.position();
-    s["data"] = {{"epoch", st_.data.epoch}, {"index", st_.data.index}, {"source", o_.data->name()},
-                 {"tokens", o_.data->size()}, {"seq_len", o_.seq_len}, {"eval_fraction", o_.eval_fraction}};
-    s["batch"] = {{"micro", micro_}, {"grad_accum", gas_}};
-    s["precision"] = fp16_ ? "fp16" : kernels::cpu::dtype_name(param_dtype_);
-    s["seed"] = st_.seed;
-    s["eval_samples"] = st_.eval_samples;
-    s["tokens_seen"] = st_.tokens;
-    s["first_loss"] = st_.first_loss;
-    s["best_eval_loss"] = st_.have_eval ? Json(st_.best_eval) : Json(nullptr);
-    const LossScaler::State& ls = scaler_.state();
-    s["loss_scaler"] = {{"enabled", fp16_}, {"scale", ls.scale}, {"iteration", ls.iteration},
-                        {"last_overflow", ls.last_overflow}, {"hysteresis", ls.hysteresis}};
-    s["applied_steps"] = st_.applied;
-    s["scheduler"] = {{"last_batch_iteration", st_.applied - 1}};
-    s["model"] = model_config_json(o_.model);
-    s["param_dtype"] = kernels::cpu::dtype_name(param_dtype_);
-    Json units = Json::array();
-    for (const auto& u : layout_.units) units.push_back({{"name", u.name}, {"numel", u.numel}});
-    s["units"] = units;
-    s["world_size"] = world_;
-    s["zero_stage"] = o_.ds.zero.stage;
-    s["state_shards"] = shards;
-    if (shards == 1) s["checksums"] = sums;
-    if (lora_) {
-      // The adapters also in PEFT's format, so the checkpoint directory loads as a PEFT adapter.
-      const LoraLayout& l = model_.lora();
-      save_adapter(tmp.string(), l, std::span<const float>(lora_all.data(), lora_numel()), base_source());
-      s["lora"] = lora_json();
-      s["lora"]["numel"] = l.numel;
-    }
-    write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
-    sync_directory(tmp.string());
-    // Into place. A checkpoint of the same step (from a run resumed at an earlier step) is swapped
-    // with the new one in one atomic rename, so `step-N` always exists whole; where the file
-    // system cannot exchange, the old copy is renamed aside first.
-    bool exchanged = false;
-    if (fs::exists(final_dir)) {
-      exchanged = ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0;
-      if (!exchanged) {
-        const fs::path old = root / (name + ".old");
-        fs::remove_all(old);
-        fs::rename(final_dir, old);
-        fs::rename(tmp, final_dir);
-        fs::remove_all(old);
-      }
+      state.entries.emplace_back("lora", n);
+      state.read = [&lora_all, n](std::size_t, std::span<float> m, std::span<float> a, std::span<float> v) {
+        std::copy_n(lora_all.data(), n, m.data());
+        std::copy_n(lora_all.data() + n, n, a.data());
+        std::copy_n(lora_all.data() + 2 * n, n, v.data());
+      };
+      save.extra_files = [this, &lora_all](const std::string& dir) {
+        save_adapter(dir, model_.lora(), std::span<const float>(lora_all.data(), lora_numel()), base_source());
+      };
     } else {
-      fs::rename(tmp, final_dir);
+      for (std::size_t u = 0; u < layout_.units.size(); ++u) {
+        state.entries.emplace_back(layout_.units[u].name, static_cast<std::size_t>(mode_.shard[u]));
+      }
+      state.read = [this](std::size_t u, std::span<float> m, std::span<float> a, std::span<float> v) {
+        offload_->store().read_state(u, m, a, v);
+      };
     }
-    sync_directory(root.string());
-    write_file_atomic((root / "latest").string(), name + "\n");
-    if (exchanged) fs::remove_all(tmp);  // now the previous copy
-    prune_checkpoints(root, name);
-    spdlog::info("checkpoint {} written", final_dir.string());
-    if (world_ > 1) comm_->barrier(kSlowWait);
-    return final_dir.string();
+    return runtime::save_checkpoint(*comm_, save, state);
   }
 
-  // Keeps the newest keep_last checkpoints at or below the current step (later ones belong to a
-  // run this one resumed from an earlier step, and are left alone). A directory is renamed to
-  // *.deleting before it is removed, so a crash never leaves a half-deleted step-N.
-  void prune_checkpoints(const fs::path& root, const std::string& keep) {
-    if (o_.keep_last <= 0) return;
-    try {
-      std::vector<std::string> names;
-      for (const auto& e : fs::directory_iterator(root)) {
-        const std::string n = e.path().filename().string();
-        if (e.is_directory() && n.rfind("step-", 0) == 0 && n.find('.') == std::string::npos && n <= keep) {
-          names.push_back(n);
-        }
-      }
-      std::sort(names.begin(), names.end());
-      const auto extra = static_cast<std::ptrdiff_t>(names.size()) - o_.keep_last;
-      for (std::ptrdiff_t i = 0; i < extra; ++i) {
-        const fs::path victim = root / names[static_cast<std::size_t>(i)];
-        const fs::path doomed = root / (names[static_cast<std::size_t>(i)] + ".deleting");
-        fs::rename(victim, doomed);
-        fs::remove_all(doomed);
-      }
-    } catch (const fs::filesystem_error& e) {
-      spdlog::warn("removing old checkpoints (--keep-last {}): {}; the new checkpoint is saved", o_.keep_last, e.what());
+  // trainer_state.json of a checkpoint at this step.
+  CheckpointManifest manifest() {
+    CheckpointManifest m;
+    m.step = st_.step;
+    m.applied_steps = st_.applied;
+    st_.data = sampler_.position();
+    m.data = st_.data;
+    m.data_source = o_.data->name();
+    m.data_tokens = o_.data->size();
+    m.seq_len = o_.seq_len;
+    m.eval_fraction = o_.eval_fraction;
+    m.micro = micro_;
+    m.grad_accum = gas_;
+    m.precision = precision();
+    m.param_dtype = kernels::cpu::dtype_name(mode_.param_dtype);
+    m.seed = st_.seed;
+    m.eval_samples = st_.eval_samples;
+    m.tokens_seen = st_.tokens;
+    m.first_loss = st_.first_loss;
+    if (st_.have_eval) m.best_eval_loss = st_.best_eval;
+    m.loss_scaler_enabled = fp16_;
+    m.loss_scaler = scaler_.state();
+    m.model = model_config_json(o_.model);
+    for (const auto& u : layout_.units) m.units.emplace_back(u.name, u.numel);
+    m.world_size = world_;
+    m.zero_stage = o_.ds.zero.stage;
+    if (mode_.lora) {
+      m.lora = lora_json();
+      m.lora["numel"] = model_.lora().numel;
     }
+    return m;
   }
+  std::string precision() const { return fp16_ ? "fp16" : kernels::cpu::dtype_name(mode_.param_dtype); }
 
   void load_checkpoint(const std::string& dir) {
     const CheckpointReader ck(dir, 0);
-    const Json& s = ck.state();
     ck.check_layout(layout_, o_.model);
-    if (s.contains("lora") != lora_) {
-      if (lora_) {
-        throw Error("checkpoint '{}' is from full training, not LoRA: to fine-tune its weights with LoRA, export them "
-                    "(zinf ckpt export) and start a new run with --init",
-                    dir);
-      }
-      throw Error("checkpoint '{}' is a LoRA run's (adapters only): resume it with its --lora-* options, or merge it "
-                  "into its base (zinf ckpt merge)",
-                  dir);
-    }
-    const int ck_world = s.value("world_size", 1);
-    try {
-      // What the sample order and the numerics depend on must match, or the continuation is not
-      // the same run.
-      const Json& dj = s.at("data");
-      if (dj.at("seq_len").get<std::int64_t>() != o_.seq_len) {
-        throw Error("checkpoint '{}' was trained with --seq-len {}, not {}: resume with the same sequence length", dir,
-                    dj.at("seq_len").get<std::int64_t>(), o_.seq_len);
-      }
-      if (dj.at("tokens").get<std::uint64_t>() != o_.data->size() ||
-          dj.at("eval_fraction").get<double>() != o_.eval_fraction) {
-        throw Error("checkpoint '{}' was trained on {} ({} tokens, --eval-fraction {}), not {} ({} tokens, "
-                    "--eval-fraction {}): resume with the same data",
-                    dir, dj.at("source").get<std::string>(), dj.at("tokens").get<std::uint64_t>(),
-                    dj.at("eval_fraction").get<double>(), o_.data->name(), o_.data->size(), o_.eval_fraction);
-      }
-      if (dj.at("source").get<std::string>() != o_.data->name()) {
-        spdlog::warn("resuming on {} (the checkpoint names {}; same size)", o_.data->name(),
-                     dj.at("source").get<std::string>());
-      }
-      // The sample stream is shared by all ranks; a step takes micro x accumulation x ranks samples
-      // of it. Any split of the same global batch continues the run (re-sharding to other ranks).
-      const std::int64_t micro = s.at("batch").at("micro").get<std::int64_t>();
-      const std::int64_t gas = s.at("batch").at("grad_accum").get<std::int64_t>();
-      if (micro * gas * ck_world != micro_ * gas_ * world_) {
-        throw Error("checkpoint '{}' was trained with a global batch of {} samples (micro-batch {} x {} accumulation "
-                    "steps x {} rank(s)), this run's is {} ({} x {} x {}): choose the micro-batch and "
-                    "--gradient-accumulation-steps so that micro-batch x accumulation x ranks = {}",
-                    dir, micro * gas * ck_world, micro, gas, ck_world, micro_ * gas_ * world_, micro_, gas_, world_,
-                    micro * gas * ck_world);
-      }
-      if (micro != micro_ || gas != gas_ || ck_world != world_) {
-        spdlog::info("resuming a run of {} rank(s) x {} x {} on {} rank(s) x {} x {} (same global batch)", ck_world,
-                     micro, gas, world_, micro_, gas_);
-      }
-      const std::string precision = fp16_ ? "fp16" : kernels::cpu::dtype_name(param_dtype_);
-      if (s.at("precision").get<std::string>() != precision) {
-        throw Error("checkpoint '{}' was trained in {}, not {}: resume with the same precision", dir,
-                    s.at("precision").get<std::string>(), precision);
-      }
-      st_.step = s.at("step").get<std::int64_t>();
-      st_.applied = s.at("applied_steps").get<std::int64_t>();
-      const Json& ls = s.at("loss_scaler");
-      if (fp16_ && ls.at("enabled").get<bool>()) {
-        scaler_.set_state({ls.at("scale").get<double>(), ls.at("iteration").get<std::int64_t>(),
-                           ls.at("last_overflow").get<std::int64_t>(), ls.at("hysteresis").get<int>()});
-      }
-      st_.data = {s.at("data").at("epoch").get<std::uint64_t>(), s.at("data").at("index").get<std::uint64_t>()};
-      st_.seed = s.at("seed").get<std::uint64_t>();
-      st_.eval_samples = s.contains("eval_samples") ? s.at("eval_samples").get<std::uint64_t>() : default_eval_samples();
-      st_.tokens = s.at("tokens_seen").get<std::uint64_t>();
-      st_.first_loss = s.at("first_loss").get<double>();
-      st_.have_eval = !s.at("best_eval_loss").is_null();
-      st_.best_eval = st_.have_eval ? s.at("best_eval_loss").get<double>() : 0.0;
-    } catch (const Json::exception& e) {
-      throw Error("{}/{} is damaged or from another zinf: {}", dir, kTrainerStateFile, e.what());
-    }
+    check_resumable(ck, {o_.seq_len, o_.data->name(), o_.data->size(), o_.eval_fraction, micro_, gas_, world_,
+                         precision(), mode_.lora});
+    const CheckpointManifest& m = ck.manifest();
+    st_.step = m.step;
+    st_.applied = m.applied_steps;
+    if (fp16_ && m.loss_scaler_enabled) scaler_.set_state(m.loss_scaler);
+    st_.data = m.data;
+    st_.seed = m.seed;
+    st_.eval_samples = m.eval_samples.value_or(default_eval_samples());
+    st_.tokens = m.tokens_seen;
+    st_.first_loss = m.first_loss;
+    st_.have_eval = m.best_eval_loss.has_value();
+    st_.best_eval = m.best_eval_loss.value_or(0.0);
     if (st_.seed != o_.seed) {
       spdlog::warn("the checkpoint was trained with --seed {}; continuing its sample order (not --seed {})", st_.seed,
                    o_.seed);
@@ -2175,10 +1792,13 @@ class Trainer {
     // The data order is the checkpoint's seed's.
     sampler_ = Sampler(*o_.data, o_.seq_len, st_.seed, o_.eval_fraction);
     sampler_.set_position(st_.data);
-    if (lora_) {
+    if (mode_.lora) {
       load_lora_checkpoint(dir, ck);
     } else {
-      load_state(dir, ck);
+      read_state(ck, layout_, mode_.shard, mode_.sharded ? world_ : 1, mode_.sharded ? rank_ : 0,
+                 [this](std::size_t u, std::span<const float> master, std::span<const float> a, std::span<const float> v) {
+                   offload_->store().set_state(u, master, a, v);
+                 });
     }
     spdlog::info("resumed from {} at step {}", dir, st_.step);
   }
@@ -2189,7 +1809,7 @@ class Trainer {
     const LoraLayout& l = model_.lora();
     std::string fingerprint;
     try {
-      const Json& j = ck.state().at("lora");
+      const Json& j = ck.manifest().lora;
       LoraConfig c;
       c.rank = j.at("rank").get<std::int64_t>();
       c.alpha = j.at("alpha").get<double>();
@@ -2210,7 +1830,7 @@ class Trainer {
     if (hex64(base_fingerprint()) != fingerprint) {
       throw Error("checkpoint '{}' holds adapters trained on another base model ({}) than this run's ({}): resume with "
                   "the base they were trained on (--init, or the same --seed for a seeded one)",
-                  dir, ck.state().at("lora").at("base").value("source", std::string("?")), base_source());
+                  dir, ck.manifest().lora.at("base").value("source", std::string("?")), base_source());
     }
     const std::size_t n = lora_numel();
     set_lora_state(ck.tensor("lora", "master", n), ck.tensor("lora", "exp_avg", n), ck.tensor("lora", "exp_avg_sq", n));
@@ -2222,61 +1842,18 @@ class Trainer {
     return m;
   }
 
-  // This rank's piece of the optimizer state from a checkpoint of any shard count: each unit's
-  // range [rank * shard, (rank + 1) * shard) taken from whichever saved shards overlap it (the
-  // checkpoint's W shards, or its one whole copy), so a run saved on W ranks resumes on W'.
-  void load_state(const std::string& dir, const CheckpointReader& ck0) {
-    const int from = ck0.state_shards();
-    const int to = sharded_ ? world_ : 1;
-    const int mine = sharded_ ? rank_ : 0;
-    if (from == to) {
-      // The same shards: this rank's file alone (bit-identical resume).
-      const CheckpointReader own(dir, mine);
-      for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-        const auto n = static_cast<std::size_t>(shard_[u]);
-        const std::string& name = layout_.units[u].name;
-        offload_->store().set_state(u, own.tensor(name, "master", n), own.tensor(name, "exp_avg", n),
-                                    own.tensor(name, "exp_avg_sq", n));
-      }
-      return;
-    }
-    spdlog::info("re-sharding the optimizer state: {} shard(s) in the checkpoint, {} in this run", from, to);
-    std::map<int, std::unique_ptr<CheckpointReader>> readers;
-    std::vector<float> piece[3];
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) {
-      const std::int64_t n = layout_.units[u].numel;
-      const std::int64_t sh = shard_[u];
-      const std::int64_t begin = static_cast<std::int64_t>(mine) * sh, end = std::min(n, begin + sh);
-      const std::int64_t src_sh = from == 1 ? n : shard_size(n, from);
-      for (auto& p : piece) p.assign(static_cast<std::size_t>(sh), 0.0f);
-      for (std::int64_t lo = begin; lo < end;) {
-        const int r = static_cast<int>(lo / src_sh);
-        const std::int64_t src_begin = r * src_sh, hi = std::min(end, src_begin + src_sh);
-        auto& rd = readers[r];
-        if (!rd) rd = std::make_unique<CheckpointReader>(dir, r);
-        const char* kinds[3] = {"master", "exp_avg", "exp_avg_sq"};
-        for (int k = 0; k < 3; ++k) {
-          const auto t = rd->tensor(layout_.units[u].name, kinds[k], static_cast<std::size_t>(src_sh));
-          std::memcpy(piece[k].data() + (lo - begin), t.data() + (lo - src_begin), static_cast<std::size_t>(hi - lo) * 4);
-        }
-        lo = hi;
-      }
-      offload_->store().set_state(u, piece[0], piece[1], piece[2]);
-    }
-  }
-
   void log_start() {
     const ModelLayout& l = layout_;
     spdlog::info("model {}: {} parameters, {} layers, hidden {}, vocab {}; {} training", o_.model_source,
                  l.parameter_count(), o_.model.num_layers, o_.model.hidden_size, o_.model.vocab_size,
-                 param_dtype_ == DType::kBF16 ? "bf16 mixed-precision"
+                 mode_.param_dtype == DType::kBF16 ? "bf16 mixed-precision"
                  : fp16_                      ? fmt::format("fp16 (fp16 weights, fp32 products; loss scale {})", scaler_.scale())
                                               : std::string("fp32"));
     spdlog::info("data {}: {} tokens, {} training and {} held-out samples of {} tokens", o_.data->name(),
                  o_.data->size(), sampler_.train_samples(), sampler_.eval_samples(), o_.seq_len);
     spdlog::info("{} steps of {} x {} micro-batches on {} rank(s) ({} tokens per step); {}", total_steps_, micro_, gas_,
                  world_, micro_ * gas_ * world_ * o_.seq_len, offload_->store().describe());
-    if (lora_) {
+    if (mode_.lora) {
       const LoraLayout& ll = model_.lora();
       spdlog::info("LoRA {}: {} adapted linears, {} trainable parameters ({:.3f}% of the frozen base, which is held in "
                    "bf16 with no gradients or optimizer state); the adapters' Adam state on the {}",
@@ -2285,32 +1862,34 @@ class Trainer {
                    lora_offload_ || host_backend_ ? std::string("host") : backend_->name());
     }
     const auto& z = o_.ds.zero;
-    if (stage3_) {
+    if (mode_.stage3) {
       spdlog::info("ZeRO stage 3 over {} rank(s): parameters gathered per use, at most {} live (+ the unit in use), "
                    "prefetch {} ahead, reuse distance {}, {} elements persistent; gradients reduced in buckets of {}",
                    world_, z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
                    coord_->take_stats().persistent_elements, z.reduce_bucket_size);
     } else {
       spdlog::info("ZeRO stage {} over {} rank(s){}", stage_, world_,
-                   partition_grads_ ? fmt::format("; gradients reduced in buckets of {}", z.reduce_bucket_size) : "");
+                   mode_.partition_grads ? fmt::format("; gradients reduced in buckets of {}", z.reduce_bucket_size) : "");
     }
   }
 
+  // Rank 0: the step's line for the caller (TrainOptions::on_progress), and its phases in the log
+  // with wall_clock_breakdown.
   void progress(double loss, double eval_loss, double lr, double tps, Clock::time_point start, std::int64_t first_step,
-                const Timers& tm, double norm) {
-    const double elapsed = seconds_since(start);
-    const double per_step = elapsed / static_cast<double>(st_.step - first_step);
-    const double eta = per_step * static_cast<double>(total_steps_ - st_.step);
-    const std::string eval = std::isnan(eval_loss) ? std::string() : fmt::format(" eval {:.4f}", eval_loss);
-    const std::string line = fmt::format("step {}/{} loss {:.4f}{} lr {:.3g} {:.0f} tok/s ETA {:.0f}s", st_.step,
-                                         total_steps_, loss, eval, lr, tps, eta);
-    const bool print_step = o_.ds.steps_per_print.has_value() && *o_.ds.steps_per_print > 0 &&
-                            st_.step % *o_.ds.steps_per_print == 0;
-    if (o_.terminal) {
-      std::cerr << "\r" << fmt::format("{:<90}", line) << std::flush;
-      if (!std::isnan(eval_loss) || print_step) std::cerr << "\n";
-    } else {
-      std::cout << line << "\n" << std::flush;
+                const PhaseTimes& tm, double norm, bool stopped) {
+    if (o_.on_progress) {
+      StepProgress p;
+      p.step = st_.step;
+      p.total_steps = total_steps_;
+      p.loss = loss;
+      p.eval_loss = eval_loss;
+      p.lr = lr;
+      p.tokens_per_s = tps;
+      p.eta_s = seconds_since(start) / static_cast<double>(st_.step - first_step) * static_cast<double>(total_steps_ - st_.step);
+      p.milestone = !std::isnan(eval_loss) ||
+                    (o_.ds.steps_per_print.has_value() && *o_.ds.steps_per_print > 0 && st_.step % *o_.ds.steps_per_print == 0);
+      p.last = stopped || st_.step == total_steps_;
+      o_.on_progress(p);
     }
     if (o_.ds.wall_clock_breakdown) {
       spdlog::info("step {}: data {:.3f}s forward {:.3f}s backward {:.3f}s optimizer {:.3f}s (offload I/O wait {:.3f}s) "
@@ -2318,13 +1897,16 @@ class Trainer {
                    st_.step, tm.data, tm.forward, tm.backward, tm.optimizer, tm.offload_io, norm);
     }
   }
+  std::uint64_t nvme_bytes() const {
+    return offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2;
+  }
 
   void write_summary(const TrainResult& r, double wall, std::int64_t first_step) {
     Json j;
     j["model"] = {{"source", o_.model_source},
                   {"config", model_config_json(o_.model)},
                   {"parameters", layout_.parameter_count()},
-                  {"param_dtype", kernels::cpu::dtype_name(param_dtype_)}};
+                  {"param_dtype", kernels::cpu::dtype_name(mode_.param_dtype)}};
     j["data"] = {{"source", o_.data->name()}, {"tokens", o_.data->size()}, {"seq_len", o_.seq_len},
                  {"train_samples", sampler_.train_samples()}, {"eval_samples", sampler_.eval_samples()}};
     j["steps"] = r.steps;
@@ -2338,9 +1920,7 @@ class Trainer {
     const double tokens_run = static_cast<double>((r.steps - first_step) * micro_ * gas_ * world_ * o_.seq_len);
     j["throughput"] = {{"tokens_per_s", wall > 0 ? tokens_run / wall : 0.0},
                        {"model_tflops", wall > 0 ? tokens_run * model_flops_per_token() / wall / 1e12 : 0.0}};
-    j["peak_memory_bytes"] = {{"gpu", 0},
-                              {"host_pinned", offload_->memory().used()},
-                              {"nvme", offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2}};
+    j["peak_memory_bytes"] = {{"gpu", backend_->memory_peak()}, {"host_pinned", offload_->memory().used()}, {"nvme", nvme_bytes()}};
     const CoordinatorStats& ps = run_param_stats_;
     const auto& z = o_.ds.zero;
     j["zero"] = {{"stage", stage_},
@@ -2376,14 +1956,14 @@ class Trainer {
                                       {"other", gpu_plan_.other}}}};
     }
     // The one-GPU overlapped step (docs/gpu.md), and the dtype its gradients travel in.
-    j["gpu_pipeline"] = {{"enabled", gpu_pipeline_},
-                         {"gradient_dtype", gpu_pipeline_ ? kernels::cpu::dtype_name(grad_dtype_) : "fp32"},
-                         {"gradients_in_parameter_shards", grads_in_params_},
-                         {"gpu_optimizer_units", gpu_units_},
-                         {"gpu_optimizer_elements", gpu_opt_elems_},
-                         {"gpus", gpu_pipeline_ ? world_ : 1},
+    j["gpu_pipeline"] = {{"enabled", mode_.pipeline},
+                         {"gradient_dtype", mode_.pipeline ? kernels::cpu::dtype_name(mode_.grad_dtype) : "fp32"},
+                         {"gradients_in_parameter_shards", mode_.grads_in_params},
+                         {"gpu_optimizer_units", mode_.gpu_units},
+                         {"gpu_optimizer_elements", mode_.gpu_elements},
+                         {"gpus", mode_.pipeline ? world_ : 1},
                          {"gpu_collectives", nccl_ ? "nccl" : "none"}};
-    if (lora_) {
+    if (mode_.lora) {
       const LoraLayout& l = model_.lora();
       j["lora"] = lora_json();
       j["lora"]["adapted_linears"] = l.adapters.size();
@@ -2397,8 +1977,10 @@ class Trainer {
   }
 
   const TrainOptions& o_;
+  std::unique_ptr<Communicator> owned_comm_;
+  Communicator* comm_ = nullptr;
+  RunMode mode_;  // every mode decision (run_mode.hpp)
   std::unique_ptr<Backend> backend_;
-  DType param_dtype_;
   Model model_;
   const ModelLayout& layout_;
   std::optional<UnitStorage> params_;      // stages 0-2: the whole compute copy
@@ -2408,14 +1990,8 @@ class Trainer {
   LossScaler scaler_;
   bool fp16_ = false;
   tbb::task_arena arena_;
-  std::unique_ptr<Communicator> owned_comm_;
-  Communicator* comm_ = nullptr;
   int world_ = 1, rank_ = 0;
   int stage_ = 0;
-  bool sharded_ = false;                   // optimizer state (and gradients) split across ranks
-  bool partition_grads_ = false;           // stage >= 2: gradients reduced per unit in backward
-  bool stage3_ = false;                    // parameters gathered per use (coordinator)
-  std::vector<std::int64_t> shard_;        // elements of this rank's piece of each unit
   std::vector<std::vector<float>> gshard_;  // this rank's summed gradient shards
   std::vector<float> padded_, send_, recv_;  // reused every step
   bool host_backend_ = true;                 // the backend's memory is host memory (CPU)
@@ -2438,8 +2014,6 @@ class Trainer {
   std::vector<Uploaded> sum_up_;
   std::map<std::size_t, std::vector<PooledGrad>> sum_pool_;
   std::map<std::size_t, std::size_t> sum_limit_;  // buffers per size: kSumBuffers, or its unit count if fewer
-  // The GPU pipeline (see the constructor).
-  bool gpu_pipeline_ = false;
   std::int64_t micro_i_ = 0;  // the micro-batch of the step being computed (0 to gas_ - 1)
   // Several GPUs in the pipeline: NCCL, for the all-gathers of parameters and the reduce-scatters
   // of gradients, all issued by the coordinator's gather thread in schedule order (post()), so
@@ -2456,13 +2030,8 @@ class Trainer {
   std::unique_ptr<offload::StepFeed> feed_;
   std::vector<std::shared_ptr<Backend::Event>> landed_;  // unit u's gradient is in gpinned_[u]
   std::optional<DeviceBuffer> unit_sq_;                  // per-unit sums of squares (doubles)
-  DType grad_dtype_ = DType::kF32;                       // of gpinned_ (communication_data_type)
-  bool grads_in_params_ = false;  // bf16 gradients land in the store's bf16 parameter shards (constructor)
   // The GPU's share of the optimizer (offload_optimizer.ratio < 1 with device cpu): units 0 to
-  // gpu_units_ - 1 (see the constructor).
-  std::vector<char> on_gpu_;
-  std::size_t gpu_units_ = 0;
-  std::uint64_t gpu_opt_elems_ = 0;
+  // mode_.gpu_units - 1.
   std::vector<DeviceBuffer> gpu_state_;  // [master | exp_avg | exp_avg_sq], fp32
   std::vector<DeviceBuffer> gpu_param_;  // the compute copy (adopted by the coordinator)
   std::vector<DeviceBuffer> gpu_grad_;   // the step's gradient, held until the norm is known
@@ -2486,7 +2055,6 @@ class Trainer {
   std::vector<std::int32_t> tokens_, targets_;
   TrainerState st_;
   // LoRA (see TrainOptions::lora and setup_lora()).
-  bool lora_ = false;
   bool lora_offload_ = false;           // the adapters' optimizer state in host memory
   DeviceBuffer lora_params_, lora_grads_, lora_moments_, lora_sq_;
   std::vector<float> lora_host_;        // lora_offload_: [master | exp_avg | exp_avg_sq]
@@ -2498,38 +2066,6 @@ class Trainer {
 };
 
 }  // namespace
-
-std::vector<std::string> export_checkpoint(const std::string& checkpoint, const std::string& out_dir, DType file_dtype,
-                                           std::uint64_t max_shard_bytes) {
-  const CheckpointReader ck(checkpoint);
-  if (ck.state().contains("lora")) {
-    throw Error("checkpoint '{}' is a LoRA run's: it holds the adapters only (in PEFT's format, adapter_model.safetensors); "
-                "`zinf ckpt merge --base BASE --adapter {}` writes the base with them merged",
-                checkpoint, checkpoint);
-  }
-  const ModelConfig model = parse_model_config(ck.state().at("model"), checkpoint + "/" + kTrainerStateFile);
-  const ModelLayout layout = make_layout(model);
-  ck.check_layout(layout, model);
-  auto backend = make_cpu_backend();
-  UnitStorage master(*backend, layout, DType::kF32);
-  // One state file, or every rank's shard put back together (as zero_to_fp32 does).
-  const int shards = ck.state_shards();
-  std::vector<std::unique_ptr<CheckpointReader>> readers;
-  for (int r = 1; r < shards; ++r) readers.push_back(std::make_unique<CheckpointReader>(checkpoint, r));
-  for (std::size_t u = 0; u < layout.units.size(); ++u) {
-    const auto n = layout.units[u].numel;
-    const std::int64_t sh = shards == 1 ? n : shard_size(n, shards);
-    for (int r = 0; r < shards; ++r) {
-      const CheckpointReader& rd = r == 0 ? ck : *readers[static_cast<std::size_t>(r - 1)];
-      const auto m = rd.tensor(layout.units[u].name, "master", static_cast<std::size_t>(sh));
-      const std::int64_t begin = r * sh, count = std::clamp<std::int64_t>(n - begin, 0, sh);
-      if (count > 0) {
-        std::memcpy(static_cast<float*>(master.view().units[u]) + begin, m.data(), static_cast<std::size_t>(count) * 4);
-      }
-    }
-  }
-  return save_weights(out_dir, model, layout, *backend, master.view(), file_dtype, max_shard_bytes);
-}
 
 TrainResult train(const TrainOptions& options) {
   if (options.data == nullptr) throw Error("train: no data");

@@ -308,6 +308,8 @@ fi
 expect 2 'device' -- "$ZINF" train --device tpu --max-steps 1
 expect 1 'gpu-memory-limit: caps GPU memory, so it needs --device cuda' -- "$ZINF" train --gpu-memory-limit 24GiB --max-steps 1 --output-dir "$TMP/train/gml"
 expect 1 "gpu-memory-limit: '24Q': unknown unit" -- "$ZINF" train --device cuda --gpu-memory-limit 24Q --max-steps 1 --output-dir "$TMP/train/gml"
+expect 2 'gpu-overlap' -- "$ZINF" train --gpu-overlap maybe --max-steps 1 --output-dir "$TMP/train/gov"
+expect 1 "ZINF_GPU_OVERLAP='yes' is not 0 or 1" -- env ZINF_GPU_OVERLAP=yes "$ZINF" train --max-steps 1 --output-dir "$TMP/train/gov"
 
 # A rank killed mid-training ends the whole job within seconds, naming it.
 "$ZINF" launch --nproc 2 --grace 2 -- "$ZINF" train --max-steps 100000 --seq-len 32 --output-dir "$TMP/train/dpkill" > "$TMP/train/dpkill.log" 2>&1 &

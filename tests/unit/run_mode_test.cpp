@@ -1,7 +1,8 @@
 // The run's mode decisions, as a table: every combination of ZeRO stage x ranks x gradient
 // accumulation x precision x LoRA x device x communication dtype x offload_optimizer.ratio. The
 // expected row is the trainer's rule written out once here (the expressions of trainer.cpp as of
-// the reshaping of runtime/); `zinf plan` must follow it in every row.
+// the reshaping of runtime/): decide_run_mode(), which the trainer and `zinf plan` both call, and
+// zinf plan's bytes must follow it in every row.
 #include <gtest/gtest.h>
 
 #include <fmt/format.h>
@@ -14,6 +15,7 @@
 #include "zinf/configs/parse.hpp"
 #include "zinf/runtime/model_config.hpp"
 #include "zinf/runtime/plan.hpp"
+#include "zinf/runtime/run_mode.hpp"
 
 namespace zinf::runtime {
 namespace {
@@ -130,6 +132,53 @@ std::uint64_t item(const Plan& p, const std::string& tier, const std::string& wh
     }
   }
   return 0;
+}
+
+TEST(RunMode, EveryRowIsDecidedAsTheTrainerDid) {
+  const ModelConfig m = model();
+  std::vector<std::int64_t> units;
+  for (const auto& u : make_layout(m).units) units.push_back(u.numel);
+  for (const Row& r : table()) {
+    SCOPED_TRACE(r.name());
+    const Expected e = expected(r, units);
+    RunModeInputs in = RunModeInputs::from_config(ds_for(r));
+    in.world = r.world;
+    in.lora = r.lora;
+    in.device = r.device;
+    in.units = units;
+    if (e.refused) {
+      EXPECT_THROW(decide_run_mode(in), Error);
+      continue;
+    }
+    const RunMode d = decide_run_mode(in);
+    EXPECT_EQ(d.stage3, e.stage3);
+    EXPECT_EQ(d.sharded, e.sharded);
+    EXPECT_EQ(d.partition_grads, e.partition_grads);
+    EXPECT_EQ(d.pipeline, e.pipeline);
+    EXPECT_EQ(d.nccl, e.nccl);
+    EXPECT_EQ(d.param_dtype == kernels::cpu::DType::kBF16, e.bf16_params);
+    EXPECT_EQ(d.grad_dtype == kernels::cpu::DType::kBF16, e.bf16_grads);
+    EXPECT_EQ(d.grads_in_params, e.grads_in_params);
+    EXPECT_EQ(d.gpu_units, e.gpu_units);
+    for (std::size_t u = 0; u < units.size(); ++u) {
+      EXPECT_EQ(d.on_gpu[u] != 0, u < e.gpu_units);
+      EXPECT_EQ(static_cast<std::uint64_t>(d.shard[u]), e.shard[u]);
+      EXPECT_EQ(d.gather_elements(u), e.nccl ? d.shard[u] * r.world : units[u]);
+    }
+    // On a GPU without the pipeline, the reason is given.
+    EXPECT_EQ(d.no_pipeline.empty(), r.device == "cpu" || e.pipeline);
+    // Turned off, or with a gradient hook: the synchronous path; where NCCL cannot serve every
+    // rank, several GPUs take it too.
+    RunModeInputs off = in;
+    off.gpu_overlap = false;
+    EXPECT_FALSE(decide_run_mode(off).pipeline);
+    RunModeInputs hook = in;
+    hook.gradient_hook = true;
+    EXPECT_FALSE(decide_run_mode(hook).pipeline);
+    RunModeInputs no_nccl = in;
+    no_nccl.nccl_usable = false;
+    EXPECT_EQ(decide_run_mode(no_nccl).pipeline, e.pipeline && r.world == 1);
+  }
 }
 
 TEST(RunMode, ThePlannerFollowsTheTrainersDecisionsInEveryRow) {

@@ -368,6 +368,14 @@ TEST(Trainer, ExportWritesTheMasterWeightsAsAHuggingFaceModel) {
 
 // Runs the same training on W thread ranks (rank 0's outputs in `out`), ZeRO `stage`, the global
 // batch of 4 samples per step split as 1 x (4 / W) micro-batches per rank.
+// The same options on the synchronous path: the GPU pipeline turned off (`--gpu-overlap off`).
+std::function<void(TrainOptions&)> synchronous(std::function<void(TrainOptions&)> tweak) {
+  return [tweak = std::move(tweak)](TrainOptions& o) {
+    tweak(o);
+    o.gpu_overlap = false;
+  };
+}
+
 void train_on_ranks(const std::string& out, int w, int stage, std::int64_t steps, const std::string& resume = "",
                     const std::function<void(Json&)>& ds_tweak = {},
                     const std::function<void(TrainOptions&)>& o_tweak = {}) {
@@ -603,7 +611,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   // One GPU, stage 3, first without gradient accumulation: the pipelined step (gradients copied down on their
   // own stream as each unit's backward ends, each unit stepped by the optimizer thread as it
   // lands, parameters uploaded on the copy stream into reused buffers) against the synchronous
-  // path (ZINF_GPU_OVERLAP=0), and each next forward overlapping the end of the step (its gathers
+  // path (gpu_overlap off), and each next forward overlapping the end of the step (its gathers
   // wait for each unit's update). A tight live budget makes the coordinator reuse buffers. Without
   // clipping the runs are bit-identical: the losses and the saved optimizer state. With clipping
   // the norm is summed on the GPU rather than the host, so the clip coefficient may differ in its
@@ -615,9 +623,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
     for (const double clip : {0.0, 1.0}) {
       const auto tweak = [&](Json& ds) { tight_gpu_pipeline(ds, bf16, clip); };
       const std::string tag = fmt::format("{}-clip{}", bf16 ? "bf16" : "fp32", clip);
-      ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-      train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
-      ::unsetenv("ZINF_GPU_OVERLAP");
+      train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", tweak, synchronous([](TrainOptions& o) { o.device = "cuda"; }));
       train_on_ranks(d.path() + "/pipe-" + tag, 1, 3, 6, "", tweak, [](TrainOptions& o) { o.device = "cuda"; });
       const auto want = losses(d.path() + "/sync-" + tag), got = losses(d.path() + "/pipe-" + tag);
       ASSERT_EQ(got.size(), 6u) << tag;
@@ -659,9 +665,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
     };
     const std::string tag = fmt::format("s{}-{}x{}-clip{}-r{}{}", a.stage, a.micro, a.gas, a.clip, a.ratio, a.bf16_comm ? "-bf16comm" : "");
     const auto cuda = [](TrainOptions& o) { o.device = "cuda"; };
-    ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-    train_on_ranks(d.path() + "/sync-" + tag, 1, a.stage, 6, "", tweak, cuda);
-    ::unsetenv("ZINF_GPU_OVERLAP");
+    train_on_ranks(d.path() + "/sync-" + tag, 1, a.stage, 6, "", tweak, synchronous(cuda));
     train_on_ranks(d.path() + "/pipe-" + tag, 1, a.stage, 6, "", tweak, cuda);
     const auto want = losses(d.path() + "/sync-" + tag), got = losses(d.path() + "/pipe-" + tag);
     ASSERT_EQ(got.size(), 6u) << tag;
@@ -697,9 +701,7 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
                                                     {"buffer_count", 8}}}};
     };
   };
-  ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-  train_on_ranks(d.path() + "/nvme-sync", 1, 3, 5, "", nvme(d.sub("swap-sync")), [](TrainOptions& o) { o.device = "cuda"; });
-  ::unsetenv("ZINF_GPU_OVERLAP");
+  train_on_ranks(d.path() + "/nvme-sync", 1, 3, 5, "", nvme(d.sub("swap-sync")), synchronous([](TrainOptions& o) { o.device = "cuda"; }));
   train_on_ranks(d.path() + "/nvme-pipe", 1, 3, 5, "", nvme(d.sub("swap-pipe")), [](TrainOptions& o) { o.device = "cuda"; });
   EXPECT_EQ(losses(d.path() + "/nvme-pipe"), losses(d.path() + "/nvme-sync"));
   const std::string nvme_state = "/checkpoints/step-00000005/optimizer_state.safetensors";
@@ -748,10 +750,6 @@ TEST(Trainer, TheGpuPipelineStepsExactlyLikeTheSynchronousPath) {
   EXPECT_TRUE(file_bytes(d.path() + "/land-own" + state) == file_bytes(d.path() + "/land-resumed" + state));
   EXPECT_EQ(Json::parse(std::ifstream(d.path() + "/land-own/summary.json"))["gpu_pipeline"]["gradients_in_parameter_shards"],
             false);
-  ::setenv("ZINF_GPU_OVERLAP", "yes", 1);
-  EXPECT_THROW(train_on_ranks(d.path() + "/bad-env", 1, 3, 1, "", {}, [](TrainOptions& o) { o.device = "cuda"; }),
-               std::exception);
-  ::unsetenv("ZINF_GPU_OVERLAP");
 }
 
 TEST(Trainer, TheGpuPipelineOnTwoGpusStepsExactlyLikeTheSynchronousPath) {
@@ -780,9 +778,7 @@ TEST(Trainer, TheGpuPipelineOnTwoGpusStepsExactlyLikeTheSynchronousPath) {
     for (const double clip : {0.0, 1.0}) {
       const auto tweak = [&](Json& ds) { tight_gpu_pipeline(ds, bf16, clip); };
       const std::string tag = fmt::format("{}-clip{}", bf16 ? "bf16" : "fp32", clip);
-      ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-      train_on_ranks(d.path() + "/sync-" + tag, 2, 3, 6, "", tweak, cuda2);
-      ::unsetenv("ZINF_GPU_OVERLAP");
+      train_on_ranks(d.path() + "/sync-" + tag, 2, 3, 6, "", tweak, synchronous(cuda2));
       train_on_ranks(d.path() + "/pipe-" + tag, 2, 3, 6, "", tweak, cuda2);
       const auto want = losses(d.path() + "/sync-" + tag), got = losses(d.path() + "/pipe-" + tag);
       ASSERT_EQ(got.size(), 6u) << tag;
@@ -827,9 +823,7 @@ TEST(Trainer, TheGpuPipelineOnTwoGpusStepsExactlyLikeTheSynchronousPath) {
   // another order than the host's, so within rounding.
   if (q.gpus.size() >= 3) {
     const auto tweak = [](Json& ds) { tight_gpu_pipeline(ds, true, 0.0); };
-    ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-    train_on_ranks(d.path() + "/sync-w3", 3, 3, 6, "", tweak, cuda2);
-    ::unsetenv("ZINF_GPU_OVERLAP");
+    train_on_ranks(d.path() + "/sync-w3", 3, 3, 6, "", tweak, synchronous(cuda2));
     train_on_ranks(d.path() + "/pipe-w3", 3, 3, 6, "", tweak, cuda2);
     const auto w3 = losses(d.path() + "/sync-w3"), p3 = losses(d.path() + "/pipe-w3");
     ASSERT_EQ(p3.size(), 6u);
@@ -862,9 +856,7 @@ TEST(Trainer, TheGpuShareOfTheOptimizerStepsExactlyLikeTheHost) {
   for (const bool bf16 : {true, false}) {
     for (const double ratio : {0.5, 0.0}) {
       const std::string tag = fmt::format("{}-r{}", bf16 ? "bf16" : "fp32", ratio);
-      ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-      train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", config(bf16, 0.0, ratio, false), cuda);
-      ::unsetenv("ZINF_GPU_OVERLAP");
+      train_on_ranks(d.path() + "/sync-" + tag, 1, 3, 6, "", config(bf16, 0.0, ratio, false), synchronous(cuda));
       train_on_ranks(d.path() + "/share-" + tag, 1, 3, 6, "", config(bf16, 0.0, ratio, false), cuda);
       const auto want = losses(d.path() + "/sync-" + tag);
       ASSERT_EQ(want.size(), 6u) << tag;
@@ -891,9 +883,7 @@ TEST(Trainer, TheGpuShareOfTheOptimizerStepsExactlyLikeTheHost) {
     }
   }
   // Clipping: every step waits for the norm, summed on the GPU here and on the host there.
-  ::setenv("ZINF_GPU_OVERLAP", "0", 1);
-  train_on_ranks(d.path() + "/sync-clip", 1, 3, 6, "", config(true, 1.0, 0.5, false), cuda);
-  ::unsetenv("ZINF_GPU_OVERLAP");
+  train_on_ranks(d.path() + "/sync-clip", 1, 3, 6, "", config(true, 1.0, 0.5, false), synchronous(cuda));
   train_on_ranks(d.path() + "/share-clip", 1, 3, 6, "", config(true, 1.0, 0.5, false), cuda);
   const auto want = losses(d.path() + "/sync-clip"), got = losses(d.path() + "/share-clip");
   ASSERT_EQ(got.size(), want.size());

@@ -19,7 +19,7 @@
 #include "zinf/configs/summary.hpp"
 #include "zinf/kernels/cpu_features.hpp"
 #include "zinf/runtime/model.hpp"
-#include "zinf/runtime/trainer.hpp"
+#include "zinf/runtime/flops.hpp"
 #include "zinf/runtime/weights.hpp"
 
 namespace zinf::tools {

@@ -48,6 +48,7 @@ struct TrainCliOptions {
   std::uint64_t seed = 42;
   std::string device = "cpu";
   std::string gpu_memory_limit;
+  std::string gpu_overlap = "on";
   std::int64_t eval_every = 0;
   double eval_fraction = 0.05;
   std::int64_t save_every = 0;
@@ -135,6 +136,20 @@ void draw_curves(const std::string& out_dir) {
   }
   std::error_code ec;
   fs::remove(fs::path(out_dir) / "plot.log", ec);
+}
+
+// A step's progress line: on a terminal, redrawn in place on stderr (an eval or a steps_per_print
+// step keeps its line); otherwise one line per step on stdout.
+void print_progress(const runtime::StepProgress& p, bool terminal) {
+  const std::string eval = std::isnan(p.eval_loss) ? std::string() : fmt::format(" eval {:.4f}", p.eval_loss);
+  const std::string line = fmt::format("step {}/{} loss {:.4f}{} lr {:.3g} {:.0f} tok/s ETA {:.0f}s", p.step, p.total_steps,
+                                       p.loss, eval, p.lr, p.tokens_per_s, p.eta_s);
+  if (terminal) {
+    std::cerr << "\r" << fmt::format("{:<90}", line) << std::flush;
+    if (p.milestone || p.last) std::cerr << "\n";
+  } else {
+    std::cout << line << "\n" << std::flush;
+  }
 }
 
 int run_train(TrainCliOptions o) {
@@ -242,11 +257,10 @@ int run_train(TrainCliOptions o) {
   t.save = !o.no_save;
   t.output_dir = o.output_dir;
   t.resume = o.resume_given ? (o.resume.empty() ? "latest" : o.resume) : "";
-  t.terminal = ::isatty(STDERR_FILENO) != 0;
   arm_stop_signals();
   t.stop_requested = [] { return g_stop.load() != 0; };
   t.comm = comm.get();
-  t.terminal = t.terminal && ranks.rank == 0;
+  t.on_progress = [terminal = ::isatty(STDERR_FILENO) != 0](const runtime::StepProgress& p) { print_progress(p, terminal); };
   t.device = o.device;
   if (!o.gpu_memory_limit.empty()) {
     if (o.device != "cuda") {
@@ -254,6 +268,16 @@ int run_train(TrainCliOptions o) {
     }
     t.gpu_memory_limit = parse_size(o.gpu_memory_limit, "--gpu-memory-limit");
   }
+  // (ZINF_GPU_OVERLAP=0|1, the older spelling of --gpu-overlap, is still honoured.)
+  if (const char* env = std::getenv("ZINF_GPU_OVERLAP"); env != nullptr && *env != '\0') {
+    const std::string v = env;
+    if (v != "0" && v != "1") {
+      throw Error("ZINF_GPU_OVERLAP='{}' is not 0 or 1: unset it and pass --gpu-overlap on|off instead", v);
+    }
+    spdlog::warn("ZINF_GPU_OVERLAP is deprecated: pass --gpu-overlap {}", v == "0" ? "off" : "on");
+    o.gpu_overlap = v == "0" ? "off" : "on";
+  }
+  t.gpu_overlap = o.gpu_overlap == "on";
   t.gpu = ranks.local_rank;  // one GPU per local rank
   if (o.lora_rank > 0) {
     t.lora.rank = o.lora_rank;
@@ -439,6 +463,10 @@ void add_train_commands(CLI::App& app, Action& action) {
   cmd->add_option("--gpu-memory-limit", o->gpu_memory_limit,
                   "cap what zinf allocates on the GPU, e.g. 24GiB, to train as on a smaller card; a run that "
                   "cannot fit is refused at start-up with its plan (--device cuda)");
+  cmd->add_option("--gpu-overlap", o->gpu_overlap,
+                  "on (default): one GPU at ZeRO 2-3, or several at 3, trains as an overlapped pipeline; off: the "
+                  "synchronous path, for comparison and debugging (--device cuda)")
+      ->check(CLI::IsMember({"on", "off"}));
   cmd->add_option("--keep-last", o->keep_last, "keep only the N newest checkpoints (default: all)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--output-dir", o->output_dir, "where outputs go (default output/<model>-<time>)");

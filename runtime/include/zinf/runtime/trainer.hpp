@@ -17,12 +17,25 @@
 #include "zinf/configs/deepspeed_config.hpp"
 #include "zinf/configs/document.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/runtime/checkpoint.hpp"
 #include "zinf/runtime/comm.hpp"
 #include "zinf/runtime/data.hpp"
+#include "zinf/runtime/flops.hpp"
 #include "zinf/runtime/lora.hpp"
 #include "zinf/runtime/model_config.hpp"
 
 namespace zinf::runtime {
+
+// One step's progress, for TrainOptions::on_progress.
+struct StepProgress {
+  std::int64_t step = 0, total_steps = 0;
+  double loss = 0;
+  double eval_loss = 0;  // NaN: no eval at this step
+  double lr = 0, tokens_per_s = 0;
+  double eta_s = 0;       // at the pace of this run's steps so far
+  bool milestone = false;  // an eval, or a step of the config's steps_per_print: worth a line of its own
+  bool last = false;       // the run's last step (it ends, or stops, after it)
+};
 
 struct TrainOptions {
   ModelConfig model;
@@ -43,8 +56,10 @@ struct TrainOptions {
   bool save = true;                  // false: no checkpoint at all (benchmarks; a stop request then just stops)
   std::string output_dir;
   std::string resume;  // "" = fresh; "latest" or a checkpoint directory
-  bool terminal = false;  // progress line redrawn in place
   std::function<bool()> stop_requested;  // polled after each step (SIGINT/SIGTERM)
+  // Rank 0, after each optimizer step: what a person watching wants to see (the library prints
+  // nothing itself; `zinf train` prints these lines).
+  std::function<void(const StepProgress&)> on_progress;
   // Data-parallel ranks (null: one rank). With W ranks each takes a W-th of every micro-batch
   // round; ZeRO stage >= 1 shards the optimizer state (and stage 2-3 the gradients) across them.
   // Only rank 0 writes the metrics, summary, config and `latest`; every rank writes its shard of
@@ -58,6 +73,9 @@ struct TrainOptions {
   // Caps what zinf allocates on the GPU (bytes; 0: no cap): the run is planned against it at
   // start-up and refused with the numbers when it cannot fit (--gpu-memory-limit).
   std::uint64_t gpu_memory_limit = 0;
+  // false: the GPU takes the synchronous path (collectives on the host), not the overlapped
+  // pipeline: for comparison and debugging (`--gpu-overlap off`).
+  bool gpu_overlap = true;
   // Test hook: sees each step's accumulated (loss-scaled) fp32 gradients before the norm, e.g. to
   // inject an overflow. Step numbers are 1-based. (Not called in LoRA runs.)
   std::function<void(std::int64_t step, const std::vector<void*>& grad_units)> after_backward;
@@ -86,23 +104,5 @@ struct TrainResult {
 };
 
 TrainResult train(const TrainOptions& options);
-
-// The checkpoint directory `resume` names ("latest" = the one `<output_dir>/checkpoints/latest`
-// points to). Throws zinf::Error when there is none.
-std::string resolve_checkpoint(const std::string& output_dir, const std::string& resume);
-
-// Writes a checkpoint's fp32 master weights as a Hugging Face model directory (config.json and
-// safetensors, `file_dtype` fp32 or bf16, sharded above max_shard_bytes; 0 = one file), loadable
-// by transformers. Returns the files written. Throws zinf::Error for a missing or damaged checkpoint.
-std::vector<std::string> export_checkpoint(const std::string& checkpoint, const std::string& out_dir,
-                                           kernels::cpu::DType file_dtype, std::uint64_t max_shard_bytes = 0);
-
-// Model FLOPs of one token of a training step (forward and backward, no recomputation): 6 per
-// parameter in the matrix products plus attention's 12 * layers * seq * q_dim.
-double training_flops_per_token(const ModelConfig& config, std::int64_t seq);
-// The same for LoRA on a frozen base: the base's products forward and for the input gradients
-// only (no weight gradients: 4 per parameter instead of 6), attention's, and the adapters' 6 per
-// parameter.
-double lora_training_flops_per_token(const ModelConfig& config, std::int64_t seq, const LoraLayout& lora);
 
 }  // namespace zinf::runtime

@@ -1,0 +1,53 @@
+#pragma once
+// What a run reports: one row of training_metrics.csv per optimizer step (the columns defined
+// once, below, in metrics.cpp) and summary.json at the end. Progress for a person goes to the
+// caller's TrainOptions::on_progress; this library never prints. Internal to zinf_runtime.
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+
+
+namespace zinf::runtime {
+
+// Seconds of one step by phase (the CSV's *_s columns).
+struct PhaseTimes {
+  double data = 0, forward = 0, backward = 0, optimizer = 0, offload_io = 0;
+};
+
+// One row of training_metrics.csv (docs/train.md lists the columns).
+struct StepMetrics {
+  std::int64_t step = 0;
+  double epoch = 0;
+  double loss = 0;
+  double eval_loss = 0;  // NaN: no eval this step (an empty cell)
+  double lr = 0, grad_norm = 0, loss_scale = 1;
+  bool skipped = false;  // fp16 overflow: the step changed nothing
+  std::uint64_t tokens = 0;  // seen so far, all ranks
+  double tokens_per_s = 0, tflops = 0, step_s = 0;
+  PhaseTimes phases;
+  std::uint64_t gpu_mem_bytes = 0;   // the GPU's peak of zinf's allocations so far (0: CPU backend)
+  std::uint64_t host_mem_bytes = 0;  // pinned (or pageable) host memory of the offload store
+  std::uint64_t nvme_bytes = 0;      // offloaded state and parameters on NVMe
+  std::int64_t live_params_hwm = 0;  // stage 3: the step's high-water mark of gathered elements
+  std::uint64_t prefetch_hits = 0, prefetch_misses = 0;
+  double param_wait_s = 0;
+};
+
+// training_metrics.csv, flushed row by row.
+class MetricsCsv {
+ public:
+  // keep_through >= 0: continue an earlier file, keeping its rows of steps up to that one (rows
+  // written after the checkpoint the run resumes from, and a torn last line, are dropped).
+  MetricsCsv(const std::string& path, std::int64_t keep_through);
+  void write(const StepMetrics& m);
+
+  static std::string header();           // the column names, comma-separated
+  static std::string row(const StepMetrics& m);
+
+ private:
+  std::string path_;
+  std::ofstream out_;
+};
+
+}  // namespace zinf::runtime

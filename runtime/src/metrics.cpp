@@ -103,4 +103,61 @@ void MetricsCsv::write(const StepMetrics& m) {
   if (!out_) throw Error("writing '{}' failed: {} (disk full?)", path_, errno_text(errno));
 }
 
+config::Json run_summary(const RunSummary& s) {
+  using config::Json;
+  const TrainResult& r = *s.result;
+  const auto nullable = [](double v) { return std::isnan(v) ? Json(nullptr) : Json(v); };
+  Json j;
+  j["model"] = {{"source", s.model_source}, {"config", s.model}, {"parameters", s.parameters}, {"param_dtype", s.param_dtype}};
+  j["data"] = {{"source", s.data_source}, {"tokens", s.data_tokens}, {"seq_len", s.seq_len},
+               {"train_samples", s.train_samples}, {"eval_samples", s.eval_samples}};
+  j["steps"] = r.steps;
+  j["steps_this_run"] = s.steps_this_run;
+  j["stopped_early"] = r.stopped_early;
+  j["tokens_seen"] = s.tokens_seen;
+  j["first_loss"] = r.first_loss;
+  j["final_loss"] = r.final_loss;
+  j["final_eval_loss"] = nullable(r.final_eval_loss);
+  j["best_eval_loss"] = nullable(r.best_eval_loss);
+  const double wall = s.wall_seconds;
+  j["throughput"] = {{"tokens_per_s", wall > 0 ? s.tokens_this_run / wall : 0.0},
+                     {"model_tflops", wall > 0 ? s.tokens_this_run * s.flops_per_token / wall / 1e12 : 0.0}};
+  j["peak_memory_bytes"] = {{"gpu", s.gpu_peak_bytes}, {"host_pinned", s.host_pinned_bytes}, {"nvme", s.nvme_bytes}};
+  const config::ZeroConfig& z = *s.zero;
+  const CoordinatorStats& ps = s.params;
+  j["zero"] = {{"stage", z.stage},
+               {"world_size", s.world},
+               {"reduce_bucket_size", z.reduce_bucket_size},
+               {"gradient_buckets_reduced", s.buckets_reduced},
+               {"max_live_parameters", z.max_live_parameters},
+               {"prefetch_bucket_size", z.prefetch_bucket_size},
+               {"max_reuse_distance", z.max_reuse_distance},
+               {"param_persistence_threshold", z.param_persistence_threshold},
+               {"live_params_high_water", ps.live_high_water},
+               {"prefetch_ahead_high_water", ps.ahead_high_water},
+               {"persistent_params", ps.persistent_elements},
+               {"gpu_resident_params", ps.adopted_elements},
+               {"largest_unit", s.largest_unit},
+               {"prefetch_hits", ps.hits},
+               {"prefetch_misses", ps.misses},
+               {"param_gathers", ps.gathers},
+               {"param_gathered_elements", ps.gathered_elements},
+               {"param_wait_seconds", ps.wait_seconds}};
+  j["wall_seconds"] = wall;
+  j["backend"] = s.backend;
+  if (!s.gpu_memory.is_null()) j["gpu_memory"] = s.gpu_memory;
+  // The overlapped GPU step (docs/gpu.md), and the dtype its gradients travel in.
+  const RunMode& m = *s.mode;
+  j["gpu_pipeline"] = {{"enabled", m.pipeline},
+                       {"gradient_dtype", m.pipeline ? kernels::cpu::dtype_name(m.grad_dtype) : "fp32"},
+                       {"gradients_in_parameter_shards", m.grads_in_params},
+                       {"gpu_optimizer_units", m.gpu_units},
+                       {"gpu_optimizer_elements", m.gpu_elements},
+                       {"gpus", m.pipeline ? m.world : 1},
+                       {"gpu_collectives", m.nccl ? "nccl" : "none"}};
+  j["last_checkpoint"] = r.last_checkpoint;
+  j["deepspeed_config"] = *s.deepspeed_config;
+  return j;
+}
+
 }  // namespace zinf::runtime

@@ -7,6 +7,12 @@
 #include <fstream>
 #include <string>
 
+#include "zinf/configs/deepspeed_config.hpp"
+#include "zinf/configs/document.hpp"
+#include "zinf/runtime/coordinator.hpp"
+#include "zinf/runtime/run_mode.hpp"
+#include "zinf/runtime/trainer.hpp"
+
 
 namespace zinf::runtime {
 
@@ -49,5 +55,34 @@ class MetricsCsv {
   std::string path_;
   std::ofstream out_;
 };
+
+// What summary.json says of a run (docs/train.md).
+struct RunSummary {
+  const TrainResult* result = nullptr;
+  std::string model_source;
+  config::Json model;  // model_config_json()
+  std::int64_t parameters = 0;
+  std::string param_dtype;
+  std::string data_source;
+  std::uint64_t data_tokens = 0;
+  std::int64_t seq_len = 0;
+  std::uint64_t train_samples = 0, eval_samples = 0;
+  std::int64_t steps_this_run = 0;
+  std::uint64_t tokens_seen = 0;
+  double tokens_this_run = 0;
+  double flops_per_token = 0;
+  double wall_seconds = 0;
+  std::uint64_t gpu_peak_bytes = 0, host_pinned_bytes = 0, nvme_bytes = 0;
+  const config::ZeroConfig* zero = nullptr;
+  int world = 1;
+  std::uint64_t buckets_reduced = 0;
+  CoordinatorStats params;  // the run's totals
+  std::int64_t largest_unit = 0;
+  std::string backend;
+  config::Json gpu_memory;  // null on the CPU backend
+  const RunMode* mode = nullptr;
+  const config::Json* deepspeed_config = nullptr;
+};
+config::Json run_summary(const RunSummary& s);
 
 }  // namespace zinf::runtime

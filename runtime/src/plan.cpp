@@ -13,7 +13,7 @@
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/flops.hpp"
 #include "zinf/runtime/run_mode.hpp"
-#include "gpu_buffers.hpp"
+#include "gpu_memory_plan.hpp"
 
 namespace zinf::runtime {
 namespace {

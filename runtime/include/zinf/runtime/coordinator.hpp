@@ -26,6 +26,7 @@
 #include <chrono>
 #include <climits>
 #include <condition_variable>
+#include <algorithm>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -64,6 +65,20 @@ struct CoordinatorStats {
   std::uint64_t gathers = 0;               // units gathered (persistent ones included)
   std::uint64_t gathered_elements = 0;
   double wait_seconds = 0;   // time acquire() blocked on gathers
+
+  // Folds one pass's counters into a run's totals: high-water marks as maxima, sizes as the
+  // latest, counts and times summed.
+  void add(const CoordinatorStats& s) {
+    live_high_water = std::max(live_high_water, s.live_high_water);
+    ahead_high_water = std::max(ahead_high_water, s.ahead_high_water);
+    persistent_elements = s.persistent_elements;
+    adopted_elements = s.adopted_elements;
+    hits += s.hits;
+    misses += s.misses;
+    gathers += s.gathers;
+    gathered_elements += s.gathered_elements;
+    wait_seconds += s.wait_seconds;
+  }
 };
 
 class ParamCoordinator {

@@ -1,10 +1,19 @@
 #pragma once
-// The GPU bytes of a run's parameter and gradient buffers, counted one way for the trainer's own
-// GPU plan (what --gpu-memory-limit enforces) and for `zinf plan`. Internal to zinf_runtime.
+// What a run allocates on the GPU, counted one way for the trainer's own plan (what
+// --gpu-memory-limit enforces, and summary.json reports) and for `zinf plan`: the compute copies of
+// the parameters, the gradient buffers as the reduction path pools them, the checkpointed
+// activations, the CUDA backend's scratch, the GPU's share of the optimizer and LoRA's adapters.
+// Internal to zinf_runtime.
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
+
+#include "zinf/configs/deepspeed_config.hpp"
+#include "zinf/configs/document.hpp"
+#include "zinf/runtime/model.hpp"
+#include "zinf/runtime/run_mode.hpp"
 
 namespace zinf::runtime {
 
@@ -48,5 +57,35 @@ struct GpuBuffers {
 };
 
 GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in);
+
+// A run's GPU bytes by kind.
+struct GpuMemoryPlan {
+  std::uint64_t params = 0, grads = 0, activations = 0, scratch = 0, other = 0;
+  std::uint64_t optimizer = 0;  // the GPU's share of the optimizer: fp32 state and held gradients
+  std::uint64_t adapters = 0;   // LoRA: adapters, their gradients and moments
+  std::uint64_t total() const { return params + grads + activations + scratch + other + optimizer + adapters; }
+  std::string describe() const;     // "parameters 1.23 GiB, ...: 9.87 GiB"
+  config::Json to_json() const;     // summary.json's gpu_memory.planned
+};
+
+struct GpuMemoryInputs {
+  const ModelConfig* model = nullptr;
+  const RunMode* mode = nullptr;
+  const config::ZeroConfig* zero = nullptr;
+  std::int64_t micro = 1, seq = 1, grad_accum = 1;
+  ModelOptions model_options;           // the activations' sizing (dtype, checkpointing, LoRA)
+  std::vector<bool> persistent;         // stage 3: units the coordinator keeps gathered
+  std::uint64_t lora_numel = 0;         // LoRA: the adapters' elements
+  bool lora_state_on_gpu = true;        // ... and whether their Adam moments live on the GPU
+  std::uint64_t scratch = 0;            // the CUDA backend's scratch bound for the step's shape
+};
+
+// The shape of one training step's products and attention (what the backend's scratch depends on).
+StepShape step_shape(const ModelConfig& c, std::int64_t micro, std::int64_t seq, bool bf16);
+
+// Upper bounds from the budgets: stage 3 holds at most the live budget plus one unit plus the
+// persistent units; gradient buffers as the reduction path keeps them; activations as the model
+// sizes them; the backend's scratch bound.
+GpuMemoryPlan plan_gpu_memory(const GpuMemoryInputs& in);
 
 }  // namespace zinf::runtime

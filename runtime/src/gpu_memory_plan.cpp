@@ -1,7 +1,9 @@
-#include "gpu_buffers.hpp"
+#include "gpu_memory_plan.hpp"
 
 #include <algorithm>
 #include <map>
+
+#include <fmt/format.h>
 
 namespace zinf::runtime {
 
@@ -63,6 +65,75 @@ GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in) {
       p.grads += at_most((in.reduce_bucket + n - 1) / n + 2) * n * 4;
     }
   }
+  return p;
+}
+
+std::string GpuMemoryPlan::describe() const {
+  const auto g = [](std::uint64_t b) { return static_cast<double>(b) / (1u << 30); };
+  return fmt::format("parameters {:.2f} GiB, gradient buffers {:.2f} GiB, activations {:.2f} GiB, scratch {:.2f} GiB, "
+                     "{}{}other {:.2f} GiB: {:.2f} GiB",
+                     g(params), g(grads), g(activations), g(scratch),
+                     optimizer > 0 ? fmt::format("optimizer share {:.2f} GiB, ", g(optimizer)) : std::string(),
+                     adapters > 0 ? fmt::format("LoRA adapters {:.3f} GiB, ", g(adapters)) : std::string(), g(other),
+                     g(total()));
+}
+
+config::Json GpuMemoryPlan::to_json() const {
+  return {{"parameters", params},   {"gradient_buffers", grads}, {"activations", activations}, {"scratch", scratch},
+          {"optimizer_share", optimizer}, {"lora_adapters", adapters}, {"other", other}};
+}
+
+StepShape step_shape(const ModelConfig& c, std::int64_t micro, std::int64_t seq, bool bf16) {
+  StepShape sh;
+  sh.rows = micro * seq;
+  sh.batch = micro;
+  sh.seq = seq;
+  sh.hidden = c.hidden_size;
+  sh.q_dim = c.q_dim();
+  sh.qkv_dim = c.qkv_dim();
+  sh.intermediate = c.intermediate_size;
+  sh.vocab = c.vocab_size;
+  sh.heads = c.num_heads;
+  sh.kv_heads = c.num_kv_heads;
+  sh.head_dim = c.head_dim;
+  sh.bf16 = bf16;
+  return sh;
+}
+
+GpuMemoryPlan plan_gpu_memory(const GpuMemoryInputs& in) {
+  const RunMode& m = *in.mode;
+  const config::ZeroConfig& z = *in.zero;
+  GpuBufferInputs b;
+  for (std::size_t u = 0; u < m.numel.size(); ++u) {
+    const auto n = static_cast<std::uint64_t>(m.numel[u]);
+    b.numel.push_back(n);
+    b.resident.push_back(m.stage3 ? static_cast<std::uint64_t>(m.gather_elements(u)) : n);
+    b.on_gpu.push_back(m.on_gpu[u] != 0);
+    b.persistent.push_back(m.stage3 && in.persistent[u]);
+  }
+  b.param_bytes = kernels::cpu::dtype_bytes(m.param_dtype);
+  b.grad_bytes = kernels::cpu::dtype_bytes(m.grad_dtype);
+  b.stage3 = m.stage3;
+  b.partition_grads = m.partition_grads;
+  b.pipeline = m.pipeline;
+  b.nccl = m.nccl;
+  b.grad_accum = static_cast<std::uint64_t>(in.grad_accum);
+  b.world = static_cast<std::uint64_t>(m.world);
+  b.tied_embedding = in.model->tie_word_embeddings;
+  b.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
+  b.reduce_bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(z.reduce_bucket_size, 0));
+  b.frozen = m.lora;
+  b.lora_numel = in.lora_numel;
+  b.lora_state_on_gpu = in.lora_state_on_gpu;
+  const GpuBuffers buffers = plan_gpu_buffers(b);
+  GpuMemoryPlan p;
+  p.params = buffers.params;
+  p.grads = buffers.grads;
+  p.optimizer = buffers.optimizer;
+  p.adapters = buffers.adapters;
+  p.activations = Model::activation_bytes_for(*in.model, in.micro, in.seq, in.model_options);
+  p.scratch = in.scratch;
+  p.other = m.numel.size() * sizeof(double) + (1u << 20);  // norms, tokens, small buffers
   return p;
 }
 

@@ -269,6 +269,7 @@ TEST(Trainer, WritesEveryOutputAndTheLossFalls) {
   ASSERT_EQ(rows.size(), 41u);
   for (const auto& row : rows) EXPECT_EQ(row.size(), rows[0].size());
   EXPECT_EQ(rows[40][column(rows, "step")], "40");
+  EXPECT_EQ(rows[40][column(rows, "gpu_mem_bytes")], "0") << "the CPU backend allocates nothing on a GPU";
   EXPECT_FALSE(rows[10][column(rows, "eval_loss")].empty()) << "eval every 10 steps";
   EXPECT_TRUE(rows[11][column(rows, "eval_loss")].empty());
   const Json summary = Json::parse(std::ifstream(r.o.output_dir + "/summary.json"));
@@ -917,6 +918,10 @@ TEST(Trainer, TheGpuMemoryLimitIsPlannedHeldAndRefusedWithTheNumbers) {
     EXPECT_EQ(g["limit_bytes"].get<std::uint64_t>(), 0u);
     EXPECT_GT(peak, 0u);
     EXPECT_LE(peak, planned) << "stage " << stage << ": the plan is an upper bound";
+    // The metrics report the same peak: the CSV's last gpu_mem_bytes, and summary.json's.
+    const auto rows = read_csv(free + "/training_metrics.csv");
+    EXPECT_EQ(std::stoull(rows.back()[column(rows, "gpu_mem_bytes")]), peak);
+    EXPECT_EQ(Json::parse(std::ifstream(free + "/summary.json"))["peak_memory_bytes"]["gpu"].get<std::uint64_t>(), peak);
     // Limited to the plan: trains, within it.
     const std::string capped = fmt::format("{}/capped-v{}", d.path(), variant);
     train_on_ranks(capped, 1, stage, 2, "", tweak, [&](TrainOptions& o) {

@@ -458,7 +458,8 @@ void allow_smem(K kernel, std::size_t bytes) {
   if (e != cudaSuccess) throw Error("flash attention: {} KiB of shared memory is not available: {}", bytes / 1024, cudaGetErrorString(e));
 }
 
-i64 padded_seq(i64 seq) { return (seq + kRows - 1) / kRows * kRows; }
+static_assert(kRows == cuda_scratch::kAttentionRows, "the scratch sizing pads sequences to the row tile");
+i64 padded_seq(i64 seq) { return cuda_scratch::padded_seq(seq); }
 
 Geo make_geo(const AttentionDims& d) {
   if (d.batch * d.heads > 65535) {
@@ -470,8 +471,8 @@ Geo make_geo(const AttentionDims& d) {
 }
 
 // Packed elements (bf16) of q, k and v, and of dO.
-i64 packed_qkv(const AttentionDims& d) { return (d.heads + 2 * d.kv_heads) * d.batch * padded_seq(d.seq) * d.hd; }
-i64 packed_do(const AttentionDims& d) { return d.heads * d.batch * padded_seq(d.seq) * d.hd; }
+i64 packed_qkv(const AttentionDims& d) { return cuda_scratch::flash_packed_qkv(d.batch, d.seq, d.heads, d.kv_heads, d.hd); }
+i64 packed_do(const AttentionDims& d) { return cuda_scratch::flash_packed_do(d.batch, d.seq, d.heads, d.hd); }
 
 void pack(bf16* dst, const float* src, i64 ld, i64 heads, const AttentionDims& d, cudaStream_t stream) {
   const i64 groups = heads * d.batch * padded_seq(d.seq) * d.hd / 4;
@@ -519,11 +520,11 @@ bf16* as_bf16(float* scratch) { return reinterpret_cast<bf16*>(scratch); }
 }  // namespace
 
 bool flash_attention_supported(const AttentionDims& d) {
-  return (d.hd == 64 || d.hd == 128) && d.heads % d.kv_heads == 0;
+  return cuda_scratch::flash_attention_supported(d.hd, d.heads, d.kv_heads);
 }
 
 std::int64_t flash_attention_scratch_floats(const AttentionDims& d) {
-  return (packed_qkv(d) + packed_do(d)) / 2 + 64;
+  return cuda_scratch::flash_attention_scratch_floats(d.batch, d.seq, d.heads, d.kv_heads, d.hd);
 }
 
 void flash_attention_forward(float* out, float* lse, float* scratch, const float* qkv, const AttentionDims& d,

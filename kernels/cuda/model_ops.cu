@@ -88,7 +88,7 @@ __global__ void embedding_backward_k(float* dtable, const float* dout, const std
 // ---- rmsnorm ----------------------------------------------------------------------------------
 
 constexpr int kRowThreads = 256;
-constexpr i64 kPartialRows = 64;  // rows per partial column sum
+constexpr i64 kPartialRows = cuda_scratch::kPartialRows;  // rows per partial column sum
 
 __global__ void rmsnorm_forward_k(float* y, float* rstd, const float* x, const void* w, bool bf16, i64 h, float eps) {
   __shared__ float red[32];
@@ -587,7 +587,7 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const void* w, bool 
   check_launch("rmsnorm_forward");
 }
 
-std::int64_t rmsnorm_partial_floats(i64 n, i64 h) { return (n + kPartialRows - 1) / kPartialRows * h; }
+std::int64_t rmsnorm_partial_floats(i64 n, i64 h) { return cuda_scratch::rmsnorm_partial_floats(n, h); }
 
 void rmsnorm_backward(float* dx, float* dw, float* partial, const float* dy, const float* x, const void* w, bool bf16,
                       const float* rstd, i64 n, i64 h, cudaStream_t stream) {
@@ -642,12 +642,12 @@ void to_bf16(std::uint16_t* dst, const float* src, i64 count, cudaStream_t strea
 
 namespace {
 // The D rows first, then the flash kernels' packed operands (16-byte aligned).
-std::int64_t d_floats(const AttentionDims& d) { return (d.batch * d.heads * d.seq + 3) / 4 * 4; }
+std::int64_t d_floats(const AttentionDims& d) { return cuda_scratch::attention_d_floats(d.batch, d.seq, d.heads); }
 bool use_flash(const AttentionDims& d) { return d.bf16 && flash_attention_supported(d); }
 }  // namespace
 
 std::int64_t attention_scratch_floats(const AttentionDims& d) {
-  return d_floats(d) + (use_flash(d) ? flash_attention_scratch_floats(d) : 0);
+  return cuda_scratch::attention_scratch_floats(d.batch, d.seq, d.heads, d.kv_heads, d.hd, d.bf16);
 }
 
 void attention_forward(float* out, float* lse, float* scratch, const float* qkv, const AttentionDims& d,

@@ -232,20 +232,28 @@ void ParamCoordinator::invalidate() {
   }
 }
 
+std::vector<bool> ParamCoordinator::persistent_units(const std::vector<std::int64_t>& elements,
+                                                     const std::vector<bool>& adopted, std::int64_t persistence_threshold,
+                                                     std::int64_t model_persistence_threshold) {
+  std::vector<bool> keep(elements.size(), false);
+  std::int64_t total = 0;
+  for (std::size_t u = 0; u < elements.size(); ++u) {
+    if (adopted[u]) continue;
+    keep[u] = elements[u] <= persistence_threshold && total + elements[u] <= model_persistence_threshold;
+    if (keep[u]) total += elements[u];
+  }
+  return keep;
+}
+
 void ParamCoordinator::plan_units() {
-  // Small units stay gathered, in unit order while their total stays within the model-wide cap;
-  // the largest gathered unit bounds the buffers kept for reuse. Adopted units take part in neither.
+  // Small units stay gathered (persistent_units); the largest gathered unit bounds the buffers
+  // kept for reuse. Adopted units take part in neither.
+  persistent_ = persistent_units(numel_, adopted_, o_.persistence_threshold, o_.model_persistence_threshold);
   stats_.persistent_elements = 0;
   largest_ = 0;
   for (std::size_t u = 0; u < numel_.size(); ++u) {
-    if (adopted_[u]) {
-      persistent_[u] = false;
-      continue;
-    }
-    const bool keep = numel_[u] <= o_.persistence_threshold &&
-                      stats_.persistent_elements + numel_[u] <= o_.model_persistence_threshold;
-    persistent_[u] = keep;
-    if (keep) stats_.persistent_elements += numel_[u];
+    if (adopted_[u]) continue;
+    if (persistent_[u]) stats_.persistent_elements += numel_[u];
     largest_ = std::max(largest_, numel_[u]);
   }
 }

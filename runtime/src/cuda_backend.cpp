@@ -145,7 +145,7 @@ class CudaBackend final : public Backend {
     device_name_ = prop.name;
     for (cudaStream_t& s : streams_) check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
     check(cublasLtCreate(&lt_), "cublasLtCreate");
-    workspace_bytes_ = 32u << 20;
+    workspace_bytes_ = kernels::cuda_scratch::kWorkspaceBytes;
     budget_.take(workspace_bytes_, "the cuBLASLt workspace");
     check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLASLt workspace)");
     for (DeviceScratch* d : {&bf16_[0], &bf16_[1], &partial_, &attn_, &ce_, &logits_, &sq_}) d->bind(o.device, compute(), &budget_);
@@ -195,20 +195,7 @@ class CudaBackend final : public Backend {
   std::size_t memory_limit() const override { return budget_.limit(); }
   // The scratch members' largest requests for a step of shape s (see the ops below).
   std::size_t scratch_bound(const StepShape& s) const override {
-    const std::int64_t n = s.rows, vc = vocab_chunk(n, s.vocab);
-    const std::int64_t widest_in = std::max({s.hidden, s.q_dim, s.intermediate});
-    const std::int64_t widest_out = std::max({s.hidden, s.qkv_dim, 2 * s.intermediate});
-    std::size_t b = workspace_bytes_;
-    if (s.bf16) {
-      b += static_cast<std::size_t>(n * std::max(widest_in, widest_out)) * 2;  // operand slot 0
-      b += static_cast<std::size_t>(n * std::max(widest_in, vc)) * 2;          // operand slot 1
-    }
-    b += static_cast<std::size_t>(kc::rmsnorm_partial_floats(n, widest_out)) * 4;
-    const kc::AttentionDims d{s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, 0.0f, s.bf16};
-    b += static_cast<std::size_t>(kc::attention_scratch_floats(d)) * 4;
-    b += static_cast<std::size_t>(3 * n) * 4 + static_cast<std::size_t>(n * vc) * 4;
-    b += static_cast<std::size_t>(kc::sum_squares_partial_doubles()) * 8;
-    return b;
+    return kernels::cuda_scratch::step_scratch_bytes(s, workspace_bytes_, o_.head_chunk_bytes);
   }
   void upload(void* dst, const void* src, std::size_t bytes) override {
     if (bytes == 0) return;
@@ -462,9 +449,7 @@ class CudaBackend final : public Backend {
     return {s.batch, s.seq, s.heads, s.kv_heads, s.head_dim, s.scale, s.bf16_products};
   }
   std::int64_t vocab_chunk(std::int64_t n, std::int64_t vocab) const {
-    const auto by_budget = static_cast<std::int64_t>(o_.head_chunk_bytes / sizeof(float)) / std::max<std::int64_t>(n, 1);
-    const std::int64_t v = std::max<std::int64_t>(vocab, 1);
-    return std::clamp<std::int64_t>(by_budget / 64 * 64, std::min<std::int64_t>(64, v), v);
+    return kernels::cuda_scratch::vocab_chunk(n, vocab, o_.head_chunk_bytes);
   }
   // x, or x rounded to bf16 into slot `slot`, for a product with weights w.
   const void* operand(const float* x, std::int64_t count, Weight w, int slot) {

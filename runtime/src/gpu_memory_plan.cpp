@@ -5,6 +5,9 @@
 
 #include <fmt/format.h>
 
+#include "zinf/kernels/cuda_scratch.hpp"
+#include "zinf/runtime/coordinator.hpp"
+
 namespace zinf::runtime {
 
 GpuBuffers plan_gpu_buffers(const GpuBufferInputs& in) {
@@ -104,12 +107,20 @@ GpuMemoryPlan plan_gpu_memory(const GpuMemoryInputs& in) {
   const RunMode& m = *in.mode;
   const config::ZeroConfig& z = *in.zero;
   GpuBufferInputs b;
+  std::vector<std::int64_t> gathered;
+  std::vector<bool> adopted;
+  for (std::size_t u = 0; u < m.numel.size(); ++u) {
+    gathered.push_back(m.gather_elements(u));
+    adopted.push_back(m.on_gpu[u] != 0);
+  }
+  const std::vector<bool> persistent =
+      ParamCoordinator::persistent_units(gathered, adopted, z.param_persistence_threshold, z.model_persistence_threshold);
   for (std::size_t u = 0; u < m.numel.size(); ++u) {
     const auto n = static_cast<std::uint64_t>(m.numel[u]);
     b.numel.push_back(n);
     b.resident.push_back(m.stage3 ? static_cast<std::uint64_t>(m.gather_elements(u)) : n);
     b.on_gpu.push_back(m.on_gpu[u] != 0);
-    b.persistent.push_back(m.stage3 && in.persistent[u]);
+    b.persistent.push_back(m.stage3 && persistent[u]);
   }
   b.param_bytes = kernels::cpu::dtype_bytes(m.param_dtype);
   b.grad_bytes = kernels::cpu::dtype_bytes(m.grad_dtype);
@@ -132,7 +143,8 @@ GpuMemoryPlan plan_gpu_memory(const GpuMemoryInputs& in) {
   p.optimizer = buffers.optimizer;
   p.adapters = buffers.adapters;
   p.activations = Model::activation_bytes_for(*in.model, in.micro, in.seq, in.model_options);
-  p.scratch = in.scratch;
+  p.scratch = kernels::cuda_scratch::step_scratch_bytes(
+      step_shape(*in.model, in.micro, in.seq, m.param_dtype == kernels::cpu::DType::kBF16));
   p.other = m.numel.size() * sizeof(double) + (1u << 20);  // norms, tokens, small buffers
   return p;
 }

@@ -74,18 +74,17 @@ struct GpuMemoryInputs {
   const config::ZeroConfig* zero = nullptr;
   std::int64_t micro = 1, seq = 1, grad_accum = 1;
   ModelOptions model_options;           // the activations' sizing (dtype, checkpointing, LoRA)
-  std::vector<bool> persistent;         // stage 3: units the coordinator keeps gathered
   std::uint64_t lora_numel = 0;         // LoRA: the adapters' elements
   bool lora_state_on_gpu = true;        // ... and whether their Adam moments live on the GPU
-  std::uint64_t scratch = 0;            // the CUDA backend's scratch bound for the step's shape
 };
 
 // The shape of one training step's products and attention (what the backend's scratch depends on).
 StepShape step_shape(const ModelConfig& c, std::int64_t micro, std::int64_t seq, bool bf16);
 
 // Upper bounds from the budgets: stage 3 holds at most the live budget plus one unit plus the
-// persistent units; gradient buffers as the reduction path keeps them; activations as the model
-// sizes them; the backend's scratch bound.
+// persistent units (the coordinator's rule, with the GPU's share adopted); gradient buffers as
+// the reduction path keeps them; activations as the model sizes them; the CUDA backend's scratch
+// (kernels/cuda_scratch.hpp).
 GpuMemoryPlan plan_gpu_memory(const GpuMemoryInputs& in);
 
 }  // namespace zinf::runtime

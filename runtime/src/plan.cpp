@@ -202,7 +202,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
   mi.grad_accum = in.grad_accum;
   for (const auto& u : layout.units) mi.units.push_back(u.numel);
   const RunMode mode = decide_run_mode(mi);
-  const bool stage3 = mode.stage3, partition_grads = mode.partition_grads;
+  const bool stage3 = mode.stage3;
   const bool bf16 = mode.param_dtype == kernels::cpu::DType::kBF16;
   const std::uint64_t pb = bf16 ? 2 : 4;  // compute copy of a parameter (fp16 runs keep fp32 copies)
   std::vector<std::uint64_t> numel(U), shard(U);
@@ -226,74 +226,33 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     if (n.rfind("offload_optimizer.ratio", 0) == 0) p.notes.push_back(n);
   }
 
-  // ---- GPU (per GPU): the trainer's plan_gpu_memory (the same buffer count, gpu_buffers.cpp).
+  // ---- GPU (per GPU): the trainer's own plan (gpu_memory_plan.cpp), the same function.
   TierPlan g{"gpu", {}, in.gpu_mem};
   if (gpu) {
-    GpuBufferInputs gb;
-    std::uint64_t persistent_numel = 0;
-    for (std::size_t u = 0; u < U; ++u) {
-      gb.numel.push_back(numel[u]);
-      gb.resident.push_back(stage3 ? (nccl ? shard[u] * W : numel[u]) : numel[u]);
-      gb.on_gpu.push_back(on_gpu[u]);
-      // The coordinator's rule: small units persist, up to model_persistence_threshold in all.
-      const bool keep = stage3 && !on_gpu[u] && static_cast<std::int64_t>(numel[u]) <= z.param_persistence_threshold &&
-                        static_cast<std::int64_t>(persistent_numel + numel[u]) <= z.model_persistence_threshold;
-      if (keep) persistent_numel += numel[u];
-      gb.persistent.push_back(keep);
-    }
-    gb.param_bytes = pb;
-    gb.grad_bytes = gbytes;
-    gb.stage3 = stage3;
-    gb.partition_grads = partition_grads;
-    gb.pipeline = p.pipeline;
-    gb.nccl = nccl;
-    gb.grad_accum = static_cast<std::uint64_t>(in.grad_accum);
-    gb.world = W;
-    gb.tied_embedding = c.tie_word_embeddings;
-    gb.max_live = static_cast<std::uint64_t>(std::max<std::int64_t>(z.max_live_parameters, 0));
-    gb.reduce_bucket = static_cast<std::uint64_t>(std::max<std::int64_t>(z.reduce_bucket_size, 0));
-    gb.frozen = lora;
-    gb.lora_numel = lora_numel;
-    gb.lora_state_on_gpu = !in.lora_offload_optimizer;
-    const GpuBuffers buffers = plan_gpu_buffers(gb);
-    const std::uint64_t params = buffers.params, grads = buffers.grads, optimizer = buffers.optimizer;
-    ModelOptions mo;
-    mo.param_dtype = bf16 ? kernels::cpu::DType::kBF16 : kernels::cpu::DType::kF32;
-    mo.checkpoint_activations = true;
-    mo.lora = in.lora;
-    const std::uint64_t acts = Model::activation_bytes_for(c, in.micro_batch, in.seq_len, mo);
-    // The CUDA backend's scratch bound (cuda_backend.cpp): cuBLASLt workspace, bf16 operand slots,
-    // the LM head's vocabulary chunk, attention's packed operands, small partials.
-    const std::uint64_t rows = static_cast<std::uint64_t>(in.micro_batch * in.seq_len);
-    const std::uint64_t vchunk = std::clamp<std::uint64_t>((256ull << 20) / 4 / std::max<std::uint64_t>(rows, 1) / 64 * 64,
-                                                           std::min<std::uint64_t>(64, static_cast<std::uint64_t>(c.vocab_size)),
-                                                           static_cast<std::uint64_t>(c.vocab_size));
-    const std::uint64_t widest_in = static_cast<std::uint64_t>(std::max({c.hidden_size, c.q_dim(), c.intermediate_size}));
-    const std::uint64_t widest_out = static_cast<std::uint64_t>(std::max({c.hidden_size, c.qkv_dim(), 2 * c.intermediate_size}));
-    std::uint64_t scratch = 32ull << 20;
-    if (bf16) scratch += rows * std::max(widest_in, widest_out) * 2 + rows * std::max(widest_in, vchunk) * 2;
-    scratch += (rows + 63) / 64 * widest_out * 4;                                        // norm partials
-    // Attention: the row statistics, and for bf16 with head dim 64 or 128 (the flash kernels) the
-    // packed operands over sequences padded to 64.
-    const std::uint64_t heads = static_cast<std::uint64_t>(c.num_heads), kvh = static_cast<std::uint64_t>(c.num_kv_heads);
-    const std::uint64_t hd = static_cast<std::uint64_t>(c.head_dim);
-    const std::uint64_t b = static_cast<std::uint64_t>(in.micro_batch), pseq = (static_cast<std::uint64_t>(in.seq_len) + 63) / 64 * 64;
-    scratch += (b * heads * static_cast<std::uint64_t>(in.seq_len) + 3) / 4 * 4 * 4;
-    if (bf16 && (hd == 64 || hd == 128) && kvh > 0 && heads % kvh == 0) {
-      scratch += (((heads + 2 * kvh) * b * pseq * hd + heads * b * pseq * hd) / 2 + 64) * 4;
-    }
-    scratch += 3 * rows * 4 + rows * vchunk * 4;
-    g.items = {{"parameters (live budget + one unit)", params},
-               {"gradient buffers", grads},
-               {"activations (checkpointed)", acts},
-               {"scratch", scratch}};
-    if (optimizer > 0) g.items.push_back({"optimizer share (offload_optimizer.ratio)", optimizer});
-    if (buffers.adapters > 0) {
+    GpuMemoryInputs gi;
+    gi.model = &c;
+    gi.mode = &mode;
+    gi.zero = &z;
+    gi.micro = in.micro_batch;
+    gi.seq = in.seq_len;
+    gi.grad_accum = in.grad_accum;
+    gi.model_options.param_dtype = mode.param_dtype;
+    gi.model_options.checkpoint_activations = true;
+    gi.model_options.lora = in.lora;
+    gi.lora_numel = lora_numel;
+    gi.lora_state_on_gpu = !in.lora_offload_optimizer;
+    const GpuMemoryPlan gp = plan_gpu_memory(gi);
+    g.items = {{"parameters (live budget + one unit)", gp.params},
+               {"gradient buffers", gp.grads},
+               {"activations (checkpointed)", gp.activations},
+               {"scratch", gp.scratch}};
+    if (gp.optimizer > 0) g.items.push_back({"optimizer share (offload_optimizer.ratio)", gp.optimizer});
+    if (gp.adapters > 0) {
       g.items.push_back({in.lora_offload_optimizer ? "LoRA adapters and their gradients (fp32)"
                                                    : "LoRA adapters, gradients and Adam moments (fp32)",
-                         buffers.adapters});
+                         gp.adapters});
     }
-    g.items.push_back({"other", U * 8 + (1u << 20)});
+    g.items.push_back({"other", gp.other});
     p.notes.push_back("GPU bytes are zinf's own allocations; the CUDA context and NCCL take about 0.5-1 GiB more");
   }
   p.tiers.push_back(g);

@@ -646,12 +646,10 @@ class Trainer {
     in.seq = o_.seq_len;
     in.grad_accum = gas_;
     in.model_options = model_.options();
-    for (std::size_t u = 0; u < layout_.units.size(); ++u) in.persistent.push_back(mode_.stage3 && coord_->persistent(u));
     if (mode_.lora) {
       in.lora_numel = static_cast<std::uint64_t>(model_.lora().numel);
       in.lora_state_on_gpu = !o_.lora_offload_optimizer;
     }
-    in.scratch = backend_->scratch_bound(step_shape(o_.model, micro_, o_.seq_len, mode_.param_dtype == DType::kBF16));
     gpu_plan_ = plan_gpu_memory(in);
     const std::uint64_t limit = o_.gpu_memory_limit;
     spdlog::info("GPU memory plan: {}{}", gpu_plan_.describe(),

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "zinf/kernels/adam_scalars.hpp"
+#include "zinf/kernels/cuda_scratch.hpp"
 
 namespace zinf::kernels::cuda {
 
@@ -55,7 +56,7 @@ void column_sums_add(float* dbias, float* partial, const float* dy, std::int64_t
                      cudaStream_t stream);
 // out (one double) = sum of x[i]^2, in a fixed order: per-block partials (`partial` holds
 // sum_squares_partial_doubles() doubles), then one block sums them.
-constexpr std::int64_t sum_squares_partial_doubles() { return 1024; }
+constexpr std::int64_t sum_squares_partial_doubles() { return cuda_scratch::kSumSquaresPartials; }
 void sum_squares(double* out, double* partial, const void* x, bool bf16, std::int64_t count, cudaStream_t stream);
 // Round to bf16 (nearest even; NaN stays NaN).
 void to_bf16(std::uint16_t* dst, const float* src, std::int64_t count, cudaStream_t stream);

@@ -22,6 +22,7 @@
 #include <string>
 
 #include "zinf/kernels/cpu_optim.hpp"  // DType
+#include "zinf/kernels/cuda_scratch.hpp"
 
 namespace zinf::runtime {
 
@@ -49,12 +50,7 @@ struct AttentionShape {
 enum class Stream { kCompute, kHostToDevice, kDeviceToHost, kCollective };
 
 // The shape of one training step, for a backend's bound on the scratch its ops take.
-struct StepShape {
-  std::int64_t rows = 0, batch = 0, seq = 0;  // rows = batch x seq
-  std::int64_t hidden = 0, q_dim = 0, qkv_dim = 0, intermediate = 0, vocab = 0;
-  std::int64_t heads = 0, kv_heads = 0, head_dim = 0;
-  bool bf16 = false;  // bf16 weights (mixed-precision products)
-};
+using StepShape = kernels::cuda_scratch::StepShape;
 
 // A general fp32 matrix product (LoRA's small products): C (m, n) = alpha * op(A) op(B), plus C
 // when accumulate. Row-major with row strides: A is (m, k), or (k, m) when trans_a; B is (k, n),
@@ -289,7 +285,7 @@ std::unique_ptr<Backend> make_cpu_backend(const CpuBackendOptions& options = {})
 // zinf was built without CUDA, or the GPU is missing or unusable, saying which.
 struct CudaBackendOptions {
   int device = 0;
-  std::size_t head_chunk_bytes = 256u << 20;  // logits per vocabulary chunk
+  std::size_t head_chunk_bytes = kernels::cuda_scratch::kHeadChunkBytes;  // logits per vocabulary chunk
   // Caps every allocation of this backend (--gpu-memory-limit; 0: none). Going past it is an error
   // naming what asked and how much is in use. The CUDA context itself is not counted.
   std::size_t memory_limit = 0;

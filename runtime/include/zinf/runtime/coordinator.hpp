@@ -119,6 +119,11 @@ class ParamCoordinator {
 
   CoordinatorStats take_stats();
   bool persistent(std::size_t unit) const { return persistent_[unit]; }
+  // The persistence rule: small units (elements <= persistence_threshold) stay gathered, in unit
+  // order while their total stays within model_persistence_threshold; adopted units never do.
+  // The GPU memory plan counts the same units.
+  static std::vector<bool> persistent_units(const std::vector<std::int64_t>& elements, const std::vector<bool>& adopted,
+                                            std::int64_t persistence_threshold, std::int64_t model_persistence_threshold);
   std::int64_t live_elements() const;
   std::int64_t cached_elements() const;  // freed buffers kept for reuse
 

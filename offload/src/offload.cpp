@@ -45,22 +45,38 @@ std::vector<std::string> canonical(const std::vector<std::string>& paths) {
 
 }  // namespace
 
+StoreOptions store_options(const config::DeepSpeedConfig& c) {
+  StoreOptions o;
+  const config::ZeroConfig& z = c.zero;
+  if (z.sub_group_size < 1) throw Error("zero_optimization.sub_group_size must be at least 1, not {}", z.sub_group_size);
+  o.slice_elems = static_cast<std::uint64_t>(z.sub_group_size);
+  if (z.offload_optimizer) {
+    o.optimizer_buffers = static_cast<unsigned>(std::clamp<std::int64_t>(z.offload_optimizer->buffer_count, 1, 1024));
+    if (z.offload_optimizer->device == OffloadDevice::kNvme) o.nvme_ratio = z.offload_optimizer->ratio;
+  }
+  if (z.offload_param && z.offload_param->device == OffloadDevice::kNvme) {
+    const config::OffloadParamConfig& p = *z.offload_param;
+    o.params_on_nvme = true;
+    o.param_buffers = static_cast<unsigned>(std::clamp<std::int64_t>(p.buffer_count, 1, 1024));
+    o.param_buffer_elems = static_cast<std::uint64_t>(std::max<std::int64_t>(p.buffer_size, 1));
+    o.max_in_cpu = static_cast<std::uint64_t>(std::max<std::int64_t>(p.max_in_cpu, 0));
+  }
+  return o;
+}
+
 OffloadSettings offload_settings(const config::DeepSpeedConfig& c) {
   OffloadSettings s;
   const config::ZeroConfig& z = c.zero;
   s.optimizer_device = z.optimizer_device();
   s.param_device = z.param_device();
-  if (z.sub_group_size < 1) throw Error("zero_optimization.sub_group_size must be at least 1, not {}", z.sub_group_size);
-  s.store.slice_elems = static_cast<std::uint64_t>(z.sub_group_size);
+  s.store = store_options(c);
   bool pin_opt = true, pin_param = true;
   if (z.offload_optimizer) {
     const config::OffloadOptimizerConfig& o = *z.offload_optimizer;
     pin_opt = o.pin_memory;
-    s.store.optimizer_buffers = static_cast<unsigned>(std::clamp<std::int64_t>(o.buffer_count, 1, 1024));
     if (o.device == OffloadDevice::kNvme) {
       s.optimizer_paths = split_nvme_paths(o.nvme_path);
       if (s.optimizer_paths.empty()) throw Error("offload_optimizer.nvme_path is empty: give the NVMe directory");
-      s.store.nvme_ratio = o.ratio;
     } else if (o.device == OffloadDevice::kCpu && o.ratio < 1.0) {
       s.gpu_optimizer_fraction = 1.0 - o.ratio;
     }
@@ -72,10 +88,6 @@ OffloadSettings offload_settings(const config::DeepSpeedConfig& c) {
     if (p.device == OffloadDevice::kNvme) {
       s.param_paths = split_nvme_paths(p.nvme_path);
       if (s.param_paths.empty()) throw Error("offload_param.nvme_path is empty: give the NVMe directory");
-      s.store.params_on_nvme = true;
-      s.store.param_buffers = static_cast<unsigned>(std::clamp<std::int64_t>(p.buffer_count, 1, 1024));
-      s.store.param_buffer_elems = static_cast<std::uint64_t>(std::max<std::int64_t>(p.buffer_size, 1));
-      s.store.max_in_cpu = static_cast<std::uint64_t>(std::max<std::int64_t>(p.max_in_cpu, 0));
     }
   }
   // One host memory pool: pinned unless a section asks otherwise.

@@ -14,6 +14,7 @@
 #include "zinf/configs/summary.hpp"
 #include "zinf/io/aligned_buffer.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
+#include "zinf/offload/placement.hpp"
 
 namespace zinf::offload {
 
@@ -52,10 +53,9 @@ const char* tier_name(Tier tier) { return tier == Tier::kHost ? "host" : "nvme";
 PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options, HostMemory& memory,
                                io::SwapStore* optimizer_swap, io::SwapStore* param_swap)
     : units_(std::move(units)), options_(options), memory_(memory), opt_swap_(optimizer_swap), param_swap_(param_swap) {
-  if (!(options_.nvme_ratio >= 0.0 && options_.nvme_ratio <= 1.0)) {
-    throw Error("offload_optimizer.ratio must be between 0 and 1, not {}", options_.nvme_ratio);
-  }
-  if (options_.slice_elems == 0) throw Error("zero_optimization.sub_group_size must be at least 1");
+  // Which elements of each unit live where (placement.cpp, which zinf plan also calls), checked
+  // against the host memory before anything is allocated.
+  Placement placed = place_units(units_, options_);
   if (options_.nvme_ratio > 0.0 && opt_swap_ == nullptr) {
     throw Error("optimizer state is to go to NVMe (ratio {}), but no swap store was given: set "
                 "offload_optimizer.nvme_path",
@@ -64,100 +64,28 @@ PartitionStore::PartitionStore(std::vector<UnitSpec> units, StoreOptions options
   if (options_.params_on_nvme && param_swap_ == nullptr) {
     throw Error("parameters are to go to NVMe, but no swap store was given: set offload_param.nvme_path");
   }
-  if (options_.optimizer_buffers == 0) throw Error("offload_optimizer.buffer_count must be at least 1");
-  if (options_.params_on_nvme) {
-    if (options_.param_buffers == 0) throw Error("offload_param.buffer_count must be at least 1");
-    if (options_.param_buffer_elems < kSliceAlign) {
-      throw Error("offload_param.buffer_size is {} elements; it must be at least {}", options_.param_buffer_elems,
-                  kSliceAlign);
-    }
-  }
-  std::set<std::string> names;
-  for (const UnitSpec& u : units_) {
-    if (!names.insert(u.name).second) throw Error("unit name '{}' is used twice", u.name);
-  }
-
-  // Slice length: sub_group_size, and no more than one parameter staging buffer when parameters
-  // come from NVMe, rounded to kSliceAlign.
-  std::uint64_t slice = options_.slice_elems;
-  if (options_.params_on_nvme) slice = std::min(slice, options_.param_buffer_elems);
-  slice_elems_ = std::max(kSliceAlign, slice / kSliceAlign * kSliceAlign);
-
-  // Plan: which elements of each unit live where.
-  HostMemoryPlan plan;
-  std::uint64_t host_param_elems = 0;
-  std::uint64_t largest_staged_slice = 0;
-  std::uint64_t largest_param_slice = 0;
-  unit_param_tier_.assign(units_.size(), Tier::kHost);
+  slice_elems_ = placed.slice_elems;
+  slices_ = std::move(placed.slices);
+  unit_param_tier_ = std::move(placed.param_tier);
+  total_elems_ = placed.total_elems;
+  nvme_state_elems_ = placed.nvme_state_elems;
+  nvme_param_elems_ = placed.nvme_param_elems;
+  opt_state_bytes_ = placed.opt_state_bytes;
+  param_staging_elems_ = placed.param_staging_elems;
+  const std::uint64_t host_state_bytes = placed.host_state_bytes, host_param_bytes = placed.host_param_bytes;
+  const std::uint64_t opt_staging_each = placed.opt_staging_each, param_staging_each = placed.param_staging_each;
+  const unsigned opt_buffers = placed.opt_buffers, param_buffers = placed.param_buffers;
+  memory_.preflight(placed.host_plan(options_));
   std::vector<io::TensorSpec> state_specs, param_specs;
-  std::uint64_t host_state_bytes = 0, host_param_bytes = 0;
-  for (std::size_t u = 0; u < units_.size(); ++u) {
-    const std::uint64_t n = units_[u].numel;
-    if (n == 0) throw Error("unit '{}' has no elements", units_[u].name);
-    total_elems_ += n;
-    // Parameters: whole units in host memory up to max_in_cpu elements, the rest on NVMe.
-    const bool on_gpu = u < options_.gpu_units.size() && options_.gpu_units[u] != 0;
-    if (options_.params_on_nvme && (on_gpu || host_param_elems + n > options_.max_in_cpu)) {
-      unit_param_tier_[u] = Tier::kNvme;
-      nvme_param_elems_ += n;
-      const std::uint64_t needed = (n + slice_elems_ - 1) / slice_elems_;
-      if (needed > options_.param_buffers) {
-        throw Error("the parameters of unit '{}' ({} elements) need {} staging buffers of {} elements, but "
-                    "offload_param.buffer_count is {}: raise buffer_count to at least {} or buffer_size to at "
-                    "least {}",
-                    units_[u].name, n, needed, slice_elems_, options_.param_buffers, needed,
-                    (n + options_.param_buffers - 1) / options_.param_buffers);
-      }
-    } else {
-      host_param_elems += n;
-      host_param_bytes += page_round(n * 2);
+  for (const Slice& sl : slices_) {
+    const std::string& name = units_[sl.unit].name;
+    if (!options_.frozen && sl.state_tier == Tier::kNvme) {
+      state_specs.push_back({fmt::format("{}.optimizer[{}:{}]", name, sl.begin, sl.end), sl.size() * 12});
     }
-    // Optimizer state: the first `ratio` of the unit on NVMe (on a kSliceAlign boundary).
-    const std::uint64_t nvme_n = options_.frozen              ? 0
-                                 : options_.nvme_ratio >= 1.0
-                                     ? n
-                                     : std::min<std::uint64_t>(n, static_cast<std::uint64_t>(std::floor(
-                                                                      options_.nvme_ratio * static_cast<double>(n))) /
-                                                                      kSliceAlign * kSliceAlign);
-    nvme_state_elems_ += nvme_n;
-    for (const auto& [lo, hi, tier] : {std::tuple{std::uint64_t{0}, nvme_n, Tier::kNvme},
-                                       std::tuple{nvme_n, n, Tier::kHost}}) {
-      for (std::uint64_t b = lo; b < hi; b += slice_elems_) {
-        Slice s;
-        s.unit = u;
-        s.begin = b;
-        s.end = std::min(hi, b + slice_elems_);
-        s.state_tier = tier;
-        s.param_tier = unit_param_tier_[u];
-        if (options_.frozen) {
-          // no state
-        } else if (tier == Tier::kNvme) {
-          state_specs.push_back({fmt::format("{}.optimizer[{}:{}]", units_[u].name, s.begin, s.end), s.size() * 12});
-        } else {
-          host_state_bytes += page_round(s.size() * 12);
-        }
-        if (s.param_tier == Tier::kNvme) {
-          param_specs.push_back({fmt::format("{}.params[{}:{}]", units_[u].name, s.begin, s.end), s.size() * 2});
-          largest_param_slice = std::max(largest_param_slice, s.size());
-        }
-        if (needs_staging(s)) largest_staged_slice = std::max(largest_staged_slice, s.size());
-        slices_.push_back(s);
-      }
+    if (sl.param_tier == Tier::kNvme) {
+      param_specs.push_back({fmt::format("{}.params[{}:{}]", name, sl.begin, sl.end), sl.size() * 2});
     }
   }
-  opt_state_bytes_ = options_.frozen ? 0 : page_round(largest_staged_slice * 12);
-  const std::uint64_t opt_staging_each = opt_state_bytes_ + page_round(largest_staged_slice * 2);
-  // (A frozen store writes its NVMe parameters through the parameter staging buffers.)
-  const unsigned opt_buffers = largest_staged_slice > 0 && !options_.frozen ? options_.optimizer_buffers : 0;
-  param_staging_elems_ = largest_param_slice;
-  const unsigned param_buffers = largest_param_slice > 0 ? options_.param_buffers : 0;
-  const std::uint64_t param_staging_each = page_round(largest_param_slice * 2);
-  plan.add(Purpose::kOptimizerState, host_state_bytes);
-  plan.add(Purpose::kParameters, host_param_bytes);
-  plan.add(Purpose::kStaging, opt_staging_each * opt_buffers + param_staging_each * param_buffers);
-  plan.add(Purpose::kGradients, options_.caller_gradient_bytes);
-  plan.pageable += options_.caller_pageable_bytes;
-  memory_.preflight(plan);
 
   // Swap space: all or nothing, per store (a store shared by both gets one batch).
   std::vector<io::TensorId> state_ids, param_ids;

@@ -10,6 +10,8 @@
 #include <sstream>
 
 #include "zinf/common/error.hpp"
+#include "zinf/offload/offload.hpp"
+#include "zinf/offload/placement.hpp"
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/flops.hpp"
 #include "zinf/runtime/run_mode.hpp"
@@ -259,50 +261,19 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
 
   // ---- Host (all ranks on this machine): the partition store's plan, per rank, times the ranks.
   const bool pin = !((z.offload_optimizer && !z.offload_optimizer->pin_memory) || (z.offload_param && !z.offload_param->pin_memory));
-  const bool opt_nvme = !lora && z.optimizer_device() == OffloadDevice::kNvme && z.offload_optimizer->ratio > 0.0;
-  const double nvme_ratio = opt_nvme ? std::min(1.0, z.offload_optimizer->ratio) : 0.0;
-  const bool params_nvme = z.param_device() == OffloadDevice::kNvme;
-  if (z.sub_group_size < 1) throw Error("zero_optimization.sub_group_size must be at least 1, not {}", z.sub_group_size);
-  constexpr std::uint64_t kSliceAlign = 2048;  // offload::kSliceAlign
-  std::uint64_t slice = static_cast<std::uint64_t>(z.sub_group_size);
-  if (params_nvme) slice = std::min(slice, static_cast<std::uint64_t>(std::max<std::int64_t>(z.offload_param->buffer_size, 1)));
-  slice = std::max(kSliceAlign, slice / kSliceAlign * kSliceAlign);
-  std::uint64_t host_state = 0, host_params = 0, nvme_state = 0, nvme_params = 0, largest_staged = 0, largest_pslice = 0;
-  std::uint64_t host_param_elems = 0;
-  for (std::size_t u = 0; u < U; ++u) {
-    const std::uint64_t n = shard[u];
-    const bool p_nvme = params_nvme && (on_gpu[u] || host_param_elems + n > static_cast<std::uint64_t>(
-                                                                               std::max<std::int64_t>(z.offload_param->max_in_cpu, 0)));
-    if (p_nvme) {
-      nvme_params += n * 2;
-      largest_pslice = std::max(largest_pslice, std::min(n, slice));
-      const std::uint64_t needed = (n + slice - 1) / slice;
-      const auto buffers = static_cast<std::uint64_t>(std::max<std::int64_t>(z.offload_param->buffer_count, 1));
-      if (needed > buffers) {
-        throw Error("the parameters of unit '{}' ({} elements) need {} staging buffers of {} elements, but "
-                    "offload_param.buffer_count is {}: raise buffer_count to at least {} or buffer_size to at least {}",
-                    layout.units[u].name, n, needed, slice, buffers, needed, (n + buffers - 1) / buffers);
-      }
-    } else {
-      host_param_elems += n;
-      host_params += n * 2;
-    }
-    const std::uint64_t on_nvme =
-        nvme_ratio >= 1.0 ? n
-                          : std::min<std::uint64_t>(n, static_cast<std::uint64_t>(std::floor(nvme_ratio * static_cast<double>(n))) /
-                                                           kSliceAlign * kSliceAlign);
-    if (!lora) {  // (the frozen base keeps no optimizer state)
-      nvme_state += on_nvme * 12;
-      host_state += (n - on_nvme) * 12;
-    }
-    // Staged slices: the NVMe part of the state, or the whole unit when its parameters are on NVMe.
-    if (p_nvme) largest_staged = std::max(largest_staged, std::min(n, slice));
-    else if (on_nvme > 0) largest_staged = std::max(largest_staged, std::min(on_nvme, slice));
+  // The partition store's own placement of this rank's shards (offload/placement.cpp).
+  offload::StoreOptions so = offload::store_options(ds);
+  so.gpu_units = mode.on_gpu;
+  if (lora) {  // the frozen base: bf16 shards only, per offload_param
+    so.frozen = true;
+    so.nvme_ratio = 0.0;
   }
-  // (A frozen store writes its NVMe parameters through the parameter staging buffers.)
-  const std::uint64_t opt_buffers = !lora && (opt_nvme || params_nvme) ? static_cast<std::uint64_t>(z.offload_optimizer ? z.offload_optimizer->buffer_count : 4) : 0;
-  const std::uint64_t param_buffers = params_nvme ? static_cast<std::uint64_t>(z.offload_param->buffer_count) : 0;
-  const std::uint64_t staging = (largest_staged > 0 ? opt_buffers * largest_staged * 14 : 0) + param_buffers * largest_pslice * 2;
+  std::vector<offload::UnitSpec> specs;
+  for (std::size_t u = 0; u < U; ++u) specs.push_back({layout.units[u].name, shard[u]});
+  const offload::Placement placed = offload::place_units(specs, so);
+  const std::uint64_t host_state = placed.host_state_bytes, host_params = placed.host_param_bytes;
+  const std::uint64_t staging = placed.staging_bytes();
+  const std::uint64_t nvme_state = placed.nvme_state_elems * 12, nvme_params = placed.nvme_param_elems * 2;
   // Gradients: the pipeline's page-locked shards (none when bf16 gradients land in the bf16
   // parameter shards), or the synchronous path's pageable fp32 shards.
   std::uint64_t pinned_grads = 0, pageable = 0;

@@ -38,6 +38,11 @@ struct OffloadSettings {
   std::vector<std::string> notes;
 };
 
+// The partition store's part of the config: slicing, NVMe ratio, parameter placement and
+// staging (no paths: `zinf plan` places units without touching a drive). Throws zinf::Error for
+// a sub_group_size below 1.
+StoreOptions store_options(const config::DeepSpeedConfig& config);
+
 // Maps the config (already validated by the configs module). Throws zinf::Error for values the
 // offload cannot honour (a bad ZINF_OFFLOAD_* variable among them).
 OffloadSettings offload_settings(const config::DeepSpeedConfig& config);

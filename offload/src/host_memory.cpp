@@ -124,7 +124,9 @@ std::uint64_t meminfo_bytes(const std::string& field, std::uint64_t missing) {
 std::uint64_t available_memory_bytes() { return meminfo_bytes("MemAvailable:", std::numeric_limits<std::uint64_t>::max()); }
 std::uint64_t total_memory_bytes() { return meminfo_bytes("MemTotal:", 0); }
 
-std::uint64_t host_memory_reserve_bytes() {
+std::uint64_t host_memory_reserve_bytes() { return host_memory_reserve_bytes(total_memory_bytes()); }
+
+std::uint64_t host_memory_reserve_bytes(std::uint64_t machine_bytes) {
   if (const char* env = std::getenv("ZINF_HOST_RESERVE_BYTES"); env != nullptr && *env != '\0') {
     char* end = nullptr;
     errno = 0;
@@ -132,7 +134,7 @@ std::uint64_t host_memory_reserve_bytes() {
     if (end == env || *end != '\0' || env[0] < '0' || env[0] > '9' || errno == ERANGE) throw Error("ZINF_HOST_RESERVE_BYTES='{}' is not a byte count", env);
     return v;
   }
-  return std::max<std::uint64_t>(4ull << 30, total_memory_bytes() / 20);
+  return std::max<std::uint64_t>(4ull << 30, machine_bytes / 20);
 }
 
 // ---------------------------------------------------------------------------------------------

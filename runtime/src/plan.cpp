@@ -15,7 +15,7 @@
 #include "zinf/runtime/model.hpp"
 #include "zinf/runtime/flops.hpp"
 #include "zinf/runtime/run_mode.hpp"
-#include "gpu_memory_plan.hpp"
+#include "plan_memory.hpp"
 
 namespace zinf::runtime {
 namespace {
@@ -177,150 +177,21 @@ bool Plan::fits() const {
   return std::none_of(tiers.begin(), tiers.end(), [](const TierPlan& t) { return t.verdict() == "does not fit"; });
 }
 
-Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
+namespace {
+
+// The step-time model's inputs from the memory plan.
+struct StepFacts {
+  double compute_s = 0, host_elems = 0, h2d = 0, d2h = 0, adam_s = 0;
+};
+
+// The step's parts: compute, PCIe, the host's optimizer and copies, NVMe, collectives.
+StepFacts step_parts(const PlanInputs& in, const MachineRates& rates, const PlannedRun& r, Plan& p) {
   const ModelConfig& c = in.model;
-  const config::DeepSpeedConfig& ds = in.ds;
-  const config::ZeroConfig& z = ds.zero;
-  if (in.gpus < 1) throw Error("--gpus must be at least 1, not {}", in.gpus);
-  if (in.micro_batch < 1 || in.seq_len < 1 || in.grad_accum < 1) {
-    throw Error("micro-batch, sequence length and gradient accumulation must be at least 1");
-  }
-  if (in.device != "cuda" && in.device != "cpu") throw Error("--device must be cuda or cpu, not '{}'", in.device);
-  Plan p;
-  p.rates = rates;
-  const bool gpu = in.device == "cuda";
-  const std::uint64_t W = static_cast<std::uint64_t>(in.gpus);
-  const bool lora = in.lora.enabled();
-  std::optional<LoraLayout> lora_layout;
-  if (lora) lora_layout.emplace(make_lora_layout(in.model, in.lora));
-  const std::uint64_t lora_numel = lora ? static_cast<std::uint64_t>(lora_layout->numel) : 0;
-  const ModelLayout layout = make_layout(c);
-  const std::size_t U = layout.units.size();
-  // The trainer's own decisions (run_mode.hpp): pipeline, NCCL, dtypes, the GPU's share, shards.
-  RunModeInputs mi = RunModeInputs::from_config(ds);
-  mi.world = in.gpus;
-  mi.lora = lora;
-  mi.device = in.device;
-  mi.grad_accum = in.grad_accum;
-  for (const auto& u : layout.units) mi.units.push_back(u.numel);
-  const RunMode mode = decide_run_mode(mi);
-  const bool stage3 = mode.stage3;
-  const bool bf16 = mode.param_dtype == kernels::cpu::DType::kBF16;
-  const std::uint64_t pb = bf16 ? 2 : 4;  // compute copy of a parameter (fp16 runs keep fp32 copies)
-  std::vector<std::uint64_t> numel(U), shard(U);
-  std::uint64_t E = 0, largest = 0;
-  for (std::size_t u = 0; u < U; ++u) {
-    numel[u] = static_cast<std::uint64_t>(layout.units[u].numel);
-    shard[u] = static_cast<std::uint64_t>(mode.shard[u]);
-    E += numel[u];
-    largest = std::max(largest, numel[u]);
-  }
-  std::uint64_t S = 0;  // this rank's elements
-  for (auto s : shard) S += s;
-  p.pipeline = mode.pipeline;
-  const bool nccl = mode.nccl;
-  const bool bf16_grads = mode.grad_dtype == kernels::cpu::DType::kBF16;
-  const std::uint64_t gbytes = bf16_grads ? 2 : 4;
-  std::vector<bool> on_gpu(U, false);
-  for (std::size_t u = 0; u < U; ++u) on_gpu[u] = mode.on_gpu[u] != 0;
-  const std::uint64_t gpu_share = mode.gpu_elements;
-  for (const auto& n : mode.notes) {
-    if (n.rfind("offload_optimizer.ratio", 0) == 0) p.notes.push_back(n);
-  }
-
-  // ---- GPU (per GPU): the trainer's own plan (gpu_memory_plan.cpp), the same function.
-  TierPlan g{"gpu", {}, in.gpu_mem};
-  if (gpu) {
-    GpuMemoryInputs gi;
-    gi.model = &c;
-    gi.mode = &mode;
-    gi.zero = &z;
-    gi.micro = in.micro_batch;
-    gi.seq = in.seq_len;
-    gi.grad_accum = in.grad_accum;
-    gi.model_options.param_dtype = mode.param_dtype;
-    gi.model_options.checkpoint_activations = true;
-    gi.model_options.lora = in.lora;
-    gi.lora_numel = lora_numel;
-    gi.lora_state_on_gpu = !in.lora_offload_optimizer;
-    const GpuMemoryPlan gp = plan_gpu_memory(gi);
-    g.items = {{"parameters (live budget + one unit)", gp.params},
-               {"gradient buffers", gp.grads},
-               {"activations (checkpointed)", gp.activations},
-               {"scratch", gp.scratch}};
-    if (gp.optimizer > 0) g.items.push_back({"optimizer share (offload_optimizer.ratio)", gp.optimizer});
-    if (gp.adapters > 0) {
-      g.items.push_back({in.lora_offload_optimizer ? "LoRA adapters and their gradients (fp32)"
-                                                   : "LoRA adapters, gradients and Adam moments (fp32)",
-                         gp.adapters});
-    }
-    g.items.push_back({"other", gp.other});
-    p.notes.push_back("GPU bytes are zinf's own allocations; the CUDA context and NCCL take about 0.5-1 GiB more");
-  }
-  p.tiers.push_back(g);
-
-  // ---- Host (all ranks on this machine): the partition store's plan, per rank, times the ranks.
-  const bool pin = !((z.offload_optimizer && !z.offload_optimizer->pin_memory) || (z.offload_param && !z.offload_param->pin_memory));
-  // The partition store's own placement of this rank's shards (offload/placement.cpp).
-  offload::StoreOptions so = offload::store_options(ds);
-  so.gpu_units = mode.on_gpu;
-  if (lora) {  // the frozen base: bf16 shards only, per offload_param
-    so.frozen = true;
-    so.nvme_ratio = 0.0;
-  }
-  std::vector<offload::UnitSpec> specs;
-  for (std::size_t u = 0; u < U; ++u) specs.push_back({layout.units[u].name, shard[u]});
-  const offload::Placement placed = offload::place_units(specs, so);
-  const std::uint64_t host_state = placed.host_state_bytes, host_params = placed.host_param_bytes;
-  const std::uint64_t staging = placed.staging_bytes();
-  const std::uint64_t nvme_state = placed.nvme_state_elems * 12, nvme_params = placed.nvme_param_elems * 2;
-  // Gradients: the pipeline's page-locked shards (none when bf16 gradients land in the bf16
-  // parameter shards), or the synchronous path's pageable fp32 shards.
-  std::uint64_t pinned_grads = 0, pageable = 0;
-  for (std::size_t u = 0; u < U; ++u) {
-    pinned_grads += mode.pinned_gradient_bytes(u);
-    pageable += mode.pageable_gradient_bytes(u);
-  }
-  TierPlan hp{"host_pinned", {}, 0};
-  TierPlan hpage{"host_pageable", {}, 0};
-  std::vector<PlanItem> host = {{"optimizer state (fp32 master, m, v)", host_state * W},
-                                {"parameters (bf16)", host_params * W},
-                                {"gradient shards", pinned_grads * W},
-                                {"NVMe staging buffers", staging * W}};
-  (pin ? hp : hpage).items = host;
-  if (!gpu) {
-    // The CPU backend holds the model, its gradients and activations in ordinary memory.
-    ModelOptions mo;
-    mo.param_dtype = bf16 ? kernels::cpu::DType::kBF16 : kernels::cpu::DType::kF32;
-    mo.checkpoint_activations = true;
-    hpage.items.push_back({lora ? "CPU backend: parameters (frozen, no gradients)" : "CPU backend: parameters + gradients",
-                           E * (pb + (lora ? 0 : 4)) * W});
-    hpage.items.push_back({"CPU backend: activations", Model::activation_bytes_for(c, in.micro_batch, in.seq_len, mo) * W});
-  }
-  if (pageable > 0) hpage.items.push_back({"gradient shards (synchronous path)", pageable * W});
-  if (lora && (in.lora_offload_optimizer || !gpu)) {
-    hpage.items.push_back({"LoRA adapters' Adam state (master, m, v) and gradients", lora_numel * 16 * W});
-  }
-  // One capacity for both host tiers, less what the trainer's preflight keeps free for the
-  // process and the OS (offload::host_memory_reserve_bytes: 5% of the memory, at least 4 GiB);
-  // the pinned tier is judged against it, the pageable one against what the pinned one leaves.
-  if (in.host_mem > 0) {
-    const std::uint64_t reserve = std::max<std::uint64_t>(4ull << 30, in.host_mem / 20);
-    const std::uint64_t usable = in.host_mem > reserve ? in.host_mem - reserve : 1;
-    hp.capacity = usable;
-    hpage.capacity = usable > hp.total() ? usable - hp.total() : 1;
-    p.notes.push_back(fmt::format("host memory: {} of {} counted usable ({} stays free for the process and the OS, as "
-                                  "the trainer's preflight requires)",
-                                  gib(usable), gib(in.host_mem), gib(reserve)));
-  }
-  p.tiers.push_back(hp);
-  p.tiers.push_back(hpage);
-  TierPlan nv{"nvme", {}, in.nvme};
-  if (nvme_state > 0) nv.items.push_back({"optimizer state (offload_optimizer.ratio)", nvme_state * W});
-  if (nvme_params > 0) nv.items.push_back({"parameters (offload_param nvme)", nvme_params * W});
-  p.tiers.push_back(nv);
-
-  // ---- Step time (per rank; every rank does the same).
+  const config::ZeroConfig& z = in.ds.zero;
+  const bool gpu = r.gpu, lora = r.lora, stage3 = r.stage3, nccl = r.nccl;
+  const std::uint64_t W = r.W, E = r.E, S = r.S, gpu_share = r.gpu_share, pb = r.pb, gbytes = r.gbytes;
+  const std::uint64_t lora_numel = r.lora_numel, nvme_state = r.nvme_state, nvme_params = r.nvme_params;
+  const std::optional<LoraLayout>& lora_layout = r.lora_layout;
   const double tokens = static_cast<double>(in.micro_batch * in.seq_len * in.grad_accum);
   p.tokens_per_step = tokens;
   const double flops = (lora ? lora_training_flops_per_token(c, in.seq_len, *lora_layout) : training_flops_per_token(c, in.seq_len)) * tokens;
@@ -396,6 +267,15 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     p.parts.push_back({"gpu_collectives", bytes / (bw * kGB),
                        fmt::format("{:.1f} GB per rank over {}", bytes / kGB, nccl ? "NCCL" : "the host (Gloo)")});
   }
+  return {compute_s, host_elems, h2d, d2h, adam_s};
+}
+
+// The step's predicted time from its parts: what overlaps on this path, and what bounds it.
+void predict_step(const PlanInputs& in, const MachineRates& rates, const PlannedRun& r, const StepFacts& f, Plan& p) {
+  const bool gpu = r.gpu, lora = r.lora, stage3 = r.stage3;
+  const std::uint64_t W = r.W, E = r.E, gpu_share = r.gpu_share, pb = r.pb;
+  const double compute_s = f.compute_s, host_elems = f.host_elems, h2d = f.h2d, d2h = f.d2h, adam_s = f.adam_s;
+  const config::DeepSpeedConfig& ds = in.ds;
   double sum = 0, mx = 0;
   for (const auto& part : p.parts) {
     sum += part.seconds;
@@ -421,7 +301,7 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
     p.predicted_s = overlapped + after;
     p.notes.push_back(fmt::format("LoRA: {} adapters ({} trainable parameters) on a frozen bf16 base: no base "
                                   "gradients or optimizer state; base uploads and NVMe reads overlap compute",
-                                  lora_layout->adapters.size(), lora_layout->parameter_count()));
+                                  r.lora_layout->adapters.size(), r.lora_layout->parameter_count()));
   } else if (p.pipeline && !clip && in.grad_accum == 1) {
     // Gradients land and are stepped during backward, and the next forward follows the step.
     p.predicted_s = mx;
@@ -461,6 +341,21 @@ Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
                             "accumulation): the parts run one after another"
                           : "the CPU backend: the parts run one after another");
   }
+}
+
+}  // namespace
+
+Plan make_plan(const PlanInputs& in, const MachineRates& rates) {
+  if (in.gpus < 1) throw Error("--gpus must be at least 1, not {}", in.gpus);
+  if (in.micro_batch < 1 || in.seq_len < 1 || in.grad_accum < 1) {
+    throw Error("micro-batch, sequence length and gradient accumulation must be at least 1");
+  }
+  if (in.device != "cuda" && in.device != "cpu") throw Error("--device must be cuda or cpu, not '{}'", in.device);
+  Plan p;
+  p.rates = rates;
+  const PlannedRun r = plan_memory(in, p);
+  const StepFacts f = step_parts(in, rates, r, p);
+  predict_step(in, rates, r, f, p);
   return p;
 }
 

@@ -104,5 +104,7 @@ std::uint64_t total_memory_bytes();      // MemTotal (0 when unknown)
 // What the preflight keeps free beside a plan: 5% of the machine's memory, at least 4 GiB
 // (ZINF_HOST_RESERVE_BYTES overrides it; a value that is not a byte count is an error).
 std::uint64_t host_memory_reserve_bytes();
+// The same for a machine of `machine_bytes` (zinf plan's --host-mem).
+std::uint64_t host_memory_reserve_bytes(std::uint64_t machine_bytes);
 
 }  // namespace zinf::offload

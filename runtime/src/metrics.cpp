@@ -9,8 +9,14 @@
 
 #include <fmt/format.h>
 
+#include <spdlog/spdlog.h>
+
 #include "zinf/common/error.hpp"
 #include "zinf/common/fs.hpp"
+#include "zinf/runtime/backend.hpp"
+#include "zinf/runtime/coordinator.hpp"
+#include "gpu_memory_plan.hpp"
+#include "gradient_path.hpp"
 
 namespace zinf::runtime {
 namespace {
@@ -101,6 +107,132 @@ void MetricsCsv::write(const StepMetrics& m) {
   out_ << row(m) << "\n";
   out_.flush();
   if (!out_) throw Error("writing '{}' failed: {} (disk full?)", path_, errno_text(errno));
+}
+
+// ---- RunReport
+
+RunReport::RunReport(const Sources& s) : s_(s) {}
+
+std::uint64_t RunReport::nvme_bytes() const {
+  return s_.offload->store().nvme_state_elements() * 12 + s_.offload->store().nvme_param_elements() * 2;
+}
+
+void RunReport::open(bool resumed, std::int64_t step, const Sampler& sampler, double loss_scale) {
+  const TrainOptions& o = *s_.options;
+  const RunMode& m = *s_.mode;
+  start_ = std::chrono::steady_clock::now();
+  first_step_ = step;
+  if (s_.rank == 0) {
+    fs::create_directories(o.output_dir);
+    write_file_atomic((fs::path(o.output_dir) / "deepspeed_config_auto.json").string(), o.ds_resolved.dump(2) + "\n");
+    csv_.emplace((fs::path(o.output_dir) / "training_metrics.csv").string(), resumed ? step : -1);
+  }
+  spdlog::info("model {}: {} parameters, {} layers, hidden {}, vocab {}; {} training", o.model_source,
+               s_.layout->parameter_count(), o.model.num_layers, o.model.hidden_size, o.model.vocab_size,
+               m.param_dtype == kernels::cpu::DType::kBF16 ? "bf16 mixed-precision"
+               : o.ds.fp16.enabled ? fmt::format("fp16 (fp16 weights, fp32 products; loss scale {})", loss_scale)
+                                   : std::string("fp32"));
+  spdlog::info("data {}: {} tokens, {} training and {} held-out samples of {} tokens", o.data->name(), o.data->size(),
+               sampler.train_samples(), sampler.eval_samples(), o.seq_len);
+  spdlog::info("{} steps of {} x {} micro-batches on {} rank(s) ({} tokens per step); {}", s_.total_steps, o.ds.batch.micro,
+               o.ds.batch.gas, s_.world, s_.tokens_per_step, s_.offload->store().describe());
+  const auto& z = o.ds.zero;
+  if (m.stage3) {
+    spdlog::info("ZeRO stage 3 over {} rank(s): parameters gathered per use, at most {} live (+ the unit in use), "
+                 "prefetch {} ahead, reuse distance {}, {} elements persistent; gradients reduced in buckets of {}",
+                 s_.world, z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
+                 s_.coord->take_stats().persistent_elements, z.reduce_bucket_size);
+  } else {
+    spdlog::info("ZeRO stage {} over {} rank(s){}", z.stage, s_.world,
+                 m.partition_grads ? fmt::format("; gradients reduced in buckets of {}", z.reduce_bucket_size) : "");
+  }
+}
+
+void RunReport::step(StepMetrics row, bool last) {
+  const TrainOptions& o = *s_.options;
+  // The parameter coordinator's counters for the step (stages 0-2: every parameter is gathered
+  // all the time), folded into the run's totals.
+  CoordinatorStats cs;
+  if (s_.coord != nullptr) {
+    cs = s_.coord->take_stats();
+  } else {
+    cs.live_high_water = s_.layout->total_numel();
+    cs.persistent_elements = s_.layout->total_numel();
+  }
+  run_params_.add(cs);
+  row.tokens_per_s = static_cast<double>(s_.tokens_per_step) / row.step_s;
+  row.tflops = s_.flops_per_token * row.tokens_per_s / 1e12;
+  row.gpu_mem_bytes = s_.backend->memory_peak();
+  row.host_mem_bytes = s_.offload->memory().used();
+  row.nvme_bytes = nvme_bytes();
+  row.live_params_hwm = cs.live_high_water;
+  row.prefetch_hits = cs.hits;
+  row.prefetch_misses = cs.misses;
+  row.param_wait_s = cs.wait_seconds;
+  if (csv_) csv_->write(row);
+  if (s_.rank != 0) return;
+  if (o.on_progress) {
+    StepProgress p;
+    p.step = row.step;
+    p.total_steps = s_.total_steps;
+    p.loss = row.loss;
+    p.eval_loss = row.eval_loss;
+    p.lr = row.lr;
+    p.tokens_per_s = row.tokens_per_s;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+    p.eta_s = elapsed / static_cast<double>(row.step - first_step_) * static_cast<double>(s_.total_steps - row.step);
+    const auto every = o.ds.steps_per_print.value_or(0);
+    p.milestone = !std::isnan(row.eval_loss) || (every > 0 && row.step % every == 0);
+    p.last = last;
+    o.on_progress(p);
+  }
+  if (o.ds.wall_clock_breakdown) {
+    const PhaseTimes& t = row.phases;
+    spdlog::info("step {}: data {:.3f}s forward {:.3f}s backward {:.3f}s optimizer {:.3f}s (offload I/O wait {:.3f}s) "
+                 "grad norm {:.4f}",
+                 row.step, t.data, t.forward, t.backward, t.optimizer, t.offload_io, row.grad_norm);
+  }
+}
+
+void RunReport::summary(const TrainResult& r, std::int64_t first_step, std::uint64_t tokens_seen, const Sampler& sampler) {
+  if (s_.rank != 0) return;
+  const TrainOptions& o = *s_.options;
+  RunSummary s;
+  s.result = &r;
+  s.model_source = o.model_source;
+  s.model = model_config_json(o.model);
+  s.parameters = s_.layout->parameter_count();
+  s.param_dtype = kernels::cpu::dtype_name(s_.mode->param_dtype);
+  s.data_source = o.data->name();
+  s.data_tokens = o.data->size();
+  s.seq_len = o.seq_len;
+  s.train_samples = sampler.train_samples();
+  s.eval_samples = sampler.eval_samples();
+  s.steps_this_run = r.steps - first_step;
+  s.tokens_seen = tokens_seen;
+  s.tokens_this_run = static_cast<double>(s.steps_this_run) * static_cast<double>(s_.tokens_per_step);
+  s.flops_per_token = s_.flops_per_token;
+  s.wall_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  s.gpu_peak_bytes = s_.backend->memory_peak();
+  s.host_pinned_bytes = s_.offload->memory().used();
+  s.nvme_bytes = nvme_bytes();
+  s.zero = &o.ds.zero;
+  s.world = s_.world;
+  s.buckets_reduced = s_.path->buckets_reduced();
+  s.params = run_params_;
+  for (const auto& u : s_.layout->units) s.largest_unit = std::max(s.largest_unit, u.numel);
+  s.backend = s_.backend->name();
+  s.mode = s_.mode;
+  s.deepspeed_config = &o.ds_resolved;
+  if (s_.gpu_plan != nullptr) {
+    s.gpu_memory = {{"limit_bytes", s_.backend->memory_limit()},
+                    {"planned_bytes", s_.gpu_plan->total()},
+                    {"peak_bytes", s_.backend->memory_peak()},
+                    {"planned", s_.gpu_plan->to_json()}};
+  }
+  config::Json j = run_summary(s);
+  s_.path->describe(j);
+  write_file_atomic((fs::path(o.output_dir) / "summary.json").string(), j.dump(2) + "\n");
 }
 
 config::Json run_summary(const RunSummary& s) {

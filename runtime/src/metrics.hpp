@@ -3,12 +3,15 @@
 // once, below, in metrics.cpp) and summary.json at the end. Progress for a person goes to the
 // caller's TrainOptions::on_progress; this library never prints. Internal to zinf_runtime.
 
+#include <chrono>
 #include <cstdint>
 #include <fstream>
+#include <optional>
 #include <string>
 
 #include "zinf/configs/deepspeed_config.hpp"
 #include "zinf/configs/document.hpp"
+#include "zinf/offload/offload.hpp"
 #include "zinf/runtime/coordinator.hpp"
 #include "zinf/runtime/run_mode.hpp"
 #include "zinf/runtime/trainer.hpp"
@@ -54,6 +57,49 @@ class MetricsCsv {
  private:
   std::string path_;
   std::ofstream out_;
+};
+
+class Backend;
+class GradientPath;
+struct GpuMemoryPlan;
+class ParamCoordinator;
+
+// A run's reporting: the log's opening lines, each step's CSV row (rank 0), progress (rank 0,
+// through TrainOptions::on_progress), the wall-clock breakdown, and summary.json at the end. The
+// trainer hands each step's outcome in; the memory, throughput and coordinator columns are read
+// here from the components.
+class RunReport {
+ public:
+  struct Sources {
+    const TrainOptions* options = nullptr;
+    const RunMode* mode = nullptr;
+    const ModelLayout* layout = nullptr;
+    Backend* backend = nullptr;
+    offload::Offload* offload = nullptr;
+    ParamCoordinator* coord = nullptr;  // stage 3
+    const GradientPath* path = nullptr;
+    int rank = 0, world = 1;
+    std::int64_t total_steps = 1;
+    std::uint64_t tokens_per_step = 0;  // all ranks
+    double flops_per_token = 0;
+    const GpuMemoryPlan* gpu_plan = nullptr;  // a GPU run's plan (null on the CPU backend)
+  };
+  explicit RunReport(const Sources& s);
+  // Rank 0: deepspeed_config_auto.json and the CSV (a resumed run's kept up to `step`); the log's
+  // description of the run.
+  void open(bool resumed, std::int64_t step, const Sampler& sampler, double loss_scale);
+  // A step is done: `row` holds its outcome (step, loss, lr, norm, phases, ...); `last`: the run
+  // ends or stops after it.
+  void step(StepMetrics row, bool last);
+  void summary(const TrainResult& r, std::int64_t first_step, std::uint64_t tokens_seen, const Sampler& sampler);
+
+ private:
+  std::uint64_t nvme_bytes() const;
+  Sources s_;
+  std::optional<MetricsCsv> csv_;
+  CoordinatorStats run_params_;  // the run's totals
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  std::int64_t first_step_ = 0;
 };
 
 // What summary.json says of a run (docs/train.md).

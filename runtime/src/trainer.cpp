@@ -63,13 +63,6 @@ struct TrainerState {
   std::uint64_t eval_samples = 0;  // held-out samples each eval covers, fixed for the run
 };
 
-// One step's outcome, for the metrics and the progress line.
-struct StepOutcome {
-  double loss = 0, lr = 0, norm = 0, loss_scale = 1;
-  bool skipped = false;
-  PhaseTimes phases;
-};
-
 // The run's mode inputs from the options (run_mode.hpp decides).
 RunModeInputs mode_inputs(const TrainOptions& o, int world) {
   RunModeInputs in = RunModeInputs::from_config(o.ds);
@@ -167,31 +160,28 @@ class Trainer {
       spdlog::info("a stop was requested during set-up: stopped before the first step; nothing was trained or saved");
       return untrained(resumed_from, true);
     }
-    std::optional<MetricsCsv> csv;
-    if (rank_ == 0) {
-      fs::create_directories(o_.output_dir);
-      write_file_atomic((fs::path(o_.output_dir) / "deepspeed_config_auto.json").string(), o_.ds_resolved.dump(2) + "\n");
-      csv.emplace((fs::path(o_.output_dir) / "training_metrics.csv").string(), resumed ? st_.step : -1);
-    }
     versions_->reset(layout_.units.size(), st_.applied);
     gather_->refresh(coord_.get(), params_ ? &*params_ : nullptr, *comm_);
-    log_start();
+    RunReport report({&o_, &mode_, &layout_, backend_.get(), offload_.get(), coord_.get(), path_.get(), rank_, world_,
+                      total_steps_, tokens_per_step(), model_flops_per_token(), backend_->name() != "cpu" ? &gpu_plan_ : nullptr});
+    report.open(resumed, st_.step, sampler_, scaler_.scale());
 
     TrainResult result;
-    const auto run_start = Clock::now();
     const std::int64_t first_step = st_.step;
     double last_loss = 0, last_eval = std::nan("");
     while (st_.step < total_steps_) {
       const auto t0 = Clock::now();
-      StepOutcome s = train_step();
-      const double eval_loss = maybe_evaluate();
-      if (!std::isnan(eval_loss)) last_eval = eval_loss;
+      StepMetrics s = train_step();
+      s.eval_loss = maybe_evaluate();
+      if (!std::isnan(s.eval_loss)) last_eval = s.eval_loss;
       last_loss = s.loss;
       s.phases.offload_io += path_->take_io_wait();  // the I/O waits of the steps joined so far
-      const double step_s = seconds_since(t0);
-      if (csv) csv->write(metrics_row(s, eval_loss, step_s));
+      s.step = st_.step;
+      s.tokens = st_.tokens;
+      s.epoch = static_cast<double>(sampler_.position().epoch) + sampler_.epoch_fraction();
+      s.step_s = seconds_since(t0);
       result.stopped_early = stop_agreed() && st_.step < total_steps_;
-      if (rank_ == 0) progress(s, eval_loss, step_s, run_start, first_step, result.stopped_early);
+      report.step(s, result.stopped_early || st_.step == total_steps_);
       if (result.stopped_early) {
         spdlog::info("stop requested: {} at step {}", o_.save ? "saving a checkpoint and exiting" : "exiting (--no-save: no checkpoint)", st_.step);
         break;
@@ -208,15 +198,15 @@ class Trainer {
     result.final_loss = last_loss;
     result.final_eval_loss = last_eval;
     result.best_eval_loss = st_.have_eval ? st_.best_eval : std::nan("");
-    if (rank_ == 0) write_summary(result, seconds_since(run_start), first_step);
+    report.summary(result, first_step, st_.tokens, sampler_);
     return result;
   }
 
  private:
   // ---- one training step, in named phases
 
-  StepOutcome train_step() {
-    StepOutcome s;
+  StepMetrics train_step() {
+    StepMetrics s;
     // The schedule advances only on applied steps (DeepSpeed skips it with the step).
     s.lr = st_.applied == 0 ? schedule_.initial_lr() : schedule_.lr_at(st_.applied - 1);
     s.loss_scale = o_.ds.fp16.enabled ? scaler_.scale() : 1.0;
@@ -230,14 +220,14 @@ class Trainer {
     step_params_->end();
     s.loss = mean_loss(loss_sum);
     const auto t = Clock::now();
-    s.norm = reduce_gradients(s.loss_scale);
-    s.skipped = !std::isfinite(s.norm);
-    if (s.skipped && !o_.ds.fp16.enabled) throw Error("the gradient norm is {} at step {}: training diverged", s.norm, st_.step + 1);
+    s.grad_norm = reduce_gradients(s.loss_scale);
+    s.skipped = !std::isfinite(s.grad_norm);
+    if (s.skipped && !o_.ds.fp16.enabled) throw Error("the gradient norm is {} at step {}: training diverged", s.grad_norm, st_.step + 1);
     if (s.skipped) {
       // fp16: skip the step; the weights, the optimizer state and the schedule stay as they were.
       spdlog::info("step {}: fp16 gradients overflow at loss scale {}; step skipped", st_.step + 1, s.loss_scale);
     } else {
-      path_->apply(clip_coefficient(s.norm) / (static_cast<double>(gas_ * world_) * s.loss_scale));
+      path_->apply(clip_coefficient(s.grad_norm) / (static_cast<double>(gas_ * world_) * s.loss_scale));
       ++st_.applied;
     }
     if (o_.ds.fp16.enabled) scaler_.update(s.skipped);
@@ -662,141 +652,9 @@ class Trainer {
     }
   }
 
-  // ---- reporting
-
-  // The parameter coordinator's counters for the step just done (stages 0-2: every parameter is
-  // gathered all the time), folded into the run's totals.
-  CoordinatorStats step_param_stats() {
-    CoordinatorStats s;
-    if (mode_.stage3) {
-      s = coord_->take_stats();
-    } else {
-      s.live_high_water = layout_.total_numel();
-      s.persistent_elements = layout_.total_numel();
-    }
-    run_param_stats_.add(s);
-    return s;
-  }
-
-  StepMetrics metrics_row(const StepOutcome& s, double eval_loss, double step_s) {
-    const CoordinatorStats cs = step_param_stats();
-    StepMetrics row;
-    row.step = st_.step;
-    row.epoch = static_cast<double>(sampler_.position().epoch) + sampler_.epoch_fraction();
-    row.loss = s.loss;
-    row.eval_loss = eval_loss;
-    row.lr = s.lr;
-    row.grad_norm = s.norm;
-    row.loss_scale = s.loss_scale;
-    row.skipped = s.skipped;
-    row.tokens = st_.tokens;
-    row.tokens_per_s = static_cast<double>(tokens_per_step()) / step_s;
-    row.tflops = model_flops_per_token() * row.tokens_per_s / 1e12;
-    row.step_s = step_s;
-    row.phases = s.phases;
-    row.gpu_mem_bytes = backend_->memory_peak();
-    row.host_mem_bytes = offload_->memory().used();
-    row.nvme_bytes = nvme_bytes();
-    row.live_params_hwm = cs.live_high_water;
-    row.prefetch_hits = cs.hits;
-    row.prefetch_misses = cs.misses;
-    row.param_wait_s = cs.wait_seconds;
-    return row;
-  }
-
   double model_flops_per_token() const {
     return mode_.lora ? lora_training_flops_per_token(o_.model, o_.seq_len, model_.lora())
                       : training_flops_per_token(o_.model, o_.seq_len);
-  }
-  std::uint64_t nvme_bytes() const {
-    return offload_->store().nvme_state_elements() * 12 + offload_->store().nvme_param_elements() * 2;
-  }
-
-  // Rank 0: the step's line for the caller (TrainOptions::on_progress), and its phases in the log
-  // with wall_clock_breakdown.
-  void progress(const StepOutcome& s, double eval_loss, double step_s, Clock::time_point start, std::int64_t first_step,
-                bool stopped) {
-    if (o_.on_progress) {
-      StepProgress p;
-      p.step = st_.step;
-      p.total_steps = total_steps_;
-      p.loss = s.loss;
-      p.eval_loss = eval_loss;
-      p.lr = s.lr;
-      p.tokens_per_s = static_cast<double>(tokens_per_step()) / step_s;
-      p.eta_s = seconds_since(start) / static_cast<double>(st_.step - first_step) * static_cast<double>(total_steps_ - st_.step);
-      const auto every = o_.ds.steps_per_print.value_or(0);
-      p.milestone = !std::isnan(eval_loss) || (every > 0 && st_.step % every == 0);
-      p.last = stopped || st_.step == total_steps_;
-      o_.on_progress(p);
-    }
-    if (o_.ds.wall_clock_breakdown) {
-      const PhaseTimes& t = s.phases;
-      spdlog::info("step {}: data {:.3f}s forward {:.3f}s backward {:.3f}s optimizer {:.3f}s (offload I/O wait {:.3f}s) "
-                   "grad norm {:.4f}",
-                   st_.step, t.data, t.forward, t.backward, t.optimizer, t.offload_io, s.norm);
-    }
-  }
-
-  void log_start() {
-    spdlog::info("model {}: {} parameters, {} layers, hidden {}, vocab {}; {} training", o_.model_source,
-                 layout_.parameter_count(), o_.model.num_layers, o_.model.hidden_size, o_.model.vocab_size,
-                 mode_.param_dtype == DType::kBF16 ? "bf16 mixed-precision"
-                 : o_.ds.fp16.enabled ? fmt::format("fp16 (fp16 weights, fp32 products; loss scale {})", scaler_.scale())
-                                      : std::string("fp32"));
-    spdlog::info("data {}: {} tokens, {} training and {} held-out samples of {} tokens", o_.data->name(),
-                 o_.data->size(), sampler_.train_samples(), sampler_.eval_samples(), o_.seq_len);
-    spdlog::info("{} steps of {} x {} micro-batches on {} rank(s) ({} tokens per step); {}", total_steps_, micro_, gas_,
-                 world_, tokens_per_step(), offload_->store().describe());
-    const auto& z = o_.ds.zero;
-    if (mode_.stage3) {
-      spdlog::info("ZeRO stage 3 over {} rank(s): parameters gathered per use, at most {} live (+ the unit in use), "
-                   "prefetch {} ahead, reuse distance {}, {} elements persistent; gradients reduced in buckets of {}",
-                   world_, z.max_live_parameters, z.prefetch_bucket_size, z.max_reuse_distance,
-                   coord_->take_stats().persistent_elements, z.reduce_bucket_size);
-    } else {
-      spdlog::info("ZeRO stage {} over {} rank(s){}", z.stage, world_,
-                   mode_.partition_grads ? fmt::format("; gradients reduced in buckets of {}", z.reduce_bucket_size) : "");
-    }
-  }
-
-  void write_summary(const TrainResult& r, double wall, std::int64_t first_step) {
-    RunSummary s;
-    s.result = &r;
-    s.model_source = o_.model_source;
-    s.model = model_config_json(o_.model);
-    s.parameters = layout_.parameter_count();
-    s.param_dtype = kernels::cpu::dtype_name(mode_.param_dtype);
-    s.data_source = o_.data->name();
-    s.data_tokens = o_.data->size();
-    s.seq_len = o_.seq_len;
-    s.train_samples = sampler_.train_samples();
-    s.eval_samples = sampler_.eval_samples();
-    s.steps_this_run = r.steps - first_step;
-    s.tokens_seen = st_.tokens;
-    s.tokens_this_run = static_cast<double>(s.steps_this_run) * static_cast<double>(tokens_per_step());
-    s.flops_per_token = model_flops_per_token();
-    s.wall_seconds = wall;
-    s.gpu_peak_bytes = backend_->memory_peak();
-    s.host_pinned_bytes = offload_->memory().used();
-    s.nvme_bytes = nvme_bytes();
-    s.zero = &o_.ds.zero;
-    s.world = world_;
-    s.buckets_reduced = path_->buckets_reduced();
-    s.params = run_param_stats_;
-    for (const auto& u : layout_.units) s.largest_unit = std::max(s.largest_unit, u.numel);
-    s.backend = backend_->name();
-    if (backend_->name() != "cpu") {
-      s.gpu_memory = {{"limit_bytes", backend_->memory_limit()},
-                      {"planned_bytes", gpu_plan_.total()},
-                      {"peak_bytes", backend_->memory_peak()},
-                      {"planned", gpu_plan_.to_json()}};
-    }
-    s.mode = &mode_;
-    s.deepspeed_config = &o_.ds_resolved;
-    Json j = run_summary(s);
-    path_->describe(j);
-    write_file_atomic((fs::path(o_.output_dir) / "summary.json").string(), j.dump(2) + "\n");
   }
 
   const TrainOptions& o_;
@@ -814,7 +672,6 @@ class Trainer {
   std::int64_t micro_ = 1, gas_ = 1, total_steps_ = 1;
   std::vector<std::int32_t> tokens_, targets_;
   TrainerState st_;
-  CoordinatorStats run_param_stats_;
   GpuMemoryPlan gpu_plan_;
   // Components, in the order they are built; destroyed in reverse (the coordinator's thread and
   // the path's buffers go before the store and the backend they use).

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "zinf/common/cuda_check.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/kernels/cuda_ops.hpp"
 
@@ -447,15 +448,10 @@ __global__ void __launch_bounds__(kThreads) fa_dkv_k(float* dqkv, const bf16* pk
 
 // ---- host side ------------------------------------------------------------------------------------
 
-void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw Error("CUDA kernel {} failed to launch: {} ({})", what, cudaGetErrorName(e), cudaGetErrorString(e));
-}
 
 template <typename K>
 void allow_smem(K kernel, std::size_t bytes) {
-  const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-  if (e != cudaSuccess) throw Error("flash attention: {} KiB of shared memory is not available: {}", bytes / 1024, cudaGetErrorString(e));
+  cuda_allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes, "flash attention");
 }
 
 static_assert(kRows == cuda_scratch::kAttentionRows, "the scratch sizing pads sequences to the row tile");
@@ -470,15 +466,14 @@ Geo make_geo(const AttentionDims& d) {
           (d.heads + 2 * d.kv_heads) * d.hd, d.heads * d.hd, d.scale};
 }
 
-// Packed elements (bf16) of q, k and v, and of dO.
+// Packed elements (bf16) of q, k and v; dO follows them.
 i64 packed_qkv(const AttentionDims& d) { return cuda_scratch::flash_packed_qkv(d.batch, d.seq, d.heads, d.kv_heads, d.hd); }
-i64 packed_do(const AttentionDims& d) { return cuda_scratch::flash_packed_do(d.batch, d.seq, d.heads, d.hd); }
 
 void pack(bf16* dst, const float* src, i64 ld, i64 heads, const AttentionDims& d, cudaStream_t stream) {
   const i64 groups = heads * d.batch * padded_seq(d.seq) * d.hd / 4;
   const unsigned blocks = static_cast<unsigned>(std::min<i64>((groups + 255) / 256, 65535));
   pack_k<<<blocks, 256, 0, stream>>>(dst, src, ld, heads, static_cast<int>(d.hd), d.batch, d.seq, padded_seq(d.seq));
-  check_launch("flash attention (pack)");
+  cuda_check_launch("flash attention (pack)");
 }
 
 template <int HD>
@@ -499,7 +494,7 @@ void forward_hd(float* out, float* lse, const bf16* pk, const Geo& g, cudaStream
   allow_smem(fa_forward_k<HD>, forward_smem<HD>());
   const dim3 grid(static_cast<unsigned>(g.tp / kRows), static_cast<unsigned>(g.batch * g.heads));
   fa_forward_k<HD><<<grid, kThreads, forward_smem<HD>(), stream>>>(out, lse, pk, g);
-  check_launch("flash attention forward");
+  cuda_check_launch("flash attention forward");
 }
 
 template <int HD>
@@ -508,11 +503,11 @@ void backward_hd(float* dqkv, const float* dd, const bf16* pk, const bf16* pdo, 
   allow_smem(fa_dq_k<HD>, dq_smem<HD>());
   const dim3 grid_q(static_cast<unsigned>(g.tp / kRows), static_cast<unsigned>(g.batch * g.heads));
   fa_dq_k<HD><<<grid_q, kThreads, dq_smem<HD>(), stream>>>(dqkv, pk, pdo, lse, dd, g);
-  check_launch("flash attention backward (dQ)");
+  cuda_check_launch("flash attention backward (dQ)");
   allow_smem(fa_dkv_k<HD>, dkv_smem<HD>());
   const dim3 grid_kv(static_cast<unsigned>(g.tp / kRows), static_cast<unsigned>(g.batch * g.kv));
   fa_dkv_k<HD><<<grid_kv, kThreads, dkv_smem<HD>(), stream>>>(dqkv, pk, pdo, lse, dd, g);
-  check_launch("flash attention backward (dK, dV)");
+  cuda_check_launch("flash attention backward (dK, dV)");
 }
 
 bf16* as_bf16(float* scratch) { return reinterpret_cast<bf16*>(scratch); }

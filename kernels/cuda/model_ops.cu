@@ -6,6 +6,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "zinf/common/cuda_check.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/kernels/cuda_ops.hpp"
 #include "zinf/kernels/dropout.hpp"
@@ -15,10 +16,6 @@ namespace {
 
 using i64 = std::int64_t;
 
-void check_launch(const char* what) {
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw Error("CUDA kernel {} failed to launch: {} ({})", what, cudaGetErrorName(e), cudaGetErrorString(e));
-}
 
 unsigned blocks_for(i64 count, int threads, i64 cap = 1 << 20) {
   const i64 b = (count + threads - 1) / threads;
@@ -146,9 +143,9 @@ void column_reduce(float* out, float* partial, const float* dy, const float* x, 
   }
   const dim3 grid(static_cast<unsigned>((cols + 255) / 256), static_cast<unsigned>(blocks));
   column_partials_k<<<grid, 256, 0, stream>>>(partial, dy, x, rstd, n, cols);
-  check_launch("column_partials");
+  cuda_check_launch("column_partials");
   reduce_partials_k<<<blocks_for(cols, 256), 256, 0, stream>>>(out, partial, blocks, cols);
-  check_launch("reduce_partials");
+  cuda_check_launch("reduce_partials");
 }
 
 // ---- rope, swiglu, elementwise ------------------------------------------------------------------
@@ -494,8 +491,7 @@ Geo geo(const AttentionDims& d) {
 
 void set_smem(const void* kernel, std::size_t bytes) {
   if (bytes > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (e != cudaSuccess) throw Error("attention: {} KiB of shared memory is not available: {}", bytes / 1024, cudaGetErrorString(e));
+    cuda_allow_shared_memory(kernel, bytes, "attention");
   }
 }
 
@@ -570,21 +566,21 @@ __global__ void ce_chunk_backward_k(float* logits, const float* lse, const std::
 void embedding_forward(float* out, const void* table, bool bf16, const std::int32_t* tokens, i64 n, i64 h,
                        cudaStream_t stream) {
   embedding_forward_k<<<blocks_for(n * h, 256), 256, 0, stream>>>(out, table, bf16, tokens, n, h);
-  check_launch("embedding_forward");
+  cuda_check_launch("embedding_forward");
 }
 
 void embedding_backward(float* dtable, const float* dout, const std::int32_t* tokens, i64 n, i64 h,
                         cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((h + 255) / 256), kEmbedResidues);
   embedding_backward_k<<<grid, 256, 0, stream>>>(dtable, dout, tokens, n, h);
-  check_launch("embedding_backward");
+  cuda_check_launch("embedding_backward");
 }
 
 void rmsnorm_forward(float* y, float* rstd, const float* x, const void* w, bool bf16, i64 n, i64 h, float eps,
                      cudaStream_t stream) {
   if (n == 0) return;
   rmsnorm_forward_k<<<static_cast<unsigned>(n), kRowThreads, 0, stream>>>(y, rstd, x, w, bf16, h, eps);
-  check_launch("rmsnorm_forward");
+  cuda_check_launch("rmsnorm_forward");
 }
 
 std::int64_t rmsnorm_partial_floats(i64 n, i64 h) { return cuda_scratch::rmsnorm_partial_floats(n, h); }
@@ -593,7 +589,7 @@ void rmsnorm_backward(float* dx, float* dw, float* partial, const float* dy, con
                       const float* rstd, i64 n, i64 h, cudaStream_t stream) {
   if (n == 0) return;
   rmsnorm_backward_dx_k<<<static_cast<unsigned>(n), kRowThreads, 0, stream>>>(dx, dy, x, w, bf16, rstd, h);
-  check_launch("rmsnorm_backward");
+  cuda_check_launch("rmsnorm_backward");
   if (dw != nullptr) column_reduce(dw, partial, dy, x, rstd, n, h, stream);
 }
 
@@ -601,33 +597,33 @@ void rope(float* x, i64 ld, i64 n, i64 seq, i64 heads, i64 hd, const float* cos,
           cudaStream_t stream) {
   rope_k<<<blocks_for(n * heads * (hd / 2), 256), 256, 0, stream>>>(x, ld, n, seq, heads, hd, cos, sin,
                                                                      inverse ? -1.0f : 1.0f);
-  check_launch("rope");
+  cuda_check_launch("rope");
 }
 
 void swiglu_forward(float* out, const float* gu, i64 n, i64 i, cudaStream_t stream) {
   swiglu_forward_k<<<blocks_for(n * i, 256), 256, 0, stream>>>(out, gu, n, i);
-  check_launch("swiglu_forward");
+  cuda_check_launch("swiglu_forward");
 }
 
 void swiglu_backward(float* dgu, const float* dout, const float* gu, i64 n, i64 i, cudaStream_t stream) {
   swiglu_backward_k<<<blocks_for(n * i, 256), 256, 0, stream>>>(dgu, dout, gu, n, i);
-  check_launch("swiglu_backward");
+  cuda_check_launch("swiglu_backward");
 }
 
 void add(float* y, const float* x, i64 count, cudaStream_t stream) {
   add_k<<<blocks_for(count, 256), 256, 0, stream>>>(y, x, count);
-  check_launch("add");
+  cuda_check_launch("add");
 }
 
 void dropout(float* y, const float* x, i64 count, float p, std::uint64_t seed, bool accumulate, cudaStream_t stream) {
   if (count == 0) return;
   dropout_k<<<blocks_for(count, 256), 256, 0, stream>>>(y, x, count, p, seed, accumulate);
-  check_launch("dropout");
+  cuda_check_launch("dropout");
 }
 
 void bias_add(float* y, const void* bias, bool bf16, i64 n, i64 cols, cudaStream_t stream) {
   bias_add_k<<<blocks_for(n * cols, 256), 256, 0, stream>>>(y, bias, bf16, n, cols);
-  check_launch("bias_add");
+  cuda_check_launch("bias_add");
 }
 
 void column_sums_add(float* dbias, float* partial, const float* dy, i64 n, i64 cols, cudaStream_t stream) {
@@ -637,7 +633,7 @@ void column_sums_add(float* dbias, float* partial, const float* dy, i64 n, i64 c
 
 void to_bf16(std::uint16_t* dst, const float* src, i64 count, cudaStream_t stream) {
   to_bf16_k<<<blocks_for(count, 256), 256, 0, stream>>>(dst, src, count);
-  check_launch("to_bf16");
+  cuda_check_launch("to_bf16");
 }
 
 namespace {
@@ -661,7 +657,7 @@ void attention_forward(float* out, float* lse, float* scratch, const float* qkv,
   set_smem(reinterpret_cast<const void*>(&attention_forward_k), smem);
   const dim3 grid(static_cast<unsigned>((g.seq + kWarps - 1) / kWarps), static_cast<unsigned>(g.batch * g.heads));
   attention_forward_k<<<grid, kWarps * 32, smem, stream>>>(out, lse, qkv, g);
-  check_launch("attention_forward");
+  cuda_check_launch("attention_forward");
 }
 
 void attention_backward(float* dqkv, float* scratch, const float* dout, const float* qkv, const float* out,
@@ -669,7 +665,7 @@ void attention_backward(float* dqkv, float* scratch, const float* dout, const fl
   const Geo g = geo(d);
   const i64 rows = g.batch * g.heads * g.seq;
   attention_d_k<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, stream>>>(scratch, dout, out, g);
-  check_launch("attention_backward (D)");
+  cuda_check_launch("attention_backward (D)");
   if (use_flash(d)) {
     flash_attention_backward(dqkv, scratch + d_floats(d), scratch, dout, qkv, lse, d, stream);
     return;
@@ -678,12 +674,12 @@ void attention_backward(float* dqkv, float* scratch, const float* dout, const fl
   set_smem(reinterpret_cast<const void*>(&attention_dq_k), smem_q);
   const dim3 grid_q(static_cast<unsigned>((g.seq + kWarps - 1) / kWarps), static_cast<unsigned>(g.batch * g.heads));
   attention_dq_k<<<grid_q, kWarps * 32, smem_q, stream>>>(dqkv, dout, qkv, lse, scratch, g);
-  check_launch("attention_backward (dQ)");
+  cuda_check_launch("attention_backward (dQ)");
   const std::size_t smem_kv = static_cast<std::size_t>((2 * kTile + 2 * kWarps) * g.hd) * sizeof(float);
   set_smem(reinterpret_cast<const void*>(&attention_dkv_k), smem_kv);
   const dim3 grid_kv(static_cast<unsigned>((g.seq + kWarps - 1) / kWarps), static_cast<unsigned>(g.batch * g.kv));
   attention_dkv_k<<<grid_kv, kWarps * 32, smem_kv, stream>>>(dqkv, dout, qkv, lse, scratch, g);
-  check_launch("attention_backward (dK, dV)");
+  cuda_check_launch("attention_backward (dK, dV)");
 }
 
 namespace {
@@ -731,33 +727,33 @@ void sum_squares(double* out, double* partial, const void* x, bool bf16, i64 cou
   } else {
     sum_squares_partial_k<<<blocks, 256, 0, stream>>>(partial, static_cast<const float*>(x), count);
   }
-  check_launch("sum_squares");
+  cuda_check_launch("sum_squares");
   sum_partials_k<<<1, 1024, 0, stream>>>(out, partial, blocks);
-  check_launch("sum_squares (total)");
+  cuda_check_launch("sum_squares (total)");
 }
 
 void ce_init(float* m, float* s, float* target_logit, i64 n, cudaStream_t stream) {
   ce_init_k<<<blocks_for(n, 256), 256, 0, stream>>>(m, s, target_logit, n);
-  check_launch("ce_init");
+  cuda_check_launch("ce_init");
 }
 
 void ce_chunk_forward(float* m, float* s, float* target_logit, const float* logits, const std::int32_t* targets, i64 n,
                       i64 v0, i64 vc, cudaStream_t stream) {
   if (n == 0) return;
   ce_chunk_forward_k<<<static_cast<unsigned>(n), 256, 0, stream>>>(m, s, target_logit, logits, targets, v0, vc);
-  check_launch("ce_chunk_forward");
+  cuda_check_launch("ce_chunk_forward");
 }
 
 void ce_finish(float* lse, float* loss, const float* m, const float* s, const float* target_logit,
                const std::int32_t* targets, i64 n, cudaStream_t stream) {
   ce_finish_k<<<blocks_for(n, 256), 256, 0, stream>>>(lse, loss, m, s, target_logit, targets, n);
-  check_launch("ce_finish");
+  cuda_check_launch("ce_finish");
 }
 
 void ce_chunk_backward(float* logits, const float* lse, const std::int32_t* targets, float scale, i64 n, i64 v0,
                        i64 vc, cudaStream_t stream) {
   ce_chunk_backward_k<<<blocks_for(n * vc, 256), 256, 0, stream>>>(logits, lse, targets, scale, n, v0, vc);
-  check_launch("ce_chunk_backward");
+  cuda_check_launch("ce_chunk_backward");
 }
 
 }  // namespace zinf::kernels::cuda

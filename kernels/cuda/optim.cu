@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "zinf/common/cuda_check.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/kernels/cuda_ops.hpp"
 
@@ -72,8 +73,7 @@ void adam_step(const AdamScalars& a, float* master, float* exp_avg, float* exp_a
   } else {
     launch<false>(a, master, exp_avg, exp_avg_sq, grad, param_out, out_bf16, n, stream);
   }
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) throw Error("CUDA kernel adam_step failed to launch: {} ({})", cudaGetErrorName(e), cudaGetErrorString(e));
+  cuda_check_launch("adam_step");
 }
 
 }  // namespace zinf::kernels::cuda

@@ -14,6 +14,7 @@
 
 #include <fmt/format.h>
 
+#include "zinf/common/cuda_check.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/kernels/cuda_ops.hpp"
 #include "zinf/runtime/backend.hpp"
@@ -23,12 +24,6 @@ namespace {
 
 namespace kc = kernels::cuda;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw Error("CUDA: {} failed: {} ({})", what, cudaGetErrorName(e), cudaGetErrorString(e));
-}
-void check(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) throw Error("cuBLASLt: {} failed: status {}", what, static_cast<int>(s));
-}
 
 // Every byte the backend allocates on the GPU, against the optional limit (--gpu-memory-limit).
 class MemoryBudget {
@@ -81,9 +76,9 @@ class DeviceScratch {
   }
   void* get(std::size_t bytes) {
     if (bytes > bytes_) {
-      check(cudaSetDevice(device_), "cudaSetDevice");
+      cuda_check(cudaSetDevice(device_), "cudaSetDevice");
       if (p_ != nullptr) {
-        check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
+        cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
         cudaFree(p_);
         budget_->give(bytes_);
       }
@@ -113,12 +108,12 @@ class DeviceScratch {
 class CudaEvent final : public Backend::Event {
  public:
   // Blocking sync: a host thread waiting on the event sleeps instead of spinning a core.
-  CudaEvent() { check(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate"); }
-  void synchronize() const override { check(cudaEventSynchronize(e_), "cudaEventSynchronize"); }
+  CudaEvent() { cuda_check(cudaEventCreateWithFlags(&e_, cudaEventDisableTiming | cudaEventBlockingSync), "cudaEventCreate"); }
+  void synchronize() const override { cuda_check(cudaEventSynchronize(e_), "cudaEventSynchronize"); }
   bool ready() const override {
     const cudaError_t e = cudaEventQuery(e_);
     if (e == cudaErrorNotReady) return false;
-    check(e, "cudaEventQuery");
+    cuda_check(e, "cudaEventQuery");
     return true;
   }
   ~CudaEvent() override { cudaEventDestroy(e_); }
@@ -139,15 +134,15 @@ class CudaBackend final : public Backend {
                   e != cudaSuccess ? cudaGetErrorString(e) : "none visible");
     }
     if (o.device < 0 || o.device >= count) throw Error("CUDA backend: GPU {} does not exist ({} visible)", o.device, count);
-    check(cudaSetDevice(o.device), "cudaSetDevice");
+    cuda_check(cudaSetDevice(o.device), "cudaSetDevice");
     cudaDeviceProp prop{};
-    check(cudaGetDeviceProperties(&prop, o.device), "cudaGetDeviceProperties");
+    cuda_check(cudaGetDeviceProperties(&prop, o.device), "cudaGetDeviceProperties");
     device_name_ = prop.name;
-    for (cudaStream_t& s : streams_) check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
-    check(cublasLtCreate(&lt_), "cublasLtCreate");
+    for (cudaStream_t& s : streams_) cuda_check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cublasLtCreate(&lt_), "cublasLtCreate");
     workspace_bytes_ = kernels::cuda_scratch::kWorkspaceBytes;
     budget_.take(workspace_bytes_, "the cuBLASLt workspace");
-    check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLASLt workspace)");
+    cuda_check(cudaMalloc(&workspace_, workspace_bytes_), "cudaMalloc (cuBLASLt workspace)");
     for (DeviceScratch* d : {&bf16_[0], &bf16_[1], &partial_, &attn_, &ce_, &logits_, &sq_}) d->bind(o.device, compute(), &budget_);
   }
   ~CudaBackend() override {
@@ -160,7 +155,7 @@ class CudaBackend final : public Backend {
   }
 
   std::string name() const override { return "cuda"; }
-  void profile_fence() override { check(cudaStreamSynchronize(compute()), "cudaStreamSynchronize"); }
+  void profile_fence() override { cuda_check(cudaStreamSynchronize(compute()), "cudaStreamSynchronize"); }
   std::string describe() const override {
     int rt = 0;
     cudaRuntimeGetVersion(&rt);
@@ -210,7 +205,7 @@ class CudaBackend final : public Backend {
   void fill_zero(void* dst, std::size_t bytes) override {
     if (bytes == 0) return;
     current();
-    check(cudaMemsetAsync(dst, 0, bytes, compute()), "memset");
+    cuda_check(cudaMemsetAsync(dst, 0, bytes, compute()), "memset");
   }
   void copy_to_device_async(void* dst, const void* src, std::size_t bytes, Stream stream) override {
     if (bytes == 0) return;
@@ -253,17 +248,17 @@ class CudaBackend final : public Backend {
   std::unique_ptr<Event> record(Stream stream) override {
     current();
     auto e = std::make_unique<CudaEvent>();
-    check(cudaEventRecord(e->get(), streams_[static_cast<int>(stream)]), "cudaEventRecord");
+    cuda_check(cudaEventRecord(e->get(), streams_[static_cast<int>(stream)]), "cudaEventRecord");
     return e;
   }
   void wait(Stream stream, const Event& event) override {
     current();
-    check(cudaStreamWaitEvent(streams_[static_cast<int>(stream)], static_cast<const CudaEvent&>(event).get(), 0),
+    cuda_check(cudaStreamWaitEvent(streams_[static_cast<int>(stream)], static_cast<const CudaEvent&>(event).get(), 0),
           "cudaStreamWaitEvent");
   }
   void synchronize() override {
     current();
-    for (cudaStream_t s : streams_) check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+    for (cudaStream_t s : streams_) cuda_check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
   }
 
   void embedding_forward(float* out, Weight table, const std::int32_t* tokens, std::int64_t n, std::int64_t h) override {
@@ -421,7 +416,7 @@ class CudaBackend final : public Backend {
   // selects this backend's GPU first.
   void current() const {
     int d = -1;
-    if (cudaGetDevice(&d) != cudaSuccess || d != o_.device) check(cudaSetDevice(o_.device), "cudaSetDevice");
+    if (cudaGetDevice(&d) != cudaSuccess || d != o_.device) cuda_check(cudaSetDevice(o_.device), "cudaSetDevice");
   }
   static void copy_async(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream,
                          const char* what) {
@@ -433,13 +428,8 @@ class CudaBackend final : public Backend {
     }
   }
   void copy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, const char* what) {
-    const cudaError_t e = cudaMemcpyAsync(dst, src, bytes, kind, compute());
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      throw Error("CUDA: {} of {} bytes ({} -> {}) failed: {} ({})", what, bytes, src, dst, cudaGetErrorName(e),
-                  cudaGetErrorString(e));
-    }
-    check(cudaStreamSynchronize(compute()), what);
+    copy_async(dst, src, bytes, kind, compute(), what);
+    cuda_check(cudaStreamSynchronize(compute()), what);
   }
   static bool bf16(Weight w) { return w.dtype == DType::kBF16; }
   static const void* row(Weight w, std::int64_t r, std::int64_t cols) {
@@ -473,7 +463,7 @@ class CudaBackend final : public Backend {
       it = plans_.emplace(key, make_plan(m, n, k, lda, trans_a, ldb, trans_b, ldc, ab_bf16, al_first, al_second, al_c)).first;
     }
     const Plan& p = it->second;
-    check(cublasLtMatmul(lt_, p.op, &alpha, b, p.a, a, p.b, &beta, c, p.c, c, p.c, &p.algo, workspace_, workspace_bytes_,
+    cuda_check(cublasLtMatmul(lt_, p.op, &alpha, b, p.a, a, p.b, &beta, c, p.c, c, p.c, &p.algo, workspace_, workspace_bytes_,
                          compute()),
           "matmul");
   }
@@ -484,22 +474,22 @@ class CudaBackend final : public Backend {
     // Column-major: M = n, N = m; first operand = B, second = A.
     const cublasOperation_t op_first = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t op_second = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-    check(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
-    check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)), "transa");
-    check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)), "transb");
+    cuda_check(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
+    cuda_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)), "transa");
+    cuda_check(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)), "transb");
     // Stored shapes (column-major rows x cols): first operand (n x k) or (k x n); second (k x m) or (m x k).
-    check(cublasLtMatrixLayoutCreate(&p.a, ab, trans_b ? k : n, trans_b ? n : k, ldb), "layout");
-    check(cublasLtMatrixLayoutCreate(&p.b, ab, trans_a ? m : k, trans_a ? k : m, lda), "layout");
-    check(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, n, m, ldc), "layout");
+    cuda_check(cublasLtMatrixLayoutCreate(&p.a, ab, trans_b ? k : n, trans_b ? n : k, ldb), "layout");
+    cuda_check(cublasLtMatrixLayoutCreate(&p.b, ab, trans_a ? m : k, trans_a ? k : m, lda), "layout");
+    cuda_check(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, n, m, ldc), "layout");
     cublasLtMatmulPreference_t pref = nullptr;
-    check(cublasLtMatmulPreferenceCreate(&pref), "preference");
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
+    cuda_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
+    cuda_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace_bytes_,
                                                sizeof(workspace_bytes_)),
           "preference");
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)), "alignment");
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)), "alignment");
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)), "alignment");
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)), "alignment");
+    cuda_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, sizeof(al_a)), "alignment");
+    cuda_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, sizeof(al_b)), "alignment");
+    cuda_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_c, sizeof(al_c)), "alignment");
+    cuda_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_c, sizeof(al_c)), "alignment");
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, p.op, p.a, p.b, p.c, p.c, pref, 1, &result, &found);

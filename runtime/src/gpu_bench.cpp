@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 
+#include "zinf/common/cuda_check.hpp"
 #include "zinf/common/error.hpp"
 #include "zinf/kernels/device_info.hpp"
 #include "zinf/offload/host_memory.hpp"
@@ -20,15 +21,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    cudaGetLastError();
-    throw Error("CUDA: {} failed: {} ({})", what, cudaGetErrorName(e), cudaGetErrorString(e));
-  }
-}
-void check(cublasStatus_t s, const char* what) {
-  if (s != CUBLAS_STATUS_SUCCESS) throw Error("cuBLASLt: {} failed: {}", what, cublasLtGetStatusString(s));
-}
 
 std::string gpu_name(int device) {
   const auto q = kernels::query_gpus();
@@ -41,7 +33,7 @@ std::string gpu_name(int device) {
 
 struct DevBuf {
   void* p = nullptr;
-  explicit DevBuf(std::size_t bytes) { check(cudaMalloc(&p, bytes), "cudaMalloc"); }
+  explicit DevBuf(std::size_t bytes) { cuda_check(cudaMalloc(&p, bytes), "cudaMalloc"); }
   ~DevBuf() {
     if (p) cudaFree(p);
   }
@@ -51,7 +43,7 @@ struct DevBuf {
 struct PinnedBuf {
   void* p = nullptr;
   explicit PinnedBuf(std::size_t bytes) {
-    check(cudaHostAlloc(&p, bytes, cudaHostAllocDefault), "cudaHostAlloc");
+    cuda_check(cudaHostAlloc(&p, bytes, cudaHostAllocDefault), "cudaHostAlloc");
     std::memset(p, 1, bytes);
   }
   ~PinnedBuf() {
@@ -63,8 +55,8 @@ struct PinnedBuf {
 struct Streams {
   cudaStream_t up = nullptr, down = nullptr;
   Streams() {
-    check(cudaStreamCreateWithFlags(&up, cudaStreamNonBlocking), "cudaStreamCreate");
-    check(cudaStreamCreateWithFlags(&down, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaStreamCreateWithFlags(&up, cudaStreamNonBlocking), "cudaStreamCreate");
+    cuda_check(cudaStreamCreateWithFlags(&down, cudaStreamNonBlocking), "cudaStreamCreate");
   }
   ~Streams() {
     if (up) cudaStreamDestroy(up);
@@ -103,7 +95,7 @@ double PcieResult::best(const std::string& path, const std::string& memory, cons
 PcieResult bench_pcie(const PcieOptions& o) {
   PcieResult res;
   res.gpu = gpu_name(o.device);
-  check(cudaSetDevice(o.device), "cudaSetDevice");
+  cuda_check(cudaSetDevice(o.device), "cudaSetDevice");
   std::vector<std::uint64_t> sizes = o.sizes;
   if (sizes.empty()) {
     for (std::uint64_t s = 64u << 10; s <= (256u << 20); s *= 4) sizes.push_back(s);
@@ -146,8 +138,8 @@ PcieResult bench_pcie(const PcieOptions& o) {
     const auto add = [&](const char* path, const char* mem, const char* dir, double gbps) {
       res.rows.push_back({path, mem, dir, n, gbps});
     };
-    const auto sync_up = [&] { check(cudaStreamSynchronize(st.up), "cudaStreamSynchronize"); };
-    const auto sync_down = [&] { check(cudaStreamSynchronize(st.down), "cudaStreamSynchronize"); };
+    const auto sync_up = [&] { cuda_check(cudaStreamSynchronize(st.up), "cudaStreamSynchronize"); };
+    const auto sync_down = [&] { cuda_check(cudaStreamSynchronize(st.down), "cudaStreamSynchronize"); };
     const auto sync_both = [&] {
       sync_up();
       sync_down();
@@ -156,9 +148,9 @@ PcieResult bench_pcie(const PcieOptions& o) {
       const void* src_up = pinned ? h_up.p : static_cast<const void*>(p_up.data());
       void* dst_down = pinned ? h_down.p : static_cast<void*>(p_down.data());
       const char* mem = pinned ? "pinned" : "pageable";
-      const auto up = [&] { check(cudaMemcpyAsync(d_up.p, src_up, n, cudaMemcpyHostToDevice, st.up), "cudaMemcpyAsync H2D"); };
+      const auto up = [&] { cuda_check(cudaMemcpyAsync(d_up.p, src_up, n, cudaMemcpyHostToDevice, st.up), "cudaMemcpyAsync H2D"); };
       const auto down = [&] {
-        check(cudaMemcpyAsync(dst_down, d_down.p, n, cudaMemcpyDeviceToHost, st.down), "cudaMemcpyAsync D2H");
+        cuda_check(cudaMemcpyAsync(dst_down, d_down.p, n, cudaMemcpyDeviceToHost, st.down), "cudaMemcpyAsync D2H");
       };
       add("cuda", mem, "h2d", best_gbps(o.repeat, copies, b, up, sync_up));
       add("cuda", mem, "d2h", best_gbps(o.repeat, copies, b, down, sync_down));
@@ -177,7 +169,7 @@ PcieResult bench_pcie(const PcieOptions& o) {
 GemmResult bench_gemm(int device, std::vector<GemmRow> shapes, int repeat) {
   GemmResult res;
   res.gpu = gpu_name(device);
-  check(cudaSetDevice(device), "cudaSetDevice");
+  cuda_check(cudaSetDevice(device), "cudaSetDevice");
   if (shapes.empty()) {
     shapes = {{4096, 4096, 4096, 0},  {8192, 8192, 8192, 0},  {16384, 16384, 16384, 0},
               {8192, 6144, 4096, 0},  {8192, 28672, 4096, 0}, {8192, 4096, 14336, 0}};
@@ -191,15 +183,15 @@ GemmResult bench_gemm(int device, std::vector<GemmRow> shapes, int repeat) {
   }
   DevBuf a(max_a * 2), b(max_b * 2), c(max_c * 2);
   // Small non-zero values: the tensor cores' speed does not depend on them, but zeros could.
-  check(cudaMemset(a.p, 0x3c, max_a * 2), "cudaMemset");
-  check(cudaMemset(b.p, 0x3c, max_b * 2), "cudaMemset");
+  cuda_check(cudaMemset(a.p, 0x3c, max_a * 2), "cudaMemset");
+  cuda_check(cudaMemset(b.p, 0x3c, max_b * 2), "cudaMemset");
   const std::size_t ws_bytes = 64u << 20;
   DevBuf ws(ws_bytes);
   cublasLtHandle_t lt = nullptr;
-  check(cublasLtCreate(&lt), "cublasLtCreate");
+  cuda_check(cublasLtCreate(&lt), "cublasLtCreate");
   std::unique_ptr<cublasLtContext, decltype(&cublasLtDestroy)> lt_guard(lt, &cublasLtDestroy);
   cudaStream_t stream = nullptr;
-  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  cuda_check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   std::unique_ptr<CUstream_st, decltype(&cudaStreamDestroy)> stream_guard(stream, &cudaStreamDestroy);
   for (auto s : shapes) {
     // Column-major C (m x n) = A (m x k) B (k x n).
@@ -218,31 +210,31 @@ GemmResult bench_gemm(int device, std::vector<GemmRow> shapes, int repeat) {
         if (op) cublasLtMatmulDescDestroy(op);
       }
     } guard{op, la, lb, lc, pref};
-    check(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
-    check(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, s.m, s.k, s.m), "layout");
-    check(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, s.k, s.n, s.k), "layout");
-    check(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, s.m, s.n, s.m), "layout");
-    check(cublasLtMatmulPreferenceCreate(&pref), "preference");
-    check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)),
+    cuda_check(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "matmul desc");
+    cuda_check(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, s.m, s.k, s.m), "layout");
+    cuda_check(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, s.k, s.n, s.k), "layout");
+    cuda_check(cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, s.m, s.n, s.m), "layout");
+    cuda_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
+    cuda_check(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof(ws_bytes)),
           "preference");
     cublasLtMatmulHeuristicResult_t heur{};
     int found = 0;
-    check(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 1, &heur, &found), "heuristic");
+    cuda_check(cublasLtMatmulAlgoGetHeuristic(lt, op, la, lb, lc, lc, pref, 1, &heur, &found), "heuristic");
     if (found == 0) throw Error("cuBLASLt has no bf16 algorithm for {}x{}x{}", s.m, s.n, s.k);
     const float alpha = 1.0f, beta = 0.0f;
     const auto run = [&] {
-      check(cublasLtMatmul(lt, op, &alpha, a.p, la, b.p, lb, &beta, c.p, lc, c.p, lc, &heur.algo, ws.p, ws_bytes, stream),
+      cuda_check(cublasLtMatmul(lt, op, &alpha, a.p, la, b.p, lb, &beta, c.p, lc, c.p, lc, &heur.algo, ws.p, ws_bytes, stream),
             "matmul");
     };
     run();
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(s.n) * static_cast<double>(s.k);
     const int iters = static_cast<int>(std::clamp(2e13 / flops, 3.0, 200.0));  // about 20 TFLOP per timing
     double best = 0;
     for (int r = 0; r < repeat; ++r) {
       const auto t0 = Clock::now();
       for (int i = 0; i < iters; ++i) run();
-      check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+      cuda_check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
       const double sec = std::chrono::duration<double>(Clock::now() - t0).count();
       best = std::max(best, flops * iters / sec / 1e12);
     }

@@ -15,6 +15,7 @@
 
 #include <fmt/format.h>
 
+#include "zinf/common/cuda_check.hpp"
 #include "zinf/common/error.hpp"
 
 namespace zinf::runtime {
@@ -84,11 +85,6 @@ const NcclApi& nccl_or_throw() {
   return a;
 }
 
-void cuda_check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    throw Error("{} failed: {} ({})", what, cudaGetErrorName(e), cudaGetErrorString(e));
-  }
-}
 
 class NcclCommunicator final : public Communicator {
  public:

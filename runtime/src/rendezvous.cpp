@@ -1,29 +1,21 @@
-// Communicators: Gloo over TCP for CPU ranks, a one-rank stand-in, the launcher environment, and
-// the TCP key-value store the ranks rendezvous through.
-#include "zinf/runtime/comm.hpp"
+// The ranks' meeting point: the launcher's environment (rank_info_from_environment), and the
+// TCP key-value store that rank 0 serves on MASTER_ADDR:MASTER_PORT, through which the ranks
+// exchange their Gloo addresses (the role torchrun's TCPStore plays); an in-process store for
+// ranks that are threads (tests). Every wait has a timeout, so a rank that died ends the job with
+// an error instead of a hang.
+#include "rendezvous.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <signal.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <gloo/allgather.h>
-#include <gloo/allreduce.h>
-#include <gloo/barrier.h>
-#include <gloo/broadcast.h>
-#include <gloo/rendezvous/context.h>
 #include <gloo/rendezvous/hash_store.h>
 #include <gloo/rendezvous/prefix_store.h>
-#include <gloo/rendezvous/store.h>
-#include <gloo/transport/tcp/device.h>
-#include <gloo/transport/unbound_buffer.h>
-#include <gloo/types.h>
 
-#include <atomic>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -38,23 +30,6 @@
 
 namespace zinf::runtime {
 namespace {
-
-// Gloo writes to its sockets with writev: a write to a peer that has gone (its process died)
-// would raise SIGPIPE, whose default action ends this process without a word. Ignored (unless
-// the program installed a handler of its own), the write fails with EPIPE and Gloo throws, so the
-// collective reports the lost peer.
-void ignore_sigpipe() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    struct sigaction old{};
-    if (::sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) {
-      struct sigaction ign{};
-      ign.sa_handler = SIG_IGN;
-      sigemptyset(&ign.sa_mask);
-      ::sigaction(SIGPIPE, &ign, nullptr);
-    }
-  });
-}
 
 using Clock = std::chrono::steady_clock;
 
@@ -310,190 +285,32 @@ std::shared_ptr<gloo::rendezvous::HashStore> shared_store(const std::string& id)
   return s;
 }
 
-class GlooCommunicator final : public Communicator {
- public:
-  GlooCommunicator(int rank, int size, gloo::rendezvous::Store& store, const std::string& bind,
-                   std::chrono::milliseconds timeout, std::unique_ptr<StoreServer> server,
-                   std::shared_ptr<void> keep_alive)
-      : server_(std::move(server)), keep_alive_(std::move(keep_alive)), store_(&store), timeout_(timeout) {
-    ignore_sigpipe();
-    try {
-      gloo::transport::tcp::attr attr;
-      attr.hostname = bind;
-      device_ = gloo::transport::tcp::CreateDevice(attr);
-    } catch (const std::exception& e) {
-      throw Error("rank {} of {}: cannot open a TCP transport on '{}': {}", rank, size, bind, e.what());
-    }
-    connect(rank, size, store);
-  }
-  // A channel of its own over the parent's transport and rendezvous store (split()).
-  GlooCommunicator(const GlooCommunicator& parent, const std::string& name)
-      : keep_alive_(parent.keep_alive_), device_(parent.device_), timeout_(parent.timeout_) {
-    auto prefixed = std::make_shared<gloo::rendezvous::PrefixStore>(
-        fmt::format("split-{}-{}", parent.splits_, name), *parent.store_);
-    store_ = prefixed.get();
-    split_store_ = prefixed;
-    connect(parent.rank(), parent.size(), *prefixed);
-  }
 
-  std::unique_ptr<Communicator> split(const std::string& name) override {
-    ++splits_;
-    try {
-      return std::make_unique<GlooCommunicator>(*this, name);
-    } catch (const Error& e) {
-      throw Error("opening communication channel '{}': {}", name, e.what());
+// The address Gloo's transport binds to: the option's, else the interface that reaches rank 0
+// (loopback for a local job; on another host, whatever address this host reaches rank 0 from).
+std::string bind_address(const RankInfo& info, const GlooOptions& options) {
+  if (!options.interface_address.empty()) return options.interface_address;
+  std::string bind = info.master_addr == "localhost" ? "127.0.0.1" : info.master_addr;
+  if (info.rank == 0 || bind == "127.0.0.1") return bind;
+  sockaddr_in local{};
+  socklen_t len = sizeof(local);
+  const int probe = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (probe >= 0 && ::getaddrinfo(info.master_addr.c_str(), "9", &hints, &res) == 0) {
+    if (::connect(probe, res->ai_addr, res->ai_addrlen) == 0 &&
+        ::getsockname(probe, reinterpret_cast<sockaddr*>(&local), &len) == 0) {
+      char buf[INET_ADDRSTRLEN] = {};
+      ::inet_ntop(AF_INET, &local.sin_addr, buf, sizeof(buf));
+      bind = buf;
     }
+    ::freeaddrinfo(res);
   }
-  int rank() const override { return context_->rank; }
-  int size() const override { return context_->size; }
-
-  void all_reduce_sum(std::span<float> data) override {
-    if (data.empty()) return;
-    run("all-reduce", [&] {
-      gloo::AllreduceOptions o(context_);
-      o.setOutput(data.data(), data.size());
-      o.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
-      o.setTag(next_tag());
-      gloo::allreduce(o);
-    });
-  }
-  void all_gather(std::span<const float> in, std::span<float> out) override {
-    ZINF_ASSERT(out.size() == in.size() * static_cast<std::size_t>(size()), "all_gather: output size");
-    if (in.empty()) return;
-    run("all-gather", [&] {
-      gloo::AllgatherOptions o(context_);
-      o.setInput(const_cast<float*>(in.data()), in.size());
-      o.setOutput(out.data(), out.size());
-      o.setTag(next_tag());
-      gloo::allgather(o);
-    });
-  }
-  void reduce_scatter_sum(std::span<const float> in, std::span<float> out) override {
-    const auto w = static_cast<std::size_t>(size());
-    if (in.size() % w != 0 || out.size() != in.size() / w) {
-      throw Error("reduce_scatter: {} elements do not split into {} shards of {}", in.size(), w, out.size());
-    }
-    if (in.empty()) return;
-    if (w == 1) {
-      std::copy(in.begin(), in.end(), out.begin());
-      return;
-    }
-    // A ring: W - 1 steps, each rank sending one shard-sized chunk to the next rank and adding the
-    // one it receives from the previous rank; after the last step rank r holds the sum of shard r.
-    // Every byte crosses the wire (W - 1) / W times, as in NCCL's reduce-scatter. Each shard's
-    // sum runs in a fixed rank order, so the result does not depend on timing.
-    run("reduce-scatter", [&] {
-      const std::size_t n = out.size();
-      const std::size_t bytes = n * sizeof(float);
-      const int r = rank(), ranks = size();
-      // One chunk of running sum travels the ring: step k sends the chunk summed so far (the
-      // input's own chunk at k = 0) and adds the received one to the next input chunk. Only two
-      // chunks of scratch; the last sum lands in `out`.
-      acc_.resize(n);
-      recv_.resize(n);
-      const std::uint32_t tag = next_tag();
-      const auto slot = static_cast<std::uint64_t>(gloo::Slot::build(kReduceScatterSlotPrefix, tag));
-      // Gloo only reads from a send buffer; its interface takes a mutable pointer.
-      auto in_buf = context_->createUnboundBuffer(const_cast<float*>(in.data()), in.size() * sizeof(float));
-      auto acc_buf = context_->createUnboundBuffer(acc_.data(), bytes);
-      auto recv_buf = context_->createUnboundBuffer(recv_.data(), bytes);
-      const int next = (r + 1) % ranks, prev = (r + ranks - 1) % ranks;
-      for (int k = 0; k < ranks - 1; ++k) {
-        const auto send_idx = static_cast<std::size_t>(((r - 1 - k) % ranks + ranks) % ranks);
-        const auto recv_idx = static_cast<std::size_t>(((r - 2 - k) % ranks + ranks) % ranks);
-        const std::uint64_t s = slot + static_cast<std::uint64_t>(k);
-        if (k == 0) {
-          in_buf->send(next, s, send_idx * bytes, bytes);
-        } else {
-          acc_buf->send(next, s, 0, bytes);
-        }
-        recv_buf->recv(prev, s, 0, bytes);
-        recv_buf->waitRecv(timeout_);
-        (k == 0 ? in_buf : acc_buf)->waitSend(timeout_);
-        float* dst = k == ranks - 2 ? out.data() : acc_.data();
-        const float* mine = in.data() + recv_idx * n;
-        for (std::size_t i = 0; i < n; ++i) dst[i] = mine[i] + recv_[i];
-      }
-    });
-  }
-  void broadcast(std::span<float> data, int root) override {
-    broadcast_bytes(std::as_writable_bytes(data), root);
-  }
-  void broadcast_bytes(std::span<std::byte> data, int root) override {
-    if (data.empty()) return;
-    run("broadcast", [&] {
-      gloo::BroadcastOptions o(context_);
-      o.setOutput(reinterpret_cast<std::uint8_t*>(data.data()), data.size());
-      o.setRoot(root);
-      o.setTag(next_tag());
-      gloo::broadcast(o);
-    });
-  }
-  void barrier(std::chrono::milliseconds timeout) override {
-    run("barrier", [&] {
-      gloo::BarrierOptions o(context_);
-      o.setTag(next_tag());
-      if (timeout.count() > 0) o.setTimeout(timeout);
-      gloo::barrier(o);
-    });
-  }
-
- private:
-  template <typename F>
-  void run(const char* what, F&& f) {
-    try {
-      f();
-    } catch (const std::exception& e) {
-      throw Error("rank {} of {}: {} failed: {} (a rank has probably died or stalled; see its error)", rank(), size(),
-                  what, e.what());
-    }
-  }
-  std::uint32_t next_tag() { return tag_++; }
-  void connect(int rank, int size, gloo::rendezvous::Store& store) {
-    try {
-      auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, size);
-      ctx->setTimeout(timeout_);
-      ctx->connectFullMesh(store, device_);
-      context_ = ctx;
-    } catch (const Error&) {
-      throw;
-    } catch (const std::exception& e) {
-      throw Error("rank {} of {}: connecting the ranks failed: {}", rank, size, e.what());
-    }
-  }
-  // Not one of Gloo's own prefixes (types.h), so its slots never meet a Gloo collective's.
-  static constexpr std::uint8_t kReduceScatterSlotPrefix = 0x7a;
-
-  std::unique_ptr<StoreServer> server_;
-  std::shared_ptr<void> keep_alive_;
-  gloo::rendezvous::Store* store_ = nullptr;
-  std::shared_ptr<gloo::rendezvous::Store> split_store_;
-  std::shared_ptr<gloo::transport::Device> device_;
-  std::shared_ptr<gloo::Context> context_;
-  std::chrono::milliseconds timeout_;
-  std::vector<float> acc_, recv_;
-  std::uint32_t tag_ = 0;
-  int splits_ = 0;
-};
-
-class SingleCommunicator final : public Communicator {
- public:
-  int rank() const override { return 0; }
-  int size() const override { return 1; }
-  void all_reduce_sum(std::span<float>) override {}
-  void all_gather(std::span<const float> in, std::span<float> out) override {
-    ZINF_ASSERT(out.size() == in.size());
-    std::copy(in.begin(), in.end(), out.begin());
-  }
-  void reduce_scatter_sum(std::span<const float> in, std::span<float> out) override {
-    ZINF_ASSERT(out.size() == in.size());
-    std::copy(in.begin(), in.end(), out.begin());
-  }
-  void broadcast(std::span<float>, int) override {}
-  void broadcast_bytes(std::span<std::byte>, int) override {}
-  void barrier(std::chrono::milliseconds) override {}
-  std::unique_ptr<Communicator> split(const std::string&) override { return std::make_unique<SingleCommunicator>(); }
-};
+  if (probe >= 0) ::close(probe);
+  return bind;
+}
 
 }  // namespace
 
@@ -560,51 +377,33 @@ RankInfo rank_info_from_environment() {
   return r;
 }
 
-std::unique_ptr<Communicator> make_gloo_communicator(const RankInfo& info, const GlooOptions& options) {
-  if (info.world_size == 1) return make_single_communicator();
-  std::unique_ptr<StoreServer> server;
-  if (info.rank == 0) server = std::make_unique<StoreServer>(info.master_port, options.timeout);
-  auto store = std::make_shared<TcpStore>(info.master_addr, info.master_port, info.rank, options.timeout);
-  // Bind Gloo's transport to the interface that reaches rank 0 (loopback for a local job).
-  std::string bind = options.interface_address;
-  if (bind.empty()) bind = (info.master_addr == "localhost") ? "127.0.0.1" : info.master_addr;
-  if (options.interface_address.empty() && info.rank != 0 && bind != "127.0.0.1") {
-    // On another host, bind to whatever address this host reaches rank 0 from.
-    sockaddr_in local{};
-    socklen_t len = sizeof(local);
-    int probe = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    addrinfo hints{};
-    hints.ai_family = AF_INET;
-    hints.ai_socktype = SOCK_DGRAM;
-    addrinfo* res = nullptr;
-    if (probe >= 0 && ::getaddrinfo(info.master_addr.c_str(), "9", &hints, &res) == 0) {
-      if (::connect(probe, res->ai_addr, res->ai_addrlen) == 0 &&
-          ::getsockname(probe, reinterpret_cast<sockaddr*>(&local), &len) == 0) {
-        char buf[INET_ADDRSTRLEN] = {};
-        ::inet_ntop(AF_INET, &local.sin_addr, buf, sizeof(buf));
-        bind = buf;
-      }
-      ::freeaddrinfo(res);
-    }
-    if (probe >= 0) ::close(probe);
-  }
+Rendezvous tcp_rendezvous(const RankInfo& info, const GlooOptions& options) {
+  // Rank 0 serves the store; every rank connects to it.
+  struct Parts {
+    std::unique_ptr<StoreServer> server;
+    std::shared_ptr<TcpStore> store;
+    std::shared_ptr<gloo::rendezvous::PrefixStore> prefixed;
+  };
+  auto parts = std::make_shared<Parts>();
+  if (info.rank == 0) parts->server = std::make_unique<StoreServer>(info.master_port, options.timeout);
+  parts->store = std::make_shared<TcpStore>(info.master_addr, info.master_port, info.rank, options.timeout);
   // Keys carry the job id: ranks of another job that reach this store (the same port) cannot
   // overwrite this job's addresses.
-  auto prefixed = std::make_shared<gloo::rendezvous::PrefixStore>(info.job_id, *store);
-  auto keep = std::make_shared<std::pair<std::shared_ptr<TcpStore>, std::shared_ptr<gloo::rendezvous::PrefixStore>>>(
-      store, prefixed);
-  return std::make_unique<GlooCommunicator>(info.rank, info.world_size, *prefixed, bind, options.timeout,
-                                            std::move(server), std::shared_ptr<void>(keep));
+  parts->prefixed = std::make_shared<gloo::rendezvous::PrefixStore>(info.job_id, *parts->store);
+  Rendezvous r;
+  r.store = parts->prefixed.get();
+  r.bind = bind_address(info, options);
+  r.keep_alive = parts;
+  return r;
 }
 
-std::unique_ptr<Communicator> make_gloo_communicator_in_process(int rank, int size, const std::string& store_id,
-                                                               const GlooOptions& options) {
-  auto store = shared_store(store_id);
-  auto& store_ref = *store;
-  return std::make_unique<GlooCommunicator>(rank, size, store_ref, "127.0.0.1", options.timeout, nullptr,
-                                            std::shared_ptr<void>(store));
+Rendezvous in_process_rendezvous(const std::string& id) {
+  auto store = shared_store(id);
+  Rendezvous r;
+  r.store = store.get();
+  r.bind = "127.0.0.1";
+  r.keep_alive = store;
+  return r;
 }
-
-std::unique_ptr<Communicator> make_single_communicator() { return std::make_unique<SingleCommunicator>(); }
 
 }  // namespace zinf::runtime

@@ -68,6 +68,8 @@ int main(int argc, char** argv) {
   zinf::tools::add_config_commands(app, action);
   zinf::tools::add_bench_commands(app, action);
   zinf::tools::add_train_commands(app, action);
+  zinf::tools::add_data_commands(app, action);
+  zinf::tools::add_ckpt_commands(app, action);
   zinf::tools::add_plan_command(app, action);
 
   try {

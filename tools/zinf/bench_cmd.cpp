@@ -516,7 +516,8 @@ void add_bench_commands(CLI::App& app, Action& action) {
   add_bench_offload_command(*bench, action);
   add_bench_model_command(*bench, action);
   add_bench_suite_commands(*bench, action);
-  add_launch_commands(app, *bench, action);
+  add_bench_comm_command(*bench, action);
+  add_launch_commands(app, action);
   auto io_opts = std::make_shared<BenchIoOptions>();
   auto* io_cmd = bench->add_subcommand(
       "io", "NVMe/storage throughput and latency: the io_uring engine against pread/pwrite threads, same file");

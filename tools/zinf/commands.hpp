@@ -26,7 +26,8 @@ void add_tune_config_options(CLI::App& tune, Action& action);     // tune --repo
 void add_train_commands(CLI::App& app, Action& action);  // train
 void add_data_commands(CLI::App& app, Action& action);   // data tokenize
 void add_ckpt_commands(CLI::App& app, Action& action);   // ckpt export, ckpt merge
-void add_launch_commands(CLI::App& app, CLI::App& bench, Action& action);  // launch, bench comm
+void add_launch_commands(CLI::App& app, Action& action);  // launch
+void add_bench_comm_command(CLI::App& bench, Action& action);  // bench comm
 
 // Shared by the bench commands. Sizes in bytes: "4G", "512M", "1048576" (binary units); counts
 // of elements: "256M" = 256 x 2^20. Both throw CLI::ValidationError naming the option.

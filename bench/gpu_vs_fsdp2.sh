@@ -5,6 +5,8 @@
 # zinf with a GPU share of the optimizer state, offload_optimizer.ratio 0.7 and 0.5, without and
 # with clipping).
 #   bench/gpu_vs_fsdp2.sh [ZINF] [OUT_DIR] [STEPS] [WARMUP]
+# ZINF_RUNS picks runs (below); FSDP2_JSON reuses a baseline result measured earlier in the same
+# session on the same machine instead of running it again (two zinf builds against one baseline).
 # Shape: the CUDA issue's 3.1B Llama (configs/models/bench-3.1b.json: hidden 3072, 26 layers,
 # intermediate 8192, 24 heads, vocab 32000), micro-batch 4 x 2048 tokens, bf16, activation
 # checkpointing. Needs python3 with PyTorch (CUDA) and transformers for the baseline.
@@ -17,7 +19,12 @@ warmup=${4:-2}
 mkdir -p "$out"
 
 echo "== PyTorch FSDP2, CPU offload"
-python3 bench/baselines/fsdp2_cpu_offload.py --steps "$steps" --warmup "$warmup" --json > "$out/fsdp2.json"
+if [[ -n ${FSDP2_JSON:-} ]]; then
+  # A baseline measured earlier in the same invocation (comparing two zinf builds on one machine).
+  cp "$FSDP2_JSON" "$out/fsdp2.json"
+else
+  python3 bench/baselines/fsdp2_cpu_offload.py --steps "$steps" --warmup "$warmup" --json > "$out/fsdp2.json"
+fi
 
 echo "== zinf ZeRO-3, CPU offload"
 # Random tokens (the step does the same work whatever the text), raw uint16.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Gradient accumulation in the GPU pipeline against the synchronous path (ZINF_GPU_OVERLAP=0), on
+# Gradient accumulation in the GPU pipeline against the synchronous path (--gpu-overlap off), on
 # one GPU, in one invocation: the 3.1B shape (seq 2048, the CPU-offload preset) with
 #   micro-batch 4 x 1 (no accumulation: the reference), 2 x 2 (the same 8192 tokens per step),
 #   4 x 4 (32768 tokens per step), and 4 x 4 with clipping at 1.0;
@@ -22,10 +22,11 @@ PY
 
 failed=0
 train() {  # name micro accum clip overlap
-  local name=$1 mb=$2 gas=$3 clip=$4 overlap=$5
-  echo "== zinf train: $name (micro-batch $mb x $gas, clip $clip, ZINF_GPU_OVERLAP=$overlap)"
+  local name=$1 mb=$2 gas=$3 clip=$4 overlap=on
+  [ "$5" = 0 ] && overlap=off
+  echo "== zinf train: $name (micro-batch $mb x $gas, clip $clip, --gpu-overlap $overlap)"
   rm -rf "$out/$name"
-  ZINF_GPU_OVERLAP=$overlap "$zinf" train --device cuda --model configs/models/bench-3.1b.json --data "$out/tokens.u16" \
+  "$zinf" train --gpu-overlap "$overlap" --device cuda --model configs/models/bench-3.1b.json --data "$out/tokens.u16" \
     --data-dtype uint16 --deepspeed deepspeed_zero3_cpuoffload --bf16 --micro-batch "$mb" --grad-accum "$gas" \
     --seq-len 2048 --max-grad-norm "$clip" --max-steps "$steps" --eval-every 0 --no-save --output-dir "$out/$name" \
     > "$out/$name.log" 2>&1 || { tail -5 "$out/$name.log"; failed=1; }

@@ -73,7 +73,9 @@ void prune_checkpoints(const fs::path& root, const std::string& keep, int keep_l
 // Moves the finished directory `tmp` to `final_dir`. A checkpoint of the same step (from a run
 // resumed at an earlier step) is swapped with the new one in one atomic rename, so `step-N` always
 // exists whole; where the file system cannot exchange, the old copy is renamed aside first.
-void put_in_place(const fs::path& tmp, const fs::path& final_dir) {
+// Returns whether the previous copy was swapped into `tmp` (the caller removes it once `latest`
+// names the new one).
+bool put_in_place(const fs::path& tmp, const fs::path& final_dir) {
   bool exchanged = false;
   if (fs::exists(final_dir)) {
     exchanged = ::renameat2(AT_FDCWD, tmp.c_str(), AT_FDCWD, final_dir.c_str(), RENAME_EXCHANGE) == 0;
@@ -88,7 +90,7 @@ void put_in_place(const fs::path& tmp, const fs::path& final_dir) {
     fs::rename(tmp, final_dir);
   }
   sync_directory(final_dir.parent_path().string());
-  if (exchanged) fs::remove_all(tmp);  // now the previous copy
+  return exchanged;
 }
 
 }  // namespace
@@ -185,46 +187,58 @@ CheckpointReader::CheckpointReader(const std::string& dir, int rank) : dir_(dir)
   const std::string state_path = (fs::path(dir) / kTrainerStateFile).string();
   if (!fs::exists(state_path)) throw Error("'{}' is not a zinf checkpoint: {} is missing", dir, kTrainerStateFile);
   try {
-    const Json s = Json::parse(config::read_text_file(state_path));
-    if (s.value("format", "") != "zinf-checkpoint") throw Error("{} is not a zinf checkpoint", state_path);
-    if (s.at("version").get<int>() != kCheckpointVersion) {
+    state_ = Json::parse(config::read_text_file(state_path));
+    if (state_.value("format", "") != "zinf-checkpoint") throw Error("{} is not a zinf checkpoint", state_path);
+    if (state_.at("version").get<int>() != kCheckpointVersion) {
       throw Error("{}: checkpoint version {} is not supported (this zinf reads {})", state_path,
-                  s.at("version").get<int>(), kCheckpointVersion);
+                  state_.at("version").get<int>(), kCheckpointVersion);
     }
-    m_ = CheckpointManifest::from_json(s);
+    for (const Json& u : state_.at("units")) units_.emplace_back(u.at("name").get<std::string>(), u.at("numel").get<std::int64_t>());
+    (void)state_.at("model").size();
     // State files: one (state_shards 1), or one shard per rank of a ZeRO >= 1 run.
-    if (m_.state_shards < 1 || rank >= m_.state_shards) {
-      throw Error("{}: the state is in {} shard(s), which has no shard {}", state_path, m_.state_shards, rank);
+    shards_ = state_.value("state_shards", 1);
+    if (shards_ < 1 || rank >= shards_) {
+      throw Error("{}: the state is in {} shard(s), which has no shard {}", state_path, shards_, rank);
     }
-    if (m_.state_shards == 1) {
-      sums_ = s.at("checksums");
+    if (shards_ == 1) {
+      sums_ = state_.at("checksums");
     } else {
-      const std::string sums_path = (fs::path(dir) / rank_checksum_file(rank, m_.state_shards)).string();
+      const std::string sums_path = (fs::path(dir) / rank_checksum_file(rank, shards_)).string();
       if (!fs::exists(sums_path)) {
         throw Error("checkpoint '{}' lacks rank {}'s piece ({} is missing): it is incomplete", dir, rank,
-                    rank_checksum_file(rank, m_.state_shards));
+                    rank_checksum_file(rank, shards_));
       }
       sums_ = Json::parse(config::read_text_file(sums_path));
     }
   } catch (const Json::exception& e) {
     throw Error("{} is damaged or from another zinf: {}", state_path, e.what());
   }
-  const fs::path file =
-      fs::path(dir) / (m_.state_shards == 1 ? std::string(kStateFile) : rank_state_file(rank, m_.state_shards));
+  const fs::path file = fs::path(dir) / (shards_ == 1 ? std::string(kStateFile) : rank_state_file(rank, shards_));
   if (!fs::exists(file)) {
     throw Error("checkpoint '{}' lacks rank {}'s state ({} is missing): it is incomplete", dir, rank, file.filename().string());
   }
   file_ = io::SafetensorsFile::open(file.string());
 }
 
+const CheckpointManifest& CheckpointReader::manifest() const {
+  if (!manifest_) {
+    try {
+      manifest_ = CheckpointManifest::from_json(state_);
+    } catch (const Json::exception& e) {
+      throw Error("{}/{} is damaged or from another zinf: {}", dir_, kTrainerStateFile, e.what());
+    }
+  }
+  return *manifest_;
+}
+
 void CheckpointReader::check_layout(const ModelLayout& layout, const ModelConfig& model) const {
-  bool same = m_.units.size() == layout.units.size();
+  bool same = units_.size() == layout.units.size();
   for (std::size_t u = 0; same && u < layout.units.size(); ++u) {
-    same = m_.units[u].first == layout.units[u].name && m_.units[u].second == layout.units[u].numel;
+    same = units_[u].first == layout.units[u].name && units_[u].second == layout.units[u].numel;
   }
   if (!same) {
     throw Error("checkpoint '{}' is for another model shape ({} units; this model has {}): {} vs {}", dir_,
-                m_.units.size(), layout.units.size(), m_.model.dump(), model_config_json(model).dump());
+                units_.size(), layout.units.size(), state_.at("model").dump(), model_config_json(model).dump());
   }
 }
 
@@ -377,12 +391,19 @@ std::string save_checkpoint(Communicator& comm, const CheckpointSave& save, cons
   CheckpointManifest m = save.manifest();
   m.state_shards = save.shards;
   Json s = m.to_json();
-  if (save.shards == 1) s["checksums"] = sums;
+  if (save.shards == 1) {
+    // (The checksums before a LoRA run's section, as trainer_state.json has always had them.)
+    Json lora = s.contains("lora") ? s["lora"] : Json();
+    s.erase("lora");
+    s["checksums"] = sums;
+    if (!lora.is_null()) s["lora"] = lora;
+  }
   if (save.extra_files) save.extra_files(tmp.string());
   write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
   sync_directory(tmp.string());
-  put_in_place(tmp, final_dir);
+  const bool exchanged = put_in_place(tmp, final_dir);
   write_file_atomic((root / "latest").string(), name + "\n");
+  if (exchanged) fs::remove_all(tmp);  // now the previous copy
   prune_checkpoints(root, name, save.keep_last);
   spdlog::info("checkpoint {} written", final_dir.string());
   if (world > 1) comm.barrier(kSlowWait);
@@ -394,12 +415,12 @@ std::string save_checkpoint(Communicator& comm, const CheckpointSave& save, cons
 std::vector<std::string> export_checkpoint(const std::string& checkpoint, const std::string& out_dir,
                                            kernels::cpu::DType file_dtype, std::uint64_t max_shard_bytes) {
   const CheckpointReader ck(checkpoint);
-  if (!ck.manifest().lora.is_null()) {
+  if (ck.is_lora()) {
     throw Error("checkpoint '{}' is a LoRA run's: it holds the adapters only (in PEFT's format, adapter_model.safetensors); "
                 "`zinf ckpt merge --base BASE --adapter {}` writes the base with them merged",
                 checkpoint, checkpoint);
   }
-  const ModelConfig model = parse_model_config(ck.manifest().model, checkpoint + "/" + kTrainerStateFile);
+  const ModelConfig model = parse_model_config(ck.model(), checkpoint + "/" + kTrainerStateFile);
   const ModelLayout layout = make_layout(model);
   ck.check_layout(layout, model);
   auto backend = make_cpu_backend();

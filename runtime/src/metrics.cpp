@@ -230,8 +230,8 @@ void RunReport::summary(const TrainResult& r, std::int64_t first_step, std::uint
                     {"peak_bytes", s_.backend->memory_peak()},
                     {"planned", s_.gpu_plan->to_json()}};
   }
-  config::Json j = run_summary(s);
-  s_.path->describe(j);
+  s_.path->describe(s.path_sections);
+  const config::Json j = run_summary(s);
   write_file_atomic((fs::path(o.output_dir) / "summary.json").string(), j.dump(2) + "\n");
 }
 
@@ -287,6 +287,7 @@ config::Json run_summary(const RunSummary& s) {
                        {"gpu_optimizer_elements", m.gpu_elements},
                        {"gpus", m.pipeline ? m.world : 1},
                        {"gpu_collectives", m.nccl ? "nccl" : "none"}};
+  for (const auto& [key, value] : s.path_sections.items()) j[key] = value;
   j["last_checkpoint"] = r.last_checkpoint;
   j["deepspeed_config"] = *s.deepspeed_config;
   return j;

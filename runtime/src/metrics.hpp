@@ -128,6 +128,7 @@ struct RunSummary {
   config::Json gpu_memory;  // null on the CPU backend
   const RunMode* mode = nullptr;
   const config::Json* deepspeed_config = nullptr;
+  config::Json path_sections = config::Json::object();  // the gradient path's own (LoRA's "lora")
 };
 config::Json run_summary(const RunSummary& s);
 

@@ -172,8 +172,9 @@ class Trainer {
     while (st_.step < total_steps_) {
       const auto t0 = Clock::now();
       StepMetrics s = train_step();
-      s.eval_loss = maybe_evaluate();
-      if (!std::isnan(s.eval_loss)) last_eval = s.eval_loss;
+      const std::optional<double> eval = maybe_evaluate();
+      s.eval_loss = eval.value_or(std::nan(""));
+      if (eval) last_eval = *eval;  // (NaN too: an eval on diverged weights)
       last_loss = s.loss;
       s.phases.offload_io += path_->take_io_wait();  // the I/O waits of the steps joined so far
       s.step = st_.step;
@@ -327,9 +328,9 @@ class Trainer {
 
   // ---- around the steps
 
-  // The eval loss when this step calls for one (NaN otherwise).
-  double maybe_evaluate() {
-    if (!((o_.eval_every > 0 && st_.step % o_.eval_every == 0) || st_.step == total_steps_)) return std::nan("");
+  // The eval loss when this step calls for one.
+  std::optional<double> maybe_evaluate() {
+    if (!((o_.eval_every > 0 && st_.step % o_.eval_every == 0) || st_.step == total_steps_)) return std::nullopt;
     const double loss = evaluate();
     if (!st_.have_eval || loss < st_.best_eval) st_.best_eval = loss;
     st_.have_eval = true;

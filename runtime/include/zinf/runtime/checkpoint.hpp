@@ -80,8 +80,13 @@ struct CheckpointManifest {
 class CheckpointReader {
  public:
   explicit CheckpointReader(const std::string& dir, int rank = 0);
-  const CheckpointManifest& manifest() const noexcept { return m_; }
-  int state_shards() const noexcept { return m_.state_shards; }
+  // Every key, parsed on first use (a resume needs them; an export needs only the units and the
+  // model, so a checkpoint written before a key existed still exports). Throws zinf::Error for a
+  // missing key or a wrong type.
+  const CheckpointManifest& manifest() const;
+  int state_shards() const noexcept { return shards_; }
+  const config::Json& model() const noexcept { return state_.at("model"); }
+  bool is_lora() const noexcept { return state_.contains("lora"); }
   const std::string& dir() const noexcept { return dir_; }
   // Throws unless the checkpoint's units are exactly `layout`'s.
   void check_layout(const ModelLayout& layout, const ModelConfig& model) const;
@@ -90,7 +95,10 @@ class CheckpointReader {
 
  private:
   std::string dir_;
-  CheckpointManifest m_;
+  config::Json state_;  // trainer_state.json
+  int shards_ = 1;
+  std::vector<std::pair<std::string, std::int64_t>> units_;
+  mutable std::optional<CheckpointManifest> manifest_;
   config::Json sums_;
   std::shared_ptr<io::SafetensorsFile> file_;
 };

@@ -6,7 +6,8 @@
 # with clipping).
 #   bench/gpu_vs_fsdp2.sh [ZINF] [OUT_DIR] [STEPS] [WARMUP]
 # ZINF_RUNS picks runs (below); FSDP2_JSON reuses a baseline result measured earlier in the same
-# session on the same machine instead of running it again (two zinf builds against one baseline).
+# session on the same machine instead of running it again (two zinf builds against one baseline);
+# FSDP2=0 runs zinf alone (no ratios).
 # Shape: the CUDA issue's 3.1B Llama (configs/models/bench-3.1b.json: hidden 3072, 26 layers,
 # intermediate 8192, 24 heads, vocab 32000), micro-batch 4 x 2048 tokens, bf16, activation
 # checkpointing. Needs python3 with PyTorch (CUDA) and transformers for the baseline.
@@ -19,7 +20,10 @@ warmup=${4:-2}
 mkdir -p "$out"
 
 echo "== PyTorch FSDP2, CPU offload"
-if [[ -n ${FSDP2_JSON:-} ]]; then
+if [[ ${FSDP2:-1} == 0 ]]; then
+  echo "(skipped: FSDP2=0; zinf runs only)"
+  rm -f "$out/fsdp2.json"
+elif [[ -n ${FSDP2_JSON:-} ]]; then
   # A baseline measured earlier in the same invocation (comparing two zinf builds on one machine).
   cp "$FSDP2_JSON" "$out/fsdp2.json"
 else
@@ -78,18 +82,20 @@ done
 python3 - "$out" "$warmup" <<'PY'
 import csv, json, sys
 out, warmup = sys.argv[1], int(sys.argv[2])
-b = json.load(open(f"{out}/fsdp2.json"))
+import os
+b = json.load(open(f"{out}/fsdp2.json")) if os.path.exists(f"{out}/fsdp2.json") else None
 def median(rows, key):
     v = sorted(float(r[key]) for r in rows)
     return v[len(v) // 2]
-res = {"fsdp2": {"tokens_per_s": b["tokens_per_s"], "step_s": b["step_seconds_median"], "model_tflops": b["model_tflops"],
-                 "torch": b["torch"], "gpu": b["gpu"]}}
+res = {}
 print(f"{'':18} {'s/step':>8} {'tokens/s':>10} {'TFLOP/s':>8} {'GPU GiB':>8}")
-print(f"{'FSDP2':18} {b['step_seconds_median']:8.3f} {b['tokens_per_s']:10.0f} {b['model_tflops']:8.1f} "
-      f"{b.get('peak_gpu_bytes', 0) / 2**30:8.2f}")
+if b:
+    res["fsdp2"] = {"tokens_per_s": b["tokens_per_s"], "step_s": b["step_seconds_median"], "model_tflops": b["model_tflops"],
+                    "torch": b["torch"], "gpu": b["gpu"]}
+    print(f"{'FSDP2':18} {b['step_seconds_median']:8.3f} {b['tokens_per_s']:10.0f} {b['model_tflops']:8.1f} "
+          f"{b.get('peak_gpu_bytes', 0) / 2**30:8.2f}")
 labels = {"noclip": "zinf", "clip": "zinf clip 1.0", "bf16grads": "zinf bf16 grads", "ratio0.7": "zinf ratio 0.7",
           "ratio0.5": "zinf ratio 0.5", "ratio0.7clip": "zinf ratio 0.7 clip"}
-import os
 for name in labels:
     if not os.path.exists(f"{out}/zinf-{name}/training_metrics.csv"):
         continue
@@ -102,13 +108,14 @@ for name in labels:
     peak = summary["gpu_memory"]["peak_bytes"]
     res[f"zinf_{name}"] = {"tokens_per_s": tok, "step_s": step_s, "model_tflops": tflops, "median_breakdown_s": breakdown,
                            "peak_gpu_bytes": peak, "gpu_optimizer_elements": summary["gpu_pipeline"].get("gpu_optimizer_elements", 0),
-                           "ratio": tok / b["tokens_per_s"]}
+                           "ratio": tok / b["tokens_per_s"] if b else None}
     label = labels[name]
-    print(f"{label:18} {step_s:8.3f} {tok:10.0f} {tflops:8.1f} {peak / 2**30:8.2f}   {tok / b['tokens_per_s']:.2f}x   "
+    ratio = f"{tok / b['tokens_per_s']:.2f}x" if b else "  -  "
+    print(f"{label:18} {step_s:8.3f} {tok:10.0f} {tflops:8.1f} {peak / 2**30:8.2f}   {ratio}   "
           f"(median forward {breakdown['forward_s']:.2f} s, backward {breakdown['backward_s']:.2f} s, step wait "
           f"{breakdown['optimizer_s']:.2f} s)")
 json.dump(res, open(f"{out}/result.json", "w"), indent=2)
-if "zinf_noclip" in res:
+if b and "zinf_noclip" in res:
     print(f"zinf / FSDP2 = {res['zinf_noclip']['ratio']:.2f}x, same arithmetic (no clipping), all optimizer state on "
           f"the host  (on {b['gpu']}, torch {b['torch']})")
 PY

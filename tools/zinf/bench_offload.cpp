@@ -64,13 +64,23 @@ Json disk_json(const offload::OffloadBenchResult& r) {
   return a;
 }
 
+// The figures both reports show.
+struct Figures {
+  offload::StepStats best;
+  double step_pps, kernel_pps, bound_pps, disk_pps, disk_median_pps, overlapped_pps, fraction, nvme_fraction,
+      nvme_bytes_per_param;
+  std::string isa;
+};
+Figures figures(const offload::OffloadBenchResult& r) {
+  return {r.best(),         r.step_pps(),       r.kernel_pps,     r.bound_pps(),
+          r.disk_pps(),     r.disk_median_pps(), r.overlapped_pps(), r.step_pps() / r.bound_pps(),
+          r.nvme_fraction,  r.nvme_bytes_per_param(), kc::isa_name(kc::active_isa())};
+}
+
 Json result_json(const offload::OffloadBenchResult& r) {
-  const offload::StepStats best = r.best();
-  const double step_pps = r.step_pps(), kernel_pps = r.kernel_pps, bound_pps = r.bound_pps();
-  const double disk_pps = r.disk_pps(), disk_median_pps = r.disk_median_pps(), overlapped_pps = r.overlapped_pps();
-  const double fraction = step_pps / bound_pps;
-  const double nvme_fraction = r.nvme_fraction;
-  const std::string isa = kc::isa_name(kc::active_isa());
+  const auto [best, step_pps, kernel_pps, bound_pps, disk_pps, disk_median_pps, overlapped_pps, fraction, nvme_fraction,
+              nvme_bytes_per_param, isa] = figures(r);
+  (void)nvme_bytes_per_param;
     Json j;
     j["machine"] = machine_json(r.nvme ? r.nvme_dir : ".");
     j["cpu_features"] = kernels::describe(kernels::cpu_features());
@@ -111,12 +121,8 @@ Json result_json(const offload::OffloadBenchResult& r) {
 }
 
 void print_result(const offload::OffloadBenchResult& r) {
-  const offload::StepStats best = r.best();
-  const double step_pps = r.step_pps(), kernel_pps = r.kernel_pps, bound_pps = r.bound_pps();
-  const double disk_pps = r.disk_pps(), disk_median_pps = r.disk_median_pps(), overlapped_pps = r.overlapped_pps();
-  const double fraction = step_pps / bound_pps;
-  const double nvme_fraction = r.nvme_fraction, nvme_bytes_per_param = r.nvme_bytes_per_param();
-  const std::string isa = kc::isa_name(kc::active_isa());
+  const auto [best, step_pps, kernel_pps, bound_pps, disk_pps, disk_median_pps, overlapped_pps, fraction, nvme_fraction,
+              nvme_bytes_per_param, isa] = figures(r);
   const std::string place = r.nvme ? fmt::format("nvme (ratio {})", nvme_fraction) : "cpu";
   std::cout << fmt::format("zinf bench offload: {} parameters in {} units, state on {}, {} threads ({}), {} I/O\n", r.params,
                            r.units, place, r.threads, isa, r.phased ? "phased" : "mixed");

@@ -12,7 +12,9 @@
 #include <mutex>
 #include <random>
 #include <thread>
+#include <tuple>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include "zinf/common/error.hpp"
@@ -249,6 +251,83 @@ BenchPoint IoBench::run_baseline(std::uint64_t block_size, unsigned threads, IoO
   point.gbps = static_cast<double>(point.bytes) / point.seconds / 1e9;
   point.latency = latency_stats(std::move(latencies));
   return point;
+}
+
+std::string size_label(std::uint64_t b) {
+  if (b >= (1ull << 30) && b % (1ull << 30) == 0) return fmt::format("{}G", b >> 30);
+  if (b >= (1ull << 20) && b % (1ull << 20) == 0) return fmt::format("{}M", b >> 20);
+  if (b >= (1ull << 10) && b % (1ull << 10) == 0) return fmt::format("{}K", b >> 10);
+  return std::to_string(b);
+}
+
+const BenchPoint* top(const std::vector<BenchPoint>& v, IoOp op) {
+  const BenchPoint* best = nullptr;
+  for (const auto& p : v) {
+    if (p.op == op && (best == nullptr || p.gbps > best->gbps)) best = &p;
+  }
+  return best;
+}
+
+SweepResult IoBench::sweep(const SweepGrid& o, const std::function<void(const std::string&)>& progress) {
+  if (o.blocks.empty() || o.depths.empty() || o.parallelism.empty()) {
+    throw Error("io sweep: the grid is empty (give at least one block size, queue depth and parallelism)");
+  }
+  SweepResult r;
+  const std::size_t total = o.blocks.size() * o.depths.size() * o.parallelism.size() +
+                            o.blocks.size() * o.parallelism.size();
+  std::size_t n = 0;
+  // Baseline and engine settings alternate, so a drive whose speed drifts during the sweep (cloud
+  // burst credits, thermal throttling) favours neither side.
+  for (std::uint64_t bs : o.blocks) {
+    for (unsigned par : o.parallelism) {
+      progress(fmt::format("\r  sweep {}/{}: pread block {} threads {}      ", ++n, total, size_label(bs), par));
+      r.baseline.push_back(run_baseline(bs, par, IoOp::kWrite, false));
+      r.baseline.push_back(run_baseline(bs, par, IoOp::kRead, false));
+      for (unsigned qd : o.depths) {
+        EngineOptions e;
+        e.block_size = bs;
+        e.queue_depth = qd;
+        e.intra_op_parallelism = par;
+        progress(fmt::format("\r  sweep {}/{}: zinf block {} qd {} par {}      ", ++n, total,
+                                            size_label(bs), qd, par));
+        r.engine.push_back(run_engine(e, IoOp::kWrite, false));
+        r.engine.push_back(run_engine(e, IoOp::kRead, false));
+      }
+    }
+  }
+  progress(fmt::format("\r{:60}\r", ""));
+  r.top_read = top(r.engine, IoOp::kRead);
+  r.top_write = top(r.engine, IoOp::kWrite);
+  r.base_read = top(r.baseline, IoOp::kRead);
+  r.base_write = top(r.baseline, IoOp::kWrite);
+  // One setting for both directions: the best sum of read and write, each relative to its best;
+  // among settings within 2% of that, the one with the fewest threads, then the shallowest queue.
+  struct Cand {
+    EngineOptions o;
+    double read = 0, write = 0, score = 0;
+  };
+  std::vector<Cand> cands;
+  for (std::size_t i = 0; i + 1 < r.engine.size(); i += 2) {
+    const BenchPoint& w = r.engine[i];
+    const BenchPoint& rd = r.engine[i + 1];
+    cands.push_back({w.settings, rd.gbps, w.gbps, rd.gbps / r.top_read->gbps + w.gbps / r.top_write->gbps});
+  }
+  double best_score = 0;
+  for (const auto& c : cands) best_score = std::max(best_score, c.score);
+  const Cand* pick = nullptr;
+  for (const auto& c : cands) {
+    if (c.score < 0.98 * best_score) continue;
+    const auto cost = [](const EngineOptions& e) {
+      return std::make_tuple(e.intra_op_parallelism, e.queue_depth, e.block_size);
+    };
+    if (pick == nullptr || cost(c.o) < cost(pick->o)) pick = &c;
+  }
+  if (pick == nullptr) throw Error("io sweep: the grid is empty (give at least one block size, queue depth and parallelism)");
+  r.best = pick->o;
+  r.best.record_latency = false;
+  r.best_read = pick->read;
+  r.best_write = pick->write;
+  return r;
 }
 
 }  // namespace zinf::io

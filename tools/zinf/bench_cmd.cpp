@@ -139,89 +139,11 @@ std::string table(const std::vector<BenchPoint>& points) {
   return out;
 }
 
-struct SweepResult {
-  std::vector<BenchPoint> engine;    // read and write per grid point
-  std::vector<BenchPoint> baseline;  // read and write per (block, threads)
-  EngineOptions best;
-  double best_read = 0, best_write = 0;
-  const BenchPoint* top_read = nullptr;
-  const BenchPoint* top_write = nullptr;
-  const BenchPoint* base_read = nullptr;
-  const BenchPoint* base_write = nullptr;
-};
-
-const BenchPoint* top(const std::vector<BenchPoint>& v, IoOp op) {
-  const BenchPoint* best = nullptr;
-  for (const auto& p : v) {
-    if (p.op == op && (best == nullptr || p.gbps > best->gbps)) best = &p;
-  }
-  return best;
-}
-
 void progress(bool enabled, const std::string& line) {
   if (enabled) std::cerr << line << std::flush;
 }
 
-SweepResult run_sweep(io::IoBench& bench, const BenchIoOptions& o, bool show_progress) {
-  SweepResult r;
-  const std::size_t total = o.sweep_blocks.size() * o.sweep_depths.size() * o.sweep_parallelism.size() +
-                            o.sweep_blocks.size() * o.sweep_parallelism.size();
-  std::size_t n = 0;
-  // Baseline and engine settings alternate, so a drive whose speed drifts during the sweep (cloud
-  // burst credits, thermal throttling) favours neither side.
-  for (std::uint64_t bs : o.sweep_blocks) {
-    for (unsigned par : o.sweep_parallelism) {
-      progress(show_progress,
-               fmt::format("\r  sweep {}/{}: pread block {} threads {}      ", ++n, total, size_label(bs), par));
-      r.baseline.push_back(bench.run_baseline(bs, par, IoOp::kWrite, false));
-      r.baseline.push_back(bench.run_baseline(bs, par, IoOp::kRead, false));
-      for (unsigned qd : o.sweep_depths) {
-        EngineOptions e;
-        e.block_size = bs;
-        e.queue_depth = qd;
-        e.intra_op_parallelism = par;
-        progress(show_progress, fmt::format("\r  sweep {}/{}: zinf block {} qd {} par {}      ", ++n, total,
-                                            size_label(bs), qd, par));
-        r.engine.push_back(bench.run_engine(e, IoOp::kWrite, false));
-        r.engine.push_back(bench.run_engine(e, IoOp::kRead, false));
-      }
-    }
-  }
-  progress(show_progress, fmt::format("\r{:60}\r", ""));
-  r.top_read = top(r.engine, IoOp::kRead);
-  r.top_write = top(r.engine, IoOp::kWrite);
-  r.base_read = top(r.baseline, IoOp::kRead);
-  r.base_write = top(r.baseline, IoOp::kWrite);
-  // One setting for both directions: the best sum of read and write, each relative to its best;
-  // among settings within 2% of that, the one with the fewest threads, then the shallowest queue.
-  struct Cand {
-    EngineOptions o;
-    double read = 0, write = 0, score = 0;
-  };
-  std::vector<Cand> cands;
-  for (std::size_t i = 0; i + 1 < r.engine.size(); i += 2) {
-    const BenchPoint& w = r.engine[i];
-    const BenchPoint& rd = r.engine[i + 1];
-    cands.push_back({w.settings, rd.gbps, w.gbps, rd.gbps / r.top_read->gbps + w.gbps / r.top_write->gbps});
-  }
-  double best_score = 0;
-  for (const auto& c : cands) best_score = std::max(best_score, c.score);
-  const Cand* pick = nullptr;
-  for (const auto& c : cands) {
-    if (c.score < 0.98 * best_score) continue;
-    const auto cost = [](const EngineOptions& e) {
-      return std::make_tuple(e.intra_op_parallelism, e.queue_depth, e.block_size);
-    };
-    if (pick == nullptr || cost(c.o) < cost(pick->o)) pick = &c;
-  }
-  r.best = pick->o;
-  r.best.record_latency = false;
-  r.best_read = pick->read;
-  r.best_write = pick->write;
-  return r;
-}
-
-Json sweep_json(const SweepResult& s) {
+Json sweep_json(const io::SweepResult& s) {
   Json j;
   j["best"] = aio_json(s.best);
   j["best"]["read_GBps"] = std::round(s.best_read * 1000) / 1000;
@@ -238,7 +160,7 @@ Json sweep_json(const SweepResult& s) {
   return j;
 }
 
-std::string sweep_text(const SweepResult& s) {
+std::string sweep_text(const io::SweepResult& s) {
   std::string out;
   for (IoOp op : {IoOp::kRead, IoOp::kWrite}) {
     std::vector<BenchPoint> v;
@@ -307,7 +229,8 @@ int run_bench_io(const BenchIoOptions& o) {
       static_cast<double>(bench.size()) / (1ull << 30), bench.fill_seconds());
 
   if (o.sweep) {
-    const SweepResult s = run_sweep(bench, o, show_progress);
+    const io::SweepResult s = bench.sweep({o.sweep_blocks, o.sweep_depths, o.sweep_parallelism},
+                                          [&](const std::string& line) { progress(show_progress, line); });
     const Json sj = sweep_json(s);
     for (const auto& [k, v] : sj.items()) out[k] = v;
     if (o.json) {
@@ -332,8 +255,8 @@ int run_bench_io(const BenchIoOptions& o) {
   for (const auto& p : points) pts.push_back(point_json(p));
   out["settings"] = aio_json(settings);
   out["points"] = pts;
-  const BenchPoint* r = top(points, IoOp::kRead);
-  const BenchPoint* w = top(points, IoOp::kWrite);
+  const BenchPoint* r = io::top(points, IoOp::kRead);
+  const BenchPoint* w = io::top(points, IoOp::kWrite);
   double eng_r = 0, eng_w = 0;
   for (const auto& p : points) {
     if (p.impl == "zinf" && !p.random) (p.op == IoOp::kRead ? eng_r : eng_w) = p.gbps;
@@ -386,7 +309,8 @@ int run_tune_nvme(const BenchIoOptions& o) {
   limits.buffer_footprint = o.footprint;
   limits.max_seconds = o.seconds >= 0 ? o.seconds : 3.0;
   io::IoBench bench(o.path, o.size, limits);
-  const SweepResult s = run_sweep(bench, o, show_progress);
+  const io::SweepResult s = bench.sweep({o.sweep_blocks, o.sweep_depths, o.sweep_parallelism},
+                                          [&](const std::string& line) { progress(show_progress, line); });
   if (!o.json) {
     std::cout << fmt::format("zinf tune nvme: {} ({})\n", o.path, bench.direct() ? "O_DIRECT" : "buffered")
               << sweep_text(s);
@@ -473,12 +397,7 @@ std::uint64_t parse_size(const std::string& text, const std::string& option) {
   return static_cast<std::uint64_t>(bytes);
 }
 
-std::string size_label(std::uint64_t b) {
-  if (b >= (1ull << 30) && b % (1ull << 30) == 0) return fmt::format("{}G", b >> 30);
-  if (b >= (1ull << 20) && b % (1ull << 20) == 0) return fmt::format("{}M", b >> 20);
-  if (b >= (1ull << 10) && b % (1ull << 10) == 0) return fmt::format("{}K", b >> 10);
-  return std::to_string(b);
-}
+std::string size_label(std::uint64_t b) { return io::size_label(b); }
 
 Json machine_json(const std::string& path) {
   struct utsname u {};
@@ -539,12 +458,11 @@ void add_bench_commands(CLI::App& app, Action& action) {
     action = [io_opts] { return run_bench_io(*io_opts); };
   });
 
-  auto* tune = app.add_subcommand("tune", "Tune a config to this machine: from a `zinf bench all` report (--report, -o), "
-                                           "or the aio block alone from a drive sweep (nvme)");
-  tune->require_subcommand(0, 1);
-  add_tune_config_options(*tune, action);
+}
+
+void add_tune_nvme_command(CLI::App& tune, Action& action) {
   auto tune_opts = std::make_shared<BenchIoOptions>();
-  auto* nvme = tune->add_subcommand("nvme", "Sweep the drive at --path and write the best aio block into a config");
+  auto* nvme = tune.add_subcommand("nvme", "Sweep the drive at --path and write the best aio block into a config");
   add_common(*nvme, *tune_opts);
   nvme->add_option("-o,--output", tune_opts->output,
                    "config to write the aio block into (created, or updated keeping its other keys)");

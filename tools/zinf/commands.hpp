@@ -16,13 +16,15 @@ namespace zinf::tools {
 using Action = std::function<int()>;
 
 void add_config_commands(CLI::App& app, Action& action);
-void add_bench_commands(CLI::App& app, Action& action);  // bench io, tune nvme
+void add_bench_commands(CLI::App& app, Action& action);  // bench io and the other benches
 void add_bench_adam_command(CLI::App& bench, Action& action);  // bench adam
 void add_bench_offload_command(CLI::App& bench, Action& action);  // bench offload
 void add_bench_model_command(CLI::App& bench, Action& action);    // bench model
 void add_bench_suite_commands(CLI::App& bench, Action& action);   // bench pcie, gemm, mem, all
 void add_plan_command(CLI::App& app, Action& action);              // plan
+void add_tune_command(CLI::App& app, Action& action);              // tune --report, tune nvme
 void add_tune_config_options(CLI::App& tune, Action& action);     // tune --report
+void add_tune_nvme_command(CLI::App& tune, Action& action);       // tune nvme (the io sweep)
 void add_train_commands(CLI::App& app, Action& action);  // train
 void add_data_commands(CLI::App& app, Action& action);   // data tokenize
 void add_ckpt_commands(CLI::App& app, Action& action);   // ckpt export, ckpt merge

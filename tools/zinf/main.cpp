@@ -71,6 +71,7 @@ int main(int argc, char** argv) {
   zinf::tools::add_data_commands(app, action);
   zinf::tools::add_ckpt_commands(app, action);
   zinf::tools::add_plan_command(app, action);
+  zinf::tools::add_tune_command(app, action);
 
   try {
     app.parse(argc, argv);

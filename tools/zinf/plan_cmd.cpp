@@ -237,6 +237,14 @@ void add_tune_config_options(CLI::App& tune, Action& action) {
   });
 }
 
+void add_tune_command(CLI::App& app, Action& action) {
+  auto* tune = app.add_subcommand("tune", "Tune a config to this machine: from a `zinf bench all` report (--report, -o), "
+                                           "or the aio block alone from a drive sweep (nvme)");
+  tune->require_subcommand(0, 1);
+  add_tune_config_options(*tune, action);
+  add_tune_nvme_command(*tune, action);
+}
+
 void add_plan_command(CLI::App& app, Action& action) {
   auto o = std::make_shared<PlanOptions>();
   auto* cmd = app.add_subcommand("plan", "Will a run fit (bytes per memory tier) and how fast will a step be (and what bounds it)");

@@ -7,6 +7,7 @@
 // preallocated but unwritten extent returns zeros without touching the device).
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -47,6 +48,32 @@ struct BenchLimits {
   std::uint64_t buffer_footprint = 0;
 };
 
+// A sweep's grid: every block size x queue depth x parallelism, read and write, sequential.
+struct SweepGrid {
+  std::vector<std::uint64_t> blocks;
+  std::vector<unsigned> depths;
+  std::vector<unsigned> parallelism;
+};
+
+// A sweep: every point, and one setting for both directions (the best sum of read and write, each
+// relative to its best; among those within 2%, the fewest threads, then the shallowest queue).
+// The top_* and base_* pointers point into this result's own vectors.
+struct SweepResult {
+  std::vector<BenchPoint> engine;    // read and write per grid point
+  std::vector<BenchPoint> baseline;  // read and write per (block, threads)
+  EngineOptions best;
+  double best_read = 0, best_write = 0;
+  const BenchPoint* top_read = nullptr;
+  const BenchPoint* top_write = nullptr;
+  const BenchPoint* base_read = nullptr;
+  const BenchPoint* base_write = nullptr;
+};
+
+// "4G", "256M", "64K" for a byte count that is a whole number of those units, else the bytes.
+std::string size_label(std::uint64_t bytes);
+// The fastest point of `op` in `v` (null when there is none).
+const BenchPoint* top(const std::vector<BenchPoint>& v, IoOp op);
+
 class IoBench {
  public:
   // Creates `<dir>/zinf-bench-<pid>/data.zsw` of `size` bytes and fills it (checks free space first).
@@ -58,6 +85,9 @@ class IoBench {
 
   BenchPoint run_engine(const EngineOptions& settings, IoOp op, bool random);
   BenchPoint run_baseline(std::uint64_t block_size, unsigned threads, IoOp op, bool random);
+  // Baseline and engine settings alternate, so a drive whose speed drifts during the sweep
+  // favours neither side. `progress` hears each point as it starts.
+  SweepResult sweep(const SweepGrid& grid, const std::function<void(const std::string&)>& progress);
 
   bool direct() const noexcept { return file_.direct(); }
   std::uint64_t size() const noexcept { return size_; }

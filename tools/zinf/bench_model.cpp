@@ -1,5 +1,6 @@
 // `zinf bench model`: forward + backward throughput of the model on the CPU backend (tokens/s,
-// achieved FLOP/s) and where the time goes per op, for a Hugging Face config.json.
+// achieved FLOP/s) and where the time goes per op, for a Hugging Face config.json. The measurement
+// is runtime::bench_model_step (runtime/src/model_bench.cpp); this prints it.
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -18,9 +19,8 @@
 #include "zinf/configs/document.hpp"
 #include "zinf/configs/summary.hpp"
 #include "zinf/kernels/cpu_features.hpp"
-#include "zinf/runtime/model.hpp"
-#include "zinf/runtime/flops.hpp"
-#include "zinf/runtime/weights.hpp"
+#include "zinf/runtime/model_bench.hpp"
+#include "zinf/runtime/model_config.hpp"
 
 namespace zinf::tools {
 namespace {
@@ -48,70 +48,34 @@ std::string config_path(const std::string& model) {
 }
 
 int run_bench_model(const BenchModelOptions& o) {
-  const runtime::ModelConfig cfg = runtime::load_model_config(config_path(o.model));
-  const DType dtype = o.dtype_text == "fp32" ? DType::kF32 : DType::kBF16;
-  auto backend = o.backend == "cuda" ? runtime::make_cuda_backend(runtime::CudaBackendOptions{o.device})
-                                     : runtime::make_cpu_backend();
-  runtime::Model model(cfg, *backend, runtime::ModelOptions{dtype, !o.no_checkpoint, {}});
-  const runtime::ModelLayout& layout = model.layout();
-  runtime::UnitStorage params(*backend, layout, dtype), grads(*backend, layout, DType::kF32);
-  runtime::init_parameters(cfg, layout, 1234, *backend, params.view());
-
-  // Random tokens, next-token targets: the step does the same work whatever the text.
-  const std::int64_t n = o.batch * o.seq;
-  std::mt19937 rng(42);
-  std::uniform_int_distribution<std::int32_t> tok(0, static_cast<std::int32_t>(cfg.vocab_size - 1));
-  std::vector<std::int32_t> tokens(static_cast<std::size_t>(n)), targets(static_cast<std::size_t>(n));
-  for (auto& t : tokens) t = tok(rng);
-  for (std::int64_t i = 0; i < n; ++i) targets[i] = (i + 1) % o.seq == 0 ? -100 : tokens[i + 1];
-  model.set_batch(tokens, targets, o.batch, o.seq);
-
+  runtime::ModelBenchOptions b;
+  b.model = runtime::load_model_config(config_path(o.model));
+  b.seq = o.seq;
+  b.batch = o.batch;
+  b.dtype = o.dtype_text == "fp32" ? DType::kF32 : DType::kBF16;
+  b.backend = o.backend;
+  b.device = o.device;
+  b.steps = o.steps;
+  b.warmup = o.warmup;
+  b.checkpoint_activations = !o.no_checkpoint;
   const bool progress = !o.json && ::isatty(STDERR_FILENO) != 0;
-  std::vector<double> times;
-  double profiled_wall = 0;
-  float loss = 0;
-  // Warm-up, timed steps, then as many steps again with each op timed (the per-op table; a GPU
-  // waits for every op then, so those steps are not the ones timed).
-  for (int s = 0; s < o.warmup + 2 * o.steps; ++s) {
-    if (progress) std::cerr << fmt::format("\r  step {}/{} ...", s + 1, o.warmup + 2 * o.steps) << std::flush;
-    const bool timed = s >= o.warmup && s < o.warmup + o.steps;
-    backend->set_profiling(s >= o.warmup + o.steps);
-    const auto t0 = std::chrono::steady_clock::now();
-    grads.zero();
-    loss = model.forward(params.view());
-    model.backward(params.view(), grads.view());
-    backend->synchronize();
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (timed) times.push_back(dt);
-    if (backend->profiling()) profiled_wall += dt;
-  }
-  backend->set_profiling(false);
+  const runtime::ModelBenchResult r = runtime::bench_model_step(b, [&](const std::string& what) {
+    if (progress) std::cerr << "\r  " << what << std::flush;
+  });
   if (progress) std::cerr << fmt::format("\r{:40}\r", "");
-
-  std::sort(times.begin(), times.end());
-  const double median = times[times.size() / 2];
-  double total_profiled = 0;  // wall time of the profiled steps
-  for (const auto& [op, e] : backend->profile().ops) total_profiled += e.seconds;
-  total_profiled = std::max(total_profiled, profiled_wall);
-  // Model FLOPs of one training step (no recomputation).
-  const double flops = static_cast<double>(n) * runtime::training_flops_per_token(cfg, o.seq);
-  struct Row {
-    std::string op;
-    runtime::OpProfile::Entry e;
-  };
-  std::vector<Row> rows;
-  for (const auto& [op, e] : backend->profile().ops) rows.push_back({op, e});
-  std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.e.seconds > b.e.seconds; });
-  const double in_ops = std::accumulate(rows.begin(), rows.end(), 0.0, [](double s, const Row& r) { return s + r.e.seconds; });
-
+  const runtime::ModelConfig& cfg = b.model;
+  const std::int64_t n = r.tokens;
+  const double median = r.median_seconds, flops = r.flops, total_profiled = r.profiled_seconds, in_ops = r.in_ops_seconds;
+  const float loss = r.loss;
+  const auto& rows = r.ops;
   const std::string date = utc_timestamp();
   if (o.json) {
     Json j;
     j["date"] = date;
     j["model"] = cfg.summary();
     j["config"] = config_path(o.model);
-    j["parameters"] = layout.parameter_count();
-    j["backend"] = backend->describe();
+    j["parameters"] = r.parameters;
+    j["backend"] = r.backend;
     j["cpu"] = kernels::describe(kernels::cpu_features());
     j["dtype"] = o.dtype_text;
     j["checkpoint_activations"] = !o.no_checkpoint;
@@ -119,37 +83,37 @@ int run_bench_model(const BenchModelOptions& o) {
     j["seq"] = o.seq;
     j["steps"] = o.steps;
     j["step_seconds_median"] = median;
-    j["step_seconds_min"] = times.front();
+    j["step_seconds_min"] = r.step_seconds.front();
     j["tokens_per_s"] = static_cast<double>(n) / median;
     j["model_tflops"] = flops / median / 1e12;
     j["loss"] = loss;
-    j["activation_bytes"] = model.activation_bytes();
+    j["activation_bytes"] = r.activation_bytes;
     Json ops = Json::array();
-    for (const Row& r : rows) {
-      ops.push_back({{"op", r.op},
-                     {"calls_per_step", r.e.calls / o.steps},
-                     {"seconds_per_step", r.e.seconds / o.steps},
-                     {"fraction", r.e.seconds / total_profiled},
-                     {"gflops", r.e.flops > 0 ? r.e.flops / r.e.seconds / 1e9 : 0.0}});
+    for (const auto& row : rows) {
+      ops.push_back({{"op", row.op},
+                     {"calls_per_step", row.e.calls / o.steps},
+                     {"seconds_per_step", row.e.seconds / o.steps},
+                     {"fraction", row.e.seconds / total_profiled},
+                     {"gflops", row.e.flops > 0 ? row.e.flops / row.e.seconds / 1e9 : 0.0}});
     }
     j["ops"] = ops;
     std::cout << j.dump(2) << "\n";
     return kExitOk;
   }
   std::cout << fmt::format("zinf bench model: {}\n", cfg.summary());
-  std::cout << fmt::format("  {}; {} weights, activation checkpointing {}\n", backend->describe(), o.dtype_text,
+  std::cout << fmt::format("  {}; {} weights, activation checkpointing {}\n", r.backend, o.dtype_text,
                            o.no_checkpoint ? "off" : "on");
   std::cout << fmt::format("  cpu: {}\n", kernels::describe(kernels::cpu_features()));
   std::cout << fmt::format("  batch {} x seq {} = {} tokens; median of {} steps after {} warm-up\n\n", o.batch, o.seq,
                            n, o.steps, o.warmup);
   std::cout << fmt::format("forward+backward  {:>9.3f} s/step  {:>10.1f} tokens/s  {:>7.3f} model TFLOP/s  loss {:.4f}\n",
                            median, static_cast<double>(n) / median, flops / median / 1e12, loss);
-  std::cout << fmt::format("activations       {:>9.1f} MiB\n\n", static_cast<double>(model.activation_bytes()) / (1 << 20));
+  std::cout << fmt::format("activations       {:>9.1f} MiB\n\n", static_cast<double>(r.activation_bytes) / (1 << 20));
   std::cout << fmt::format("{:<22} {:>9} {:>11} {:>7} {:>9}\n", "op", "calls", "ms/step", "share", "GFLOP/s");
-  for (const Row& r : rows) {
-    std::cout << fmt::format("{:<22} {:>9} {:>11.2f} {:>6.1f}% {:>9}\n", r.op, r.e.calls / o.steps,
-                             1e3 * r.e.seconds / o.steps, 100.0 * r.e.seconds / total_profiled,
-                             r.e.flops > 0 ? fmt::format("{:.1f}", r.e.flops / r.e.seconds / 1e9) : std::string("-"));
+  for (const auto& row : rows) {
+    std::cout << fmt::format("{:<22} {:>9} {:>11.2f} {:>6.1f}% {:>9}\n", row.op, row.e.calls / o.steps,
+                             1e3 * row.e.seconds / o.steps, 100.0 * row.e.seconds / total_profiled,
+                             row.e.flops > 0 ? fmt::format("{:.1f}", row.e.flops / row.e.seconds / 1e9) : std::string("-"));
   }
   std::cout << fmt::format("{:<22} {:>9} {:>11.2f} {:>6.1f}%\n", "(outside ops)", "",
                            1e3 * (total_profiled - in_ops) / o.steps, 100.0 * (total_profiled - in_ops) / total_profiled);

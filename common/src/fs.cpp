@@ -1,6 +1,7 @@
 #include "zinf/common/fs.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -21,6 +22,15 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   std::error_code ec;
   if (!fs::is_directory(dir, ec)) {
     throw Error("cannot write '{}': directory '{}' does not exist; create it first", path_, dir_);
+  }
+  // Only a regular file is ever replaced: never a device node, a FIFO, a directory or a symlink
+  // (which the rename would replace, not follow).
+  const fs::file_status st = fs::symlink_status(target, ec);
+  if (!ec && fs::exists(st) && !fs::is_regular_file(st)) {
+    throw Error("will not write '{}': it exists and is {}, not a regular file; choose another output path", path_,
+                fs::is_symlink(st)     ? "a symbolic link"
+                : fs::is_directory(st) ? "a directory"
+                                       : "a device, FIFO or socket");
   }
   tmp_ = (dir / fmt::format(".{}.tmp.XXXXXX", target.filename().string())).string();
   fd_ = ::mkstemp(tmp_.data());
@@ -78,6 +88,36 @@ void write_file_atomic(const std::string& path, std::string_view content) {
   AtomicFile file(path);
   file.write(content.data(), content.size());
   file.commit();
+}
+
+DirectoryLock::DirectoryLock(const std::string& dir, const std::string& what) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error("cannot create {} '{}': {}", what, dir, ec.message());
+  const std::string path = (fs::path(dir) / ".zinf.lock").string();
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw Error("cannot lock {} '{}': {}: {}", what, dir, path, errno_text(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char buf[32] = {};
+    const ssize_t got = ::pread(fd_, buf, sizeof(buf) - 1, 0);
+    ::close(fd_);
+    fd_ = -1;
+    if (err == EWOULDBLOCK) {
+      throw Error("{} '{}' is in use by another zinf run (process {}): wait for it to end, or choose another directory",
+                  what, dir, got > 0 ? std::string(buf, static_cast<std::size_t>(got)) : std::string("?"));
+    }
+    throw Error("cannot lock {} '{}': {}", what, dir, errno_text(err));
+  }
+  const std::string pid = std::to_string(::getpid());
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    // The lock holds without the pid; only the message of a second run would lack it.
+  }
+}
+
+DirectoryLock::~DirectoryLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the lock
 }
 
 }  // namespace zinf

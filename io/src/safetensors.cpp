@@ -363,6 +363,12 @@ std::vector<std::string> write_safetensors_checkpoint(const std::string& dir, co
   const fs::path staging = fs::path(target.string() + ".partial");
   const fs::path old = fs::path(target.string() + ".old");
   std::error_code ec;
+  // An earlier checkpoint there is replaced; anything but a directory is refused, untouched.
+  const fs::file_status st = fs::symlink_status(target, ec);
+  if (!ec && fs::exists(st) && !fs::is_directory(st)) {
+    throw Error("will not write a checkpoint to '{}': it exists and is {}, not a directory; choose another path",
+                target.string(), fs::is_symlink(st) ? "a symbolic link" : "a file, device or FIFO");
+  }
   fs::remove_all(staging, ec);
   if (!fs::create_directories(staging, ec) && ec) {
     throw Error("cannot create '{}': {}; check the parent directory exists and is writable", staging.string(),

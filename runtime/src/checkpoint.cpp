@@ -44,6 +44,15 @@ std::string step_dir_name(std::int64_t step) { return fmt::format("step-{:08d}",
 
 std::string checksum(const void* data, std::size_t bytes) { return fmt::format("{:016x}", XXH3_64bits(data, bytes)); }
 
+// trainer_state.json's own checksum: of the manifest as written, without this key. A manifest
+// edited by hand (its step, data position or applied steps) would resume into another run.
+constexpr const char* kManifestChecksumKey = "manifest_xxh3";
+std::string manifest_checksum(Json s) {
+  s.erase(kManifestChecksumKey);
+  const std::string text = s.dump();
+  return checksum(text.data(), text.size());
+}
+
 // Keeps the newest keep_last checkpoints at or below `keep` (later ones belong to a run this one
 // resumed from an earlier step, and are left alone). A directory is renamed to *.deleting before
 // it is removed, so a crash never leaves a half-deleted step-N.
@@ -189,6 +198,13 @@ CheckpointReader::CheckpointReader(const std::string& dir, int rank) : dir_(dir)
   try {
     state_ = Json::parse(config::read_text_file(state_path));
     if (state_.value("format", "") != "zinf-checkpoint") throw Error("{} is not a zinf checkpoint", state_path);
+    // (Checkpoints written before the key existed have none.)
+    if (state_.contains(kManifestChecksumKey) &&
+        state_.at(kManifestChecksumKey).get<std::string>() != manifest_checksum(state_)) {
+      throw Error("checkpoint '{}' is damaged: {} does not match its own checksum (edited, or written by a failing "
+                  "disk); use an earlier checkpoint",
+                  dir, kTrainerStateFile);
+    }
     if (state_.at("version").get<int>() != kCheckpointVersion) {
       throw Error("{}: checkpoint version {} is not supported (this zinf reads {})", state_path,
                   state_.at("version").get<int>(), kCheckpointVersion);
@@ -398,6 +414,7 @@ std::string save_checkpoint(Communicator& comm, const CheckpointSave& save, cons
     s["checksums"] = sums;
     if (!lora.is_null()) s["lora"] = lora;
   }
+  s[kManifestChecksumKey] = manifest_checksum(s);
   if (save.extra_files) save.extra_files(tmp.string());
   write_file_atomic((tmp / kTrainerStateFile).string(), s.dump(2) + "\n");
   sync_directory(tmp.string());

@@ -411,6 +411,7 @@ class Trainer {
   std::string start(bool resumed) {
     std::string from, error;
     try {
+      if (rank_ == 0) lock_.emplace(o_.output_dir, "the output directory");
       if (resumed) {
         from = resolve_checkpoint(o_.output_dir, o_.resume);
         load_checkpoint(from);
@@ -659,6 +660,7 @@ class Trainer {
   }
 
   const TrainOptions& o_;
+  std::optional<DirectoryLock> lock_;  // rank 0: the output directory, for the run's life
   std::unique_ptr<Communicator> owned_comm_;
   Communicator* comm_ = nullptr;
   RunMode mode_;  // every mode decision (run_mode.hpp)

@@ -201,6 +201,16 @@ expect 0 'done after 4 steps' -- "$ZINF" train --data "$TMP/train/text.tok" --ma
 expect 0 'wrote .*/hf from .*step-00000006: model.safetensors, config.json' -- "$ZINF" ckpt export "$TMP/train/run1" --to "$TMP/train/hf"
 [[ -s $TMP/train/hf/config.json ]] || { echo "FAIL: ckpt export left no config.json"; failed=$((failed + 1)); }
 expect 1 'not a zinf checkpoint' -- "$ZINF" ckpt export "$TMP/train" --to "$TMP/train/hf2"
+# Outputs never replace anything but their own kind: a file in --to's place, a symlink as -o, or
+# -o naming the input are refused and left as they were.
+echo keep > "$TMP/not_a_dir"
+expect 1 'not a directory' -- "$ZINF" ckpt export "$TMP/train/run1" --to "$TMP/not_a_dir"
+[[ $(cat "$TMP/not_a_dir") == keep ]] || { echo "FAIL: ckpt export replaced a file"; failed=$((failed + 1)); }
+printf 'some text\n' > "$TMP/in.txt"
+expect 1 'is the input file' -- "$ZINF" data tokenize "$TMP/in.txt" -o "$TMP/in.txt"
+ln -sf "$TMP/not_a_dir" "$TMP/link.tok"
+expect 1 'symbolic link' -- "$ZINF" data tokenize "$TMP/in.txt" -o "$TMP/link.tok"
+[[ $(cat "$TMP/not_a_dir") == keep && -L $TMP/link.tok ]] || { echo "FAIL: tokenize wrote through a symlink"; failed=$((failed + 1)); }
 expect 2 '' -- "$ZINF" ckpt export "$TMP/train/run1" --to "$TMP/train/hf3" --dtype fp8
 # LoRA on the exported model: adapters in PEFT's format, resume, merge, plan, mistakes.
 lora=(--model "$TMP/train/hf" --init "$TMP/train/hf" --seq-len 32 --lora-rank 4 --lora-targets all-linear --lora-dropout 0.1)

@@ -12,6 +12,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <fmt/format.h>
+
 #include "zinf/common/error.hpp"
 #include "zinf/common/fs.hpp"
 #include "zinf/common/log.hpp"
@@ -163,6 +165,57 @@ TEST(WriteFileAtomic, ParentThatIsAFileIsAnError) {
     EXPECT_NE(std::string(e.what()).find("does not exist"), std::string::npos) << e.what();
   }
   std::filesystem::remove(file_as_dir);
+}
+
+// Only a regular file is replaced: a FIFO, a symbolic link or a directory at the path is refused
+// and left as it was.
+TEST(WriteFileAtomic, RefusesToReplaceAnythingButARegularFile) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / fmt::format("zinf_safe_out_{}", ::getpid());
+  fs::create_directories(dir);
+  const auto expect_refused = [](const fs::path& p, const char* kind) {
+    try {
+      write_file_atomic(p.string(), "x");
+      ADD_FAILURE() << p << " was replaced";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(kind), std::string::npos) << e.what();
+    }
+  };
+  ASSERT_EQ(::mkfifo((dir / "fifo").c_str(), 0644), 0);
+  expect_refused(dir / "fifo", "a device, FIFO or socket");
+  EXPECT_TRUE(fs::is_fifo(dir / "fifo"));
+  std::ofstream(dir / "target") << "keep";
+  fs::create_symlink(dir / "target", dir / "link");
+  expect_refused(dir / "link", "a symbolic link");
+  EXPECT_TRUE(fs::is_symlink(dir / "link"));
+  fs::create_directory(dir / "sub");
+  expect_refused(dir / "sub", "a directory");
+  // A regular file is replaced as before.
+  write_file_atomic((dir / "target").string(), "new");
+  std::ifstream in(dir / "target");
+  std::string got;
+  in >> got;
+  EXPECT_EQ(got, "new");
+  fs::remove_all(dir);
+}
+
+// The run-directory lock: a second holder is refused, naming the first's pid; released on destruction.
+TEST(DirectoryLock, ASecondHolderIsRefusedUntilTheFirstLetsGo) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / fmt::format("zinf_lock_{}", ::getpid());
+  {
+    DirectoryLock first(dir.string(), "the output directory");
+    try {
+      DirectoryLock second(dir.string(), "the output directory");
+      ADD_FAILURE() << "the lock was taken twice";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(fmt::format("in use by another zinf run (process {})", ::getpid())),
+                std::string::npos)
+          << e.what();
+    }
+  }
+  DirectoryLock again(dir.string(), "the output directory");
+  fs::remove_all(dir);
 }
 
 }  // namespace

@@ -21,6 +21,7 @@
 
 #include "io_test_util.hpp"
 #include "zinf/common/error.hpp"
+#include "zinf/common/fs.hpp"
 #include "zinf/configs/parse.hpp"
 #include "zinf/kernels/cpu_optim.hpp"
 #include "zinf/io/safetensors.hpp"
@@ -1044,6 +1045,31 @@ TEST(Trainer, ResumingAnEarlierCheckpointReplacesTheLaterHistory) {
   for (const auto& e : fs::directory_iterator(r.o.output_dir + "/checkpoints")) {
     EXPECT_EQ(e.path().filename().string().find('.'), std::string::npos) << "leftover " << e.path();
   }
+}
+
+// trainer_state.json carries its own checksum: a hand-edited step or data position is refused, not
+// resumed into another run. Two runs into one output directory: the second is refused while the
+// first holds it.
+TEST(Trainer, AnEditedManifestAndABusyOutputDirectoryAreRefused) {
+  ScratchDir d;
+  TrainRun r(d.path() + "/run");
+  r.o.max_steps = 2;
+  train(r.o);
+  const std::string state = r.o.output_dir + "/checkpoints/step-00000002/trainer_state.json";
+  Json s = Json::parse(std::ifstream(state));
+  ASSERT_TRUE(s.contains("manifest_xxh3"));
+  s["step"] = 1;
+  std::ofstream(state) << s.dump(2) << "\n";
+  TrainRun edited(r.o.output_dir);
+  edited.o.max_steps = 4;
+  edited.o.resume = "latest";
+  EXPECT_IO_ERROR(train(edited.o), "does not match its own checksum");
+  // A run holding the directory (as a live `zinf train` does): a second is refused, nothing written.
+  DirectoryLock held(d.path() + "/busy", "the output directory");
+  TrainRun second(d.path() + "/busy");
+  second.o.max_steps = 1;
+  EXPECT_IO_ERROR(train(second.o), "in use by another zinf run");
+  EXPECT_FALSE(fs::exists(d.path() + "/busy/checkpoints"));
 }
 
 TEST(Trainer, DamagedOrMismatchedCheckpointsAreClearErrors) {

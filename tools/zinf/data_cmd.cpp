@@ -1,4 +1,5 @@
 // `zinf data`: training data tools (tokenize).
+#include <filesystem>
 #include <iostream>
 
 #include <fmt/format.h>
@@ -17,6 +18,12 @@ struct TokenizeOptions {
 };
 
 int run_tokenize(const TokenizeOptions& o) {
+  for (const auto& in : o.request.inputs) {
+    std::error_code ec;
+    if (std::filesystem::equivalent(in, o.output, ec)) {
+      throw Error("-o {} is the input file {}: writing it would destroy the text; choose another output", o.output, in);
+    }
+  }
   const runtime::TokenizedCorpus c = runtime::tokenize_documents(o.request);
   runtime::write_token_file(o.output, c.tokens, c.vocab);
   std::cout << fmt::format("wrote {}: {} tokens from {} document(s), {} (vocabulary {})\n", o.output, c.tokens.size(),

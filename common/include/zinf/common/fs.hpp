@@ -35,6 +35,22 @@ class AtomicFile {
   std::size_t written_ = 0;
 };
 
+// An advisory lock on a directory (flock on DIR/.zinf.lock, which holds the holder's pid), held
+// while the object lives and released by the kernel when the process ends, however it ends. Two
+// runs into one --output-dir would mix their checkpoints and metrics.
+class DirectoryLock {
+ public:
+  // Creates the directory if needed. Throws zinf::Error naming the holder's pid when another
+  // process holds the lock (`what`: what the directory is, for the message).
+  DirectoryLock(const std::string& dir, const std::string& what);
+  ~DirectoryLock();
+  DirectoryLock(const DirectoryLock&) = delete;
+  DirectoryLock& operator=(const DirectoryLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
 // fsync of a directory, best effort (some file systems refuse it): makes renames in it durable.
 void sync_directory(const std::string& dir);
 

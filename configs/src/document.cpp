@@ -188,7 +188,10 @@ Json yaml_scalar(const std::string& tag, const std::string& s) {
 class JsonBuilder : public YAML::EventHandler {
  public:
   JsonBuilder(const std::string& source, std::string_view text)
-      : source_(source), budget_(4 * text.size() + 64), has_document_markers_(has_markers(text)) {}
+      : source_(source),
+        budget_(4 * text.size() + 64),
+        expansion_budget_(std::max<std::size_t>(100'000, 16 * text.size())),
+        has_document_markers_(has_markers(text)) {}
 
   void OnDocumentStart(const YAML::Mark& mark) override {
     spend();
@@ -208,6 +211,14 @@ class JsonBuilder : public YAML::EventHandler {
   void OnAlias(const YAML::Mark& mark, YAML::anchor_t anchor) override {
     const auto it = anchors_.find(anchor);
     if (it == anchors_.end()) throw Error("{}: line {}: alias to an unknown anchor", source_, mark.line + 1);
+    // Each alias copies its anchor's value: nested aliases grow exponentially (an "alias bomb"
+    // of a few lines expands to gigabytes), so the values they make are counted and bounded.
+    expanded_ += values_in(it->second);
+    if (expanded_ > expansion_budget_) {
+      throw Error("{}: line {}: aliases expand to more than {} values (aliases of aliases?); a config holds a few "
+                  "hundred: write the values out, or alias only small blocks",
+                  source_, mark.line + 1, expansion_budget_);
+    }
     add(mark, it->second, 0);
   }
   void OnScalar(const YAML::Mark& mark, const std::string& tag, YAML::anchor_t anchor,
@@ -236,6 +247,15 @@ class JsonBuilder : public YAML::EventHandler {
     std::string key;
     std::size_t key_line = 0;
   };
+
+  // Scalars, sequences and mappings in `j`, itself included.
+  static std::size_t values_in(const Json& j) {
+    std::size_t n = 1;
+    if (j.is_structured()) {
+      for (const auto& v : j) n += values_in(v);
+    }
+    return n;
+  }
 
   static bool has_markers(std::string_view text) {
     for (std::size_t pos = 0; pos < text.size();) {
@@ -326,6 +346,8 @@ class JsonBuilder : public YAML::EventHandler {
 
   const std::string& source_;
   std::size_t budget_;
+  std::size_t expansion_budget_;  // values aliases may copy in all
+  std::size_t expanded_ = 0;
   std::size_t events_ = 0;
   bool has_document_markers_;
   int documents_ = 0;

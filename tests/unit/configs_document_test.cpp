@@ -1,6 +1,8 @@
 // Reading config documents: JSON/YAML syntax, duplicate keys, bad files, presets and "extends".
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -106,6 +108,20 @@ TEST(YamlDocument, AnchorsAndAliasesAreExpanded) {
   EXPECT_EQ(y["opt"], y["base"]);
   EXPECT_EQ(y["opt"]["device"], "cpu");
   EXPECT_EQ(y["list"][1], 3);
+}
+
+// An alias bomb (each level aliases the one before ten times): a few hundred bytes that would
+// expand to 10^9 values is refused while it expands, naming the line.
+TEST(YamlDocument, AnAliasBombIsRefusedBeforeItExpands) {
+  std::string y = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n";
+  for (int i = 1; i <= 9; ++i) {
+    y += fmt::format("a{}: &a{} [", i, i);
+    for (int k = 0; k < 10; ++k) y += fmt::format("{}*a{}", k > 0 ? ", " : "", i - 1);
+    y += "]\n";
+  }
+  EXPECT_ZINF_ERROR(parse_yaml(y, "bomb.yaml"), "aliases expand to more than");
+  // Aliases of ordinary size still work.
+  EXPECT_EQ(parse_yaml("a: &a [1, 2]\nb: [*a, *a]\n", "y")["b"][1][1], 2);
 }
 
 TEST(YamlDocument, DuplicateKeyIsAnErrorWithLine) {

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cctype>
+#include <optional>
 
 #include "reader.hpp"
 
@@ -692,6 +693,18 @@ void resolve_batch(BatchConfig& batch, std::int64_t world_size, Diagnostics& dia
     diagnostics.error("", fmt::format("world size {} must be >= 1", world_size));
     return;
   }
+  // micro x accumulation x world, or nullopt when it overflows (values no run could have).
+  const auto product = [](std::int64_t a, std::int64_t b, std::int64_t c) -> std::optional<std::int64_t> {
+    std::int64_t ab = 0, abc = 0;
+    if (__builtin_mul_overflow(a, b, &ab) || __builtin_mul_overflow(ab, c, &abc)) return std::nullopt;
+    return abc;
+  };
+  const auto overflow = [&](std::int64_t m, std::int64_t g) {
+    diagnostics.error("train_micro_batch_size_per_gpu",
+                      fmt::format("micro_batch_per_gpu * gradient_acc_step * world_size = {} * {} * {} overflows a "
+                                  "64-bit count: these cannot be batch sizes",
+                                  m, g, world_size));
+  };
   std::int64_t train = 0, micro = 0, gas = 0;
   // DeepSpeed's derivation (runtime/config.py, _set_batch_related_parameters), integer division
   // included, so an uneven split surfaces in the same assertion text.
@@ -705,13 +718,17 @@ void resolve_batch(BatchConfig& batch, std::int64_t world_size, Diagnostics& dia
     micro = train / world_size / gas;
   } else if (mb && ga) {
     micro = *mb, gas = *ga;
-    train = micro * gas * world_size;
+    const auto t = product(micro, gas, world_size);
+    if (!t) return overflow(micro, gas);
+    train = *t;
   } else if (tb) {
     train = *tb, gas = 1;
     micro = train / world_size;
   } else if (mb) {
     micro = *mb, gas = 1;
-    train = micro * world_size;
+    const auto t = product(micro, gas, world_size);
+    if (!t) return overflow(micro, gas);
+    train = *t;
   } else {
     diagnostics.error("train_batch_size", "Either train_batch_size or train_micro_batch_size_per_gpu needs to be "
                                           "provided (or \"auto\" with --micro-batch)");
@@ -732,7 +749,11 @@ void resolve_batch(BatchConfig& batch, std::int64_t world_size, Diagnostics& dia
                       fmt::format("Gradient accumulation steps: {} has to be greater than 0", gas));
     ok = false;
   }
-  if (ok && train != micro * gas * world_size) {
+  if (ok && !product(micro, gas, world_size)) {
+    overflow(micro, gas);
+    return;
+  }
+  if (ok && train != *product(micro, gas, world_size)) {
     diagnostics.error("train_batch_size",
                       fmt::format("train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * "
                                   "world_size {} != {} * {} * {}",

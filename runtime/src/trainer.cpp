@@ -108,6 +108,16 @@ class Trainer {
       throw Error("data '{}' holds token {} but the model's vocabulary has {} entries (tokenized for another model?)",
                   o.data->name(), o.data->max_token(), o.model.vocab_size);
     }
+    // A round of micro-batches is held in memory as tokens: a size no machine holds is refused
+    // here, with the numbers, rather than in an allocation.
+    std::int64_t round_samples = 0, round_tokens = 0;
+    if (__builtin_mul_overflow(micro_, static_cast<std::int64_t>(world_), &round_samples) ||
+        __builtin_mul_overflow(round_samples, o.seq_len, &round_tokens) ||
+        round_tokens > (std::int64_t{1} << 32)) {
+      throw Error("micro-batch {} x {} rank(s) x {} tokens is more tokens than any machine holds at once: lower the "
+                  "micro-batch or the sequence length",
+                  micro_, world_, o.seq_len);
+    }
     const auto samples_per_step = static_cast<std::uint64_t>(micro_ * gas_ * world_);
     const auto steps_per_epoch = std::max<std::int64_t>(1, static_cast<std::int64_t>(sampler_.train_samples() / samples_per_step));
     total_steps_ = o.max_steps > 0 ? o.max_steps

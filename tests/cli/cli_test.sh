@@ -319,6 +319,13 @@ expect 2 'device' -- "$ZINF" train --device tpu --max-steps 1
 expect 1 'gpu-memory-limit: caps GPU memory, so it needs --device cuda' -- "$ZINF" train --gpu-memory-limit 24GiB --max-steps 1 --output-dir "$TMP/train/gml"
 expect 1 "gpu-memory-limit: '24Q': unknown unit" -- "$ZINF" train --device cuda --gpu-memory-limit 24Q --max-steps 1 --output-dir "$TMP/train/gml"
 expect 2 'gpu-overlap' -- "$ZINF" train --gpu-overlap maybe --max-steps 1 --output-dir "$TMP/train/gov"
+# Numbers out of range are refused, not clamped or wrapped; a batch whose product overflows too.
+expect 2 'out of range' -- "$ZINF" train --max-steps 99999999999999999999999 --output-dir "$TMP/train/ovf"
+expect 2 'at least 0' -- "$ZINF" train --seed -1 --max-steps 1 --output-dir "$TMP/train/ovf"
+expect 2 'out of range' -- "$ZINF" train --micro-batch 9223372036854775808 --max-steps 1 --output-dir "$TMP/train/ovf"
+echo '{"train_micro_batch_size_per_gpu": 6148914691236517208, "gradient_accumulation_steps": 3}' > "$TMP/overflow.json"
+expect 1 'overflows a 64-bit count' -- "$ZINF" config check "$TMP/overflow.json"
+expect 1 'more tokens than any machine' -- "$ZINF" train --micro-batch 9223372036854775807 --max-steps 1 --output-dir "$TMP/train/ovf"
 expect 1 "ZINF_GPU_OVERLAP='yes' is not 0 or 1" -- env ZINF_GPU_OVERLAP=yes "$ZINF" train --max-steps 1 --output-dir "$TMP/train/gov"
 
 # A rank killed mid-training ends the whole job within seconds, naming it.

@@ -46,6 +46,10 @@ std::string utc_timestamp();
 // A config file or preset, "auto" allowed; zinf::Error listing its errors.
 config::DeepSpeedConfig load_bench_config(const std::string& path);
 
+// A whole number within int64 (an unsigned one unless allow_negative): CLI11 alone would clamp
+// "99999999999999999999999" to the largest value, and wrap "-1" for an unsigned option.
+CLI::Validator whole_number(bool allow_negative = false);
+
 // Adds --micro-batch, --grad-accum, --world-size, --lr, ... to `cmd`, writing into `args`.
 void add_training_args(CLI::App& cmd, config::TrainingArgs& args);
 bool any_training_arg(const config::TrainingArgs& args);

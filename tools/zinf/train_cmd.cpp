@@ -332,20 +332,21 @@ void add_train_commands(CLI::App& app, Action& action) {
       ->check(CLI::IsMember({"uint16", "uint32"}));
   cmd->add_option("--deepspeed", o->deepspeed, "DeepSpeed config file or preset (default deepspeed_zero3_cpuoffload)");
   auto* steps = cmd->add_option("--max-steps", o->max_steps, "optimizer steps to train (default: one epoch)")
+                    ->check(whole_number())
                     ->check(CLI::PositiveNumber);
   cmd->add_option("--epochs", o->epochs, "epochs over the training samples")->check(CLI::PositiveNumber)->excludes(steps);
-  cmd->add_option("--seq-len", o->seq_len, "tokens per sample (default 512; 256 for the embedded default)")
+  cmd->add_option("--seq-len", o->seq_len, "tokens per sample (default 512; 256 for the embedded default)")->check(whole_number())
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--seed", o->seed, "seed for the initialisation and the sample order (default 42)");
+  cmd->add_option("--seed", o->seed, "seed for the initialisation and the sample order (default 42)")->check(whole_number());
   cmd->add_option("--device", o->device,
                   "where the model computes: cpu (default) or cuda (GPU LOCAL_RANK; optimizer state stays on the host "
                   "or NVMe)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--eval-every", o->eval_every, "eval loss every N steps (default: at the end)")
+  cmd->add_option("--eval-every", o->eval_every, "eval loss every N steps (default: at the end)")->check(whole_number())
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--eval-fraction", o->eval_fraction, "share of samples held out for the eval loss (default 0.05)")
       ->check(CLI::Range(0.0, 0.5));
-  cmd->add_option("--save-every", o->save_every, "checkpoint every N steps (default: at the end)")
+  cmd->add_option("--save-every", o->save_every, "checkpoint every N steps (default: at the end)")->check(whole_number())
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--no-save", o->no_save, "write no checkpoint, not even at the end (benchmarks)");
   cmd->add_option("--gpu-memory-limit", o->gpu_memory_limit,
@@ -355,7 +356,7 @@ void add_train_commands(CLI::App& app, Action& action) {
                   "on (default): one GPU at ZeRO 2-3, or several at 3, trains as an overlapped pipeline; off: the "
                   "synchronous path, for comparison and debugging (--device cuda)")
       ->check(CLI::IsMember({"on", "off"}));
-  cmd->add_option("--keep-last", o->keep_last, "keep only the N newest checkpoints (default: all)")
+  cmd->add_option("--keep-last", o->keep_last, "keep only the N newest checkpoints (default: all)")->check(whole_number())
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--output-dir", o->output_dir, "where outputs go (default output/<model>-<time>)");
   cmd->add_option("--resume", o->resume, "continue from a checkpoint directory, or the latest in --output-dir")

@@ -1,6 +1,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <cerrno>
+#include <cstdlib>
 #include <limits>
 
 #include "commands.hpp"
@@ -8,6 +10,28 @@
 #include "zinf/configs/diagnostics.hpp"
 
 namespace zinf::tools {
+
+CLI::Validator whole_number(bool allow_negative) {
+  return CLI::Validator(
+      [allow_negative](std::string& s) -> std::string {
+        if (s.empty() || (s[0] == '-' && !allow_negative)) return "must be a whole number of at least 0, not '" + s + "'";
+        errno = 0;
+        char* end = nullptr;
+        if (s[0] == '-') {
+          (void)std::strtoll(s.c_str(), &end, 10);
+        } else {
+          (void)std::strtoull(s.c_str(), &end, 10);
+        }
+        if (end == s.c_str() || *end != '\0') return "not a number: '" + s + "' (a whole number is expected)";
+        if (errno == ERANGE) return "'" + s + "' is out of range (at most 9223372036854775807)";
+        if (s[0] != '-' && std::strtoull(s.c_str(), nullptr, 10) > static_cast<unsigned long long>(
+                                                                      std::numeric_limits<std::int64_t>::max())) {
+          return "'" + s + "' is out of range (at most 9223372036854775807)";
+        }
+        return {};
+      },
+      "INT");
+}
 
 void add_training_args(CLI::App& cmd, config::TrainingArgs& a) {
   const auto* group = "Training arguments (fill \"auto\" values; a config value that contradicts one is an error)";
@@ -25,13 +49,13 @@ void add_training_args(CLI::App& cmd, config::TrainingArgs& a) {
       "[0,1)");
   cmd.add_option_function<std::int64_t>("--micro-batch", [&a](const std::int64_t& v) { a.micro_batch = v; },
                                         "micro-batch size per GPU (train_micro_batch_size_per_gpu)")
-      ->check(positive)->group(group);
+      ->check(whole_number())->check(positive)->group(group);
   cmd.add_option_function<std::int64_t>("--grad-accum", [&a](const std::int64_t& v) { a.grad_accum = v; },
                                         "gradient accumulation steps")
-      ->check(positive)->group(group);
+      ->check(whole_number())->check(positive)->group(group);
   cmd.add_option_function<std::int64_t>("--world-size", [&a](const std::int64_t& v) { a.world_size = v; },
                                         "data-parallel ranks (default 1)")
-      ->check(positive)->group(group);
+      ->check(whole_number())->check(positive)->group(group);
   cmd.add_option_function<double>("--lr", [&a](const double& v) { a.lr = v; }, "learning rate")
       ->check(CLI::NonNegativeNumber)->group(group);
   cmd.add_option_function<double>("--beta1", [&a](const double& v) { a.beta1 = v; }, "Adam beta1")
@@ -47,16 +71,16 @@ void add_training_args(CLI::App& cmd, config::TrainingArgs& a) {
       ->check(CLI::NonNegativeNumber)->group(group);
   cmd.add_option_function<std::int64_t>("--warmup-steps", [&a](const std::int64_t& v) { a.warmup_steps = v; },
                                         "scheduler warmup steps")
-      ->check(CLI::NonNegativeNumber)->group(group);
+      ->check(whole_number())->check(CLI::NonNegativeNumber)->group(group);
   cmd.add_option_function<std::int64_t>("--total-steps", [&a](const std::int64_t& v) { a.total_steps = v; },
                                         "total optimizer steps (scheduler total_num_steps)")
-      ->check(positive)->group(group);
+      ->check(whole_number())->check(positive)->group(group);
   auto* bf16 = cmd.add_flag("--bf16", a.bf16, "bf16 mixed precision")->group(group);
   auto* fp16 = cmd.add_flag("--fp16", a.fp16, "fp16 mixed precision with dynamic loss scaling")->group(group);
   bf16->excludes(fp16);
   cmd.add_option_function<std::int64_t>("--hidden-size", [&a](const std::int64_t& v) { a.hidden_size = v; },
                                         "model hidden size (sizes the ZeRO buckets set to \"auto\")")
-      ->check(positive)->group(group);
+      ->check(whole_number())->check(positive)->group(group);
 }
 
 bool any_training_arg(const config::TrainingArgs& a) {

@@ -326,6 +326,9 @@ expect 2 'out of range' -- "$ZINF" train --micro-batch 9223372036854775808 --max
 echo '{"train_micro_batch_size_per_gpu": 6148914691236517208, "gradient_accumulation_steps": 3}' > "$TMP/overflow.json"
 expect 1 'overflows a 64-bit count' -- "$ZINF" config check "$TMP/overflow.json"
 expect 1 'more tokens than any machine' -- "$ZINF" train --micro-batch 9223372036854775807 --max-steps 1 --output-dir "$TMP/train/ovf"
+expect 2 'not a finite number' -- "$ZINF" train --eval-fraction nan --max-steps 1 --output-dir "$TMP/train/ovf"
+expect 2 'not a finite number' -- "$ZINF" train --lr inf --max-steps 1 --output-dir "$TMP/train/ovf"
+expect 2 'has no unit' -- "$ZINF" plan --model "$DATA/../../configs/models/tiny-byte.json" --gpu-mem 24 --host-mem 128G
 expect 1 "ZINF_GPU_OVERLAP='yes' is not 0 or 1" -- env ZINF_GPU_OVERLAP=yes "$ZINF" train --max-steps 1 --output-dir "$TMP/train/gov"
 
 # A rank killed mid-training ends the whole job within seconds, naming it.

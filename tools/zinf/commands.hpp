@@ -49,6 +49,8 @@ config::DeepSpeedConfig load_bench_config(const std::string& path);
 // A whole number within int64 (an unsigned one unless allow_negative): CLI11 alone would clamp
 // "99999999999999999999999" to the largest value, and wrap "-1" for an unsigned option.
 CLI::Validator whole_number(bool allow_negative = false);
+// A finite number: CLI11's ranges let NaN through (every comparison with it is false).
+CLI::Validator finite_number();
 
 // Adds --micro-batch, --grad-accum, --world-size, --lr, ... to `cmd`, writing into `args`.
 void add_training_args(CLI::App& cmd, config::TrainingArgs& args);

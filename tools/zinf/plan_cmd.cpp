@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -43,6 +44,17 @@ struct PlanOptions {
   bool lora_offload_optimizer = false;
 };
 
+// A machine's capacity: like parse_size, but a bare number of less than a MiB is taken for a
+// forgotten unit ("--gpu-mem 24" meant 24G), not for bytes.
+std::uint64_t parse_capacity(const std::string& text, const std::string& option) {
+  const std::uint64_t b = parse_size(text, option);
+  if (b < (1u << 20) && !text.empty() && std::isdigit(static_cast<unsigned char>(text.back()))) {
+    throw CLI::ValidationError(option, fmt::format("'{}' has no unit: did you mean {}G? (capacities take K, M, G or T)",
+                                                   text, text));
+  }
+  return b;
+}
+
 // The plan for one config (file or preset), with "auto" filled from the arguments.
 runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, const config::LoadedDocument& doc,
                        const runtime::MachineRates& rates) {
@@ -66,9 +78,9 @@ runtime::Plan plan_for(const PlanOptions& o, const runtime::ModelConfig& model, 
   in.micro_batch = batch.micro;
   in.grad_accum = batch.gas;
   in.seq_len = o.seq_len;
-  in.gpu_mem = o.gpu_mem.empty() ? 0 : parse_size(o.gpu_mem, "--gpu-mem");
-  in.host_mem = o.host_mem.empty() ? offload::total_memory_bytes() : parse_size(o.host_mem, "--host-mem");
-  in.nvme = o.nvme.empty() ? 0 : parse_size(o.nvme, "--nvme");
+  in.gpu_mem = o.gpu_mem.empty() ? 0 : parse_capacity(o.gpu_mem, "--gpu-mem");
+  in.host_mem = o.host_mem.empty() ? offload::total_memory_bytes() : parse_capacity(o.host_mem, "--host-mem");
+  in.nvme = o.nvme.empty() ? 0 : parse_capacity(o.nvme, "--nvme");
   return runtime::make_plan(in, rates);
 }
 
@@ -187,7 +199,7 @@ int run_tune(const TuneOptions& t) {
   req.gpus = t.plan.gpus;
   req.device = t.plan.device;
   req.seq_len = t.plan.seq_len;
-  if (!t.plan.gpu_mem.empty()) req.gpu_mem = parse_size(t.plan.gpu_mem, "--gpu-mem");
+  if (!t.plan.gpu_mem.empty()) req.gpu_mem = parse_capacity(t.plan.gpu_mem, "--gpu-mem");
   if (!t.plan.model.empty()) {
     std::error_code ec;
     const std::string& m = t.plan.model;
@@ -268,8 +280,8 @@ void add_plan_command(CLI::App& app, Action& action) {
   cmd->add_flag("--lora-offload-optimizer", o->lora_offload_optimizer, "the adapters' Adam state in host memory")->needs(lr);
   add_training_args(*cmd, o->args);
   cmd->callback([o, &action] {
-    if (!o->gpu_mem.empty()) (void)parse_size(o->gpu_mem, "--gpu-mem");
-    if (!o->host_mem.empty()) (void)parse_size(o->host_mem, "--host-mem");
+    if (!o->gpu_mem.empty()) (void)parse_capacity(o->gpu_mem, "--gpu-mem");
+    if (!o->host_mem.empty()) (void)parse_capacity(o->host_mem, "--host-mem");
     if (!o->nvme.empty()) (void)parse_size(o->nvme, "--nvme");
     if (o->fp32 && (o->args.bf16 || o->args.fp16)) throw CLI::ValidationError("--fp32", "cannot be given with --bf16 or --fp16");
     action = [o] { return run_plan(*o); };

@@ -334,7 +334,10 @@ void add_train_commands(CLI::App& app, Action& action) {
   auto* steps = cmd->add_option("--max-steps", o->max_steps, "optimizer steps to train (default: one epoch)")
                     ->check(whole_number())
                     ->check(CLI::PositiveNumber);
-  cmd->add_option("--epochs", o->epochs, "epochs over the training samples")->check(CLI::PositiveNumber)->excludes(steps);
+  cmd->add_option("--epochs", o->epochs, "epochs over the training samples")
+      ->check(finite_number())
+      ->check(CLI::PositiveNumber)
+      ->excludes(steps);
   cmd->add_option("--seq-len", o->seq_len, "tokens per sample (default 512; 256 for the embedded default)")->check(whole_number())
       ->check(CLI::PositiveNumber);
   cmd->add_option("--seed", o->seed, "seed for the initialisation and the sample order (default 42)")->check(whole_number());
@@ -345,7 +348,7 @@ void add_train_commands(CLI::App& app, Action& action) {
   cmd->add_option("--eval-every", o->eval_every, "eval loss every N steps (default: at the end)")->check(whole_number())
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--eval-fraction", o->eval_fraction, "share of samples held out for the eval loss (default 0.05)")
-      ->check(CLI::Range(0.0, 0.5));
+      ->check(finite_number())->check(CLI::Range(0.0, 0.5));
   cmd->add_option("--save-every", o->save_every, "checkpoint every N steps (default: at the end)")->check(whole_number())
       ->check(CLI::NonNegativeNumber);
   cmd->add_flag("--no-save", o->no_save, "write no checkpoint, not even at the end (benchmarks)");
@@ -366,9 +369,9 @@ void add_train_commands(CLI::App& app, Action& action) {
                                     "training")
                         ->check(CLI::Range(std::int64_t{0}, std::int64_t{4096}));
   cmd->add_option("--lora-alpha", o->lora_alpha, "LoRA alpha: the adapters are scaled by alpha / rank (default 8, as PEFT)")
-      ->check(CLI::PositiveNumber)->needs(lora_rank);
+      ->check(finite_number())->check(CLI::PositiveNumber)->needs(lora_rank);
   cmd->add_option("--lora-dropout", o->lora_dropout, "dropout on the adapters' input while training (default 0)")
-      ->check(CLI::Range(0.0, 0.999))->needs(lora_rank);
+      ->check(finite_number())->check(CLI::Range(0.0, 0.999))->needs(lora_rank);
   cmd->add_option("--lora-targets", o->lora_targets,
                   "modules to adapt, PEFT's names: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, or "
                   "all-linear (default q_proj,v_proj, as PEFT for Llama)")

@@ -2,6 +2,7 @@
 #include <fmt/ranges.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <limits>
 
@@ -33,6 +34,18 @@ CLI::Validator whole_number(bool allow_negative) {
       "INT");
 }
 
+CLI::Validator finite_number() {
+  return CLI::Validator(
+      [](std::string& s) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(s.c_str(), &end);
+        if (end == s.c_str() || *end != '\0') return "not a number: '" + s + "'";
+        if (!std::isfinite(v)) return "'" + s + "' is not a finite number";
+        return {};
+      },
+      "NUMBER");
+}
+
 void add_training_args(CLI::App& cmd, config::TrainingArgs& a) {
   const auto* group = "Training arguments (fill \"auto\" values; a config value that contradicts one is an error)";
   auto positive = CLI::Range(std::int64_t{1}, std::numeric_limits<std::int64_t>::max());
@@ -57,18 +70,18 @@ void add_training_args(CLI::App& cmd, config::TrainingArgs& a) {
                                         "data-parallel ranks (default 1)")
       ->check(whole_number())->check(positive)->group(group);
   cmd.add_option_function<double>("--lr", [&a](const double& v) { a.lr = v; }, "learning rate")
-      ->check(CLI::NonNegativeNumber)->group(group);
+      ->check(finite_number())->check(CLI::NonNegativeNumber)->group(group);
   cmd.add_option_function<double>("--beta1", [&a](const double& v) { a.beta1 = v; }, "Adam beta1")
       ->check(beta)->group(group);
   cmd.add_option_function<double>("--beta2", [&a](const double& v) { a.beta2 = v; }, "Adam beta2")
       ->check(beta)->group(group);
   cmd.add_option_function<double>("--eps", [&a](const double& v) { a.eps = v; }, "Adam epsilon")
-      ->check(CLI::NonNegativeNumber)->group(group);
+      ->check(finite_number())->check(CLI::NonNegativeNumber)->group(group);
   cmd.add_option_function<double>("--weight-decay", [&a](const double& v) { a.weight_decay = v; }, "weight decay")
-      ->check(CLI::NonNegativeNumber)->group(group);
+      ->check(finite_number())->check(CLI::NonNegativeNumber)->group(group);
   cmd.add_option_function<double>("--max-grad-norm", [&a](const double& v) { a.max_grad_norm = v; },
                                   "gradient clipping norm (gradient_clipping; 0 = off)")
-      ->check(CLI::NonNegativeNumber)->group(group);
+      ->check(finite_number())->check(CLI::NonNegativeNumber)->group(group);
   cmd.add_option_function<std::int64_t>("--warmup-steps", [&a](const std::int64_t& v) { a.warmup_steps = v; },
                                         "scheduler warmup steps")
       ->check(whole_number())->check(CLI::NonNegativeNumber)->group(group);

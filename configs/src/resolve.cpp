@@ -118,14 +118,16 @@ Resolution resolve_auto(const Json& config, const TrainingArgs& a, bool use_defa
   const std::int64_t world = a.world_size.value_or(d.world_size);
   const auto micro = a.micro_batch ? a.micro_batch : r.int_at("train_micro_batch_size_per_gpu");
   const auto gas = a.grad_accum ? a.grad_accum : r.int_at("gradient_accumulation_steps");
+  // (A product that overflows is left out: the parse then reports the sizes that cannot be.)
+  const auto product = [world](std::int64_t m, std::int64_t g) -> std::optional<Json> {
+    std::int64_t wm = 0, wmg = 0;
+    if (__builtin_mul_overflow(world, m, &wm) || __builtin_mul_overflow(wm, g, &wmg)) return std::nullopt;
+    return Json(wmg);
+  };
   std::optional<Json> train_given;
-  if (a.micro_batch && a.grad_accum) train_given = Json(world * *a.micro_batch * *a.grad_accum);
-  std::optional<Json> train_fallback;
-  if (micro && gas) {
-    train_fallback = Json(world * *micro * *gas);
-  } else {
-    train_fallback = Json(world * micro.value_or(d.micro_batch) * gas.value_or(d.grad_accum));
-  }
+  if (a.micro_batch && a.grad_accum) train_given = product(*a.micro_batch, *a.grad_accum);
+  const std::optional<Json> train_fallback =
+      micro && gas ? product(*micro, *gas) : product(micro.value_or(d.micro_batch), gas.value_or(d.grad_accum));
   r.fill("train_batch_size", "--world-size*--micro-batch*--grad-accum", train_given ? train_given : std::nullopt,
          train_fallback);
   // An "auto" train_batch_size is filled by the rule even without arguments, like HF does.

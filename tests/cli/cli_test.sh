@@ -33,6 +33,8 @@ expect 0 '^zinf [0-9]+\.[0-9]+\.[0-9]+' -- "$ZINF" --version
 expect 0 'cpu: (avx512|avx2|scalar)'    -- "$ZINF" --version
 expect 2 'required'                     -- "$ZINF"
 expect 2 ''                             -- "$ZINF" frobnicate
+expect 2 "unknown command 'zinf frobnicate': choose one of config" -- "$ZINF" frobnicate
+expect 2 "unknown command 'zinf config frob': choose one of check" -- "$ZINF" config frob
 expect 2 'A subcommand is required'     -- "$ZINF" config
 expect 2 'FILE is required'             -- "$ZINF" config check
 expect 2 'not a number|could not be converted|Value' -- "$ZINF" config check x.json --micro-batch many

@@ -73,6 +73,39 @@ int main(int argc, char** argv) {
   zinf::tools::add_plan_command(app, action);
   zinf::tools::add_tune_command(app, action);
 
+  // An unknown command where one is required gets the list of commands (CLI11 says only "A
+  // subcommand is required"). Commands that require one take no options of their own, except the
+  // top level's --log-level and its value.
+  {
+    CLI::App* at = &app;
+    std::string path = "zinf";
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--log-level") {
+        ++i;
+        continue;
+      }
+      if (a.empty() || a[0] == '-') continue;
+      CLI::App* sub = nullptr;
+      for (CLI::App* c : at->get_subcommands([](const CLI::App*) { return true; })) {
+        if (c->check_name(a)) sub = c;
+      }
+      if (sub == nullptr) {
+        if (at->get_require_subcommand_min() == 0) break;
+        std::string names;
+        for (const CLI::App* c : at->get_subcommands([](const CLI::App*) { return true; })) {
+          if (!names.empty()) names += ", ";
+          names += c->get_name();
+        }
+        std::cerr << "unknown command '" << path << " " << a << "': choose one of " << names << " ('" << path
+                  << " --help' says what each does)\n";
+        return zinf::kExitUsageError;
+      }
+      at = sub;
+      path += " " + a;
+    }
+  }
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {

@@ -110,10 +110,10 @@ DirectoryLock::DirectoryLock(const std::string& dir, const std::string& what) {
     }
     throw Error("cannot lock {} '{}': {}", what, dir, errno_text(err));
   }
+  // The pid is only for a second run's message: the lock holds without it, so a failed write is
+  // not an error.
   const std::string pid = std::to_string(::getpid());
-  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
-    // The lock holds without the pid; only the message of a second run would lack it.
-  }
+  if (::ftruncate(fd_, 0) == 0) (void)!::pwrite(fd_, pid.data(), pid.size(), 0);
 }
 
 DirectoryLock::~DirectoryLock() {
